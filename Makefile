@@ -1,0 +1,34 @@
+# Set-up is idempotent: the stamp file records that .venv holds this pyproject's install.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.memfit-installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: on these machines this takes the local CPU wheel instead of several GB of CUDA packages.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/memfit system
+	$(BIN)/memfit estimate --model llama-3.1-8b --method qlora --seq-len 2048 --batch-size 1 --memory-gb 24
+	$(BIN)/memfit estimate --model tiny --method lora --device cpu
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/estimate_accuracy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,143 @@
+"""Every training and guard option, declared once.
+
+The CLI flags, the YAML keys, `run.json` and the estimator's inputs all derive from `TrainConfig`: a field's
+`description` is its `--help` text, its bounds are the validation (mlx-lm's TrainingArgs does the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memfit.errors import UserError
+
+Method = Literal["full", "lora", "qlora"]
+Quant = Literal["none", "8", "4"]
+Dtype = Literal["auto", "bf16", "fp16", "fp32", "bf16-pure"]
+Optimizer = Literal["adamw", "adamw8bit", "adafactor", "sgd"]
+Loss = Literal["ce", "distrust"]
+DistrustMode = Literal["add", "weight"]
+
+
+class TrainConfig(BaseModel):
+    """Training flags shared by estimate, probe and train, and the guard flags of train."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # What is trained and how.
+    method: Method = Field("lora", description="full fine-tune, LoRA adapters, or QLoRA (LoRA on a 4-bit base)")
+    quant: Quant = Field("none", description="base-weight quantization: none, 8 or 4 bit (qlora implies 4)")
+    dtype: Dtype = Field(
+        "auto",
+        description="bf16/fp16: mixed precision (fp32 master weights and optimizer states); bf16-pure: everything "
+        "in bf16; fp32; auto: bf16 where the hardware supports it, fp32 on CPU",
+    )
+    optimizer: Optimizer = Field("adamw", description="adamw, adamw8bit (bitsandbytes), adafactor or sgd")
+    batch_size: int = Field(1, ge=1, le=65536, description="micro-batch size per device")
+    grad_accum: int = Field(1, ge=1, le=65536, description="gradient accumulation steps")
+    seq_len: int = Field(512, ge=1, le=1_048_576, description="sequence length in tokens")
+    lora_rank: int = Field(16, ge=1, le=4096, description="LoRA rank r")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default 2 x rank)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    lora_layers: int | None = Field(None, ge=1, description="adapt only the last N decoder layers (default all)")
+    lora_targets: str = Field(
+        "all-linear", description="comma-separated module names to adapt (q_proj,v_proj,...) or all-linear"
+    )
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="attention kernel: sdpa (memory-efficient where available) or eager"
+    )
+    # Schedule.
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    epochs: float = Field(1.0, gt=0, description="passes over the data when --max-steps is not given")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 turns it off)")
+    seed: int = Field(0, ge=0, description="random seed")
+    packing: bool | None = Field(None, description="pack short samples into seq-len blocks (default on for text)")
+    # Loss.
+    loss: Loss = Field("ce", description="ce, or distrust (the seeds' empirical distrust objective)")
+    distrust_alpha: float = Field(2.7, ge=2.3, le=3.0, description="alpha of the distrust term")
+    lambda_weight: float = Field(0.6, ge=0.0, description="weight of the distrust term")
+    distrust_mode: DistrustMode = Field("weight", description="add (the seed's constant term) or weight (per sample)")
+    # Guard.
+    max_memory: float | None = Field(None, gt=0, description="hard memory limit in GB (default: 80% of available)")
+    memory_threshold: float = Field(0.8, gt=0, le=1, description="fraction of the limit that warns")
+    memory_report_interval: int = Field(100, ge=1, description="full memory report every N steps")
+    save_every: int = Field(200, ge=1, description="checkpoint every N steps")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.method == "qlora" and self.quant == "none":
+            # qlora means a quantized base; 4-bit nf4 unless --quant 8 asks otherwise.
+            object.__setattr__(self, "quant", "4")
+        if self.method != "qlora" and self.quant != "none" and self.method == "full":
+            raise ValueError("--quant needs --method lora or qlora: quantized base weights cannot be fully trained")
+        return self
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _explain(error: ValidationError) -> str:
+    """One line for the first problem pydantic found, in terms of the flag the user typed."""
+    problem = error.errors()[0]
+    location = problem.get("loc") or ()
+    where = flag_name(str(location[0])) if location else "config"
+    value = problem.get("input")
+    kind = problem.get("type", "")
+    if kind == "literal_error":
+        choices = problem.get("ctx", {}).get("expected", "")
+        return f"unknown {where} {value!r}: choose one of {choices}"
+    if kind == "extra_forbidden":
+        known = ", ".join(sorted(TrainConfig.model_fields))
+        return f"unknown option {where.lstrip('-').replace('-', '_')!r} in config; known keys: {known}"
+    message = problem.get("msg", "invalid value").removeprefix("Value error, ")
+    if kind == "value_error":
+        return message
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(problem.get("ctx", {}).values()), "?")
+        return f"{where} must be {bounds[kind]} {limit} (got {value!r})"
+    return f"{where}: {message[0].lower() + message[1:]} (got {value!r})"
+
+
+def make_config(**values: Any) -> TrainConfig:
+    """Build a config from keyword values, turning validation errors into one-line UserErrors."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        raise UserError(_explain(error), hint="see `memfit train --help` for allowed values") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; keys are the flag names with `_` (a `-` is accepted too)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror or error}", hint="check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})", hint="fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value at the top level", hint="see examples/")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -1,0 +1,44 @@
+"""Errors that the CLI maps to exit codes (see DESIGN.md: 2 bad input, 3 guard stop, 4 unrecoverable OOM).
+
+The library raises these; only the CLI decides how they look. A `UserError` message is one line that says what is
+wrong, where, and what to do about it.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_GUARD_STOP = 3
+EXIT_OOM = 4
+EXIT_INTERRUPTED = 130
+
+
+class MemfitError(Exception):
+    """Base class for every error memfit raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(MemfitError):
+    """Bad usage or bad input: the user can fix it. One line, exit 2, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = " ".join(self.message.split())
+        if self.hint:
+            text = f"{text} — {' '.join(self.hint.split())}"
+        return text
+
+
+class ModelNotFoundError(UserError):
+    """`--model` names nothing we can resolve (no local dir, not in the HF cache, no alias)."""
+
+
+class WeightsMissingError(UserError):
+    """The model's config is known but its weight files are not on this machine."""

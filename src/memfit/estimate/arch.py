@@ -1,0 +1,184 @@
+"""What a model is made of, counted exactly by building it on the meta device (no memory, no weights).
+
+Everything the memory model needs from an architecture is read off the real module tree, not from a formula:
+parameters per group (embeddings, decoder layers, lm_head, norms), which linear layers bnb would quantize, the
+in/out features of every LoRA target, and the shapes the activation model needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def decoder_layer_index(module_name: str) -> int | None:
+    """Index of the decoder layer a module belongs to (`model.layers.3.mlp.up_proj` -> 3), None outside layers."""
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def is_adaptable_linear(module: torch.nn.Module) -> bool:
+    """A linear layer that LoRA can adapt and bitsandbytes can quantize (nn.Linear, GPT-2's Conv1D, bnb layers)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    kind = type(module).__name__
+    return kind in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
+    """(in_features, out_features); GPT-2's Conv1D stores its weight transposed."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str
+    layer: int
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """Parameter counts and shapes of one architecture."""
+
+    model_type: str
+    params: int  # unique parameters (tied weights once)
+    embedding_params: int  # input embeddings (+ learned position embeddings)
+    lm_head_params: int  # 0 when tied to the embeddings
+    layer_params: tuple[int, ...]  # per decoder layer
+    other_params: int  # final norm and anything outside layers/embeddings/head
+    linear_weight_params: int  # weights of linear layers inside decoder layers (what bnb quantizes)
+    linears: tuple[LinearInfo, ...] = field(repr=False)
+    vocab_size: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    tie_embeddings: bool = False
+
+    @property
+    def largest_layer_params(self) -> int:
+        return max(self.layer_params) if self.layer_params else 0
+
+    def lora_targets(self, targets: str = "all-linear", last_layers: int | None = None) -> list[LinearInfo]:
+        wanted = None if targets == "all-linear" else {t.strip() for t in targets.split(",") if t.strip()}
+        first = self.num_layers - last_layers if last_layers else 0
+        return [
+            linear
+            for linear in self.linears
+            if linear.layer >= first and (wanted is None or linear.short_name in wanted)
+        ]
+
+    def lora_params(self, rank: int, targets: str = "all-linear", last_layers: int | None = None) -> int:
+        """Exactly what PEFT adds: A (r x in) and B (out x r) for every target module."""
+        return sum(rank * (lin.in_features + lin.out_features) for lin in self.lora_targets(targets, last_layers))
+
+    def linear_names(self) -> list[str]:
+        return sorted({linear.short_name for linear in self.linears})
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attr(config, *names, default=0):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def build_meta_model(config):
+    """The model with every tensor on the meta device: real module tree, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # init_empty_weights leaves tied embeddings untied under transformers 5; tie them as loading would.
+    model.tie_weights()
+    return model
+
+
+_CACHE: dict[str, ArchInfo] = {}
+
+
+def arch_info(config) -> ArchInfo:
+    """Count a config's parameters exactly, by group, on the meta device (cached per config)."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _CACHE:
+        _CACHE[key] = _count(config)
+    return _CACHE[key]
+
+
+def _count(config) -> ArchInfo:
+    model = build_meta_model(config)
+    text = _text_config(model.config)
+    input_embeddings = model.get_input_embeddings()
+    output_embeddings = model.get_output_embeddings()
+    embedding_ids = {id(p) for p in input_embeddings.parameters()}
+    head_ids = {id(p) for p in output_embeddings.parameters()} if output_embeddings is not None else set()
+    tied = bool(head_ids) and head_ids <= embedding_ids
+
+    num_layers = _attr(text, "num_hidden_layers", "n_layer")
+    layer_params = [0] * num_layers
+    seen: set[int] = set()
+    embedding = head = other = 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        count = param.numel()
+        layer = decoder_layer_index(name)
+        if id(param) in embedding_ids or "wpe" in name or "position_embeddings" in name:
+            embedding += count
+        elif id(param) in head_ids:
+            head += count
+        elif layer is not None and layer < num_layers:
+            layer_params[layer] += count
+        else:
+            other += count
+
+    linears = []
+    for name, module in model.named_modules():
+        layer = decoder_layer_index(name)
+        if layer is None or not is_adaptable_linear(module):
+            continue
+        in_features, out_features = linear_shape(module)
+        linears.append(LinearInfo(name, layer, in_features, out_features, module.bias is not None))
+
+    hidden = _attr(text, "hidden_size", "n_embd")
+    heads = _attr(text, "num_attention_heads", "n_head")
+    return ArchInfo(
+        model_type=text.model_type,
+        params=sum(p.numel() for p in model.parameters()),
+        embedding_params=embedding,
+        lm_head_params=0 if tied else head,
+        layer_params=tuple(layer_params),
+        other_params=other,
+        linear_weight_params=sum(lin.in_features * lin.out_features for lin in linears),
+        linears=tuple(linears),
+        vocab_size=_attr(text, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_attr(text, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=_attr(text, "num_key_value_heads", default=heads),
+        head_dim=_attr(text, "head_dim", default=hidden // max(heads, 1)),
+        tie_embeddings=tied,
+    )

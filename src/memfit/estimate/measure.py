@@ -1,0 +1,118 @@
+"""Ground truth for the estimator: run real training steps in a child process and report its memory peaks.
+
+The child loads the model exactly as training does (memfit.train.model), runs `steps` optimizer steps on random
+full-length sequences, and reports peak RSS from `resource.getrusage` (and CUDA's `max_memory_reserved`). Peak RSS
+is also read separately for the load phase and the training phase: Linux lets a process reset its RSS high-water
+mark by writing 5 to /proc/self/clear_refs.
+
+Run as `python -m memfit.estimate.measure MODEL_DIR CONFIG_JSON [--steps N] [--device cpu|cuda]`; prints one JSON
+object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> dict:
+    import torch
+
+    from memfit.config import TrainConfig
+    from memfit.precision import resolve_precision
+    from memfit.train.losses import causal_lm_loss
+    from memfit.train.model import load_model
+    from memfit.train.optim import build_optimizer
+
+    config = TrainConfig(**config_values)
+    precision = resolve_precision(config.dtype, device)
+    torch.manual_seed(config.seed)
+    baseline_rss = _rss_bytes()
+    model = load_model(Path(model_dir), config, precision, device)
+    model.train()
+    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
+    load_peak_rss = _peak_rss_bytes()
+    after_load_rss = _rss_bytes()
+    can_reset = _reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(config.seed)
+    step_rss = []
+    for _ in range(steps):
+        for _ in range(config.grad_accum):
+            input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator).to(device)
+            with torch.autocast(device_type=device, dtype=precision.compute_dtype, enabled=precision.autocast):
+                logits = model(input_ids=input_ids).logits
+            loss = causal_lm_loss(logits, input_ids) / config.grad_accum
+            del logits
+            loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_rss.append(_rss_bytes())
+    result = {
+        "baseline_rss_bytes": baseline_rss,
+        "after_load_rss_bytes": after_load_rss,
+        "load_peak_rss_bytes": load_peak_rss,
+        "train_peak_rss_bytes": _peak_rss_bytes() if can_reset else None,
+        "peak_rss_bytes": max(load_peak_rss, _peak_rss_bytes()),
+        "step_rss_bytes": step_rss,
+        "loss": float(loss.detach()) * config.grad_accum,
+    }
+    if device == "cuda":
+        result["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, device: str = "cpu",
+                     timeout_s: float = 900, env: dict | None = None) -> dict:
+    """Run `run_steps` in a fresh interpreter, so its peak RSS is this configuration's alone."""
+    command = [sys.executable, "-m", "memfit.estimate.measure", str(model_dir), json.dumps(config_values),
+               "--steps", str(steps), "--device", device]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                               env={**os.environ, **(env or {})})
+    if completed.returncode != 0:
+        raise RuntimeError(f"measurement child failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("config_json")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.device)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training components: model loading, losses, optimizers (the loop arrives with the trainer)."""

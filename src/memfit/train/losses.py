@@ -1,0 +1,39 @@
+"""Losses on causal-LM logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token prediction, aligned with the logits at the same position.
+
+    Shifting the labels (not the logits) keeps `logits.view(-1, vocab)` a view: slicing the logits would copy
+    a batch x seq x vocab tensor, often the largest one in the step.
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
+
+
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token cross-entropy of each sample, in fp32, and each sample's count of scored tokens.
+
+    `labels` are the unshifted input labels (IGNORE_INDEX where no loss is wanted).
+    """
+    targets = shift_labels(labels)
+    batch, seq, vocab = logits.shape
+    token_loss = F.cross_entropy(
+        logits.view(-1, vocab).float(), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(batch, seq)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over the batch (every scored token counts once)."""
+    per_sample, counts = per_sample_ce(logits, labels)
+    return (per_sample * counts).sum() / counts.sum().clamp(min=1)

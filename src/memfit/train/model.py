@@ -1,0 +1,119 @@
+"""Load a model for training as the config asks: dtype, 4/8-bit base, LoRA adapters, gradient checkpointing.
+
+Memory options, next to the code that implements them:
+- `--dtype`: see memfit.precision. A full fine-tune under mixed precision loads fp32 weights (they are the master
+  copy); LoRA loads the frozen base in the 16-bit compute dtype and keeps adapters fp32 (PEFT's default).
+- `--method qlora`: bitsandbytes nf4 with double quantization (or 8-bit with `--quant 8`);
+  `prepare_model_for_kbit_training` then casts the non-quantized params (embeddings, norms, lm_head) to fp32.
+- `--lora-layers N`: adapters only on the last N decoder layers (earlier layers need no activation gradients).
+- `--grad-checkpointing`: non-reentrant checkpointing of each decoder layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memfit.config import TrainConfig
+from memfit.errors import UserError
+from memfit.precision import Precision
+
+
+def attn_implementation(config: TrainConfig) -> str:
+    return "sdpa" if config.attn_implementation == "auto" else config.attn_implementation
+
+
+def quantization_config(config: TrainConfig, precision: Precision):
+    if config.quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quant == "8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=precision.compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_dtype(config: TrainConfig, precision: Precision) -> torch.dtype:
+    """The dtype weights are loaded in (before adapters are added)."""
+    return precision.trainable_dtype if config.method == "full" else precision.frozen_dtype
+
+
+def lora_target_modules(model: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """Names of the linear modules to adapt: all linear layers of the decoder (never lm_head), or the listed ones,
+    restricted to the last `lora_layers` decoder layers."""
+    from memfit.estimate.arch import decoder_layer_index, is_adaptable_linear
+
+    wanted = None
+    if config.lora_targets != "all-linear":
+        wanted = {name.strip() for name in config.lora_targets.split(",") if name.strip()}
+    num_layers = model.config.get_text_config().num_hidden_layers
+    first_layer = num_layers - config.lora_layers if config.lora_layers else 0
+    targets = []
+    for name, module in model.named_modules():
+        layer = decoder_layer_index(name)
+        if layer is None or layer < first_layer or not is_adaptable_linear(module):
+            continue
+        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
+            continue
+        targets.append(name)
+    if not targets:
+        known = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_adaptable_linear(module)})
+        raise UserError(
+            f"--lora-targets {config.lora_targets!r} matches no linear layer of this model",
+            hint=f"use all-linear or some of: {','.join(known)}",
+        )
+    return targets
+
+
+def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.effective_lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_modules(model, config),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # Adapters stay fp32 under mixed precision (stable updates for tiny matrices); bf16-pure casts them too.
+    model = get_peft_model(model, lora_config, autocast_adapter_dtype=precision.name != "bf16-pure")
+    if precision.name == "bf16-pure":
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def load_model(model_dir: Path, config: TrainConfig, precision: Precision, device: str = "cpu"):
+    """The model ready to train: weights on `device`, adapters attached, checkpointing on when asked."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(config, precision)
+    kwargs = dict(dtype=load_dtype(config, precision), attn_implementation=attn_implementation(config))
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only holds memory
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
+    if config.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.uses_adapters:
+        model = apply_lora(model, config, precision)
+    elif config.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model
