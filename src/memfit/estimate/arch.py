@@ -61,6 +61,7 @@ class ArchInfo:
     other_params: int  # final norm and anything outside layers/embeddings/head
     linear_weight_params: int  # weights of linear layers inside decoder layers (what bnb quantizes)
     linears: tuple[LinearInfo, ...] = field(repr=False)
+    param_shapes: tuple[tuple[int, ...], ...] = field(repr=False, default=())  # every unique parameter
     vocab_size: int = 0
     hidden_size: int = 0
     intermediate_size: int = 0
@@ -103,13 +104,13 @@ def _attr(config, *names, default=0):
     return default
 
 
-def build_meta_model(config):
+def build_meta_model(config, attn_implementation: str = "eager"):
     """The model with every tensor on the meta device: real module tree, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     # init_empty_weights leaves tied embeddings untied under transformers 5; tie them as loading would.
     model.tie_weights()
     return model
@@ -173,6 +174,7 @@ def _count(config) -> ArchInfo:
         other_params=other,
         linear_weight_params=sum(lin.in_features * lin.out_features for lin in linears),
         linears=tuple(linears),
+        param_shapes=tuple(tuple(p.shape) for p in model.parameters()),
         vocab_size=_attr(text, "vocab_size"),
         hidden_size=hidden,
         intermediate_size=_attr(text, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,

@@ -43,12 +43,14 @@ def _reset_peak_rss() -> bool:
 def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> dict:
     import torch
 
+    from memfit.allocator import fix_mmap_threshold
     from memfit.config import TrainConfig
     from memfit.precision import resolve_precision
     from memfit.train.losses import causal_lm_loss
     from memfit.train.model import load_model
     from memfit.train.optim import build_optimizer
 
+    fix_mmap_threshold()  # as training does: RSS then follows live tensors
     config = TrainConfig(**config_values)
     precision = resolve_precision(config.dtype, device)
     torch.manual_seed(config.seed)

@@ -36,21 +36,26 @@ class TracePeak:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created by ops, until they are freed; remembers the peak and its split."""
+    """Counts the bytes of storages created by ops until they are freed; remembers the peak of each phase."""
 
-    def __init__(self, ignored_storages: set[int], vocab_size: int):
+    def __init__(self, ignored_storages: set[int], vocab_size: int, params: list[torch.nn.Parameter]):
         super().__init__()
         self.ignored = ignored_storages
+        self.param_signatures = {(tuple(p.shape), p.dtype) for p in params if p.requires_grad}
         self.vocab_size = vocab_size
-        self.live: dict[int, tuple[StorageWeakRef, int, bool]] = {}
+        # storage pointer -> (weak ref, bytes, is_logits, serial); pointers are reused after a free, serials not.
+        self.live: dict[int, tuple[StorageWeakRef, int, bool, int]] = {}
+        self.serial = 0
         self.live_bytes = 0
         self.live_logits = 0
-        self.peak = 0
-        self.peak_logits = 0
-        self.peak_sizes: dict[int, int] = {}
+        self.phase = "forward"
+        # phase -> (peak bytes, logits bytes at that peak, {serial: bytes} alive at that peak)
+        self.peaks: dict[str, tuple[int, int, dict[int, int]]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.add.Tensor and self.phase != "forward":
+            self._accumulate_in_place(args)
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
@@ -59,18 +64,38 @@ class _LiveBytes(TorchDispatchMode):
             if ref.cdata in self.live or ref.cdata in self.ignored:
                 continue
             is_logits = tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size
-            self.live[ref.cdata] = (ref, storage.nbytes(), is_logits)
+            self.serial += 1
+            self.live[ref.cdata] = (ref, storage.nbytes(), is_logits, self.serial)
             self.live_bytes += storage.nbytes()
             self.live_logits += storage.nbytes() if is_logits else 0
-        for key in [key for key, (ref, _, _) in self.live.items() if ref.expired()]:
-            _, nbytes, is_logits = self.live.pop(key)
+        for key in [key for key, entry in self.live.items() if entry[0].expired()]:
+            _, nbytes, is_logits, _ = self.live.pop(key)
             self.live_bytes -= nbytes
             self.live_logits -= nbytes if is_logits else 0
-        if self.live_bytes > self.peak:
-            self.peak = self.live_bytes
-            self.peak_logits = self.live_logits
-            self.peak_sizes = {key: nbytes for key, (_, nbytes, _) in self.live.items()}
+        if self.live_bytes > self.peaks.get(self.phase, (-1,))[0]:
+            sizes = {serial: nbytes for _, nbytes, _, serial in self.live.values()}
+            self.peaks[self.phase] = (self.live_bytes, self.live_logits, sizes)
         return out
+
+
+    def _accumulate_in_place(self, args) -> None:
+        """Summing two gradients of one parameter (tied embeddings; accumulation into `.grad`) happens in place in
+        the autograd engine, which steals the buffer; under any Python dispatch mode it becomes an out-of-place add
+        (measured: +1 vocab x hidden fp32 tensor). Hand the first operand's bytes over to the sum, so the trace
+        counts what a real run allocates."""
+        tensors = [arg for arg in args[:2] if isinstance(arg, torch.Tensor)]
+        if len(tensors) != 2 or tensors[0].shape != tensors[1].shape or tensors[0].dtype != tensors[1].dtype:
+            return
+        if (tuple(tensors[0].shape), tensors[0].dtype) not in self.param_signatures:
+            return
+        for tensor in tensors:
+            key = StorageWeakRef(tensor.untyped_storage()).cdata
+            if key in self.live and self.live[key][1]:
+                ref, nbytes, is_logits, serial = self.live[key]
+                self.live[key] = (ref, 0, is_logits, serial)
+                self.live_bytes -= nbytes
+                self.live_logits -= nbytes if is_logits else 0
+                return
 
 
 def fakeify_(model: torch.nn.Module, fake_mode) -> None:
@@ -91,38 +116,60 @@ def fakeify_(model: torch.nn.Module, fake_mode) -> None:
                     module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device="cpu")
 
 
+PHASES = ("forward", "head", "backward")
+
+
 def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
-               compute_dtype: torch.dtype, autocast: bool) -> TracePeak:
-    """Trace one micro-step of `model` (already fakeified by `fakeify_`) and return its peak live bytes."""
+               compute_dtype: torch.dtype, autocast: bool, head: torch.nn.Module,
+               last_layer: torch.nn.Module) -> dict[str, TracePeak]:
+    """Trace one micro-step of `model` (already fakeified by `fakeify_`): the peak live bytes of each phase.
+
+    Phases: "forward" until `head` (the lm_head) runs, "head" (logits, loss, and their backward) until the gradient
+    reaches `last_layer`'s output, then "backward" through the decoder layers. Within a phase the peak sits at the
+    same place whatever the depth, so each phase can be extrapolated over the number of layers on its own.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.train.losses import causal_lm_loss
 
     fake_mode = _fake_mode_of(model) or FakeTensorMode()
     ignored = {StorageWeakRef(t.untyped_storage()).cdata for t in list(model.parameters()) + list(model.buffers())}
-    tracker = _LiveBytes(ignored, vocab_size)
-    with fake_mode:
-        input_ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
-        with tracker:
-            with torch.autocast(device_type="cpu", dtype=compute_dtype, enabled=autocast):
-                logits = model(input_ids=input_ids).logits
-            loss = causal_lm_loss(logits, input_ids)
-            del logits
-            loss.backward()
-        grad_storages = {
-            StorageWeakRef(param.grad.untyped_storage()).cdata
-            for param in model.parameters()
-            if param.grad is not None
-        }
-        for param in model.parameters():
-            param.grad = None
-    # Gradient storages alive at the peak (freed ones are gone from `live`, so sizes are remembered at the peak).
-    gradients = sum(nbytes for key, nbytes in tracker.peak_sizes.items() if key in grad_storages)
-    return TracePeak(
-        activations=tracker.peak - tracker.peak_logits - gradients,
-        logits=tracker.peak_logits,
-        gradients=gradients,
-    )
+    tracker = _LiveBytes(ignored, vocab_size, list(model.parameters()))
+
+    def enter_head(*_):
+        tracker.phase = "head"
+
+    def watch_layer_output(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: setattr(tracker, "phase", "backward"))
+
+    hooks = [head.register_forward_pre_hook(enter_head), last_layer.register_forward_hook(watch_layer_output)]
+    try:
+        with fake_mode:
+            input_ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+            with tracker:
+                with torch.autocast(device_type="cpu", dtype=compute_dtype, enabled=autocast):
+                    logits = model(input_ids=input_ids).logits
+                loss = causal_lm_loss(logits, input_ids)
+                del logits
+                loss.backward()
+            grad_serials = set()
+            for param in model.parameters():
+                if param.grad is not None:
+                    entry = tracker.live.get(StorageWeakRef(param.grad.untyped_storage()).cdata)
+                    if entry is not None:
+                        grad_serials.add(entry[3])
+                param.grad = None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = {}
+    for phase in PHASES:
+        peak, logits, sizes = tracker.peaks.get(phase, (0, 0, {}))
+        gradients = sum(nbytes for serial, nbytes in sizes.items() if serial in grad_serials)
+        result[phase] = TracePeak(activations=peak - logits - gradients, logits=logits, gradients=gradients)
+    return result
 
 
 def _fake_mode_of(model: torch.nn.Module):
