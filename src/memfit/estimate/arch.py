@@ -104,7 +104,7 @@ def _attr(config, *names, default=0):
     return default
 
 
-def build_meta_model(config, attn_implementation: str = "eager"):
+def build_meta_model(config, attn_implementation: str | None = "eager"):
     """The model with every tensor on the meta device: real module tree, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

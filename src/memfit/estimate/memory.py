@@ -163,7 +163,6 @@ def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers:
     cut.use_cache = False
     from memfit.train.model import attn_implementation
 
-    cut._attn_implementation = attn_implementation(config)
     model = build_meta_model(cut, attn_implementation=attn_implementation(config))
     if config.method == "full":
         model.to(precision.trainable_dtype)

@@ -88,9 +88,10 @@ class _LiveBytes(TorchDispatchMode):
             return
         if (tuple(tensors[0].shape), tensors[0].dtype) not in self.param_signatures:
             return
-        for tensor in tensors:
+        # The engine only adds into a buffer it can steal: contiguous (a transposed mm gradient is not).
+        for tensor in tensors[:1]:
             key = StorageWeakRef(tensor.untyped_storage()).cdata
-            if key in self.live and self.live[key][1]:
+            if tensor.is_contiguous() and key in self.live and self.live[key][1]:
                 ref, nbytes, is_logits, serial = self.live[key]
                 self.live[key] = (ref, 0, is_logits, serial)
                 self.live_bytes -= nbytes

@@ -20,8 +20,9 @@ from memfit.errors import UserError
 from memfit.precision import Precision
 
 
-def attn_implementation(config: TrainConfig) -> str:
-    return "sdpa" if config.attn_implementation == "auto" else config.attn_implementation
+def attn_implementation(config: TrainConfig) -> str | None:
+    """None lets transformers choose: SDPA where the architecture supports it (memory-efficient), else eager."""
+    return None if config.attn_implementation == "auto" else config.attn_implementation
 
 
 def quantization_config(config: TrainConfig, precision: Precision):

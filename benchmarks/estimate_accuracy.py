@@ -1,0 +1,126 @@
+"""Estimator vs measured peak memory: real training steps in child processes, one per configuration.
+
+For each case: build a random-init model of a real architecture (cut down in layers to fit 2 CPU cores), run 3
+training steps in a fresh child (memfit.estimate.measure: peak RSS from getrusage; on CUDA max_memory_reserved),
+and compare with `estimate_memory` for the same configuration. Writes the table into docs/benchmarks.md.
+
+    python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MB = 1024**2
+ARCHITECTURES = {  # preset -> layers kept
+    "tiny": None,
+    "smollm2-135m": 8,
+    "qwen2.5-0.5b": 4,
+    "gpt2": 6,
+}
+CASES = [
+    dict(method="full", dtype="fp32", batch_size=2, seq_len=256),
+    dict(method="full", dtype="bf16", batch_size=2, seq_len=256),
+    dict(method="full", dtype="fp32", batch_size=2, seq_len=512, grad_checkpointing=True),
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=256),
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=512, grad_checkpointing=True),
+    dict(method="lora", dtype="bf16", batch_size=2, seq_len=512),
+    dict(method="lora", dtype="fp32", batch_size=8, seq_len=128, lora_layers=2),
+]
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    from transformers import AutoConfig
+
+    from memfit.config import TrainConfig
+    from memfit.estimate.measure import measure_in_child
+    from memfit.estimate.memory import Hardware, estimate_memory
+    from memfit.models import init_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for preset, layers in ARCHITECTURES.items():
+            model_dir = Path(scratch) / preset
+            init_model(preset, model_dir, dtype="fp32", num_layers=layers)
+            hf_config = AutoConfig.from_pretrained(model_dir)
+            for case in CASES[:3] if quick else CASES:
+                config = TrainConfig(**case)
+                predicted = estimate_memory(hf_config, config, Hardware(device, 1 << 40)).total_bytes
+                started = time.time()
+                measured = measure_in_child(model_dir, case, steps=3, device=device)
+                peak = measured["max_memory_reserved_bytes"] if device == "cuda" else measured["peak_rss_bytes"]
+                rows.append(dict(model=f"{preset}" + (f" ({layers} layers)" if layers else ""), case=case,
+                                 estimate=predicted, measured=peak, error=(predicted - peak) / peak * 100,
+                                 seconds=time.time() - started))
+                print(f"{rows[-1]['model']:28s} {case} est {predicted / MB:7.0f} MB  measured {peak / MB:7.0f} MB "
+                      f" error {rows[-1]['error']:+5.1f}%", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    import torch
+    import transformers
+
+    worst = max(abs(row["error"]) for row in rows)
+    lines = [
+        f"### Estimator accuracy on {device} ({len(rows)} cases, worst error {worst:.1f}%)",
+        "",
+        f"Measured with `python benchmarks/estimate_accuracy.py --device {device}` on {platform.machine()} "
+        f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}. Each case: 3 training steps (AdamW) in a fresh child process on "
+        "random full-length sequences; measured = peak RSS from `getrusage` "
+        "(CUDA: `torch.cuda.max_memory_reserved`); estimate = `memfit estimate` for the same configuration.",
+        "",
+        "| model | method | dtype | batch × seq | grad ckpt | extra | estimate MB | measured MB | error |",
+        "|---|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        case = row["case"]
+        extra = f"lora_layers={case['lora_layers']}" if case.get("lora_layers") else ""
+        lines.append(f"| {row['model']} | {case['method']} | {case['dtype']} | {case['batch_size']} × "
+                     f"{case['seq_len']} | {'on' if case.get('grad_checkpointing') else 'off'} | {extra} | "
+                     f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['error']:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({__import__('os').cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace the text between `<!-- marker -->` and `<!-- /marker -->` (append the section if missing)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="3 cases per architecture")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    rows = run(args.device, args.quick)
+    write_section(Path(args.out), f"estimate-accuracy-{args.device}", markdown(rows, args.device))
+    print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""The `memfit` command: parse, call the library, render. Errors become one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memfit.config import TrainConfig, flag_name, load_yaml, make_config
+from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
+console = Console()
+GB = 1024**3
+GUARD_FIELDS = {"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints"}
+
+
+# --- training flags, generated from TrainConfig ------------------------------------------------------------------
+
+
+def _flag_type(annotation: Any) -> type:
+    """The click-facing type of a config field: Literal choices travel as str so pydantic's one-line errors win."""
+    origin = typing.get_origin(annotation)
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if origin is typing.Literal:
+        return str
+    if args and origin is not None:
+        return _flag_type(args[0])
+    return annotation if annotation in (int, float, bool, str) else str
+
+
+def training_flags(include_guard: bool = False):
+    """Add every TrainConfig field as a `--flag` to a command; the command receives them as `training: dict`
+    holding only the flags the user gave (so a -c config file supplies the rest)."""
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "training"]
+        added = []
+        for name, field in TrainConfig.model_fields.items():
+            if name in GUARD_FIELDS and not include_guard:
+                continue
+            kind = _flag_type(field.annotation)
+            default = field.default if field.default is not None else "none"
+            help_text = f"{field.description} [default: {default}]"
+            if kind is bool:
+                option = typer.Option(None, f"{flag_name(name)}/--no-{name.replace('_', '-')}", help=help_text,
+                                      show_default=False, rich_help_panel="Training")
+            else:
+                option = typer.Option(None, flag_name(name), help=help_text, show_default=False,
+                                      rich_help_panel="Guard" if name in GUARD_FIELDS else "Training")
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                           annotation=Optional[kind]))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            training = {name: kwargs.pop(name) for name in list(kwargs) if name in TrainConfig.model_fields}
+            training = {name: value for name, value in training.items() if value is not None}
+            return command(training=training, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate
+
+
+def build_config(training: dict[str, Any], config_file: Optional[Path]) -> TrainConfig:
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    unknown = sorted(set(values) - set(TrainConfig.model_fields) - {"model", "data", "output_dir", "device",
+                                                                       "memory_gb", "num_gpus", "zero", "offload",
+                                                                       "target_batch"})
+    if unknown:
+        raise UserError(f"{config_file}: unknown key {unknown[0]!r}",
+                        hint="keys are the flag names with _ (see --help)")
+    values = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
+    values.update(training)
+    return make_config(**values)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GB:,.2f} GB"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def system(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """What hardware is here: RAM, swap, CPUs, GPUs, and the suggested memory limit."""
+    from memfit.system import detect
+
+    info = detect()
+    if as_json:
+        return _print_json(info.to_dict())
+    table = Table(title="memfit system", show_header=False)
+    table.add_row("platform", f"{info.platform} (python {info.python}, torch {info.torch})")
+    table.add_row("CPUs", str(info.cpu_count))
+    table.add_row("RAM", f"{_gb(info.ram_available_bytes)} available of {_gb(info.ram_total_bytes)}")
+    table.add_row("swap", f"{_gb(info.swap_used_bytes)} used of {_gb(info.swap_total_bytes)}")
+    for gpu in info.gpus:
+        table.add_row(f"GPU {gpu.index}", f"{gpu.name}: {_gb(gpu.free_bytes)} free of {_gb(gpu.total_bytes)} "
+                      f"(limit {_gb(gpu.suggested_limit_bytes)}, via {gpu.source})")
+    if not info.gpus:
+        table.add_row("GPUs", "none (CUDA not available)")
+    table.add_row("MPS", "available" if info.mps_available else "no")
+    table.add_row("suggested limit", f"{_gb(info.suggested_limit_bytes)} (80% of available RAM)")
+    table.add_row("default device", info.default_device())
+    console.print(table)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Built-in architectures and aliases that --model accepts (besides local dirs and the HF cache)."""
+    from memfit.models import ALIASES, ARCHITECTURES
+    from memfit.models.resolve import hf_hub_cache
+
+    if as_json:
+        return _print_json({
+            "architectures": [
+                {"name": a.name, "hf_id": a.hf_id, "model_type": a.model_type, "params": a.param_count,
+                 "size": a.size_label, "vocab_size": a.vocab_size, "hidden_size": a.hidden_size,
+                 "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
+                 "num_kv_heads": a.num_kv_heads, "tie_embeddings": a.tie_embeddings}
+                for a in ARCHITECTURES.values()],
+            "aliases": [{"name": a.name, "hf_id": a.hf_id, "architecture": a.architecture} for a in ALIASES.values()],
+            "hf_cache": str(hf_hub_cache()),
+        })
+    table = Table(title="built-in architectures")
+    for column in ("name", "size", "type", "vocab", "hidden", "inter", "layers", "heads/kv", "tied", "HF id"):
+        table.add_column(column)
+    for a in ARCHITECTURES.values():
+        table.add_row(a.name, a.size_label, a.model_type, f"{a.vocab_size:,}", str(a.hidden_size),
+                      str(a.intermediate_size), str(a.num_layers), f"{a.num_heads}/{a.num_kv_heads}",
+                      "yes" if a.tie_embeddings else "no", a.hf_id or "-")
+    console.print(table)
+    aliases = Table(title="aliases")
+    for column in ("alias", "HF id", "architecture"):
+        aliases.add_column(column)
+    for alias in ALIASES.values():
+        aliases.add_row(alias.name, alias.hf_id, alias.architecture)
+    console.print(aliases)
+    console.print(f"HF cache searched for HF ids: {hf_hub_cache()}")
+
+
+def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, zero: int, offload: str):
+    from memfit.estimate.memory import Hardware
+    from memfit.system import detect
+
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError(f"--memory-gb must be > 0 (got {memory_gb})", hint="give the device memory in GB")
+    if num_gpus < 1:
+        raise UserError(f"--num-gpus must be >= 1 (got {num_gpus})")
+    if zero not in (0, 1, 2, 3):
+        raise UserError(f"--zero must be 0, 1, 2 or 3 (got {zero})")
+    if offload not in ("none", "cpu"):
+        raise UserError(f"unknown --offload {offload!r}: choose none or cpu")
+    info = None
+    if device is None:
+        info = detect()
+        device = info.default_device()
+    if device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    if memory_gb is not None:
+        memory = int(memory_gb * GB)
+    else:
+        info = info or detect()
+        memory = info.device_memory_bytes(device)
+        if memory == 0:
+            raise UserError(f"no {device} device on this machine to size the estimate for",
+                            hint="pass --memory-gb G (the memory of the target device)")
+    return Hardware(device, memory, num_gpus, zero, offload)
+
+
+@app.command()
+@training_flags()
+def estimate(
+    model: str = typer.Option(..., "--model", "-m", help="local dir, HF id in the HF cache, alias or built-in"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="device memory in GB (default: 80% of free)"),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="data-parallel devices"),
+    zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage 0-3"),
+    offload: str = typer.Option("none", "--offload", help="none or cpu (ZeRO offload)"),
+    target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach with grad-accum"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    training: dict = None,
+):
+    """Memory breakdown of a training run before you start it, and the largest batch that fits."""
+    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size, suggestions, to_json
+    from memfit.models import resolve_model
+
+    if target_batch is not None and target_batch < 1:
+        raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
+    config = build_config(training, config_file)
+    hardware = _hardware(device, memory_gb, num_gpus, zero, offload)
+    resolved = resolve_model(model)
+    result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
+    largest = max_batch_size(resolved.config, config, hardware)
+    grad_accum = config.grad_accum
+    if target_batch:
+        grad_accum = grad_accum_for(target_batch, min(largest or 1, config.batch_size), hardware.num_gpus)
+    advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
+    if as_json:
+        return _print_json(to_json(result, largest, grad_accum, advice))
+    _render_estimate(result, resolved, largest, grad_accum, target_batch, advice)
+
+
+def _render_estimate(result, resolved, largest, grad_accum, target_batch, advice) -> None:
+    config, hardware = result.config, result.hardware
+    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, ZeRO-{hardware.zero}" if hardware.num_gpus > 1 else "")
+    title = (f"{resolved.name} ({result.params / 1e9:.2f}B params, {resolved.source}) · {config.method} · "
+             f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("per device", justify="right")
+    table.add_column("share", justify="right")
+    total = result.total_bytes
+    for name, nbytes in result.breakdown.items():
+        table.add_row(name, _gb(nbytes), f"{100 * nbytes / total:.0f}%" if total else "-")
+    table.add_row("[bold]total[/bold]", f"[bold]{_gb(total)}[/bold]", "")
+    table.add_row("device memory", _gb(hardware.memory_bytes), "")
+    console.print(table)
+    console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
+    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+    console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; largest batch that fits: {largest}")
+    if target_batch:
+        micro = min(largest or 1, config.batch_size)
+        console.print(f"target batch {target_batch}: --batch-size {micro} --grad-accum {grad_accum}"
+                      f" × {hardware.num_gpus} device(s)")
+    if result.host_offload_bytes:
+        console.print(f"CPU RAM for offloaded states: {_gb(result.host_offload_bytes)}")
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/dim]")
+    if advice:
+        table = Table(title="what to change")
+        for column in ("change", "why", "saves", "total", "fits"):
+            table.add_column(column)
+        for item in advice:
+            table.add_row(item.change, item.why, _gb(item.saving_bytes), _gb(item.total_bytes),
+                          "yes" if item.total_bytes <= hardware.memory_bytes else "no")
+        console.print(table)
+
+
+@app.command()
+@training_flags()
+def recommend(
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="memory in GB (default: this machine)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    training: dict = None,
+):
+    """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator)."""
+    from memfit.estimate.recommend import recommend as compute
+
+    training = {"seq_len": 2048, "batch_size": 1, "grad_checkpointing": True, **training}
+    config = build_config(training, config_file)
+    hardware = _hardware(device, memory_gb, 1, 0, "none")
+    result = compute(config, hardware)
+    if as_json:
+        return _print_json(result)
+    table = Table(title=f"what fits in {_gb(hardware.memory_bytes)} on {hardware.device} "
+                        f"(seq {config.seq_len}, {result['precision']})")
+    table.add_column("model")
+    table.add_column("params", justify="right")
+    for method in result["methods"]:
+        table.add_column(f"{method}: total @ batch 1 → largest batch", justify="right")
+    for row in result["models"]:
+        cells = []
+        for method in result["methods"]:
+            entry = row["methods"][method]
+            mark = "[green]✓[/green]" if entry["fits"] else "[red]✗[/red]"
+            cells.append(f"{mark} {_gb(entry['total_bytes'])} → {entry['max_batch_size']}")
+        table.add_row(row["model"], row["size"], *cells)
+    console.print(table)
+    for method in result["methods"]:
+        best = result["largest"][method]
+        console.print(f"largest for {method}: {best or 'none of the built-in sizes'}")
+
+
+@app.command("init-model")
+def init_model_command(
+    preset: str = typer.Option("tiny", "--preset", help="built-in architecture name (see memfit models)"),
+    out: Path = typer.Option(..., "--out", help="directory to create"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="override the number of decoder layers"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="allow presets above the small-model size"),
+):
+    """Write a random-init HF model directory (config, safetensors, tokenizer) that transformers loads."""
+    from memfit.models import init_model
+
+    if layers is not None and layers < 1:
+        raise UserError(f"--layers must be >= 1 (got {layers})")
+    path = init_model(preset, out, dtype=dtype, force=force, num_layers=layers, seed=seed)
+    console.print(f"wrote {preset} ({dtype}) to {path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the app and turn every expected failure into one line and an exit code."""
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as error:
+        sys.stderr.write(f"memfit: error: {error.one_line()}\n")
+        return error.exit_code
+    except MemfitError as error:
+        sys.stderr.write(f"memfit: error: {error}\n")
+        return error.exit_code
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except typer.Abort:
+        sys.stderr.write("memfit: interrupted\n")
+        return EXIT_INTERRUPTED
+    except _usage_errors() as error:
+        message = " ".join(error.format_message().split())
+        option = getattr(getattr(error, "param", None), "opts", None)
+        if option and option[0] not in message:
+            message = f"{option[0]}: {message}"
+        sys.stderr.write(f"memfit: error: {message} (see --help)\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("memfit: interrupted\n")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: typer >= 0.26 vendors its own click, older typer uses the click package."""
+    errors: list[type[Exception]] = []
+    try:
+        from typer._click.exceptions import ClickException
+
+        errors.append(ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        errors.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation notices, optional-kernel probes) is not for memfit's users."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run() -> None:
+    sys.exit(main())

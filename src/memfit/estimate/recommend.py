@@ -1,0 +1,40 @@
+"""The seeds' "which model for my RAM" table, computed by the estimator rather than typed in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memfit.config import TrainConfig
+from memfit.estimate.memory import Hardware, estimate_memory, max_batch_size
+from memfit.models import ARCHITECTURES
+
+# One architecture per size class, smallest to largest.
+SIZES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-14b", "llama-3.1-70b")
+METHODS = ("full", "lora", "qlora")
+
+
+def recommend(config: TrainConfig, hardware: Hardware) -> dict[str, Any]:
+    rows = []
+    largest: dict[str, str | None] = {method: None for method in METHODS}
+    precision = None
+    for name in SIZES:
+        arch = ARCHITECTURES[name]
+        hf_config = arch.to_hf_config()
+        row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
+        for method in METHODS:
+            method_config = config.model_copy(update={"method": method, "quant": "4" if method == "qlora" else
+                                                      "none"})
+            method_config = TrainConfig(**method_config.model_dump())
+            result = estimate_memory(hf_config, method_config, hardware, model_name=name)
+            precision = result.precision
+            fits = result.fits
+            row["methods"][method] = {
+                "fits": fits,
+                "total_bytes": result.total_bytes,
+                "max_batch_size": max_batch_size(hf_config, method_config, hardware) if fits else 0,
+            }
+            if fits:
+                largest[method] = name
+        rows.append(row)
+    return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": precision,
+            "seq_len": config.seq_len, "methods": list(METHODS), "models": rows, "largest": largest}

@@ -1,0 +1,125 @@
+"""The CLI contract: JSON on stdout, one-line errors with exit 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memfit.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["estimate", "--model", "no-such-model"], "no-such-model"),
+    (["estimate", "--model", "tiny", "--batch-size", "-1"], "--batch-size must be >= 1"),
+    (["estimate", "--model", "tiny", "--lora-rank", "0"], "--lora-rank must be >= 1"),
+    (["estimate", "--model", "tiny", "--seq-len", "0"], "--seq-len must be >= 1"),
+    (["estimate", "--model", "tiny", "--memory-gb", "0"], "--memory-gb must be > 0"),
+    (["estimate", "--model", "tiny", "--memory-gb", "-3"], "--memory-gb must be > 0"),
+    (["estimate", "--model", "tiny", "--method", "dora"], "unknown --method 'dora'"),
+    (["estimate", "--model", "tiny", "--optimizer", "lion"], "unknown --optimizer 'lion'"),
+    (["estimate", "--model", "tiny", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
+    (["estimate", "--model", "tiny", "--batch-size", "many"], "--batch-size"),
+    (["estimate", "--model", "tiny", "--zero", "5", "--num-gpus", "2"], "--zero must be"),
+    (["estimate", "--model", "tiny", "--config", "/nonexistent/run.yaml"], "cannot read config"),
+    (["estimate", "--model", "tiny", "--bogus-flag"], "bogus-flag"),
+    (["init-model", "--preset", "llama-3.1-70b", "--out", "/tmp/memfit-never-written"], "--force"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_config_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("method: lora\nlora_rank: [oops\n")
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "-c", str(bad))
+    assert code == 2 and f"{bad}:" in err and len(err.strip().splitlines()) == 1
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("lora_rnak: 8\n")
+    code, _, err = run_cli(capsys, "estimate", "--model", "tiny", "-c", str(unknown))
+    assert code == 2 and "lora_rnak" in err
+
+
+def test_config_file_values_and_flag_override(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: lora\nlora_rank: 4\nseq_len: 64\n")
+    code, out, _ = run_cli(capsys, "estimate", "--model", "tiny", "--device", "cpu", "-c", str(config),
+                           "--lora-rank", "8", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["config"]["lora_rank"] == 8 and data["config"]["seq_len"] == 64
+
+
+def test_estimate_json_llama_8b_qlora(capsys):
+    code, out, _ = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--method", "qlora", "--seq-len", "2048",
+                           "--batch-size", "1", "--memory-gb", "24", "--device", "cuda", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["params"] == 8_030_261_248
+    for key in ("trainable_params", "breakdown", "total_bytes", "device_memory_bytes", "fits", "max_batch_size",
+                "grad_accum", "notes"):
+        assert key in data
+    assert data["device_memory_bytes"] == 24 * 1024**3
+
+
+def test_estimate_target_batch_sets_grad_accum(capsys):
+    code, out, _ = run_cli(capsys, "estimate", "--model", "tiny", "--device", "cpu", "--memory-gb", "4",
+                           "--batch-size", "4", "--target-batch", "32", "--json")
+    assert code == 0 and json.loads(out)["grad_accum"] == 8
+
+
+def test_estimate_human_output(capsys):
+    code, out, _ = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--seq-len", "2048", "--device", "cuda",
+                           "--memory-gb", "16")
+    assert code == 0
+    assert "does not fit" in out and "what to change" in out and "--grad-checkpointing" in out
+
+
+def test_system_and_models_json(capsys):
+    code, out, _ = run_cli(capsys, "system", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ram_total_bytes"] > 0 and data["suggested_limit_bytes"] > 0
+    assert isinstance(data["gpus"], list)
+    code, out, _ = run_cli(capsys, "models", "--json")
+    data = json.loads(out)
+    names = {arch["name"] for arch in data["architectures"]}
+    assert {"llama-3.1-8b", "tiny", "gpt2", "gemma-2-2b"} <= names
+    assert {"hermes-3-8b", "llama-8b", "r1-distill-14b"} <= {alias["name"] for alias in data["aliases"]}
+
+
+def test_recommend_json_small_memory(capsys):
+    code, out, _ = run_cli(capsys, "recommend", "--memory-gb", "16", "--device", "cuda", "--json")
+    data = json.loads(out)
+    assert code == 0
+    row_70b = next(row for row in data["models"] if row["model"] == "llama-3.1-70b")
+    assert not any(entry["fits"] for entry in row_70b["methods"].values())
+    row_1b = next(row for row in data["models"] if row["model"] == "llama-3.2-1b")
+    assert row_1b["methods"]["qlora"]["fits"] and row_1b["methods"]["qlora"]["max_batch_size"] >= 1
+    assert data["largest"]["qlora"] is not None
+
+
+def test_init_model_then_estimate_from_the_directory(tmp_path, capsys):
+    out_dir = tmp_path / "tiny"
+    code, _, err = run_cli(capsys, "init-model", "--preset", "tiny", "--out", str(out_dir))
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "estimate", "--model", str(out_dir), "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["fits"]
+
+
+def test_console_script_exit_code():
+    completed = subprocess.run([sys.executable, "-m", "memfit", "estimate", "--model", "nope"], capture_output=True,
+                               text=True)
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1 and "Traceback" not in completed.stderr

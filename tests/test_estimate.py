@@ -1,0 +1,144 @@
+"""The estimator's arithmetic and solvers, on real architectures (meta device and fake tensors: no memory)."""
+
+import math
+
+import pytest
+import torch
+
+from memfit.config import TrainConfig
+from memfit.estimate.arch import arch_info
+from memfit.estimate.memory import (
+    GB,
+    Hardware,
+    estimate_memory,
+    grad_accum_for,
+    max_batch_size,
+    optimizer_state_bytes,
+    suggestions,
+    to_json,
+)
+from memfit.models import ARCHITECTURES, resolve_model
+
+LLAMA_8B = ARCHITECTURES["llama-3.1-8b"].to_hf_config()
+
+
+def static_bytes(estimate):
+    return sum(estimate.breakdown[name] for name in ("weights", "adapters", "gradients", "optimizer"))
+
+
+def test_llama_8b_params_exact():
+    assert arch_info(LLAMA_8B).params == 8_030_261_248
+
+
+def test_full_mixed_precision_adamw_is_16_bytes_per_param():
+    config = TrainConfig(method="full", dtype="bf16", seq_len=128)
+    estimate = estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB))
+    assert static_bytes(estimate) / estimate.params == pytest.approx(16.0, abs=0.01)
+    pure = estimate_memory(LLAMA_8B, config.model_copy(update={"dtype": "bf16-pure"}), Hardware("cuda", 80 * GB))
+    assert static_bytes(pure) / pure.params == pytest.approx(8.0, abs=0.01)
+
+
+@pytest.mark.parametrize("zero, bytes_per_param", [(1, 4 + 12 / 8), (2, 2 + 14 / 8)])
+def test_zero_stages_partition_model_states(zero, bytes_per_param):
+    config = TrainConfig(method="full", dtype="bf16", seq_len=128)
+    estimate = estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB, num_gpus=8, zero=zero))
+    assert static_bytes(estimate) / estimate.params == pytest.approx(bytes_per_param, rel=1e-3)
+
+
+def test_zero3_on_8_gpus_divides_model_states_by_8():
+    config = TrainConfig(method="full", dtype="bf16", seq_len=128)
+    single = estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB, num_gpus=8, zero=1))
+    sharded = estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB, num_gpus=8, zero=3))
+    info = arch_info(LLAMA_8B)
+    gathered = 2 * info.largest_layer_params * 2
+    unsharded_states = 16 * info.params
+    assert static_bytes(sharded) - gathered == pytest.approx(unsharded_states / 8, rel=1e-3)
+    assert static_bytes(sharded) < static_bytes(single)
+
+
+def test_lora_params_match_peft_on_a_real_model(tiny_model_dir):
+    from memfit.precision import resolve_precision
+    from memfit.train.model import load_model
+
+    for targets, layers in (("all-linear", None), ("q_proj,v_proj", 2)):
+        config = TrainConfig(method="lora", lora_rank=8, lora_targets=targets, lora_layers=layers, dtype="fp32")
+        model = load_model(tiny_model_dir, config, resolve_precision("fp32", "cpu"))
+        real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        hf_config = resolve_model(str(tiny_model_dir)).config
+        estimate = estimate_memory(hf_config, config, Hardware("cpu", 8 * GB))
+        assert estimate.trainable_params == real
+
+
+def test_qlora_weights_near_half_a_byte_for_linear_layers():
+    config = TrainConfig(method="qlora", seq_len=256)
+    estimate = estimate_memory(LLAMA_8B, config, Hardware("cuda", 24 * GB))
+    info = arch_info(LLAMA_8B)
+    not_quantized = (info.params - info.linear_weight_params) * 4  # kbit prep casts these to fp32
+    per_linear_weight = (estimate.breakdown["weights"] - not_quantized) / info.linear_weight_params
+    assert 0.5 < per_linear_weight < 0.53
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("adamw", 2 * 4 * 4096), ("sgd", 0), ("adafactor", (64 + 64) * 4), ("adamw8bit", 2 * (4096 + 16 * 4)),
+])
+def test_optimizer_state_bytes(name, expected):
+    assert optimizer_state_bytes(name, [(64, 64)], 4) == expected
+
+
+def test_activations_grow_with_batch_and_shrink_with_checkpointing():
+    hardware = Hardware("cuda", 80 * GB)
+    base = TrainConfig(method="lora", dtype="bf16", batch_size=1, seq_len=1024)
+    one = estimate_memory(LLAMA_8B, base, hardware)
+    two = estimate_memory(LLAMA_8B, base.model_copy(update={"batch_size": 2}), hardware)
+    checkpointed = estimate_memory(LLAMA_8B, base.model_copy(update={"grad_checkpointing": True}), hardware)
+    assert two.breakdown["activations"] == pytest.approx(2 * one.breakdown["activations"], rel=0.05)
+    assert checkpointed.breakdown["activations"] < one.breakdown["activations"] / 4
+    # Llama-3's 128k vocab: logits in bf16 + fp32 copy + gradient are at least 3 x 2-byte-equivalents.
+    assert one.breakdown["logits"] >= 1024 * 128256 * (2 + 4)
+
+
+def test_max_batch_size_is_the_largest_that_fits():
+    hardware = Hardware("cuda", 40 * GB)
+    config = TrainConfig(method="lora", dtype="bf16", seq_len=512, grad_checkpointing=True)
+    largest = max_batch_size(LLAMA_8B, config, hardware)
+    assert largest > 1
+    at = estimate_memory(LLAMA_8B, config.model_copy(update={"batch_size": largest}), hardware)
+    over = estimate_memory(LLAMA_8B, config.model_copy(update={"batch_size": largest + 1}), hardware)
+    assert at.fits and not over.fits
+
+
+def test_grad_accum_for_target_batch():
+    assert grad_accum_for(64, 4, 1) == 16
+    assert grad_accum_for(64, 4, 8) == 2
+    assert grad_accum_for(10, 4, 1) == 3
+
+
+def test_suggestions_when_it_does_not_fit():
+    hardware = Hardware("cuda", 16 * GB)
+    config = TrainConfig(method="lora", dtype="bf16", seq_len=2048)
+    estimate = estimate_memory(LLAMA_8B, config, hardware)
+    assert not estimate.fits
+    advice = suggestions(LLAMA_8B, config, hardware, estimate.total_bytes)
+    changes = [item.change for item in advice]
+    assert "--grad-checkpointing" in changes and "--method qlora" in changes
+    assert all(item.saving_bytes > 0 for item in advice)
+    assert [item.saving_bytes for item in advice] == sorted((item.saving_bytes for item in advice), reverse=True)
+
+
+def test_json_has_the_design_fields():
+    estimate = estimate_memory(LLAMA_8B, TrainConfig(method="qlora", seq_len=2048), Hardware("cuda", 24 * GB))
+    data = to_json(estimate, 0, 1, [])
+    for key in ("params", "trainable_params", "breakdown", "total_bytes", "device_memory_bytes", "fits",
+                "max_batch_size", "grad_accum", "notes"):
+        assert key in data
+    assert set(data["breakdown"]) == {"weights", "adapters", "gradients", "optimizer", "activations", "logits",
+                                      "runtime"}
+    assert data["total_bytes"] == sum(data["breakdown"].values())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma-2-2b", "phi-3-mini", "qwen2.5-0.5b", "mistral-7b"])
+def test_every_family_estimates(name):
+    hf_config = ARCHITECTURES[name].to_hf_config()
+    estimate = estimate_memory(hf_config, TrainConfig(method="lora", seq_len=256), Hardware("cuda", 80 * GB))
+    assert estimate.params == ARCHITECTURES[name].param_count
+    assert estimate.breakdown["activations"] > 0 and estimate.breakdown["logits"] > 0

@@ -1,0 +1,24 @@
+"""The estimator against measured reality: 3 real training steps in a child process, peak RSS from getrusage."""
+
+import pytest
+from transformers import AutoConfig
+
+from memfit.config import TrainConfig
+from memfit.estimate.measure import measure_in_child
+from memfit.estimate.memory import GB, Hardware, estimate_memory
+
+CASES = [
+    ("tiny_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256)),
+    ("smol_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256)),
+    ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256)),
+    ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True)),
+]
+
+
+@pytest.mark.parametrize("fixture, case", CASES)
+def test_estimate_within_15_percent_of_measured_peak(request, fixture, case):
+    model_dir = request.getfixturevalue(fixture)
+    measured = measure_in_child(model_dir, case, steps=3)["peak_rss_bytes"]
+    estimate = estimate_memory(AutoConfig.from_pretrained(model_dir), TrainConfig(**case), Hardware("cpu", 16 * GB))
+    error = (estimate.total_bytes - measured) / measured
+    assert abs(error) <= 0.15, f"estimate {estimate.total_bytes / 2**20:.0f} MB vs measured {measured / 2**20:.0f} MB"
