@@ -87,7 +87,13 @@ def build_config(training: dict[str, Any], config_file: Optional[Path]) -> Train
 
 
 def _gb(nbytes: float) -> str:
+    if abs(nbytes) < GB:
+        return f"{nbytes / 1024**2:,.0f} MB"
     return f"{nbytes / GB:,.2f} GB"
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
 
 
 def _print_json(data: Any) -> None:
@@ -221,7 +227,7 @@ def estimate(
 def _render_estimate(result, resolved, largest, grad_accum, target_batch, advice) -> None:
     config, hardware = result.config, result.hardware
     where = f"{hardware.device}" + (f" x{hardware.num_gpus}, ZeRO-{hardware.zero}" if hardware.num_gpus > 1 else "")
-    title = (f"{resolved.name} ({result.params / 1e9:.2f}B params, {resolved.source}) · {config.method} · "
+    title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
              f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
     table = Table(title=title)
     table.add_column("component")
