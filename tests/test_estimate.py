@@ -1,9 +1,7 @@
 """The estimator's arithmetic and solvers, on real architectures (meta device and fake tensors: no memory)."""
 
-import math
 
 import pytest
-import torch
 
 from memfit.config import TrainConfig
 from memfit.estimate.arch import arch_info

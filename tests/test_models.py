@@ -21,7 +21,6 @@ from memfit.models import (
     get_architecture,
     hf_hub_cache,
     init_model,
-    meta_param_count,
     resolve_model,
     train_tokenizer,
 )
@@ -91,11 +90,11 @@ def test_meta_param_count_matches_published(name):
     assert arch.param_count == PUBLISHED_PARAMS[name]
 
 
-def test_formula_matches_meta_for_every_builtin_and_alias():
+def test_param_count_matches_meta_for_every_builtin_and_alias():
     for arch in ARCHITECTURES.values():
-        assert arch.param_count == meta_param_count(arch.to_hf_config()), arch.name
+        assert arch.param_count == _meta_count_plain(arch.to_hf_config()), arch.name
     # dolphin adds two ChatML rows to embed_tokens and lm_head (untied).
-    dolphin = meta_param_count(ALIASES["dolphin-8b"].to_hf_config())
+    dolphin = _meta_count_plain(ALIASES["dolphin-8b"].to_hf_config())
     assert dolphin == PUBLISHED_PARAMS["llama-3.1-8b"] + 2 * 2 * 4096
 
 

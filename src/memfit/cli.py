@@ -14,14 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from memfit.config import TrainConfig, flag_name, load_yaml, make_config
+from memfit.config import GUARD_FIELDS, TrainConfig, flag_name, load_yaml, make_config
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
 console = Console()
 GB = 1024**3
-GUARD_FIELDS = {"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints"}
 
 
 # --- training flags, generated from TrainConfig ------------------------------------------------------------------
@@ -215,16 +214,17 @@ def estimate(
     resolved = resolve_model(model)
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
     largest = max_batch_size(resolved.config, config, hardware)
-    grad_accum = config.grad_accum
+    micro_batch, grad_accum = config.batch_size, config.grad_accum
     if target_batch:
-        grad_accum = grad_accum_for(target_batch, min(largest or 1, config.batch_size), hardware.num_gpus)
+        micro_batch = min(largest or 1, config.batch_size)
+        grad_accum = grad_accum_for(target_batch, micro_batch, hardware.num_gpus)
     advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
     if as_json:
         return _print_json(to_json(result, largest, grad_accum, advice))
-    _render_estimate(result, resolved, largest, grad_accum, target_batch, advice)
+    _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
 
 
-def _render_estimate(result, resolved, largest, grad_accum, target_batch, advice) -> None:
+def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice) -> None:
     config, hardware = result.config, result.hardware
     where = f"{hardware.device}" + (f" x{hardware.num_gpus}, ZeRO-{hardware.zero}" if hardware.num_gpus > 1 else "")
     title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
@@ -243,8 +243,7 @@ def _render_estimate(result, resolved, largest, grad_accum, target_batch, advice
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; largest batch that fits: {largest}")
     if target_batch:
-        micro = min(largest or 1, config.batch_size)
-        console.print(f"target batch {target_batch}: --batch-size {micro} --grad-accum {grad_accum}"
+        console.print(f"target batch {target_batch}: --batch-size {micro_batch} --grad-accum {grad_accum}"
                       f" × {hardware.num_gpus} device(s)")
     if result.host_offload_bytes:
         console.print(f"CPU RAM for offloaded states: {_gb(result.host_offload_bytes)}")

@@ -79,6 +79,10 @@ class TrainConfig(BaseModel):
             raise ValueError("--quant needs --method lora or qlora: quantized base weights cannot be fully trained")
         return self
 
+    def updated(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with `changes` applied (model_copy skips validation, so qlora would keep quant none)."""
+        return TrainConfig(**{**self.model_dump(), **changes})
+
     @property
     def effective_lora_alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
@@ -86,6 +90,10 @@ class TrainConfig(BaseModel):
     @property
     def uses_adapters(self) -> bool:
         return self.method in ("lora", "qlora")
+
+
+# Options only `train` takes (the memory guard and checkpoints); estimate and probe share the rest.
+GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints"})
 
 
 def flag_name(field_name: str) -> str:

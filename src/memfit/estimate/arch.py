@@ -21,6 +21,16 @@ def decoder_layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layer modules, in order (`model.layers.0`, `transformer.h.1`, ...)."""
+    layers = {}
+    for name, module in model.named_modules():
+        index = decoder_layer_index(name)
+        if index is not None and name.endswith(f".{index}"):
+            layers[index] = module
+    return [layers[index] for index in sorted(layers)]
+
+
 def is_adaptable_linear(module: torch.nn.Module) -> bool:
     """A linear layer that LoRA can adapt and bitsandbytes can quantize (nn.Linear, GPT-2's Conv1D, bnb layers)."""
     if isinstance(module, torch.nn.Linear):

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from memfit.config import TrainConfig
-from memfit.estimate.arch import ArchInfo, arch_info, build_meta_model
+from memfit.errors import UserError
+from memfit.estimate.arch import ArchInfo, arch_info, build_meta_model, decoder_layers
 from memfit.estimate.trace import TracePeak, fakeify_, trace_step
 from memfit.precision import Precision, resolve_precision
 
@@ -45,7 +46,6 @@ MPS_RUNTIME_BYTES = 256 * MB
 CUDA_ALLOCATOR_SLACK = 0.05
 # DeepSpeed ZeRO-3 keeps the layer being computed and the prefetched next one gathered.
 ZERO3_GATHERED_LAYERS = 2
-COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "runtime")
 TRACE_LAYERS = (2, 4)
 
 
@@ -136,7 +136,7 @@ def optimizer_state_bytes(name: str, shapes: list[tuple[int, ...]], state_bytes:
 # --- dynamic terms: traced --------------------------------------------------------------------------------------
 
 
-_TRACE_CACHE: dict[tuple, TracePeak] = {}
+_TRACE_CACHE: dict[tuple, dict[str, TracePeak]] = {}
 
 
 def _cut_config(hf_config, num_layers: int):
@@ -177,7 +177,7 @@ def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers:
     for param in model.parameters():
         param.requires_grad_(config.method == "full")
     head = model.get_output_embeddings()
-    last_layer = _decoder_layers(model)[-1]
+    last_layer = decoder_layers(model)[-1]
     if config.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.uses_adapters:
@@ -191,21 +191,10 @@ def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers:
     fake_mode = FakeTensorMode()
     fakeify_(model, fake_mode)
     text = cut.get_text_config() if hasattr(cut, "get_text_config") else cut
-    peaks = trace_step(model, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
+    peaks = trace_step(model, fake_mode, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
                        precision.autocast, head=head, last_layer=last_layer)
     _TRACE_CACHE[key] = peaks
     return peaks
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from memfit.estimate.arch import decoder_layer_index
-
-    layers = {}
-    for name, module in model.named_modules():
-        index = decoder_layer_index(name)
-        if index is not None and name.endswith(f".{index}"):
-            layers[index] = module
-    return [layers[index] for index in sorted(layers)]
 
 
 def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision,
@@ -255,14 +244,12 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     info = arch_info(hf_config)
     notes: list[str] = []
     shards = max(1, hardware.num_gpus)
-    zero = hardware.zero if shards > 1 or hardware.zero else 0
+    zero = hardware.zero
 
     shapes = trainable_shapes(info, config)
     trainable = sum(math.prod(shape) for shape in shapes)
     weights = weight_bytes(info, config, precision)
-    adapters = trainable * (precision.trainable_bytes if config.uses_adapters else 0)
-    if config.uses_adapters and not precision.autocast and precision.name == "fp32":
-        adapters = trainable * 4
+    adapters = trainable * precision.trainable_bytes if config.uses_adapters else 0
     state_bytes = precision.trainable_bytes
     optimizer = optimizer_state_bytes(config.optimizer, shapes, state_bytes)
     gradients = trainable * precision.trainable_bytes
@@ -374,10 +361,6 @@ class Suggestion:
     total_bytes: int  # per device with that change
     saving_bytes: int
 
-    @property
-    def fits_in(self) -> bool:
-        return self.saving_bytes > 0
-
 
 def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_total: int) -> list[Suggestion]:
     """What to change when a configuration does not fit, each with what it saves (largest saving first)."""
@@ -416,9 +399,8 @@ def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_tota
     result = []
     for change, why, update, option_hardware in options:
         try:
-            changed = config.model_copy(update=update)
-            total = estimate_memory(hf_config, TrainConfig(**changed.model_dump()), option_hardware).total_bytes
-        except Exception:  # an option that does not apply to this model (e.g. no linear layer to quantize)
+            total = estimate_memory(hf_config, config.updated(**update), option_hardware).total_bytes
+        except (ValueError, UserError):  # an option that does not apply to this model or config
             continue
         result.append(Suggestion(change, why, total, current_total - total))
     return sorted((item for item in result if item.saving_bytes > 0), key=lambda item: -item.saving_bytes)

@@ -22,9 +22,7 @@ def recommend(config: TrainConfig, hardware: Hardware) -> dict[str, Any]:
         hf_config = arch.to_hf_config()
         row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
         for method in METHODS:
-            method_config = config.model_copy(update={"method": method, "quant": "4" if method == "qlora" else
-                                                      "none"})
-            method_config = TrainConfig(**method_config.model_dump())
+            method_config = config.updated(method=method, quant="4" if method == "qlora" else "none")
             result = estimate_memory(hf_config, method_config, hardware, model_name=name)
             precision = result.precision
             fits = result.fits

@@ -77,7 +77,6 @@ class _LiveBytes(TorchDispatchMode):
             self.peaks[self.phase] = (self.live_bytes, self.live_logits, sizes)
         return out
 
-
     def _accumulate_in_place(self, args) -> None:
         """Summing two gradients of one parameter (tied embeddings; accumulation into `.grad`) happens in place in
         the autograd engine, which steals the buffer; under any Python dispatch mode it becomes an out-of-place add
@@ -89,14 +88,13 @@ class _LiveBytes(TorchDispatchMode):
         if (tuple(tensors[0].shape), tensors[0].dtype) not in self.param_signatures:
             return
         # The engine only adds into a buffer it can steal: contiguous (a transposed mm gradient is not).
-        for tensor in tensors[:1]:
-            key = StorageWeakRef(tensor.untyped_storage()).cdata
-            if tensor.is_contiguous() and key in self.live and self.live[key][1]:
-                ref, nbytes, is_logits, serial = self.live[key]
-                self.live[key] = (ref, 0, is_logits, serial)
-                self.live_bytes -= nbytes
-                self.live_logits -= nbytes if is_logits else 0
-                return
+        buffer = tensors[0]
+        key = StorageWeakRef(buffer.untyped_storage()).cdata
+        if buffer.is_contiguous() and key in self.live and self.live[key][1]:
+            ref, nbytes, is_logits, serial = self.live[key]
+            self.live[key] = (ref, 0, is_logits, serial)
+            self.live_bytes -= nbytes
+            self.live_logits -= nbytes if is_logits else 0
 
 
 def fakeify_(model: torch.nn.Module, fake_mode) -> None:
@@ -120,20 +118,17 @@ def fakeify_(model: torch.nn.Module, fake_mode) -> None:
 PHASES = ("forward", "head", "backward")
 
 
-def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size: int,
+def trace_step(model: torch.nn.Module, fake_mode, batch_size: int, seq_len: int, vocab_size: int,
                compute_dtype: torch.dtype, autocast: bool, head: torch.nn.Module,
                last_layer: torch.nn.Module) -> dict[str, TracePeak]:
-    """Trace one micro-step of `model` (already fakeified by `fakeify_`): the peak live bytes of each phase.
+    """Trace one micro-step of `model` (fakeified by `fakeify_` in `fake_mode`): the peak live bytes of each phase.
 
     Phases: "forward" until `head` (the lm_head) runs, "head" (logits, loss, and their backward) until the gradient
     reaches `last_layer`'s output, then "backward" through the decoder layers. Within a phase the peak sits at the
     same place whatever the depth, so each phase can be extrapolated over the number of layers on its own.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from memfit.train.losses import causal_lm_loss
 
-    fake_mode = _fake_mode_of(model) or FakeTensorMode()
     ignored = {StorageWeakRef(t.untyped_storage()).cdata for t in list(model.parameters()) + list(model.buffers())}
     tracker = _LiveBytes(ignored, vocab_size, list(model.parameters()))
 
@@ -172,11 +167,3 @@ def trace_step(model: torch.nn.Module, batch_size: int, seq_len: int, vocab_size
         result[phase] = TracePeak(activations=peak - logits - gradients, logits=logits, gradients=gradients)
     return result
 
-
-def _fake_mode_of(model: torch.nn.Module):
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    for param in model.parameters():
-        if isinstance(param.data, FakeTensor):
-            return param.data.fake_mode
-    return None

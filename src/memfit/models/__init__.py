@@ -1,6 +1,6 @@
 """Models: built-in architectures and aliases, `--model` resolution, and random-init models for demos/tests."""
 
-from memfit.models.init_model import DTYPES, init_model, meta_param_count
+from memfit.models.init_model import DTYPES, init_model
 from memfit.models.registry import (
     ALIASES,
     ARCHITECTURES,
@@ -30,7 +30,6 @@ __all__ = [
     "hf_hub_cache",
     "init_model",
     "load_config",
-    "meta_param_count",
     "resolve_model",
     "train_tokenizer",
 ]

@@ -10,30 +10,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from memfit.errors import UserError
+from memfit.estimate.arch import arch_info
 from memfit.models.registry import SMALL_PRESET_MAX_PARAMS, get_architecture
 from memfit.models.tokenizer import IM_END, train_tokenizer
 
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
-
 DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
 INIT_MARKER = "memfit-init.json"  # records that the weights are random, and from which preset/seed
-
-
-def meta_param_count(config: PretrainedConfig) -> int:
-    """Exact parameter count of the causal-LM for `config`, built on the meta device (no memory used)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    # accelerate's meta init replaces parameters one by one, which unties tied embeddings; re-tie so that
-    # parameters() (which dedups shared tensors) counts them once, as a real model has them.
-    model.tie_weights()
-    return sum(p.numel() for p in model.parameters())
 
 
 def _dtype_kwarg(torch_dtype: object) -> dict[str, object]:
@@ -84,7 +68,7 @@ def init_model(
     )
     torch_name, bytes_per_param = DTYPES[dtype]
 
-    params = meta_param_count(config)
+    params = arch_info(config).params
     size_gb = params * bytes_per_param / 1e9
     if params > SMALL_PRESET_MAX_PARAMS and not force:
         layers = config.num_hidden_layers

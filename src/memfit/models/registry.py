@@ -98,23 +98,10 @@ class Architecture:
 
     @property
     def param_count(self) -> int:
-        """Parameters from the shapes alone; equals the meta-device count for every built-in (tested)."""
-        h, v, n = self.hidden_size, self.vocab_size, self.num_layers
-        if self.model_type == "gpt2":
-            # token + position embeddings; per layer: 2 LayerNorms, c_attn, c_proj, c_fc, mlp c_proj (all biased).
-            layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h)
-            layer += (h * self.intermediate_size + self.intermediate_size) + (self.intermediate_size * h + h)
-            total = v * h + self.max_position_embeddings * h + n * layer + 2 * h
-            return total if self.tie_embeddings else total + v * h
-        hd = self.effective_head_dim
-        q, kv = self.num_heads * hd, self.num_kv_heads * hd
-        attn = h * q + 2 * h * kv + q * h
-        if self.model_type == "qwen2" or self.extra.get("attention_bias"):
-            attn += q + 2 * kv + (h if self.extra.get("attention_bias") else 0)
-        mlp = 3 * h * self.intermediate_size  # gated MLP: gate, up, down
-        norms = (4 if self.model_type == "gemma2" else 2) * h
-        total = v * h + n * (attn + mlp + norms) + h
-        return total if self.tie_embeddings else total + v * h
+        """Exact parameters, counted on the meta device (memfit.estimate.arch; cached per config)."""
+        from memfit.estimate.arch import arch_info
+
+        return arch_info(self.to_hf_config()).params
 
     @property
     def size_label(self) -> str:
