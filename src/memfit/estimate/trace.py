@@ -46,6 +46,7 @@ class _LiveBytes(TorchDispatchMode):
         # storage pointer -> (weak ref, bytes, is_logits, serial); pointers are reused after a free, serials not.
         self.live: dict[int, tuple[StorageWeakRef, int, bool, int]] = {}
         self.serial = 0
+        self.cast_serials: set[int] = set()  # storages made by a dtype cast (autocast's weight-gradient casts)
         self.live_bytes = 0
         self.live_logits = 0
         self.phase = "forward"
@@ -66,6 +67,8 @@ class _LiveBytes(TorchDispatchMode):
             is_logits = tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size
             self.serial += 1
             self.live[ref.cdata] = (ref, storage.nbytes(), is_logits, self.serial)
+            if func is torch.ops.aten._to_copy.default:
+                self.cast_serials.add(self.serial)
             self.live_bytes += storage.nbytes()
             self.live_logits += storage.nbytes() if is_logits else 0
         for key in [key for key, entry in self.live.items() if entry[0].expired()]:
@@ -78,19 +81,18 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
     def _accumulate_in_place(self, args) -> None:
-        """Summing two gradients of one parameter (tied embeddings; accumulation into `.grad`) happens in place in
-        the autograd engine, which steals the buffer; under any Python dispatch mode it becomes an out-of-place add
-        (measured: +1 vocab x hidden fp32 tensor). Hand the first operand's bytes over to the sum, so the trace
-        counts what a real run allocates."""
+        """Summing two gradients of one parameter (tied embeddings) under autocast happens in place in the autograd
+        engine, which steals the fp32 buffer that the cast's backward made; under any Python dispatch mode it becomes
+        an out-of-place add (measured: +1 vocab x hidden fp32 tensor). Hand that buffer's bytes over to the sum, so
+        the trace counts what a real run allocates. Without autocast the real run adds out of place too (measured:
+        same peak with and without a mode), so nothing is handed over."""
         tensors = [arg for arg in args[:2] if isinstance(arg, torch.Tensor)]
         if len(tensors) != 2 or tensors[0].shape != tensors[1].shape or tensors[0].dtype != tensors[1].dtype:
             return
         if (tuple(tensors[0].shape), tensors[0].dtype) not in self.param_signatures:
             return
-        # The engine only adds into a buffer it can steal: contiguous (a transposed mm gradient is not).
-        buffer = tensors[0]
-        key = StorageWeakRef(buffer.untyped_storage()).cdata
-        if buffer.is_contiguous() and key in self.live and self.live[key][1]:
+        key = StorageWeakRef(tensors[0].untyped_storage()).cdata
+        if key in self.live and self.live[key][1] and self.live[key][3] in self.cast_serials:
             ref, nbytes, is_logits, serial = self.live[key]
             self.live[key] = (ref, 0, is_logits, serial)
             self.live_bytes -= nbytes
