@@ -149,3 +149,19 @@ def detect() -> SystemInfo:
         mps_available=mps,
         bf16_cpu=_cpu_supports_bf16(),
     )
+
+
+def mapped_file_bytes() -> int | None:
+    """This process's file-backed resident memory (shared libraries, mapped files): RssFile on Linux, else None.
+
+    It counts in RSS but depends on the page cache: the same libraries map 1.5-1.9x more pages right after they
+    were installed (fresh files sit in the cache in large folios) than once the cache has aged.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -19,6 +19,7 @@ the step holds above them at its highest point.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +35,16 @@ from memfit.precision import Precision, resolve_precision
 GB = 1024**3
 MB = 1024**2
 
-# Measured on Linux x86_64, torch 2.13 CPU, transformers 5.23 (docs/benchmarks.md): RSS of a training process with
-# torch, transformers, PEFT and the model code imported and one step run, before any model memory.
-CPU_PROCESS_BASELINE_BYTES = 370 * MB
-# PEFT imports bitsandbytes, whose native library and CPU kernels add to the baseline (measured: 60 MB).
-CPU_PEFT_IMPORT_BYTES = 60 * MB
+# CPU runtime = a process's anonymous baseline + its file-backed pages (libraries), measured on Linux x86_64, torch
+# 2.13 CPU, transformers 5.23 (docs/benchmarks.md). Anonymous: Python, torch, transformers and the model code
+# imported and one step run, before any model memory. PEFT's import (and the bitsandbytes it loads) adds to it.
+CPU_PROCESS_ANON_BYTES = 244 * MB
+CPU_PEFT_IMPORT_BYTES = 82 * MB
+# File-backed pages vary with the page cache (more right after an install), so they are read from this process,
+# which maps the same libraries; a training process touches more of them: 1.33x (measured in a fresh and an aged
+# venv: this process 97 vs 145 MB, the training child +64 MB). Where /proc is absent, the aged-venv reading.
+CPU_FILE_PAGES_RATIO = 1.33
+CPU_FILE_PAGES_FALLBACK_BYTES = 97 * MB
 # CUDA context with cuBLAS/cuDNN handles and workspaces (published figures for recent drivers: 0.3-0.6 GB).
 CUDA_CONTEXT_BYTES = 512 * MB
 MPS_RUNTIME_BYTES = 256 * MB
@@ -230,12 +236,22 @@ def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Prec
 # --- putting it together ------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _cpu_file_pages_bytes() -> int:
+    """Read once per process: the estimate must not drift between the calls of one batch solve."""
+    from memfit.system import mapped_file_bytes
+
+    own = mapped_file_bytes()
+    return int(CPU_FILE_PAGES_RATIO * (own if own is not None else CPU_FILE_PAGES_FALLBACK_BYTES))
+
+
 def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) -> int:
     if hardware.device == "cuda":
         return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
     if hardware.device == "mps":
         return MPS_RUNTIME_BYTES
-    return CPU_PROCESS_BASELINE_BYTES + (CPU_PEFT_IMPORT_BYTES if config.uses_adapters else 0)
+    peft = CPU_PEFT_IMPORT_BYTES if config.uses_adapters else 0
+    return CPU_PROCESS_ANON_BYTES + peft + _cpu_file_pages_bytes()
 
 
 def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_name: str = "model") -> Estimate:
@@ -318,7 +334,8 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     if config.uses_adapters and config.quant == "4":
         notes.append("4-bit nf4 base with double quantization; embeddings, norms and lm_head in fp32 (kbit prep)")
     if hardware.device == "cpu":
-        notes.append("CPU: memory is process RSS; runtime is the measured Python+torch process baseline")
+        notes.append("CPU: memory is process RSS; runtime is the Python+torch process baseline (measured anonymous "
+                     "memory + the shared-library pages this machine maps)")
 
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=activations, logits=logits, runtime=int(runtime))
