@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/memfit system
-	$(BIN)/memfit estimate --model llama-3.1-8b --method qlora --seq-len 2048 --batch-size 1 --memory-gb 24
+	$(BIN)/memfit estimate --model llama-3.1-8b --method qlora --seq-len 2048 --batch-size 1 --memory-gb 24 --device cuda
 	$(BIN)/memfit estimate --model tiny --method lora --device cpu
 
 test: $(STAMP)

@@ -128,7 +128,7 @@ def make_config(**values: Any) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as error:
-        raise UserError(_explain(error), hint="see `memfit train --help` for allowed values") from None
+        raise UserError(_explain(error), hint="see the command's --help for allowed values") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
