@@ -72,15 +72,26 @@ def training_flags(include_guard: bool = False):
     return decorate
 
 
-def build_config(training: dict[str, Any], config_file: Optional[Path]) -> TrainConfig:
+# Keys a -c config file may hold besides the TrainConfig fields (the commands' own options).
+JOB_KEYS = {"model", "data", "val_data", "output_dir", "device", "memory_gb", "num_gpus", "zero", "offload",
+            "target_batch"}
+
+
+def read_config_file(config_file: Optional[Path]) -> dict[str, Any]:
     values: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    unknown = sorted(set(values) - set(TrainConfig.model_fields) - {"model", "data", "output_dir", "device",
-                                                                       "memory_gb", "num_gpus", "zero", "offload",
-                                                                       "target_batch"})
+    unknown = sorted(set(values) - set(TrainConfig.model_fields) - JOB_KEYS)
     if unknown:
         raise UserError(f"{config_file}: unknown key {unknown[0]!r}",
                         hint="keys are the flag names with _ (see --help)")
-    values = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
+    return values
+
+
+def build_config(training: dict[str, Any], config_file: Optional[Path],
+                 base: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """Config from, by rising priority: `base` (a checkpoint's config), the -c file, the flags given."""
+    values = dict(base or {})
+    values.update({key: value for key, value in read_config_file(config_file).items()
+                   if key in TrainConfig.model_fields})
     values.update(training)
     return make_config(**values)
 
@@ -314,11 +325,124 @@ def init_model_command(
     console.print(f"wrote {preset} ({dtype}) to {path}")
 
 
+def _run_training(job, config: TrainConfig) -> None:
+    from memfit.render import TrainRenderer
+    from memfit.train import train as train_run
+
+    renderer = TrainRenderer(console)
+    try:
+        result = train_run(job, config, on_event=renderer)
+    finally:
+        renderer.close()
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@training_flags(include_guard=True)
+def train(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="local dir, HF id in the HF cache, or alias"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="training JSONL: text, prompt+completion or messages"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run directory to create"),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="validation JSONL (see --eval-every)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue from a checkpoint: a checkpoints/step-N dir, a run dir, or alone for the "
+        "newest good checkpoint of --output-dir; the checkpoint's model, data and config are the defaults"),
+    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
+    training: dict = None,
+):
+    """Fine-tune with LoRA, QLoRA or full training, guarded against running out of memory."""
+    from memfit.train import TrainJob
+    from memfit.train.checkpoint import open_checkpoint
+
+    if device is not None and device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    file_values = read_config_file(config_file)
+    checkpoint, saved = None, {}
+    if resume is not None:
+        if resume == _RESUME_LATEST:
+            run_dir = output_dir or file_values.get("output_dir")
+            if run_dir is None:
+                raise UserError("--resume without a directory needs --output-dir (the run to continue)",
+                                hint="or pass --resume RUN_DIR/checkpoints/step-N")
+            checkpoint = open_checkpoint(Path(run_dir))
+        else:
+            checkpoint = open_checkpoint(Path(resume))
+        saved = checkpoint.meta
+    config = build_config(training, config_file, base=saved.get("config"))
+
+    def pick(flag_value, key):
+        value = flag_value if flag_value is not None else file_values.get(key, saved.get(key))
+        return value
+
+    job_model, job_data, job_out = pick(model, "model"), pick(data, "data"), pick(output_dir, "output_dir")
+    for value, flag in ((job_model, "--model"), (job_data, "--data"), (job_out, "--output-dir")):
+        if value is None:
+            raise UserError(f"missing {flag}", hint="see memfit train --help (or use -c CONFIG.yaml)")
+    job_val = pick(val_data, "val_data")
+    if config.eval_every and job_val is None:
+        raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
+    job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
+                   val_data=Path(job_val) if job_val else None, device=device or file_values.get("device"),
+                   resume=checkpoint, force=force)
+    _run_training(job, config)
+
+
+# The demo: a tiny llama, LoRA, the built-in dataset, about a minute on 2 CPU cores.
+DEMO_DEFAULTS = dict(method="lora", lora_rank=16, seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5,
+                     max_steps=60, memory_report_interval=30, save_every=20, seed=0)
+
+
+@app.command()
+@training_flags(include_guard=True)
+def demo(
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run dir (default runs/demo-<time>)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
+    training: dict = None,
+):
+    """Train the built-in tiny model on the built-in dataset, guard on, in about a minute."""
+    import time
+    from importlib import resources
+
+    from memfit.models import init_model
+    from memfit.paths import cache_dir
+    from memfit.train import TrainJob
+
+    model_dir = cache_dir() / "models" / "tiny"
+    if not (model_dir / "config.json").exists():
+        console.print(f"building the tiny demo model in {model_dir} (memfit init-model --preset tiny)")
+        init_model("tiny", model_dir)
+    config = make_config(**{**DEMO_DEFAULTS, **training})
+    output_dir = output_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    with resources.as_file(resources.files("memfit").joinpath("data/demo.jsonl")) as data:
+        console.print(f"demo: LoRA on {model_dir} with {data.name} ({config.loss} loss), run dir {output_dir}")
+        _run_training(TrainJob(model=str(model_dir), data=data, output_dir=output_dir, device=device), config)
+
+
+_RESUME_LATEST = "latest"
+
+
+def _expand_bare_resume(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (the newest checkpoint of --output-dir): give it a value click can parse."""
+    expanded = []
+    for index, arg in enumerate(argv):
+        expanded.append(arg)
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg == "--resume" and (following is None or following.startswith("-")):
+            expanded.append(_RESUME_LATEST)
+    return expanded
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
     _quiet_libraries()
+    argv = _expand_bare_resume(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns a command's typer.Exit code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int):
+            return code
     except UserError as error:
         sys.stderr.write(f"memfit: error: {error.one_line()}\n")
         return error.exit_code

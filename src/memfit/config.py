@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
     memory_report_interval: int = Field(100, ge=1, description="full memory report every N steps")
     save_every: int = Field(200, ge=1, description="checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk")
+    memory_sample_interval: float = Field(
+        0.1, ge=0, le=60, description="seconds between background memory reads (0: only at step ends)"
+    )
+    eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (with --val-data)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -92,8 +96,9 @@ class TrainConfig(BaseModel):
         return self.method in ("lora", "qlora")
 
 
-# Options only `train` takes (the memory guard and checkpoints); estimate and probe share the rest.
-GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints"})
+# Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.
+GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints",
+                          "memory_sample_interval", "eval_every"})
 
 
 def flag_name(field_name: str) -> str:

@@ -1,0 +1,234 @@
+"""Checkpoints: written under a temporary name and renamed when complete, verified by checksum when read.
+
+Layout of `OUTPUT_DIR/checkpoints/step-N/`:
+- `trainable.safetensors`  the trained tensors (LoRA adapters, or every weight for a full fine-tune);
+- `optimizer.pt`, `scheduler.pt`  their `state_dict()`s (plain tensors and numbers: loadable with weights_only);
+- `rng.json`                python, numpy and torch RNG states;
+- `trainer_state.json`      step, data position, micro-batch and accumulation, recent losses;
+- `meta.json`               written last: what the run was (config, model, data) and a sha256 per file.
+A directory without a valid `meta.json`, or whose files do not match their checksums, is never resumed from.
+
+Memory: a checkpoint taken because memory is at the limit must not need much memory itself. safetensors (>= 0.7)
+writes each tensor from its own storage and torch.save streams storages one by one, so neither builds a second copy
+of the state in memory; checksums are computed afterwards by reading the files back in 8 MB chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from memfit import faults
+from memfit.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+FORMAT_VERSION = 1
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+    @property
+    def trainer_state(self) -> dict[str, Any]:
+        return json.loads((self.path / "trainer_state.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(8 * 1024**2):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2, default=str)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [list(part) if isinstance(part, tuple) else part for part in random.getstate()],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint must hold: the ones training changes (contiguous, as safetensors requires)."""
+    return {name: param.detach().contiguous() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
+                    trainer_state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+    """Write `checkpoints/step-N` atomically, then drop all but the newest `keep`. Returns its path."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    if final.exists() and load_checkpoint_meta(final) is not None:
+        return final  # this step is already saved (e.g. a periodic save just before a stop)
+    partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save_file(trainable_state(model), str(partial / "trainable.safetensors"), metadata={"step": str(step)})
+    faults.maybe_pause_save(step, partial)
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    _write_json(partial / "rng.json", rng_state())
+    _write_json(partial / "trainer_state.json", trainer_state)
+    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt"):
+        with open(partial / name, "rb+") as file:
+            os.fsync(file.fileno())
+    files = {path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
+             for path in sorted(partial.iterdir()) if path.is_file()}
+    _write_json(partial / "meta.json", {**meta, "format": FORMAT_VERSION, "step": step,
+                                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files})
+    _fsync_dir(partial)
+    if final.exists():  # a damaged directory of the same name: replace it
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    _fsync_dir(root)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def load_checkpoint_meta(path: Path) -> dict[str, Any] | None:
+    """meta.json of a complete checkpoint, or None when it is missing or unreadable (an unfinished write)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "files" in meta and "step" in meta else None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches its checksum, else what is wrong (one line)."""
+    meta = load_checkpoint_meta(path)
+    if meta is None:
+        return "no valid meta.json (the write did not finish)"
+    for name, facts in meta["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != facts["bytes"] or _sha256(file) != facts["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete-looking `step-N` directories, oldest first (temporary directories are never listed)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith("step-") and path.name[5:].isdigit():
+            found.append((int(path.name[5:]), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path, skipped: list[str] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported in `skipped` and passed over."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            meta = load_checkpoint_meta(path)
+            return Checkpoint(path, int(meta["step"]), meta)
+        if skipped is not None:
+            skipped.append(f"{path}: {problem}")
+    return None
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint given by the user: verified, or a UserError saying why not."""
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist", hint="pass a checkpoints/step-N dir or a run dir")
+    if (path / CHECKPOINTS).is_dir():  # a run directory: its newest good checkpoint
+        skipped: list[str] = []
+        found = latest_checkpoint(path, skipped)
+        if found is None:
+            raise UserError(f"no usable checkpoint in {path / CHECKPOINTS}",
+                            hint="; ".join(skipped) or "train without --resume to start over")
+        return found
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} cannot be resumed: {problem}",
+                        hint="resume from an earlier checkpoints/step-N, or the run dir to pick the newest good one")
+    meta = load_checkpoint_meta(path)
+    return Checkpoint(path, int(meta["step"]), meta)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Leftovers of writes that were killed; returned so the caller can say what it cleaned."""
+    root = run_dir / CHECKPOINTS
+    removed = [path for path in root.glob(f"{_TMP_PREFIX}*")] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Load a verified checkpoint's tensors and states in place; returns its trainer state."""
+    tensors = load_file(str(checkpoint.path / "trainable.safetensors"))
+    expected = set(trainable_state(model))
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors))[:3]
+        raise UserError(f"checkpoint {checkpoint.path} does not match this model (e.g. {missing or sorted(tensors)[:3]})",
+                        hint="resume with the same --model, --method and LoRA settings")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint.path / "scheduler.pt", weights_only=True))
+    set_rng_state(json.loads((checkpoint.path / "rng.json").read_text()))
+    return checkpoint.trainer_state

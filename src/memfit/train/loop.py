@@ -1,0 +1,493 @@
+"""The training loop: accelerate for precision, accumulation and (later) many processes; the guard around it.
+
+One optimizer step takes `batch_size x grad_accum` rows from the data stream (epoch orders back to back), split
+into micro-batches of `batch_size`. Safe points, where a stop (memory limit, SIGINT/SIGTERM) is honoured, are
+before every micro-batch and at every step end; a step cut short is thrown away (its gradients dropped) and the
+checkpoint holds the last finished step, so resuming redoes exactly that step.
+
+Out-of-memory recovery: a step that raises OOM is retried on the same rows with the micro-batch halved (so twice
+as many micro-batches, the same effective batch and, by memfit.train.objective's weighting, the same gradient).
+When micro-batch 1 fails too, the run checkpoints and exits 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from memfit import faults
+from memfit.allocator import fix_mmap_threshold
+from memfit.config import GUARD_FIELDS, TrainConfig
+from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, UserError
+from memfit.train import checkpoint as ckpt
+from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
+                                 RunEnded, RunStarted, StepEnd)
+from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions
+
+# Options that may change on resume without breaking exactness (the micro-batch split may change too, as long as
+# batch_size x grad_accum stays the same: the step's objective does not depend on it).
+RESUME_FREE_FIELDS = GUARD_FIELDS | {"batch_size", "grad_accum", "attn_implementation"}
+
+
+@dataclass
+class TrainJob:
+    """What to train on, besides the config."""
+
+    model: str
+    data: Path
+    output_dir: Path
+    val_data: Path | None = None
+    device: str | None = None
+    resume: ckpt.Checkpoint | None = None
+    force: bool = False  # resume even when the config changed in a way that breaks exactness
+
+
+@dataclass
+class TrainResult:
+    status: str  # done | guard_stop | oom | interrupted
+    exit_code: int
+    step: int
+    total_steps: int
+    run_dir: Path
+    checkpoint: Path | None = None
+    final_dir: Path | None = None
+    resume_command: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class _StepAborted(Exception):
+    """A stop was requested between micro-batches: the step is dropped, the checkpoint holds the one before."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(8 * 1024**2):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Differences between a checkpoint's config and this one that would make the resumed run differ from an
+    uninterrupted one."""
+    now = config.model_dump()
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {now[key]!r}"
+               for key in now if key not in RESUME_FREE_FIELDS and saved.get(key) != now[key]]
+    if saved.get("batch_size", 1) * saved.get("grad_accum", 1) != config.batch_size * config.grad_accum:
+        changed.append(f"effective batch {saved.get('batch_size', 1) * saved.get('grad_accum', 1)} -> "
+                       f"{config.batch_size * config.grad_accum} (batch-size x grad-accum)")
+    return changed
+
+
+class Trainer:
+    def __init__(self, job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
+        self.job, self.config = job, config
+        self.sinks = [on_event] if on_event else []
+        self.interrupted: str | None = None
+        self.recoveries = 0
+        self.recent_losses: list[float] = []
+        self.step_times: list[float] = []
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+        from memfit.data import build_dataset
+        from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env
+        from memfit.models import resolve_model
+        from memfit.precision import resolve_precision
+        from memfit.train.model import load_model
+        from memfit.train.optim import build_optimizer
+
+        job, config = self.job, self.config
+        self.device = job.device or default_device()
+        if self.device == "cuda":
+            cuda_alloc_conf_env()  # before the first CUDA allocation, or the allocator ignores it
+        fix_mmap_threshold()
+        if job.resume is None:
+            check_fresh_output_dir(job.output_dir)
+        else:
+            conflicts = resume_conflicts(job.resume.meta.get("config", {}), config)
+            if conflicts and not job.force:
+                raise UserError(f"resuming {job.resume.path} with a changed config breaks exactness: "
+                                f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
+        self.precision = resolve_precision(config.dtype, self.device)
+        self.resolved = resolve_model(job.model)
+        model_dir = self.resolved.require_weights()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        # Every line is validated and tokenized before the model is loaded: bad data fails in seconds.
+        distrust = config.loss == "distrust"
+        self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
+        self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
+                            if job.val_data else None)
+        self.data_sha256 = file_sha256(Path(job.data))
+        if job.resume is not None and job.resume.meta.get("data_sha256") not in (None, self.data_sha256) \
+                and not job.force:
+            raise UserError(f"{job.data} changed since checkpoint {job.resume.path} was written",
+                            hint="resume with the same data file, or add --force")
+        self.emit(Notice(f"data: {self.dataset.stats.summary()}"))
+        if self.val_dataset:
+            self.emit(Notice(f"validation: {self.val_dataset.stats.summary()}"))
+
+        self.run_dir = RunDir(job.output_dir)
+        self.sinks.insert(0, self.run_dir)
+        for path in ckpt.remove_partial_checkpoints(job.output_dir):
+            self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
+
+        self.limit = choose_limit(config.max_memory, self.device)
+        self.emit(Notice(self.limit.describe()))
+        configure_cuda(self.limit)
+        self.guard = Guard(self.limit, threshold=config.memory_threshold, interval_s=config.memory_sample_interval)
+        self.guard.start()
+
+        self.effective_batch = config.batch_size * config.grad_accum
+        self.micro_batch = config.batch_size
+        rows = len(self.dataset.rows)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
+
+        set_seed(config.seed)
+        self.accelerator = Accelerator(mixed_precision=self.precision.accelerate_mixed_precision,
+                                       cpu=self.device == "cpu")
+        model = load_model(model_dir, config, self.precision, self.device)
+        model.train()
+        optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+
+        self.step, self.samples_seen = 0, 0
+        if job.resume is not None:
+            state = ckpt.restore(job.resume, model=self.accelerator.unwrap_model(self.model),
+                                 optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.samples_seen = state["step"], state["samples_seen"]
+            self.recoveries = state.get("oom_recoveries", 0)
+            self.recent_losses = state.get("recent_losses", [])
+            if config.batch_size * config.grad_accum == state.get("effective_batch") \
+                    and job.resume.meta["config"].get("batch_size") == config.batch_size:
+                self.micro_batch = state.get("micro_batch", config.batch_size)  # keep an OOM-reduced micro-batch
+            self.run_dir.truncate_metrics_after(self.step)
+            self.emit(Notice(f"resumed from {job.resume.path} at step {self.step} of {self.total_steps}"))
+        self._write_run_json(status="running")
+
+    def _estimate_bytes(self) -> int | None:
+        from memfit.estimate.memory import Hardware, estimate_memory
+
+        try:
+            hardware = Hardware(self.device, self.limit.limit_bytes, 1, 0, "none")
+            return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
+        except Exception:  # the estimate is context for the report; training does not depend on it
+            return None
+
+    def _write_run_json(self, **status: Any) -> None:
+        from memfit.system import detect
+
+        data = self.run_dir.read_run_json()
+        if "config" not in data:
+            self.estimate = self._estimate_bytes()
+            data.update({
+                "config": self.config.model_dump(), "model": self.job.model, "model_path": str(self.resolved.path),
+                "data": str(self.job.data), "data_sha256": self.data_sha256,
+                "val_data": str(self.job.val_data) if self.job.val_data else None,
+                "data_stats": vars(self.dataset.stats), "device": self.device, "precision": self.precision.name,
+                "versions": versions(), "hardware": detect().to_dict(),
+                "limit": {"bytes": self.limit.limit_bytes, "auto": self.limit.auto,
+                          "available_bytes": self.limit.available_bytes},
+                "estimate_bytes": self.estimate, "total_steps": self.total_steps,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            self.run_dir.write_config({"model": self.job.model, "data": str(self.job.data),
+                                       "output_dir": str(self.job.output_dir), **self.config.model_dump()})
+        else:
+            self.estimate = data.get("estimate_bytes")
+        data.update(status)
+        data["peak_watched_bytes"] = max(data.get("peak_watched_bytes") or 0, self.guard.peak_watched_bytes)
+        data["oom_recoveries"] = self.recoveries
+        self.run_dir.write_run_json(data)
+
+    # --- one optimizer step ------------------------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        return self.guard.stop_requested or self.interrupted is not None
+
+    def _train_step(self, rows_index: list[int], attempt: int) -> dict[str, Any]:
+        from memfit.data import collate
+        from memfit.train.losses import weighted_token_loss
+        from memfit.train.objective import step_objective, weights_tensor
+
+        rows = [self.dataset.rows[i] for i in rows_index]
+        objective = step_objective(rows, self.dataset.samples, self.config)
+        chunks = [range(i, min(i + self.micro_batch, len(rows))) for i in range(0, len(rows), self.micro_batch)]
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        tokens = 0
+        for number, chunk in enumerate(chunks):
+            if self._should_stop():
+                raise _StepAborted
+            faults.maybe_oom(self.step + 1, attempt)
+            batch = collate([rows[i] for i in chunk], self.dataset.samples, self.pad_id).to(self.accelerator.device)
+            weights = weights_tensor([objective.row_weights[i] for i in chunk], batch.input_ids.shape[1])
+            last = number == len(chunks) - 1
+            # no_sync: only the last micro-batch all-reduces gradients when there are many processes.
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = weighted_token_loss(logits, batch.labels, weights.to(logits.device))
+                del logits
+                self.accelerator.backward(loss)
+            loss_sum += loss.detach()
+            tokens += batch.num_tokens
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        faults.maybe_leak()
+        objective_loss = float(loss_sum)  # one host sync per step
+        ce = objective_loss
+        if self.config.loss == "distrust" and self.config.distrust_mode == "add":
+            objective_loss += objective.distrust_term
+        return {"loss": objective_loss, "ce": ce, "tokens": tokens, "micro_batches": len(chunks),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "distrust_term": objective.distrust_term}
+
+    def _run_step_with_recovery(self, rows_index: list[int]) -> dict[str, Any] | str:
+        """The step's stats, or "aborted" / "oom" when it could not finish."""
+        from memfit.guard import is_out_of_memory, release_memory
+
+        attempt = 0
+        while True:
+            failure = None
+            try:
+                return self._train_step(rows_index, attempt)
+            except _StepAborted:
+                failure = "aborted"
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+                if not is_out_of_memory(error):
+                    raise
+                failure = " ".join(str(error).split())[:200]
+            # Outside the except block: the traceback (and the activations its frames hold) is gone by now.
+            self.optimizer.zero_grad(set_to_none=True)
+            release_memory()
+            if failure == "aborted":
+                return "aborted"
+            if self.micro_batch == 1:
+                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch 1: {failure}", "warning"))
+                return "oom"
+            self.micro_batch = max(1, self.micro_batch // 2)
+            self.recoveries += 1
+            attempt += 1
+            accum = math.ceil(self.effective_batch / self.micro_batch)
+            self.emit(OomRecovered(self.step + 1, self.micro_batch, accum, self.recoveries,
+                                   f"out of memory at step {self.step + 1}: retrying the same {self.effective_batch} "
+                                   f"samples as {accum} micro-batches of {self.micro_batch} ({failure})"))
+
+    # --- checkpoints, evaluation, the end ----------------------------------------------------------------------
+
+    def save(self, reason: str) -> Path:
+        from memfit.guard import release_memory
+
+        release_memory()  # the save must fit under the limit too
+        started = time.perf_counter()
+        state = {"step": self.step, "samples_seen": self.samples_seen, "micro_batch": self.micro_batch,
+                 "grad_accum": math.ceil(self.effective_batch / self.micro_batch),
+                 "effective_batch": self.effective_batch, "oom_recoveries": self.recoveries,
+                 "recent_losses": self.recent_losses[-50:], "total_steps": self.total_steps}
+        meta = {"reason": reason, "config": self.config.model_dump(), "model": self.job.model,
+                "model_path": str(self.resolved.path), "data": str(Path(self.job.data).resolve()),
+                "data_sha256": self.data_sha256,
+                "val_data": str(Path(self.job.val_data).resolve()) if self.job.val_data else None,
+                "output_dir": str(Path(self.job.output_dir).resolve()), "versions": versions()}
+        path = ckpt.save_checkpoint(self.job.output_dir, self.step, model=self.accelerator.unwrap_model(self.model),
+                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                                    meta=meta, keep=self.config.keep_checkpoints)
+        self.last_checkpoint = path
+        self.emit(CheckpointSaved(self.step, path, reason, time.perf_counter() - started))
+        return path
+
+    def save_final(self) -> Path:
+        import os
+        import shutil
+
+        final = self.job.output_dir / FINAL
+        partial = self.job.output_dir / f".{FINAL}.tmp-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(str(partial), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(partial))
+        if final.exists():
+            old = self.job.output_dir / f".{FINAL}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(partial, final)
+        return final
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        from memfit.data import collate
+        from memfit.train.losses import per_sample_ce
+
+        rows = self.val_dataset.rows
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for start in range(0, len(rows), self.micro_batch):
+            batch = collate(rows[start:start + self.micro_batch], self.val_dataset.samples, self.pad_id)
+            batch = batch.to(self.accelerator.device)
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            per_sample, counts = per_sample_ce(logits, batch.labels)
+            loss_sum += float((per_sample * counts).sum())
+            count += int(counts.sum())
+            del logits
+        self.model.train()
+        val_loss = loss_sum / max(count, 1)
+        self.emit(EvalEnd(self.step, val_loss, math.exp(min(val_loss, 50.0)), count))
+
+    def memory_report_text(self, sample) -> str:
+        from memfit.guard import memory_report
+
+        return memory_report(sample, self.limit, self.config.memory_threshold, self.guard.peak_watched_bytes)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from memfit.data import step_rows
+
+        config = self.config
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in unwrapped.parameters())
+        self.emit(RunStarted(self.job.output_dir, self.step, self.total_steps, self.resolved.name, self.device,
+                             self.precision.name, trainable, total, self.limit.limit_bytes, self.estimate))
+        self.last_checkpoint = None
+        sample, events = self.guard.end_step(self.step)  # the model alone may already be over the limit
+        self._emit_guard(events)
+        status = "done"
+        while self.step < self.total_steps and not self._should_stop():
+            rows_index = step_rows(len(self.dataset.rows), config.seed, self.samples_seen, self.effective_batch)
+            started = time.perf_counter()
+            outcome = self._run_step_with_recovery(rows_index)
+            if outcome == "oom":
+                status = "oom"
+                break
+            if outcome == "aborted":
+                break
+            self.step += 1
+            self.samples_seen += self.effective_batch
+            elapsed = time.perf_counter() - started
+            self.guard.note_step_time(elapsed)
+            sample, events = self.guard.end_step(self.step)
+            self._emit_step(outcome, elapsed, sample)
+            self._emit_guard(events)
+            if self.val_dataset and config.eval_every and self.step % config.eval_every == 0:
+                self.evaluate()
+            if self.step % config.memory_report_interval == 0:
+                self.emit(MemoryReport(self.step, self.memory_report_text(sample)))
+            if self.step % config.save_every == 0 and self.step < self.total_steps:
+                self.save("periodic")
+        if status != "oom" and self.interrupted:
+            status = "interrupted"
+        elif status != "oom" and self.guard.stop_requested:
+            status = "guard_stop"
+        return self._finish(status)
+
+    def _emit_step(self, stats: dict[str, Any], elapsed: float, sample) -> None:
+        self.recent_losses = (self.recent_losses + [stats["loss"]])[-50:]
+        self.step_times = (self.step_times + [elapsed])[-20:]
+        # The first step of a process pays for warm-up; leave it out of the rate once there are others.
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        steps_per_s = len(times) / max(sum(times), 1e-9)
+        memory = {key: value for key, value in vars(sample).items() if key != "time" and value is not None}
+        window = self.recent_losses[-20:]
+        self.emit(StepEnd(
+            step=self.step, total_steps=self.total_steps, loss=stats["loss"], avg_loss=sum(window) / len(window),
+            ce=stats["ce"], lr=self.scheduler.get_last_lr()[0], grad_norm=stats["grad_norm"], tokens=stats["tokens"],
+            step_time_s=elapsed, tokens_per_s=stats["tokens"] / max(elapsed, 1e-9), steps_per_s=steps_per_s,
+            eta_s=(self.total_steps - self.step) / steps_per_s, micro_batch=self.micro_batch,
+            grad_accum=stats["micro_batches"], watched_bytes=self.guard.last_window_peak_bytes, memory=memory,
+            distrust_term=stats["distrust_term"]))
+
+    def _emit_guard(self, events) -> None:
+        for event in events:
+            self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
+
+    def _finish(self, status: str) -> TrainResult:
+        from memfit.guard import read_memory
+
+        final_dir = None
+        if status == "done":
+            if self.val_dataset and not (self.config.eval_every and self.step % self.config.eval_every == 0):
+                self.evaluate()
+            self.save("end")
+            final_dir = self.save_final()
+        else:
+            self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted"}[status])
+        self.guard.stop()
+        report = self.memory_report_text(read_memory(self.device))
+        exit_code = {"done": EXIT_OK, "guard_stop": EXIT_GUARD_STOP, "oom": EXIT_OOM,
+                     "interrupted": EXIT_INTERRUPTED}[status]
+        resume = None if status == "done" else f"memfit train --resume {self.last_checkpoint}"
+        message = {
+            "done": f"finished {self.step} steps",
+            "guard_stop": f"stopped by the memory guard at step {self.step}: {self.guard.stop_reason}",
+            "oom": f"out of memory at step {self.step + 1} even with micro-batch 1",
+            "interrupted": f"interrupted ({self.interrupted}) at step {self.step}",
+        }[status]
+        self._write_run_json(status=status, exit_code=exit_code, step=self.step,
+                             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             checkpoint=str(self.last_checkpoint), final_dir=str(final_dir) if final_dir else None)
+        self.emit(RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
+                           resume, report, self.recoveries))
+        return TrainResult(status, exit_code, self.step, self.total_steps, self.job.output_dir, self.last_checkpoint,
+                           final_dir, resume, list(self.recent_losses))
+
+
+def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
+    """Train as `config` says; returns how it ended (exit code included). SIGINT/SIGTERM stop it at the next safe
+    point with a checkpoint; a second signal aborts at once (the last complete checkpoint stays resumable)."""
+    trainer = Trainer(job, config, on_event)
+
+    def on_signal(signum, frame):
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        trainer.interrupted = signal.Signals(signum).name
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        guard = getattr(trainer, "guard", None)
+        if guard is not None:
+            guard.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
