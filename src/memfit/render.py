@@ -36,6 +36,8 @@ class TrainRenderer:
         self.progress: Progress | None = None
         self.task = None
         self.plain_every = 1
+        self.first_loss: float | None = None
+        self.last_avg_loss: float | None = None
 
     def __call__(self, event: Event) -> None:
         handler = getattr(self, f"_on_{type(event).__name__}", None)
@@ -49,7 +51,9 @@ class TrainRenderer:
 
     def _print(self, text: str, style: str | None = None) -> None:
         # Printed through the live progress when there is one, so the bar stays at the bottom.
-        (self.progress.console if self.progress else self.console).print(text, style=style, highlight=False)
+        # soft_wrap: log lines stay whole in files and CI logs instead of breaking at 80 columns.
+        (self.progress.console if self.progress else self.console).print(text, style=style, highlight=False,
+                                                                          soft_wrap=True)
 
     def _on_Notice(self, event: Notice) -> None:
         self._print(event.message, "yellow" if event.level == "warning" else None)
@@ -67,6 +71,9 @@ class TrainRenderer:
             self.task = self.progress.add_task("", total=event.total_steps, completed=event.start_step)
 
     def _on_StepEnd(self, event: StepEnd) -> None:
+        if self.first_loss is None:
+            self.first_loss = event.loss
+        self.last_avg_loss = event.avg_loss
         if self.progress is not None:
             self.progress.update(self.task, completed=event.step, description=step_line(event))
         elif event.step % self.plain_every == 0 or event.step == event.total_steps or event.step == 1:
@@ -91,13 +98,16 @@ class TrainRenderer:
     def _on_RunEnded(self, event: RunEnded) -> None:
         self.close()
         style = "green" if event.exit_code == 0 else "red"
-        self.console.print(event.report, highlight=False)
-        self.console.print(event.message, style=style, highlight=False)
+        self._print(event.report)
+        if self.first_loss is not None and self.last_avg_loss is not None:
+            self._print(f"loss: {self.first_loss:.4f} at the first step -> {self.last_avg_loss:.4f} "
+                        f"(average of the last steps)")
+        self._print(event.message, style)
         if event.oom_recoveries:
-            self.console.print(f"out-of-memory recoveries: {event.oom_recoveries}", highlight=False)
+            self._print(f"out-of-memory recoveries: {event.oom_recoveries}")
         if event.checkpoint:
-            self.console.print(f"last checkpoint: {event.checkpoint}", highlight=False)
+            self._print(f"last checkpoint: {event.checkpoint}")
         if event.final_dir:
-            self.console.print(f"adapter/model and tokenizer: {event.final_dir}", highlight=False)
+            self._print(f"adapter/model and tokenizer: {event.final_dir}")
         if event.resume_command:
-            self.console.print(f"resume with: {event.resume_command}", style="bold", highlight=False)
+            self._print(f"resume with: {event.resume_command}", "bold")

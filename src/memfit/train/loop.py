@@ -406,7 +406,7 @@ class Trainer:
             self._emit_guard(events)
             if self.val_dataset and config.eval_every and self.step % config.eval_every == 0:
                 self.evaluate()
-            if self.step % config.memory_report_interval == 0:
+            if self.step % config.memory_report_interval == 0 and self.step < self.total_steps:
                 self.emit(MemoryReport(self.step, self.memory_report_text(sample)))
             if self.step % config.save_every == 0 and self.step < self.total_steps:
                 self.save("periodic")
@@ -429,7 +429,7 @@ class Trainer:
             ce=stats["ce"], lr=self.scheduler.get_last_lr()[0], grad_norm=stats["grad_norm"], tokens=stats["tokens"],
             step_time_s=elapsed, tokens_per_s=stats["tokens"] / max(elapsed, 1e-9), steps_per_s=steps_per_s,
             eta_s=(self.total_steps - self.step) / steps_per_s, micro_batch=self.micro_batch,
-            grad_accum=stats["micro_batches"], watched_bytes=self.guard.last_window_peak_bytes, memory=memory,
+            grad_accum=stats["micro_batches"], watched_bytes=sample.window_peak_bytes or sample.watched_bytes, memory=memory,
             distrust_term=stats["distrust_term"]))
 
     def _emit_guard(self, events) -> None:

@@ -96,7 +96,9 @@ def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision
 def load_model(model_dir: Path, config: TrainConfig, precision: Precision, device: str = "cpu"):
     """The model ready to train: weights on `device`, adapters attached, checkpointing on when asked."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar would write to the user's terminal
     quant = quantization_config(config, precision)
     kwargs = dict(dtype=load_dtype(config, precision), attn_implementation=attn_implementation(config))
     if quant is not None:

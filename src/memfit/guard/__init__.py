@@ -1,0 +1,34 @@
+"""The memory guard: read memory (a background thread), decide (limit, threshold, early stop, leaks), report."""
+
+from memfit.guard.oom import is_out_of_memory
+from memfit.guard.policy import (
+    Guard,
+    GuardEvent,
+    LeakFit,
+    MemoryLimit,
+    choose_limit,
+    configure_cuda,
+    cuda_alloc_conf_env,
+    fit_leak,
+    release_memory,
+)
+from memfit.guard.report import format_gb, memory_report
+from memfit.guard.sampler import MemorySample, MemorySampler, read_memory
+
+__all__ = [
+    "Guard",
+    "GuardEvent",
+    "LeakFit",
+    "MemoryLimit",
+    "MemorySample",
+    "MemorySampler",
+    "choose_limit",
+    "configure_cuda",
+    "cuda_alloc_conf_env",
+    "fit_leak",
+    "format_gb",
+    "is_out_of_memory",
+    "memory_report",
+    "read_memory",
+    "release_memory",
+]

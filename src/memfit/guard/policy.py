@@ -1,0 +1,386 @@
+"""What the guard does with readings: the limit, the threshold, the stop before the limit, leak detection.
+
+The rules, in the order they act:
+
+- **limit**: chosen once at start (`choose_limit`): `--max-memory`, else 80% of what is available now.
+- **threshold** (default 80% of the limit): the first step whose peak reaches it releases caches (gc, the CUDA
+  cache, glibc's free heap) and is reported once.
+- **limit crossed**: a step whose peak is above the limit requests a stop; the trainer saves and exits (code 3).
+- **early stop**: the sampler thread requests a stop inside a step when memory is already above the limit, or is
+  rising fast enough to cross it before the step would end.
+- **leak**: the step-end memory (what survives a step) should be flat once training has warmed up; a steady
+  climb is fitted with least squares, reported once with its slope and the step at which it reaches the limit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import psutil
+
+from memfit.guard.report import format_gb
+from memfit.guard.sampler import MemorySample, MemorySampler, read_memory, slope_per_second
+
+MB = 1024**2
+GB = 1024**3
+
+
+# --- the limit ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    limit_bytes: int
+    available_bytes: int  # what "available" was when the limit was chosen
+    auto: bool  # True when derived from what is available, False when --max-memory was given
+    device: str
+
+    def describe(self) -> str:
+        if self.auto:
+            return (f"No memory limit specified. Auto-detecting safe limit: {format_gb(self.limit_bytes)} "
+                    f"(based on {format_gb(self.available_bytes)} available)")
+        return f"Memory limit: {format_gb(self.limit_bytes)} (--max-memory)"
+
+
+def choose_limit(max_memory_gb: float | None, device: str = "cpu", fraction: float = 0.8) -> MemoryLimit:
+    """The run's memory limit: `max_memory_gb` when given, else `fraction` of what is available on `device`.
+
+    CPU (and MPS, which shares system RAM): psutil's available memory. This process's own RSS is not added back
+    although it is ours to use: at start it is the interpreter and libraries, small next to the fraction's margin,
+    and leaving it out errs on the safe side. CUDA: the free memory the driver reports (other processes' use
+    already taken out); system RAM when this torch has no CUDA.
+    """
+    available = _available_bytes(device)
+    if max_memory_gb is not None:
+        return MemoryLimit(int(max_memory_gb * GB), available, auto=False, device=device)
+    return MemoryLimit(int(available * fraction), available, auto=True, device=device)
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            _, _, index = device.partition(":")
+            free, _total = torch.cuda.mem_get_info(int(index) if index else None)
+            return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def configure_cuda(limit: MemoryLimit) -> None:
+    """Make the CUDA caching allocator itself refuse to grow past the limit (an OOM error instead of crowding out
+    other processes). Only for a CUDA limit, and only where CUDA is available; elsewhere nothing happens.
+    This initialises CUDA: call cuda_alloc_conf_env() before it."""
+    if not limit.device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    _, _, index = limit.device.partition(":")
+    index = int(index) if index else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(limit.limit_bytes / total, 0.0)), index)
+
+
+def cuda_alloc_conf_env() -> None:
+    """Ask for expandable segments (less fragmentation, so reserved memory stays close to what tensors use)
+    unless the user configured the allocator. It is read when CUDA initialises: call this before anything touches
+    CUDA, ideally before torch is imported. newer torch reads PYTORCH_ALLOC_CONF as well; a user setting in either
+    name is respected."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def release_memory() -> None:
+    """Give back what is free but held: Python garbage, the CUDA/MPS allocator caches, glibc's free heap pages."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch (or initialise CUDA) just to empty caches
+    if torch is not None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        mps = getattr(torch, "mps", None)
+        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            mps.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_MALLOC_TRIM: Callable[[int], int] | None | bool = False  # False: not looked up yet
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is False:
+        _MALLOC_TRIM = None
+        if sys.platform.startswith("linux"):
+            try:
+                function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                function.argtypes = [ctypes.c_size_t]
+                function.restype = ctypes.c_int
+                _MALLOC_TRIM = function
+            except (OSError, AttributeError):  # musl and others have no malloc_trim
+                pass
+    return _MALLOC_TRIM
+
+
+# --- leak detection -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeakFit:
+    bytes_per_step: float
+    r_squared: float
+    first_step: int
+    last_step: int
+    projected_limit_step: int | None  # step at which the fitted line crosses the limit (None if never)
+
+
+def fit_leak(steps: Sequence[int], values: Sequence[int], limit_bytes: int, min_points: int = 8) -> LeakFit | None:
+    """Plain least squares of memory against step; None with fewer than min_points points.
+
+    r_squared is 0 for a perfectly flat series (there is no trend to explain), so a flat line never looks
+    like a leak.
+    """
+    n = len(steps)
+    if n != len(values):
+        raise ValueError(f"fit_leak: {n} steps but {len(values)} values")
+    if n < max(min_points, 2):
+        return None
+    mean_s = sum(steps) / n
+    mean_v = sum(values) / n
+    var_s = sum((s - mean_s) ** 2 for s in steps)
+    if var_s == 0:
+        return None
+    slope = sum((s - mean_s) * (v - mean_v) for s, v in zip(steps, values)) / var_s
+    intercept = mean_v - slope * mean_s
+    ss_tot = sum((v - mean_v) ** 2 for v in values)
+    ss_res = sum((v - (intercept + slope * s)) ** 2 for s, v in zip(steps, values))
+    r_squared = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
+    projected = None
+    if slope > 0:
+        # The first whole step at or past the crossing; the tolerance keeps an exact crossing (limit = a + b*s)
+        # from rounding up to the next step through float error.
+        crossing = (limit_bytes - intercept) / slope
+        projected = math.ceil(crossing - 1e-6)
+    return LeakFit(slope, r_squared, int(min(steps)), int(max(steps)), projected)
+
+
+# --- the guard ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardEvent:
+    kind: str  # "threshold" | "limit" | "early_stop" | "leak"
+    step: int
+    watched_bytes: int
+    message: str  # one human line
+    leak: LeakFit | None = None
+
+
+# Early stop from the thread: the projection only counts when the rise is real. Below 50 MB/s, allocator noise and
+# slow growth (the leak detector's business) dominate; fewer than 5 samples make a slope from one or two jumps.
+EARLY_STOP_MIN_RATE = 50 * MB
+EARLY_STOP_MIN_SAMPLES = 5
+EARLY_STOP_RATE_WINDOW_S = 1.0
+LEAK_MIN_R_SQUARED = 0.8
+
+
+class Guard:
+    """Watches memory during training; the trainer calls end_step each step and stops when stop_requested.
+
+    `reader` (the memory reading function) is injectable so tests can play a memory curve.
+    """
+
+    def __init__(self, limit: MemoryLimit, threshold: float = 0.8, interval_s: float = 0.1,
+                 leak_bytes_per_step: float = 8 * MB, warmup_steps: int = 10, leak_window: int = 50,
+                 reader: Callable[[str], MemorySample] = read_memory):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.limit = limit
+        self.threshold = threshold
+        self.leak_bytes_per_step = leak_bytes_per_step
+        self.warmup_steps = warmup_steps
+        self.leak_window = leak_window
+        self._reader = reader
+        self.sampler = MemorySampler(limit.device, interval_s, on_sample=self._on_sample, reader=reader)
+        self.samples: list[tuple[int, int]] = []  # (step, watched bytes at the end of the step)
+        self.peak_watched_bytes = 0
+        self._peak_lock = threading.Lock()  # the thread and end_step both raise the peak
+        self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_reason: str | None = None
+        self._background_stop_pending = False
+        self._threshold_reported = False
+        self._leak_reported = False
+        self._last_step_s: float | None = None
+        self._step_started: float | None = None  # on the reader's clock; None until start() or an end_step
+        # The highest step peak of finished steps: memory inside a step that stays under it is the same transient
+        # every step goes through, not a new rise worth projecting.
+        self._previous_step_peak: int | None = None
+
+    @property
+    def threshold_bytes(self) -> int:
+        return int(self.limit.limit_bytes * self.threshold)
+
+    # Lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.sampler.start()
+        # The step clock runs on the reader's clock (a test's fake reader has its own).
+        latest = self.sampler.latest
+        self._step_started = latest.time if latest is not None else None
+
+    def stop(self) -> None:
+        self.sampler.stop()
+
+    def __enter__(self) -> Guard:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # Stop requests ----------------------------------------------------------------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the trainer to stop; the first reason is kept."""
+        with self._stop_lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+            self._stop.set()
+
+    def note_step_time(self, seconds: float) -> None:
+        self._last_step_s = seconds
+
+    def _raise_peak(self, watched: int) -> None:
+        with self._peak_lock:
+            self.peak_watched_bytes = max(self.peak_watched_bytes, watched)
+
+    # The background check ---------------------------------------------------------------------------------
+
+    def _on_sample(self, sample: MemorySample) -> None:
+        """Runs in the sampler thread. Requests a stop once; later samples only keep the peak."""
+        watched = sample.watched_bytes
+        self._raise_peak(watched)
+        if self._stop.is_set():
+            return
+        limit = self.limit.limit_bytes
+        if watched > limit:
+            reason = (f"memory above the limit inside a step: {format_gb(watched)} of "
+                      f"{format_gb(limit)}")
+        else:
+            reason = self._projected_crossing(sample)
+        if reason is not None:
+            with self._stop_lock:
+                if not self._stop.is_set():
+                    self._background_stop_pending = True
+            self.request_stop(reason)
+
+    def _projected_crossing(self, sample: MemorySample) -> str | None:
+        """A reason to stop when the current rise would cross the limit before this step ends, else None.
+
+        The horizon is what remains of the step, judged by the last step's duration (1 s before any step has
+        been timed). Besides the rate and sample-count floors, memory must be above every earlier step's peak:
+        each step rises and falls again (activations), and projecting that ordinary rise to the end of the step
+        would stop healthy runs whose peak sits near the limit.
+        """
+        watched = sample.watched_bytes
+        if self._previous_step_peak is not None and watched <= self._previous_step_peak:
+            return None
+        recent = self.sampler.recent(EARLY_STOP_RATE_WINDOW_S)
+        if len(recent) < EARLY_STOP_MIN_SAMPLES:
+            return None
+        rate = slope_per_second(recent)
+        if rate <= EARLY_STOP_MIN_RATE:
+            return None
+        if self._last_step_s is None:
+            horizon = 1.0
+        else:
+            elapsed = sample.time - self._step_started if self._step_started is not None else 0.0
+            # At least one sampling interval ahead: past the usual step length, the step is still running.
+            horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
+        if watched + rate * horizon <= self.limit.limit_bytes:
+            return None
+        return (f"memory rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of {format_gb(self.limit.limit_bytes)}): "
+                "the limit would be crossed before the step ends")
+
+    # The step-end check -----------------------------------------------------------------------------------
+
+    def end_step(self, step: int) -> tuple[MemorySample, list[GuardEvent]]:
+        """A fresh reading plus this step's peak (the sampler's window since the previous end_step); the events
+        of this step. The returned sample is the step-end reading, with `window_peak_bytes` set to the peak."""
+        sample, peak = self.sampler.take_window()
+        self._step_started = sample.time
+        sample = replace(sample, window_peak_bytes=peak)
+        self._raise_peak(peak)
+        self._previous_step_peak = peak if self._previous_step_peak is None else max(self._previous_step_peak, peak)
+        self.samples.append((step, sample.watched_bytes))
+        limit = self.limit.limit_bytes
+        events: list[GuardEvent] = []
+
+        with self._stop_lock:
+            background, self._background_stop_pending = self._background_stop_pending, False
+        if background:
+            events.append(GuardEvent("early_stop", step, peak, f"Stopping early: {self._stop_reason}"))
+
+        if peak > limit:
+            message = (f"Memory above the limit ({format_gb(peak)} of {format_gb(limit)}, "
+                       f"{peak / limit:.0%}): stopping")
+            self.request_stop(f"memory above the limit at step {step}: {format_gb(peak)} of {format_gb(limit)}")
+            events.append(GuardEvent("limit", step, peak, message))
+
+        if not self._threshold_reported and peak >= self.threshold_bytes:
+            self._threshold_reported = True
+            release_memory()
+            after = self._reader(self.limit.device).watched_bytes
+            events.append(GuardEvent(
+                "threshold", step, peak,
+                f"Memory at {peak / limit:.0%} of the limit ({format_gb(peak)} of {format_gb(limit)}): "
+                f"released caches (now {format_gb(after)})"))
+
+        # The leak check runs every step (a fit over at most leak_window points is microseconds), so a threshold
+        # crossing is always checked too.
+        leak = self._check_leak(step, sample.watched_bytes)
+        if leak is not None:
+            events.append(leak)
+        return sample, events
+
+    def _check_leak(self, step: int, watched: int) -> GuardEvent | None:
+        if self._leak_reported:
+            return None
+        # Warm-up counts end_step calls, not step numbers: a resumed run starts at a high step and still needs its
+        # first steps (optimizer states, allocator pools) to settle.
+        settled_count = min(len(self.samples) - self.warmup_steps, self.leak_window)
+        if settled_count <= 0:
+            return None
+        settled = self.samples[-settled_count:]  # a slice of the tail only: the history grows all run
+        fit = fit_leak([s for s, _ in settled], [v for _, v in settled], self.limit.limit_bytes)
+        if fit is None or fit.bytes_per_step <= self.leak_bytes_per_step or fit.r_squared <= LEAK_MIN_R_SQUARED:
+            return None
+        self._leak_reported = True
+        if fit.projected_limit_step is not None:
+            when = f"the limit would be reached at step {fit.projected_limit_step:,}"
+        else:
+            when = "no limit crossing projected"
+        message = (f"Possible memory leak: step-end memory grows {fit.bytes_per_step / MB:,.1f} MB/step over steps "
+                   f"{fit.first_step}-{fit.last_step} (R² {fit.r_squared:.2f}); {when}")
+        return GuardEvent("leak", step, watched, message, leak=fit)

@@ -1,0 +1,58 @@
+"""The memory report: a plain-text box the CLI prints at start, every --memory-report-interval steps and at a stop.
+
+It returns a string; printing (and colour) is the caller's business.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memfit.guard.policy import MemoryLimit
+    from memfit.guard.sampler import MemorySample
+
+GB = 1024**3
+RULE = "━" * 60
+_LABEL_WIDTH = 19  # "System Available:  " — the longest label and its gap
+
+
+def format_gb(nbytes: float) -> str:
+    """Bytes as GiB with two decimals, the unit every memfit output uses ("1.23 GB")."""
+    return f"{nbytes / GB:.2f} GB"
+
+
+def memory_report(sample: MemorySample, limit: MemoryLimit, threshold: float,
+                  peak_watched_bytes: int | None = None) -> str:
+    """The report box for one reading. Usage is watched bytes (CUDA reserved on a GPU, else RSS) over the limit."""
+    watched = sample.watched_bytes
+    limit_bytes = limit.limit_bytes
+    threshold_bytes = limit_bytes * threshold
+    if limit.auto:
+        fraction = limit_bytes / limit.available_bytes if limit.available_bytes else 0.0
+        limit_text = f"{format_gb(limit_bytes)} (auto: {fraction:.0%} of {format_gb(limit.available_bytes)} available)"
+    else:
+        limit_text = f"{format_gb(limit_bytes)} (--max-memory)"
+    rows = [
+        ("Process RSS:", format_gb(sample.rss_bytes)),
+        ("Max RSS:", format_gb(sample.peak_rss_bytes)),
+        ("System Available:", format_gb(sample.system_available_bytes)),
+        ("Limit:", limit_text),
+        ("Usage:", f"{watched / limit_bytes * 100:.1f}% of limit" if limit_bytes else "n/a"),
+    ]
+    if peak_watched_bytes is not None:
+        rows.append(("Peak:", f"{format_gb(peak_watched_bytes)} ({peak_watched_bytes / limit_bytes * 100:.1f}% "
+                              "of limit)" if limit_bytes else format_gb(peak_watched_bytes)))
+    rows += [
+        ("Threshold:", f"{threshold:.0%} ({format_gb(threshold_bytes)})"),
+        ("Status:", "⚠️  OVER THRESHOLD" if watched >= threshold_bytes else "OK"),
+    ]
+    for label, value in (("GPU allocated:", sample.cuda_allocated_bytes),
+                         ("GPU reserved:", sample.cuda_reserved_bytes),
+                         ("GPU max reserved:", sample.cuda_max_reserved_bytes),
+                         ("GPU used (NVML):", sample.nvml_used_bytes)):
+        if value is not None:
+            rows.append((label, format_gb(value)))
+    lines = [RULE, "Memory Usage Report", RULE]
+    lines += [f"  {label:<{_LABEL_WIDTH}}{value}" for label, value in rows]
+    lines.append(RULE)
+    return "\n".join(lines)
