@@ -1,0 +1,230 @@
+"""memfit train end to end on the tiny model: run dir, exact resume, OOM recovery, QLoRA, distrust, bad input."""
+
+import json
+import os
+import signal
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memfit import faults
+from memfit.cli import main
+from memfit.config import TrainConfig
+from memfit.train import TrainJob, train
+from memfit.train.checkpoint import open_checkpoint
+from memfit.train.events import EvalEnd, OomRecovered, StepEnd
+
+DEMO_DATA = Path(str(resources.files("memfit").joinpath("data/demo.jsonl")))
+FAST = dict(seq_len=64, batch_size=4, lr=1e-2, warmup_steps=1, memory_sample_interval=0.05)
+
+
+def _train(model_dir, out, steps=6, events=None, resume=None, data=DEMO_DATA, **overrides):
+    config = TrainConfig(**{**FAST, "max_steps": steps, **overrides})
+    job = TrainJob(model=str(model_dir), data=data, output_dir=out, device="cpu", resume=resume)
+    return train(job, config, on_event=events.append if events is not None else None)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _no_faults(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults._faults.cache_clear()
+    yield
+    faults._faults.cache_clear()
+
+
+def _inject(monkeypatch, spec):
+    monkeypatch.setenv(faults.ENV, spec)
+    faults._faults.cache_clear()
+
+
+def test_lora_run_writes_the_run_dir_and_a_loadable_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    events, out = [], tmp_path / "run"
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": f"Validation line {i} about memory and machines."}) + "\n"
+                           for i in range(6)))
+    config = TrainConfig(**FAST, max_steps=8, eval_every=4)
+    result = train(TrainJob(str(tiny_model_dir), DEMO_DATA, out, val_data=val, device="cpu"), config, events.append)
+    assert (result.status, result.exit_code, result.step) == ("done", 0, 8)
+
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for key in ("loss", "avg_loss", "lr", "tokens_per_s", "watched_bytes", "rss_bytes", "peak_rss_bytes",
+                "system_available_bytes", "micro_batch", "grad_accum", "time"):
+        assert key in metrics[0], key
+    assert metrics[0]["lr"] > metrics[-1]["lr"]  # warmup then cosine decay
+    assert sum(m["loss"] for m in metrics[-3:]) / 3 < metrics[0]["loss"]
+    assert [e.step for e in events if isinstance(e, EvalEnd)] == [4, 8]
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["config"]["max_steps"] == 8
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(run["versions"])
+    assert run["hardware"]["ram_total_bytes"] > 0 and run["limit"]["auto"] is True
+    assert run["data_stats"]["records"] == 330
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(out / "final"))
+    saved = load_file(out / "checkpoints" / "step-8" / "trainable.safetensors")
+    loaded = dict(model.named_parameters())
+    assert saved and all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+    assert AutoTokenizer.from_pretrained(str(out / "final")).eos_token == "<|endoftext|>"
+
+
+def test_resume_is_exact(tiny_model_dir, tmp_path):
+    """8 steps straight == 4 steps, SIGINT, resume for 4 more: identical losses and adapter weights.
+    LoRA dropout is on, so the restored RNG state matters too."""
+    straight = tmp_path / "straight"
+    assert _train(tiny_model_dir, straight, steps=8, lora_dropout=0.1).exit_code == 0
+
+    split = tmp_path / "split"
+
+    def interrupt_at_4(event):
+        if isinstance(event, StepEnd) and event.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # through the real signal handler
+
+    config = TrainConfig(**FAST, max_steps=8, lora_dropout=0.1)
+    first = train(TrainJob(str(tiny_model_dir), DEMO_DATA, split, device="cpu"), config, interrupt_at_4)
+    assert (first.status, first.exit_code, first.step) == ("interrupted", 130, 4)
+    assert first.resume_command == f"memfit train --resume {split / 'checkpoints' / 'step-4'}"
+    second = _train(tiny_model_dir, split, steps=8, lora_dropout=0.1, resume=open_checkpoint(first.checkpoint))
+    assert (second.status, second.step) == ("done", 8)
+
+    assert [m["loss"] for m in _metrics(split)] == [m["loss"] for m in _metrics(straight)]
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(split / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_injected_oom_halves_the_micro_batch_and_redoes_the_same_samples(tiny_model_dir, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    _train(tiny_model_dir, clean, steps=5)
+    _inject(monkeypatch, "oom@3")
+    events, recovered = [], tmp_path / "recovered"
+    result = _train(tiny_model_dir, recovered, steps=5, events=events)
+    assert (result.status, result.exit_code, result.step) == ("done", 0, 5)
+    notices = [e for e in events if isinstance(e, OomRecovered)]
+    assert [(e.step, e.micro_batch, e.grad_accum) for e in notices] == [(3, 2, 2)]
+    metrics = _metrics(recovered)
+    assert [(m["micro_batch"], m["grad_accum"]) for m in metrics] == [(4, 1)] * 2 + [(2, 2)] * 3
+    # Same samples, same effective batch: the same run up to float summation order.
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in _metrics(clean)], rel=1e-4)
+    a = load_file(clean / "final" / "adapter_model.safetensors")
+    b = load_file(recovered / "final" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert json.loads((recovered / "run.json").read_text())["oom_recoveries"] == 1
+
+
+def test_oom_at_micro_batch_one_checkpoints_and_exits_4(tiny_model_dir, tmp_path, monkeypatch):
+    _inject(monkeypatch, "oom@3+")
+    result = _train(tiny_model_dir, tmp_path / "run", steps=5, batch_size=2)
+    assert (result.status, result.exit_code, result.step) == ("oom", 4, 2)
+    assert open_checkpoint(result.checkpoint).step == 2
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from memfit.precision import resolve_precision
+    from memfit.train.model import load_model
+
+    config = TrainConfig(**FAST, method="qlora", max_steps=3)
+    model = load_model(tiny_model_dir, config, resolve_precision("auto", "cpu"), "cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    result = _train(tiny_model_dir, tmp_path / "run", steps=3, method="qlora")
+    assert result.exit_code == 0
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(tmp_path / "run"))
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["weight", "add"])
+def test_distrust_loss_trains_and_logs_its_term(tiny_model_dir, tmp_path, mode):
+    _train(tiny_model_dir, tmp_path / "run", steps=3, loss="distrust", distrust_mode=mode)
+    metrics = _metrics(tmp_path / "run")
+    assert all(m["distrust_term"] > 0 for m in metrics)
+    if mode == "add":
+        assert all(m["loss"] == pytest.approx(m["ce"] + m["distrust_term"]) for m in metrics)
+
+
+def test_full_fine_tune_trains(tiny_model_dir, tmp_path):
+    result = _train(tiny_model_dir, tmp_path / "run", steps=3, method="full", optimizer="adafactor")
+    assert result.exit_code == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(tiny_model_dir, out, steps=2)
+    ckpt = out / "checkpoints" / "step-2"
+    code = main(["train", "--resume", str(ckpt), "--lr", "0.5", "--max-steps", "2"])
+    assert code == 2 and "--lr 0.01 -> 0.5" in capsys.readouterr().err
+    # The micro-batch split may change (same effective batch), and the guard settings.
+    assert main(["train", "--resume", str(ckpt), "--batch-size", "2", "--grad-accum", "2",
+                 "--max-memory", "20"]) == 0
+
+
+# --- bad input: one line, exit 2, nothing written ----------------------------------------------------------------
+
+
+BAD_DATA = [
+    (b'{"text": "ok"}\n{"text": "broken\n', "data.jsonl:2: not valid JSON"),
+    (b'{"text": "ok"}\n{"body": "p"}\n', 'data.jsonl:2: missing "text"'),
+    (b'{"text": 5}\n', 'data.jsonl:1: "text" must be a string'),
+    (b"", "data.jsonl: no training samples"),
+    (b'{"text": "ok", "auth_weight": 1.5, "prov_entropy": 1.0}\n', "data.jsonl:1: "),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "data.jsonl:2: not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_DATA)
+def test_bad_data_is_one_line_with_file_and_line(tiny_model_dir, tmp_path, capsys, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "checkpoints").exists()
+
+
+def test_out_of_range_auth_weight_names_the_field(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "ok", "auth_weight": 0.5, "prov_entropy": 1}\n'
+                    '{"text": "ok", "auth_weight": 1.5, "prov_entropy": 1}\n')
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir",
+                 str(tmp_path / "run"), "--loss", "distrust"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.jsonl:2:" in err and "auth_weight" in err
+
+
+def test_bad_model_paths(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    missing = main(["train", "--model", str(tmp_path / "nope"), "--data", str(data), "-o", str(tmp_path / "a")])
+    assert missing == 2 and "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "hidden_size": 8,
+                                                   "intermediate_size": 16, "num_hidden_layers": 1,
+                                                   "num_attention_heads": 2}))
+    code = main(["train", "--model", str(empty), "--data", str(data), "-o", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and "weights" in err and err.count("\n") == 1
+
+
+def test_an_existing_run_is_never_overwritten(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(tiny_model_dir, out, steps=1)
+    before = (out / "metrics.jsonl").read_text()
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(DEMO_DATA), "-o", str(out)])
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
