@@ -16,10 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the built-in default: build the tiny model if absent, then train it with LoRA, guard on.
 demo: $(STAMP)
-	$(BIN)/memfit system
-	$(BIN)/memfit estimate --model llama-3.1-8b --method qlora --seq-len 2048 --batch-size 1 --memory-gb 24 --device cuda
-	$(BIN)/memfit estimate --model tiny --method lora --device cpu
+	$(BIN)/memfit demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

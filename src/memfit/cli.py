@@ -391,7 +391,7 @@ def train(
 
 # The demo: a tiny llama, LoRA, the built-in dataset, about a minute on 2 CPU cores.
 DEMO_DEFAULTS = dict(method="lora", lora_rank=16, seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5,
-                     max_steps=60, memory_report_interval=30, save_every=20, seed=0)
+                     max_steps=400, memory_report_interval=200, save_every=100, seed=0)
 
 
 @app.command()
