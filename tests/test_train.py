@@ -228,3 +228,49 @@ def test_an_existing_run_is_never_overwritten(tiny_model_dir, tmp_path, capsys):
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(DEMO_DATA), "-o", str(out)])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_config_file_supplies_everything_and_flags_override(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {DEMO_DATA}\noutput_dir: {out}\nseq_len: 64\n"
+                      "batch_size: 2\nmax_steps: 5\nlora_rank: 4\ndevice: cpu\n")
+    assert main(["train", "-c", str(config), "--max-steps", "2"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["config"]["max_steps"], run["config"]["lora_rank"], run["config"]["seq_len"]) == (2, 4, 64)
+    # The run dir's config.yaml is itself a valid -c file: it reproduces the run.
+    assert "lora_rank: 4" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("lines", [
+    [{"prompt": f"Question {i}: what does a guard do?", "completion": " It watches memory and stops in time."}
+     for i in range(8)],
+    [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"},
+                   {"role": "assistant", "content": "Hello, how can I help?"}]} for i in range(8)],
+])
+def test_prompt_completion_and_chat_data_train(tiny_model_dir, tmp_path, lines):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    events = []
+    result = _train(tiny_model_dir, tmp_path / "run", steps=2, data=data, events=events)
+    assert result.exit_code == 0
+    stats = json.loads((tmp_path / "run" / "run.json").read_text())["data_stats"]
+    assert stats["packed"] is False and stats["records"] == 8 and 0 < stats["scored_tokens"] < stats["tokens"]
+
+
+def test_leak_is_reported_with_its_rate_and_memory_reports_follow_the_interval(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    from memfit.train.events import GuardNotice, MemoryReport
+
+    _inject(monkeypatch, "leak@30")
+    events = []
+    try:
+        result = _train(tiny_model_dir, tmp_path / "run", steps=24, events=events, memory_report_interval=10)
+    finally:
+        faults._leaked.clear()
+    assert result.exit_code == 0
+    leaks = [e for e in events if isinstance(e, GuardNotice) and e.kind == "leak"]
+    assert len(leaks) == 1 and "MB/step" in leaks[0].message
+    rate = float(leaks[0].message.split(" MB/step")[0].split()[-1])
+    assert 20 <= rate <= 40  # 30 MB a step were retained
+    assert [e.step for e in events if isinstance(e, MemoryReport)] == [10, 20]
