@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -106,7 +105,3 @@ class RunDir:
             self._append(METRICS, {**record, **memory})
         else:
             self._append(EVENTS, record)
-
-
-def command_line() -> str:
-    return " ".join(sys.argv)
