@@ -274,3 +274,15 @@ def test_leak_is_reported_with_its_rate_and_memory_reports_follow_the_interval(t
     rate = float(leaks[0].message.split(" MB/step")[0].split()[-1])
     assert 20 <= rate <= 40  # 30 MB a step were retained
     assert [e.step for e in events if isinstance(e, MemoryReport)] == [10, 20]
+
+
+def test_out_of_memory_while_loading_is_one_line_and_exit_4(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import memfit.train.model
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(memfit.train.model, "load_model", no_room)
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(DEMO_DATA), "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 4 and "out of memory while loading" in err and err.count("\n") == 1

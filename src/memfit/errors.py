@@ -42,3 +42,9 @@ class ModelNotFoundError(UserError):
 
 class WeightsMissingError(UserError):
     """The model's config is known but its weight files are not on this machine."""
+
+
+class OutOfMemoryError(UserError):
+    """Out of memory where no recovery is possible (e.g. loading the model): one line, exit 4."""
+
+    exit_code = EXIT_OOM

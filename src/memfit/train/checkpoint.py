@@ -48,7 +48,7 @@ class Checkpoint:
         return json.loads((self.path / "trainer_state.json").read_text())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(8 * 1024**2):
@@ -123,7 +123,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt"):
         with open(partial / name, "rb+") as file:
             os.fsync(file.fileno())
-    files = {path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    files = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
              for path in sorted(partial.iterdir()) if path.is_file()}
     _write_json(partial / "meta.json", {**meta, "format": FORMAT_VERSION, "step": step,
                                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files})
@@ -154,7 +154,7 @@ def verify_checkpoint(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != facts["bytes"] or _sha256(file) != facts["sha256"]:
+        if file.stat().st_size != facts["bytes"] or sha256_file(file) != facts["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

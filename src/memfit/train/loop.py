@@ -12,7 +12,6 @@ When micro-batch 1 fails too, the run checkpoints and exits 4.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import signal
 import threading
@@ -27,7 +26,7 @@ import torch
 from memfit import faults
 from memfit.allocator import fix_mmap_threshold
 from memfit.config import GUARD_FIELDS, TrainConfig
-from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, UserError
+from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, OutOfMemoryError, UserError
 from memfit.train import checkpoint as ckpt
 from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
@@ -66,14 +65,6 @@ class TrainResult:
 
 class _StepAborted(Exception):
     """A stop was requested between micro-batches: the step is dropped, the checkpoint holds the one before."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(8 * 1024**2):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_device() -> str:
@@ -147,7 +138,7 @@ class Trainer:
         self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
         self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
                             if job.val_data else None)
-        self.data_sha256 = file_sha256(Path(job.data))
+        self.data_sha256 = ckpt.sha256_file(Path(job.data))
         if job.resume is not None and job.resume.meta.get("data_sha256") not in (None, self.data_sha256) \
                 and not job.force:
             raise UserError(f"{job.data} changed since checkpoint {job.resume.path} was written",
@@ -175,7 +166,7 @@ class Trainer:
         set_seed(config.seed)
         self.accelerator = Accelerator(mixed_precision=self.precision.accelerate_mixed_precision,
                                        cpu=self.device == "cpu")
-        model = load_model(model_dir, config, self.precision, self.device)
+        model = self._load_model(load_model, model_dir)
         model.train()
         optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, self.total_steps)
@@ -195,6 +186,19 @@ class Trainer:
             self.run_dir.truncate_metrics_after(self.step)
             self.emit(Notice(f"resumed from {job.resume.path} at step {self.step} of {self.total_steps}"))
         self._write_run_json(status="running")
+
+    def _load_model(self, load_model, model_dir: Path):
+        from memfit.guard import is_out_of_memory
+
+        failure = None
+        try:
+            return load_model(model_dir, self.config, self.precision, self.device)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a message
+            if not is_out_of_memory(error):
+                raise
+            failure = " ".join(str(error).split())[:200]
+        raise OutOfMemoryError(f"out of memory while loading {self.job.model} on {self.device}: {failure}",
+                               hint="see `memfit estimate` for the weights' size; --method qlora or a smaller model")
 
     def _estimate_bytes(self) -> int | None:
         from memfit.estimate.memory import Hardware, estimate_memory
