@@ -29,6 +29,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py
 	$(BIN)/python benchmarks/guard_overhead.py --write
+	$(BIN)/python benchmarks/train_cpu.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -325,6 +325,11 @@ def init_model_command(
     console.print(f"wrote {preset} ({dtype}) to {path}")
 
 
+def _check_device(device: Optional[str]) -> None:
+    if device is not None and device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+
+
 def _run_training(job, config: TrainConfig) -> None:
     from memfit.render import TrainRenderer
     from memfit.train import train as train_run
@@ -356,8 +361,7 @@ def train(
     from memfit.train import TrainJob
     from memfit.train.checkpoint import open_checkpoint
 
-    if device is not None and device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    _check_device(device)
     file_values = read_config_file(config_file)
     checkpoint, saved = None, {}
     if resume is not None:
@@ -372,9 +376,8 @@ def train(
         saved = checkpoint.meta
     config = build_config(training, config_file, base=saved.get("config"))
 
-    def pick(flag_value, key):
-        value = flag_value if flag_value is not None else file_values.get(key, saved.get(key))
-        return value
+    def pick(flag_value, key):  # flag, else the -c file, else the checkpoint
+        return flag_value if flag_value is not None else file_values.get(key, saved.get(key))
 
     job_model, job_data, job_out = pick(model, "model"), pick(data, "data"), pick(output_dir, "output_dir")
     for value, flag in ((job_model, "--model"), (job_data, "--data"), (job_out, "--output-dir")):
@@ -409,6 +412,7 @@ def demo(
     from memfit.paths import cache_dir
     from memfit.train import TrainJob
 
+    _check_device(device)
     model_dir = cache_dir() / "models" / "tiny"
     if not (model_dir / "config.json").exists():
         console.print(f"building the tiny demo model in {model_dir} (memfit init-model --preset tiny)")
@@ -416,7 +420,8 @@ def demo(
     config = make_config(**{**DEMO_DEFAULTS, **training})
     output_dir = output_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     with resources.as_file(resources.files("memfit").joinpath("data/demo.jsonl")) as data:
-        console.print(f"demo: LoRA on {model_dir} with {data.name} ({config.loss} loss), run dir {output_dir}")
+        console.print(f"demo: LoRA on {model_dir} with {data.name} ({config.loss} loss), run dir {output_dir}",
+                      soft_wrap=True)
         _run_training(TrainJob(model=str(model_dir), data=data, output_dir=output_dir, device=device), config)
 
 

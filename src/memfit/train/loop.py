@@ -103,16 +103,11 @@ class Trainer:
     # --- set-up ------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
-
-        from memfit.data import build_dataset
-        from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env
+        """Check everything cheap first (output dir, resume conflicts, model files, every data line), then start
+        the guard, then load the model, so bad input fails in seconds and loading is already watched."""
+        from memfit.guard import cuda_alloc_conf_env
         from memfit.models import resolve_model
         from memfit.precision import resolve_precision
-        from memfit.train.model import load_model
-        from memfit.train.optim import build_optimizer
 
         job, config = self.job, self.config
         self.device = job.device or default_device()
@@ -128,12 +123,32 @@ class Trainer:
                                 f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
         self.precision = resolve_precision(config.dtype, self.device)
         self.resolved = resolve_model(job.model)
+        # A local dir is recorded absolute, so `--resume` and `-c config.yaml` work from any directory.
+        self.model_spec = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
         model_dir = self.resolved.require_weights()
+        self._load_data(model_dir)
+
+        self.run_dir = RunDir(job.output_dir)
+        self.sinks.insert(0, self.run_dir)
+        for path in ckpt.remove_partial_checkpoints(job.output_dir):
+            self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
+        self._start_guard()
+        self._build(model_dir)
+        self.step, self.samples_seen = 0, 0
+        if job.resume is not None:
+            self._restore(job.resume)
+        self._write_run_json(status="running")
+
+    def _load_data(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from memfit.data import build_dataset
+
+        job, config = self.job, self.config
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        # Every line is validated and tokenized before the model is loaded: bad data fails in seconds.
         distrust = config.loss == "distrust"
         self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
         self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
@@ -146,23 +161,30 @@ class Trainer:
         self.emit(Notice(f"data: {self.dataset.stats.summary()}"))
         if self.val_dataset:
             self.emit(Notice(f"validation: {self.val_dataset.stats.summary()}"))
-
-        self.run_dir = RunDir(job.output_dir)
-        self.sinks.insert(0, self.run_dir)
-        for path in ckpt.remove_partial_checkpoints(job.output_dir):
-            self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
-
-        self.limit = choose_limit(config.max_memory, self.device)
-        self.emit(Notice(self.limit.describe()))
-        configure_cuda(self.limit)
-        self.guard = Guard(self.limit, threshold=config.memory_threshold, interval_s=config.memory_sample_interval)
-        self.guard.start()
-
         self.effective_batch = config.batch_size * config.grad_accum
         self.micro_batch = config.batch_size
         rows = len(self.dataset.rows)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
 
+    def _start_guard(self) -> None:
+        from memfit.guard import Guard, choose_limit, configure_cuda
+
+        self.limit = choose_limit(self.config.max_memory, self.device)
+        self.emit(Notice(self.limit.describe()))
+        configure_cuda(self.limit)
+        self.guard = Guard(self.limit, threshold=self.config.memory_threshold,
+                           interval_s=self.config.memory_sample_interval)
+        self.guard.start()
+
+    def _build(self, model_dir: Path) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_cosine_schedule_with_warmup
+
+        from memfit.train.model import load_model
+        from memfit.train.optim import build_optimizer
+
+        config = self.config
         set_seed(config.seed)
         self.accelerator = Accelerator(mixed_precision=self.precision.accelerate_mixed_precision,
                                        cpu=self.device == "cpu")
@@ -173,19 +195,18 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
 
-        self.step, self.samples_seen = 0, 0
-        if job.resume is not None:
-            state = ckpt.restore(job.resume, model=self.accelerator.unwrap_model(self.model),
-                                 optimizer=self.optimizer, scheduler=self.scheduler)
-            self.step, self.samples_seen = state["step"], state["samples_seen"]
-            self.recoveries = state.get("oom_recoveries", 0)
-            self.recent_losses = state.get("recent_losses", [])
-            if config.batch_size * config.grad_accum == state.get("effective_batch") \
-                    and job.resume.meta["config"].get("batch_size") == config.batch_size:
-                self.micro_batch = state.get("micro_batch", config.batch_size)  # keep an OOM-reduced micro-batch
-            self.run_dir.truncate_metrics_after(self.step)
-            self.emit(Notice(f"resumed from {job.resume.path} at step {self.step} of {self.total_steps}"))
-        self._write_run_json(status="running")
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        config = self.config
+        state = ckpt.restore(checkpoint, model=self.accelerator.unwrap_model(self.model),
+                             optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.recoveries = state.get("oom_recoveries", 0)
+        self.recent_losses = state.get("recent_losses", [])
+        if config.batch_size * config.grad_accum == state.get("effective_batch") \
+                and checkpoint.meta["config"].get("batch_size") == config.batch_size:
+            self.micro_batch = state.get("micro_batch", config.batch_size)  # keep an OOM-reduced micro-batch
+        self.run_dir.truncate_metrics_after(self.step)
+        self.emit(Notice(f"resumed from {checkpoint.path} at step {self.step} of {self.total_steps}"))
 
     def _load_model(self, load_model, model_dir: Path):
         from memfit.guard import is_out_of_memory
@@ -229,8 +250,9 @@ class Trainer:
                 "estimate_bytes": self.estimate, "total_steps": self.total_steps,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
-            self.run_dir.write_config({"model": self.job.model, "data": str(self.job.data),
-                                       "output_dir": str(self.job.output_dir), **self.config.model_dump()})
+            self.run_dir.write_config({"model": self.model_spec, "data": str(Path(self.job.data).resolve()),
+                                       "output_dir": str(Path(self.job.output_dir).resolve()),
+                                       **self.config.model_dump()})
         else:
             self.estimate = data.get("estimate_bytes")
         data.update(status)
@@ -325,7 +347,7 @@ class Trainer:
                  "grad_accum": math.ceil(self.effective_batch / self.micro_batch),
                  "effective_batch": self.effective_batch, "oom_recoveries": self.recoveries,
                  "recent_losses": self.recent_losses[-50:], "total_steps": self.total_steps}
-        meta = {"reason": reason, "config": self.config.model_dump(), "model": self.job.model,
+        meta = {"reason": reason, "config": self.config.model_dump(), "model": self.model_spec,
                 "model_path": str(self.resolved.path), "data": str(Path(self.job.data).resolve()),
                 "data_sha256": self.data_sha256,
                 "val_data": str(Path(self.job.val_data).resolve()) if self.job.val_data else None,
