@@ -140,3 +140,15 @@ def test_every_family_estimates(name):
     estimate = estimate_memory(hf_config, TrainConfig(method="lora", seq_len=256), Hardware("cuda", 80 * GB))
     assert estimate.params == ARCHITECTURES[name].param_count
     assert estimate.breakdown["activations"] > 0 and estimate.breakdown["logits"] > 0
+
+
+def test_estimating_leaves_the_global_rng_alone():
+    """A training run estimates itself before its first step: that must not shift its dropout masks."""
+    import torch
+
+    config = TrainConfig(method="lora", lora_rank=3, seq_len=96, batch_size=3)  # a config no other test traces
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    estimate_memory(ARCHITECTURES["tiny"].to_hf_config(), config, Hardware("cpu", 8 * GB))
+    assert torch.equal(torch.rand(4), expected)

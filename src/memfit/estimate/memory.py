@@ -160,11 +160,19 @@ def _cut_config(hf_config, num_layers: int):
 
 def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers: int,
                batch_size: int) -> dict[str, TracePeak]:
+    key = (hf_config.to_json_string(use_diff=False), config.model_dump_json(), precision.name, num_layers, batch_size)
+    if key not in _TRACE_CACHE:
+        # Building the cut (weight init, LoRA init) draws from the global RNG, and only on a cache miss: keep it
+        # off the caller's stream, or a training run's dropout masks would depend on what was estimated before.
+        with torch.random.fork_rng(devices=[]):
+            _TRACE_CACHE[key] = _trace_cut_uncached(hf_config, config, precision, num_layers, batch_size)
+    return _TRACE_CACHE[key]
+
+
+def _trace_cut_uncached(hf_config, config: TrainConfig, precision: Precision, num_layers: int,
+                        batch_size: int) -> dict[str, TracePeak]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    key = (hf_config.to_json_string(use_diff=False), config.model_dump_json(), precision.name, num_layers, batch_size)
-    if key in _TRACE_CACHE:
-        return _TRACE_CACHE[key]
     cut = _cut_config(hf_config, num_layers)
     cut.use_cache = False
     from memfit.train.model import attn_implementation
@@ -197,10 +205,8 @@ def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers:
     fake_mode = FakeTensorMode()
     fakeify_(model, fake_mode)
     text = cut.get_text_config() if hasattr(cut, "get_text_config") else cut
-    peaks = trace_step(model, fake_mode, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
-                       precision.autocast, head=head, last_layer=last_layer)
-    _TRACE_CACHE[key] = peaks
-    return peaks
+    return trace_step(model, fake_mode, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
+                      precision.autocast, head=head, last_layer=last_layer)
 
 
 def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision,

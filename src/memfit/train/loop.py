@@ -226,10 +226,7 @@ class Trainer:
 
         try:
             hardware = Hardware(self.device, self.limit.limit_bytes, 1, 0, "none")
-            # Its tracing draws random inputs (once per process, then cached): keep them off the training RNG,
-            # or a run's dropout masks would depend on what ran before it.
-            with torch.random.fork_rng(devices=[]):
-                return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
+            return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
         except Exception:  # the estimate is context for the report; training does not depend on it
             return None
 
