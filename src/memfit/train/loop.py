@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,17 +50,8 @@ class TrainJob:
     force: bool = False  # resume even when the config changed in a way that breaks exactness
 
 
-@dataclass
-class TrainResult:
-    status: str  # done | guard_stop | oom | interrupted
-    exit_code: int
-    step: int
-    total_steps: int
-    run_dir: Path
-    checkpoint: Path | None = None
-    final_dir: Path | None = None
-    resume_command: str | None = None
-    losses: list[float] = field(default_factory=list)
+# How a run ended is the loop's last event; `train()` returns it too.
+TrainResult = RunEnded
 
 
 class _StepAborted(Exception):
@@ -487,10 +478,10 @@ class Trainer:
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint), final_dir=str(final_dir) if final_dir else None)
-        self.emit(RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
-                           resume, report, self.recoveries))
-        return TrainResult(status, exit_code, self.step, self.total_steps, self.job.output_dir, self.last_checkpoint,
-                           final_dir, resume, list(self.recent_losses))
+        ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
+                         resume, report, self.recoveries)
+        self.emit(ended)
+        return ended
 
 
 def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
