@@ -14,21 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _reset_peak_rss() -> bool:
@@ -45,6 +33,7 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
 
     from memfit.allocator import fix_mmap_threshold
     from memfit.config import TrainConfig
+    from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
     from memfit.train.losses import causal_lm_loss
     from memfit.train.model import load_model
@@ -54,12 +43,12 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     config = TrainConfig(**config_values)
     precision = resolve_precision(config.dtype, device)
     torch.manual_seed(config.seed)
-    baseline_rss = _rss_bytes()
+    baseline_rss = rss_bytes()
     model = load_model(Path(model_dir), config, precision, device)
     model.train()
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
-    load_peak_rss = _peak_rss_bytes()
-    after_load_rss = _rss_bytes()
+    load_peak_rss = peak_rss_bytes()
+    after_load_rss = rss_bytes()
     can_reset = _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -78,13 +67,13 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_rss.append(_rss_bytes())
+        step_rss.append(rss_bytes())
     result = {
         "baseline_rss_bytes": baseline_rss,
         "after_load_rss_bytes": after_load_rss,
         "load_peak_rss_bytes": load_peak_rss,
-        "train_peak_rss_bytes": _peak_rss_bytes() if can_reset else None,
-        "peak_rss_bytes": max(load_peak_rss, _peak_rss_bytes()),
+        "train_peak_rss_bytes": peak_rss_bytes() if can_reset else None,
+        "peak_rss_bytes": max(load_peak_rss, peak_rss_bytes()),
         "step_rss_bytes": step_rss,
         "loss": float(loss.detach()) * config.grad_accum,
     }

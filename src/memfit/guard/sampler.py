@@ -65,7 +65,7 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 _process: psutil.Process | None = None
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     # /proc/self/statm is one short line the kernel formats from counters it keeps anyway (~5 µs); psutil's
     # memory_info reads the same but through more Python. The file is reopened each time on purpose: a cached
     # descriptor would keep pointing at the parent after a fork.
@@ -102,7 +102,7 @@ def _system_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _MAXRSS_UNIT
 
 
@@ -174,8 +174,8 @@ def read_memory(device: str = "cpu") -> MemorySample:
             )
     return MemorySample(
         time=time.monotonic(),
-        rss_bytes=_rss_bytes(),
-        peak_rss_bytes=_peak_rss_bytes(),
+        rss_bytes=rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         system_available_bytes=_system_available_bytes(),
         **cuda,
     )
