@@ -325,6 +325,69 @@ def init_model_command(
     console.print(f"wrote {preset} ({dtype}) to {path}")
 
 
+def _int_list(text: Optional[str], flag: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers (got {text!r})", hint="e.g. 16,32,64") from None
+
+
+@app.command()
+@training_flags()
+def probe(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="local dir, HF id in the HF cache, or alias"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="training JSONL (tokenized as training does)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
+    limit_gb: Optional[float] = typer.Option(None, "--max-memory", help="limit in GB (default: 80% of available)"),
+    steps: int = typer.Option(15, "--steps", help="training steps per trial (late allocations show after a few)"),
+    margin: float = typer.Option(0.15, "--margin", help="usable: peak x (1 + margin) stays under the limit"),
+    search: str = typer.Option("batch", "--search", help="batch, batch,rank or batch,seq"),
+    values: Optional[str] = typer.Option(None, "--values", help="the second axis' values, e.g. 16,32,64"),
+    max_batch: int = typer.Option(1024, "--max-batch", help="largest batch size to try"),
+    pow2: bool = typer.Option(False, "--pow2", help="only try powers of two (1, 2, 4, 8, ...)"),
+    min_batch: int = typer.Option(1, "--min-batch", help="with a second axis: the batch its chosen value must fit"),
+    trial_timeout: float = typer.Option(600, "--trial-timeout", help="seconds without a finished step = hung"),
+    fresh: bool = typer.Option(False, "--fresh", help="measure again instead of reusing this probe's journal"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
+    as_json: bool = typer.Option(False, "--json", help="print the profile as one JSON object"),
+    training: dict = None,
+):
+    """Find the largest batch (and rank or sequence length) that really fits here: real training steps in child
+    processes, saved as a hardware profile for `train --profile auto`."""
+    from memfit.probe import ProbeJob
+    from memfit.probe import probe as run_probe
+    from memfit.probe.profile import AXES, read_profile
+    from memfit.render import ProbeRenderer
+
+    _check_device(device)
+    file_values = read_config_file(config_file)
+    model = model or file_values.get("model")
+    data = data or file_values.get("data")
+    if model is None or data is None:
+        raise UserError(f"missing {'--model' if model is None else '--data'}", hint="see memfit probe --help")
+    axes = tuple(part.strip() for part in search.split(",") if part.strip())
+    if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
+        raise UserError(f"unknown --search {search!r}: choose batch, batch,rank or batch,seq")
+    config = build_config({key: value for key, value in training.items()}, config_file)
+    job = ProbeJob(model=str(model), data=Path(data), device=device or file_values.get("device"),
+                   max_memory=limit_gb if limit_gb is not None else file_values.get("max_memory"),
+                   steps=steps, margin=margin, search=axes, values=_int_list(values, "--values"),
+                   max_batch=max_batch, powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout,
+                   fresh=fresh)
+    renderer = ProbeRenderer(Console(stderr=True) if as_json else console, [AXES[axis] for axis in axes])
+    try:
+        result = run_probe(job, config, on_event=renderer)
+    finally:
+        renderer.close()
+    if as_json:
+        saved = read_profile(Path(result.profile_path))
+        _print_json({"profile_path": result.profile_path, "machine": saved["machine"], "model": saved["model"],
+                     **saved["entries"][result.entry_key]})
+    raise typer.Exit(result.exit_code)
+
+
 def _check_device(device: Optional[str]) -> None:
     if device is not None and device not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")

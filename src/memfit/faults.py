@@ -5,7 +5,9 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
 - `oom@K+`       every attempt of step K does (so even micro-batch 1 fails: the unrecoverable case);
 - `save_pause@K[:S]`  the checkpoint of step K pauses S seconds (default 60) after its first file is written,
                  with a `.paused` marker in the half-written directory (to kill the process mid-write);
-- `leak@MB`      every optimizer step retains MB megabytes that are never freed (a leaking framework).
+- `leak@MB`      every optimizer step retains MB megabytes that are never freed (a leaking framework);
+- `oomkill@MB`   a process whose RSS passes MB megabytes (checked at every memory reading of the guard) sends
+                 itself SIGKILL: the kernel's OOM killer on a machine with that much memory.
 Nothing here runs unless the variable is set.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -56,3 +59,9 @@ def maybe_leak() -> None:
     if spec is not None:
         # ones_, not empty: untouched pages would not count in RSS.
         _leaked.append(torch.ones(int(float(spec) * 1024**2) // 4, dtype=torch.float32))
+
+
+def maybe_oom_kill(rss_bytes: int) -> None:
+    spec = _faults().get("oomkill")
+    if spec is not None and rss_bytes > float(spec) * 1024**2:
+        os.kill(os.getpid(), signal.SIGKILL)

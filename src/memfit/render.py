@@ -115,3 +115,123 @@ class TrainRenderer:
             self._print("to fit, add a higher --max-memory, or --batch-size B --grad-accum A with the same B x A "
                         "(the effective batch, which keeps the resume exact); `memfit estimate` shows what else saves "
                         "memory")
+
+
+# --- memfit probe --------------------------------------------------------------------------------------------------
+
+
+def _settings(settings: dict) -> str:
+    return " ".join(f"{key.replace('_size', '').replace('lora_', '')}={value}" for key, value in settings.items())
+
+
+class ProbeRenderer:
+    """A line as each trial starts and ends (with a live step counter on a terminal), then the table of all
+    trials and the chosen settings, in the seed's words."""
+
+    def __init__(self, console: Console, searched: list[str]):
+        self.console = console
+        self.searched = searched  # the config fields the probe chooses (batch_size first)
+        self.status = None
+        self.limit_bytes = 0
+        self.margin = 0.0
+
+    def __call__(self, event: Event) -> None:
+        handler = getattr(self, f"_on_{type(event).__name__}", None)
+        if handler:
+            handler(event)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def _print(self, text: str, style: str | None = None) -> None:
+        self.console.print(text, style=style, highlight=False, soft_wrap=True)
+
+    def _shown(self, settings: dict) -> dict:
+        return {key: settings[key] for key in self.searched}
+
+    def _on_Notice(self, event) -> None:
+        self._print(event.message, "yellow" if event.level == "warning" else None)
+
+    def _on_ProbeStarted(self, event) -> None:
+        self.limit_bytes, self.margin = event.limit_bytes, event.margin
+        how = "auto: 80% of available" if event.limit_auto else "--max-memory"
+        self._print(f"probing {event.model} on {event.device}: limit {event.limit_bytes / GB:.2f} GB ({how}), "
+                    f"margin {event.margin:.0%}, {event.steps} steps per trial, search {','.join(event.search)}")
+        self._print(f"journal: {event.journal}"
+                    + (f" ({event.reused_trials} finished trial(s) from an earlier run, not rerun)"
+                       if event.reused_trials else ""), "dim")
+
+    def _on_TrialStarted(self, event) -> None:
+        estimate = f" (estimated {event.estimate_bytes / GB:.2f} GB)" if event.estimate_bytes else ""
+        self._print(f"trial {event.number}: {_settings(self._shown(event.settings))}{estimate} ...")
+        if self.console.is_terminal:
+            self.status = self.console.status(f"trial {event.number}: loading")
+            self.status.start()
+
+    def _on_TrialStep(self, event) -> None:
+        if self.status is not None:
+            self.status.update(f"trial {event.number}: step {event.step}/{event.steps}, loss {event.loss:.3f}, "
+                               f"mem {event.watched_bytes / GB:.2f} GB")
+
+    def _on_TrialEnded(self, event) -> None:
+        self.close()
+        trial = event.trial
+        peak = f"peak {trial['peak_bytes'] / GB:.2f} GB" if trial["peak_bytes"] else "peak unknown"
+        adjusted = f" (x{1 + self.margin:.2f}: {trial['peak_bytes'] * (1 + self.margin) / GB:.2f} GB)" \
+            if trial["peak_bytes"] else ""
+        speed = f", {trial['tokens_per_s']:,.0f} tok/s" if trial.get("tokens_per_s") else ""
+        verdict = "usable" if event.usable else {"fits": "fits, not usable", "over_limit": "over the limit",
+                                                 "oom": "OOM", "error": "error"}[trial["status"]]
+        style = "green" if event.usable else ("yellow" if trial["status"] == "fits" else "red")
+        source = " [journal]" if event.from_journal else ""
+        self._print(f"trial {event.number}: {_settings(self._shown(trial['settings']))} -> {verdict}: {peak}"
+                    f"{adjusted}{speed}; {trial['detail']}{source}", style)
+
+    def _on_ProbeEnded(self, event) -> None:
+        from rich.table import Table
+
+        self.close()
+        table = Table(title=f"probe trials (limit {self.limit_bytes / GB:.2f} GB, margin {self.margin:.0%})")
+        for column in ("#", *[c.replace("_size", "").replace("lora_", "") for c in self.searched], "result", "peak",
+                       "+margin", "estimate", "step", "tok/s", "growth", "detail"):
+            table.add_column(column, justify="right" if column not in ("result", "detail") else "left")
+        for number, trial in enumerate(event.trials, 1):
+            peak = trial["peak_bytes"]
+            result = "usable" if trial["usable"] else trial["status"].replace("_", " ")
+            table.add_row(str(number), *[str(trial["settings"][key]) for key in self.searched],
+                          f"[{'green' if trial['usable'] else 'red'}]{result}[/]",
+                          f"{peak / GB:.2f} GB" if peak else "-",
+                          f"{peak * (1 + self.margin) / GB:.2f} GB" if peak else "-",
+                          f"{trial['estimate_bytes'] / GB:.2f} GB" if trial.get("estimate_bytes") else "-",
+                          f"{trial['step_time_s']:.2f} s" if trial.get("step_time_s") else "-",
+                          f"{trial['tokens_per_s']:,.0f}" if trial.get("tokens_per_s") else "-",
+                          f"{trial['growth']:+.1%}" if trial.get("growth") is not None else "-",
+                          trial["detail"] + (" [journal]" if trial.get("from_journal") else ""))
+        # Off a terminal (logs, pipes) rich would squeeze the table into 80 columns.
+        wide = self.console if self.console.is_terminal else Console(file=self.console.file, width=160)
+        wide.print(table)
+        if len(event.frontier) > 1:
+            self._print("largest batch per value: " + ", ".join(
+                f"{_settings({k: v for k, v in point.items() if k != 'max_batch'})}: {point['max_batch']}"
+                for point in event.frontier))
+        if event.calibration:
+            cal = event.calibration
+            self._print(f"estimator calibration: measured/estimated = {cal['ratio']:.3f} over {cal['trials']} "
+                        f"trial(s) (range {cal['min']:.3f}-{cal['max']:.3f})")
+        if event.chosen:
+            chosen = event.chosen
+            self._print("OPTIMAL CONFIGURATION:", "bold green")
+            for key in self.searched:
+                self._print(f"  {key.replace('_', ' ')}: {chosen[key]}")
+            self._print(f"  peak memory: {chosen['peak_bytes'] / GB:.2f} GB "
+                        f"({chosen['peak_x_margin_bytes'] / GB:.2f} GB with the {self.margin:.0%} margin)")
+            if chosen.get("step_time_s"):
+                self._print(f"  step time: {chosen['step_time_s']:.2f} s ({chosen['tokens_per_s']:,.0f} tok/s)")
+            self._print(f"profile saved: {event.profile_path}")
+            self._print("train with it: memfit train --profile auto ... (explicit flags override it)", "bold")
+        else:
+            self._print(event.message, "red")
+            self._print("to fit: --method qlora, --grad-checkpointing, a shorter --seq-len, or a higher --max-memory "
+                        "(`memfit estimate` shows what each saves)")

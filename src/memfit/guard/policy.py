@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import psutil
 
+from memfit import faults
 from memfit.guard.report import format_gb
 from memfit.guard.sampler import MemorySample, MemorySampler, read_memory, slope_per_second
 
@@ -193,6 +194,7 @@ class GuardEvent:
 EARLY_STOP_MIN_RATE = 50 * MB
 EARLY_STOP_MIN_SAMPLES = 5
 EARLY_STOP_RATE_WINDOW_S = 1.0
+FIRST_STEP_HORIZON_S = 1.0
 LEAK_MIN_R_SQUARED = 0.8
 
 
@@ -279,6 +281,7 @@ class Guard:
 
     def _on_sample(self, sample: MemorySample) -> None:
         """Runs in the sampler thread. Requests a stop once; later samples only keep the peak."""
+        faults.maybe_oom_kill(sample.rss_bytes)
         watched = sample.watched_bytes
         self._raise_peak(watched)
         if self._stop.is_set():
@@ -298,8 +301,8 @@ class Guard:
     def _projected_crossing(self, sample: MemorySample) -> str | None:
         """A reason to stop when the current rise would cross the limit before this step ends, else None.
 
-        The horizon is what remains of the step, judged by the last step's duration (1 s before any step has
-        been timed). Besides the rate and sample-count floors, memory must be above every earlier step's peak:
+        The horizon is what remains of the step, judged by the last step's duration (before any step has been
+        timed: as long again as the step has run, at most 1 s). Besides the rate and sample-count floors, memory must be above every earlier step's peak:
         each step rises and falls again (activations), and projecting that ordinary rise to the end of the step
         would stop healthy runs whose peak sits near the limit.
         """
@@ -312,10 +315,12 @@ class Guard:
         rate = slope_per_second(recent)
         if rate <= EARLY_STOP_MIN_RATE:
             return None
+        elapsed = sample.time - self._step_started if self._step_started is not None else 0.0
         if self._last_step_s is None:
-            horizon = 1.0
+            # No step timed yet: assume the step runs about as long again as it has so far (capped at 1 s). A
+            # fixed 1 s stopped short first steps whose activations rise fast for a fraction of a second.
+            horizon = min(max(elapsed, self.sampler.interval_s), FIRST_STEP_HORIZON_S)
         else:
-            elapsed = sample.time - self._step_started if self._step_started is not None else 0.0
             # At least one sampling interval ahead: past the usual step length, the step is still running.
             horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
         if watched + rate * horizon <= self.limit.limit_bytes:

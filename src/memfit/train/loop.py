@@ -48,6 +48,10 @@ class TrainJob:
     device: str | None = None
     resume: ckpt.Checkpoint | None = None
     force: bool = False  # resume even when the config changed in a way that breaks exactness
+    # A probe trial (memfit.probe): measure memory, not learn. Each step takes the longest rows (a step's peak is
+    # set by its longest row, padding included), an out-of-memory error ends the run instead of being recovered
+    # (the probe wants to know), and nothing is checkpointed.
+    trial: bool = False
 
 
 # How a run ended is the loop's last event; `train()` returns it too.
@@ -155,6 +159,7 @@ class Trainer:
         self.effective_batch = config.batch_size * config.grad_accum
         self.micro_batch = config.batch_size
         rows = len(self.dataset.rows)
+        self.longest_first = sorted(range(rows), key=lambda i: -len(self.dataset.rows[i].input_ids))
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
 
     def _start_guard(self) -> None:
@@ -226,7 +231,8 @@ class Trainer:
 
         data = self.run_dir.read_run_json()
         if "config" not in data:
-            self.estimate = self._estimate_bytes()
+            # A probe trial's parent estimates every trial itself; the child spends no time on it.
+            self.estimate = None if self.job.trial else self._estimate_bytes()
             data.update({
                 "config": self.config.model_dump(), "model": self.job.model, "model_path": str(self.resolved.path),
                 "data": str(self.job.data), "data_sha256": self.data_sha256,
@@ -313,8 +319,9 @@ class Trainer:
             release_memory()
             if failure == "aborted":
                 return "aborted"
-            if self.micro_batch == 1:
-                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch 1: {failure}", "warning"))
+            if self.micro_batch == 1 or self.job.trial:
+                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}: {failure}",
+                                 "warning"))
                 return "oom"
             self.micro_batch = max(1, self.micro_batch // 2)
             self.recoveries += 1
@@ -393,8 +400,6 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        from memfit.data import step_rows
-
         config = self.config
         unwrapped = self.accelerator.unwrap_model(self.model)
         trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
@@ -406,7 +411,7 @@ class Trainer:
         self._emit_guard(events)
         status = "done"
         while self.step < self.total_steps and not self._should_stop():
-            rows_index = step_rows(len(self.dataset.rows), config.seed, self.samples_seen, self.effective_batch)
+            rows_index = self._rows_for_step()
             started = time.perf_counter()
             outcome = self._run_step_with_recovery(rows_index)
             if outcome == "oom":
@@ -425,13 +430,21 @@ class Trainer:
                 self.evaluate()
             if self.step % config.memory_report_interval == 0 and self.step < self.total_steps:
                 self.emit(MemoryReport(self.step, self.memory_report_text(sample)))
-            if self.step % config.save_every == 0 and self.step < self.total_steps:
+            if self.step % config.save_every == 0 and self.step < self.total_steps and not self.job.trial:
                 self.save("periodic")
         if status != "oom" and self.interrupted:
             status = "interrupted"
         elif status != "oom" and self.guard.stop_requested:
             status = "guard_stop"
         return self._finish(status)
+
+    def _rows_for_step(self) -> list[int]:
+        from memfit.data import step_rows
+
+        if self.job.trial:
+            count = len(self.longest_first)
+            return [self.longest_first[(self.samples_seen + i) % count] for i in range(self.effective_batch)]
+        return step_rows(len(self.dataset.rows), self.config.seed, self.samples_seen, self.effective_batch)
 
     def _emit_step(self, stats: dict[str, Any], elapsed: float, sample) -> None:
         self.recent_losses = (self.recent_losses + [stats["loss"]])[-50:]
@@ -457,27 +470,27 @@ class Trainer:
         from memfit.guard import read_memory
 
         final_dir = None
-        if status == "done":
+        if status == "done" and not self.job.trial:
             if self.val_dataset and not (self.config.eval_every and self.step % self.config.eval_every == 0):
                 self.evaluate()
             self.save("end")
             final_dir = self.save_final()
-        else:
+        elif not self.job.trial:
             self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted"}[status])
         self.guard.stop()
         report = self.memory_report_text(read_memory(self.device))
         exit_code = {"done": EXIT_OK, "guard_stop": EXIT_GUARD_STOP, "oom": EXIT_OOM,
                      "interrupted": EXIT_INTERRUPTED}[status]
-        resume = None if status == "done" else f"memfit train --resume {self.last_checkpoint}"
+        resume = None if status == "done" or self.job.trial else f"memfit train --resume {self.last_checkpoint}"
         message = {
             "done": f"finished {self.step} steps",
             "guard_stop": f"stopped by the memory guard at step {self.step}: {self.guard.stop_reason}",
-            "oom": f"out of memory at step {self.step + 1} even with micro-batch 1",
+            "oom": f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}",
             "interrupted": f"interrupted ({self.interrupted}) at step {self.step}",
         }[status]
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             checkpoint=str(self.last_checkpoint), final_dir=str(final_dir) if final_dir else None)
+                             checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, final_dir=str(final_dir) if final_dir else None)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)

@@ -1,0 +1,6 @@
+"""`memfit probe`: real training steps in child processes find the largest settings that fit on this machine;
+the answer is saved as a hardware profile that `train --profile` and `estimate` use."""
+
+from memfit.probe.runner import ProbeJob, ProbeResult, probe
+
+__all__ = ["ProbeJob", "ProbeResult", "probe"]
