@@ -6,6 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """memfit's cache (probe profiles and journals, the demo model) in a test-session dir, never the user's: a
+    profile there would calibrate the estimator under test."""
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path_factory.getbasetemp() / "memfit-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from memfit.models import init_model

@@ -7,6 +7,7 @@ import inspect
 import json
 import sys
 import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -210,6 +211,8 @@ def estimate(
     zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage 0-3"),
     offload: str = typer.Option("none", "--offload", help="none or cpu (ZeRO offload)"),
     target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach with grad-accum"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="scale by this machine's `memfit probe` measurements when there are some"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     training: dict = None,
@@ -224,15 +227,34 @@ def estimate(
     hardware = _hardware(device, memory_gb, num_gpus, zero, offload)
     resolved = resolve_model(model)
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
-    largest = max_batch_size(resolved.config, config, hardware)
+    calibration = _calibration(resolved, config, hardware) if calibrate else None
+    solve_for = hardware
+    if calibration:
+        ratio = calibration["ratio"]
+        result.breakdown["calibration"] = int(result.total_bytes * (ratio - 1))
+        result.notes.append(f"calibrated with this machine's probe profile {calibration['profile']}: measured/"
+                            f"estimated = {ratio:.3f} over {calibration['trials']} trial(s); --no-calibrate for "
+                            "the raw estimate")
+        solve_for = replace(hardware, memory_bytes=int(hardware.memory_bytes / ratio))
+    largest = max_batch_size(resolved.config, config, solve_for)
     micro_batch, grad_accum = config.batch_size, config.grad_accum
     if target_batch:
         micro_batch = min(largest or 1, config.batch_size)
         grad_accum = grad_accum_for(target_batch, micro_batch, hardware.num_gpus)
     advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
     if as_json:
-        return _print_json(to_json(result, largest, grad_accum, advice))
+        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration})
     _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
+
+
+def _calibration(resolved, config: TrainConfig, hardware) -> Optional[dict[str, Any]]:
+    """This machine's measured/estimated ratio for this model and setup, from a `memfit probe` profile (only for
+    one device: the probe measures one process)."""
+    from memfit.probe.profile import calibration_for, fingerprint, machine_facts
+
+    if hardware.num_gpus != 1 or hardware.offload != "none":
+        return None
+    return calibration_for(resolved, fingerprint(machine_facts()), config.model_dump(), hardware.device)
 
 
 def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice) -> None:
@@ -417,6 +439,9 @@ def train(
         None, "--resume", help="continue from a checkpoint: a checkpoints/step-N dir, a run dir, or alone for the "
         "newest good checkpoint of --output-dir; the checkpoint's model, data and config are the defaults"),
     force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", help="auto: this machine's `memfit probe` profile for --model; or a profile JSON file. "
+        "Its batch size (and rank or seq-len when probed) apply unless given explicitly"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
     training: dict = None,
 ):
@@ -437,7 +462,6 @@ def train(
         else:
             checkpoint = open_checkpoint(Path(resume))
         saved = checkpoint.meta
-    config = build_config(training, config_file, base=saved.get("config"))
 
     def pick(flag_value, key):  # flag, else the -c file, else the checkpoint
         return flag_value if flag_value is not None else file_values.get(key, saved.get(key))
@@ -446,13 +470,42 @@ def train(
     for value, flag in ((job_model, "--model"), (job_data, "--data"), (job_out, "--output-dir")):
         if value is None:
             raise UserError(f"missing {flag}", hint="see memfit train --help (or use -c CONFIG.yaml)")
+    base, device = saved.get("config"), device or file_values.get("device")
+    if profile is not None:
+        if checkpoint is not None:
+            raise UserError("--profile and --resume do not mix: a resumed run keeps its checkpoint's settings",
+                            hint="drop --profile")
+        base, device = _profile_settings(profile, str(job_model), {**file_values, **training}, device)
+    config = build_config(training, config_file, base=base)
     job_val = pick(val_data, "val_data")
     if config.eval_every and job_val is None:
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
     job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
-                   val_data=Path(job_val) if job_val else None, device=device or file_values.get("device"),
-                   resume=checkpoint, force=force)
+                   val_data=Path(job_val) if job_val else None, device=device, resume=checkpoint, force=force)
     _run_training(job, config)
+
+
+def _profile_settings(choice: str, model: str, explicit: dict[str, Any],
+                      device: Optional[str]) -> tuple[dict[str, Any], Optional[str]]:
+    """The settings a probe profile gives `train` (explicit flags and -c keys still win), and the device."""
+    from memfit.models import resolve_model
+    from memfit.probe.profile import SETUP_FIELDS, profile_for_training
+
+    wanted = {key: value for key, value in explicit.items() if key in SETUP_FIELDS}
+    if device is not None:
+        wanted["device"] = device
+    path, entry, notes = profile_for_training(choice, resolve_model(model), wanted)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]", soft_wrap=True)
+    settings = entry["settings"]
+    applied = {key: value for key, value in settings.items() if key not in explicit}
+    chosen = entry["chosen"]
+    console.print(f"profile: {path} (probed {entry['created_at']}): "
+                  + ", ".join(f"{key} {value}" for key, value in applied.items() if key in
+                              ("batch_size", "lora_rank", "seq_len", "max_memory"))
+                  + f"; measured peak {chosen['peak_bytes'] / GB:.2f} GB of {entry['limit_bytes'] / GB:.2f} GB",
+                  soft_wrap=True, highlight=False)
+    return settings, device or entry["setup"].get("device")
 
 
 # The demo: a tiny llama, LoRA, the built-in dataset, about a minute on 2 CPU cores.

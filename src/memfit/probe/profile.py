@@ -172,3 +172,48 @@ def calibration_for(resolved, machine: str, config_values: dict[str, Any], devic
         if calibration and same and setup.get("device") == device:
             return {**calibration, "profile": str(path)}
     return None
+
+
+def profile_for_training(choice: str, resolved, wanted: dict[str, Any]) -> tuple[Path, dict[str, Any], list[str]]:
+    """The profile entry `train --profile auto|FILE` applies: (file, entry, notes for the user).
+
+    `wanted` holds the settings the user gave explicitly (flags, -c file) among SETUP_FIELDS and the device; an
+    entry probed with different ones does not apply (its batch size would be wrong for them)."""
+    notes: list[str] = []
+    facts = machine_facts()
+    machine = fingerprint(facts)
+    key = model_key(resolved)
+    if choice == "auto":
+        path = find_profile(resolved, machine)
+        if path is None:
+            raise UserError(f"no probe profile for {resolved.name} on this machine (looked in {profiles_dir(machine)})",
+                            hint=f"run `memfit probe --model {resolved.spec} --data YOUR.jsonl` first, or drop "
+                                 "--profile")
+    else:
+        path = Path(choice)
+    profile = read_profile(path)
+    if profile.get("model", {}).get("key") not in (None, key):
+        raise UserError(f"{path} was probed for {profile['model'].get('name')}, not {resolved.name}",
+                        hint="use --profile auto, or the profile of this model")
+    if profile.get("machine", {}).get("fingerprint") not in (None, machine):
+        notes.append(f"{path} was probed on another machine ({profile['machine'].get('fingerprint')}); "
+                     "its settings may not fit here")
+    entry = select_entry(profile, wanted, str(path))
+    return path, {**entry, "settings": _settings_for(entry, wanted, path)}, notes
+
+
+def _settings_for(entry: dict[str, Any], wanted: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The entry's settings; when the user fixed the searched second axis (--seq-len or --lora-rank), the batch
+    the probe found for that value instead of the chosen one."""
+    settings = dict(entry["settings"])
+    for axis in entry["search"][1:]:
+        name = AXES[axis]
+        if name not in wanted:
+            continue
+        point = next((p for p in entry["frontier"] if p.get(name) == wanted[name]), None)
+        if point is None or point["max_batch"] < 1:
+            probed = ", ".join(f"{p[name]} (batch {p['max_batch']})" for p in entry["frontier"])
+            raise UserError(f"{path} has no fitting batch for {name} {wanted[name]}; probed: {probed}",
+                            hint=f"pick one of those, or probe again with --values {wanted[name]}")
+        settings.update({name: wanted[name], "batch_size": point["max_batch"]})
+    return settings

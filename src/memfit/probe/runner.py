@@ -18,7 +18,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from memfit.paths import cache_dir
 from memfit.probe import profile as profiles
 from memfit.probe.events import Notice, ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
-from memfit.probe.trial import Trial, TrialSpec, run_trial
+from memfit.probe.trial import Trial, TrialSpec, failed_on_input, run_trial
 from memfit.train.events import Event
 
 GB = 1024**3
@@ -103,6 +103,10 @@ def _auto_limit_bytes(device: str) -> tuple[int, int]:
             raise UserError("--device cuda but no CUDA GPU is visible", hint="check nvidia-smi, or use --device cpu")
         available = min(gpu.free_bytes for gpu in info.gpus)
     return int(available * SUGGESTED_FRACTION), available
+
+
+def _describe(settings: dict[str, int]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
 
 
 class Journal:
@@ -262,9 +266,11 @@ class Probe:
             self.emit(TrialStarted(number, full, estimate))
             trial = self._run(full, number)
             trial.estimate_bytes = estimate
-            if trial.status == "error" and trial.exit_code == 2:
-                # Bad input fails every trial the same way: stop, with the child's own message.
-                raise UserError(f"trial {full} failed: {trial.detail}")
+            if failed_on_input(trial):
+                log = self.journal.path.with_suffix(f".trial-{number}.stderr.txt")
+                shutil.copyfile(self.workdir / f"trial-{number}" / "stderr.txt", log)
+                raise UserError(f"trial {number} ({_describe(full)}) failed with an error, not for lack of memory: "
+                                f"{trial.detail}", hint=f"fix that and rerun; the trial's full output is in {log}")
             self.journal.add(trial)
             from_journal = False
         usable = trial.usable(self.limit_bytes, job.margin, job.max_growth)
@@ -341,7 +347,7 @@ class Probe:
             settings = {key: value for key, value in self.setup_values.items() if key != "device"}
             settings.update({key: chosen[key] for key in self.searched})
             if not self.limit_auto:
-                settings["max_memory"] = self.limit_bytes / GB
+                settings["max_memory"] = round(self.limit_bytes / GB, 3)
         trials = [{**trial.to_dict(), "usable": trial.usable(self.limit_bytes, job.margin, job.max_growth),
                    "from_journal": cached} for trial, cached in self.trials]
         entry = {

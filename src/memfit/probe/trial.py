@@ -10,7 +10,9 @@ stops making progress, and turns however the child ended into one of four status
 - fits        all steps ran (whether the setting is *usable* also needs the margin and a stable peak);
 - over_limit  the child's guard stopped it at the limit (exit 3), or the parent killed it past the limit;
 - oom         an out-of-memory error (exit 4), or SIGKILL from outside: the kernel's OOM killer;
-- error       anything else: bad input (exit 2, the child's one-line message), a crash, a hang.
+- error       anything else: bad input (exit 2, the child's one-line message), an exception, a crash, a hang.
+              An error with an exit code (bad input, an exception) stops the probe: it is not a memory outcome,
+              and reading it as "does not fit" is the classic OOM false positive.
 """
 
 from __future__ import annotations
@@ -219,6 +221,9 @@ def _classify(spec: TrialSpec, steps: int, exit_code: int, killed_for: str | Non
         trial.status, trial.detail = "over_limit", killed_for
     elif killed_for:
         trial.detail = killed_for
+    elif exit_code == 0 and peak is not None and peak > spec.limit_bytes:
+        trial.status = "over_limit"
+        trial.detail = f"ran {len(metrics)} steps but peaked {peak / 1024**3:.2f} GB, over the limit between readings"
     elif exit_code == 0:
         trial.status, trial.detail = "fits", f"{len(metrics)} steps"
         if trial.unstable():
@@ -237,6 +242,12 @@ def _classify(spec: TrialSpec, steps: int, exit_code: int, killed_for: str | Non
     else:
         trial.detail = f"exit {exit_code}: {stderr_line or 'no message'}"
     return trial
+
+
+def failed_on_input(trial: Trial) -> bool:
+    """An error that says nothing about memory (bad input, a bug, a broken model file): every trial would fail
+    the same way, so the probe stops instead of reading it as "does not fit"."""
+    return trial.status == "error" and trial.exit_code is not None and trial.exit_code > 0
 
 
 # --- the child ---------------------------------------------------------------------------------------------------
