@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py
 	$(BIN)/python benchmarks/guard_overhead.py --write
 	$(BIN)/python benchmarks/train_cpu.py --write
+	$(BIN)/python benchmarks/probe_vs_bisection.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
