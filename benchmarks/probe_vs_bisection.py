@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimate_accuracy import write_section  # noqa: E402
+from estimate_accuracy import write_section
 
 MARK = "probe-vs-bisection"
 GB = 1024**3  # memfit's GB (--max-memory 0.7 = 0.7 x 2^30 bytes)
@@ -54,7 +54,7 @@ def run_probe(model_dir: Path, seq: int, limit_gb: float, steps: int) -> dict:
                "--json"]
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True,
+        done = subprocess.run(command, check=False, capture_output=True, text=True,
                               env={**os.environ, "MEMFIT_CACHE": cache, "HF_HUB_OFFLINE": "1"})
         wall_s = time.perf_counter() - started
     if not done.stdout.strip():
@@ -63,8 +63,8 @@ def run_probe(model_dir: Path, seq: int, limit_gb: float, steps: int) -> dict:
     chosen = result["chosen"] or {}
     return {"method": "memfit probe", "wall_s": wall_s, "chosen": chosen.get("batch_size", 0),
             "chosen_peak": chosen.get("peak_bytes"),
-            "trials": [{"batch_size": t["settings"]["batch_size"], "usable": t["usable"], "peak_bytes": t["peak_bytes"]}
-                       for t in result["trials"]]}
+            "trials": [{"batch_size": t["settings"]["batch_size"], "usable": t["usable"], "peak_bytes": t["peak_bytes"],
+                        "stopped": t["steps_done"] < t["steps"], "detail": t["detail"]} for t in result["trials"]]}
 
 
 # --- the baseline: one process, doubling then bisection --------------------------------------------------------
@@ -122,8 +122,8 @@ def baseline_child(model_dir: str, seq: int, limit_bytes: int, steps: int) -> di
 def run_baseline(model_dir: Path, seq: int, limit_gb: float, steps: int) -> dict:
     spec = json.dumps({"model_dir": str(model_dir), "seq": seq, "limit_bytes": int(limit_gb * GB), "steps": steps})
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--baseline-child", spec], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, __file__, "--baseline-child", spec], check=False, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall_s = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"baseline child exited {done.returncode}: {done.stderr.strip()[-2000:]}")
@@ -143,7 +143,9 @@ def cpu_name() -> str:
 
 
 def tried(trials: list[dict]) -> str:
-    return ", ".join(f"{t['batch_size']}" + ("" if t["usable"] else "✗") for t in trials)
+    """Batches in order: ✗ unusable, † stopped before its last step (the probe's guard or kill)."""
+    return ", ".join(f"{t['batch_size']}" + ("" if t["usable"] else "✗") + ("†" if t.get("stopped") else "")
+                     for t in trials)
 
 
 def verdict(probe: dict, baseline: dict) -> str:
@@ -159,17 +161,18 @@ def markdown(results: list[dict], steps: int) -> str:
     lines = [
         "## memfit probe vs in-process doubling + bisection",
         "",
-        f"Measured with `python benchmarks/probe_vs_bisection.py --write` on {cpu_name()} ({os.cpu_count()} cores), "
+        (f"Measured with `python benchmarks/probe_vs_bisection.py --write` on {cpu_name()} ({os.cpu_count()} cores), "
         f"torch {torch.__version__}, LoRA r16 fp32 on `demo.jsonl`, {steps} training steps per trial on both sides "
         f"(Lightning's default is 3). `memfit probe --json` runs as its own process with an empty cache; the "
         f"baseline is one child process that loads the model once and tries batches in-process as Lightning's "
         f"`BatchSizeFinder(mode=\"binsearch\")` does (start at {START}, double until a trial fails, then bisect), a "
         f"trial failing when its peak RSS (high-water mark reset before each trial) x {1 + MARGIN:.2f} passes the "
         f"limit, the probe's usability rule with margin {MARGIN}. Limits ({limits}) are `--max-memory` values in "
-        "GB of 2^30 bytes; ✗ marks a batch found unusable; wall time is the whole process, model loading included.",
+        "GB of 2^30 bytes; ✗ marks a batch found unusable, † a trial stopped before its last step; wall time is the "
+        "whole process, model loading included."),
         "",
-        "| model | seq | limit | method | trials | batches tried (in order) | wall time s | chosen batch "
-        "| peak of chosen (GB) |",
+        ("| model | seq | limit | method | trials | batches tried (in order) | wall time s | chosen batch "
+         "| peak of chosen (GB) |"),
         "|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
@@ -211,6 +214,9 @@ def main() -> None:
             print(f"{label} seq {seq} {limit_gb} GB: probe {tried(probe['trials'])} -> {probe['chosen']} in "
                   f"{probe['wall_s']:.0f} s; baseline {tried(baseline['trials'])} -> {baseline['chosen']} in "
                   f"{baseline['wall_s']:.0f} s", flush=True)
+            for side in (probe, baseline):
+                print(f"  {side['method']}: " + "; ".join(f"{t['batch_size']}: {(t['peak_bytes'] or 0) / GB:.3f} GB"
+                      + (f" ({t['detail']})" if not t["usable"] and "detail" in t else "") for t in side["trials"]))
     text = markdown(results, args.steps)
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -211,16 +211,32 @@ def test_background_thread_stops_before_the_limit_when_memory_rises_fast():
     limit = MemoryLimit(baseline + 400 * MB, 16 * GB, auto=False, device="cpu")
     held = []
     with Guard(limit, interval_s=0.02) as guard:
+        guard.note_step_time(1.0)  # one step has finished: its peak is the baseline
+        guard.end_step(1)
         while not guard.stop_requested and len(held) < 80:  # 10 MB every 20 ms: about 500 MB/s, 800 MB at most
             held.append(touched(10 * MB))
             time.sleep(0.02)
         at_stop = rss()
-        _, events = guard.end_step(1)
+        _, events = guard.end_step(2)
     assert guard.stop_requested
     assert at_stop < limit.limit_bytes  # stopped before the limit was reached
     assert "rising" in guard.stop_reason
     assert [event.kind for event in events] == ["early_stop"]
     del held
+
+
+def test_the_first_steps_rise_is_not_projected():
+    """Before a step has finished nothing tells the forward pass from a runaway: only the limit itself stops it."""
+    reader = FakeReader(1 * GB, tick=0.05)
+    limit = MemoryLimit(1 * GB + 800 * MB, 16 * GB, auto=False, device="cpu")
+    guard = Guard(limit, threshold=1.0, interval_s=0, reader=reader)
+    for _ in range(7):  # 2 GB/s up to 1.7 GB of 1.78: projected over any horizon, far past the limit
+        reader.rss_bytes += 100 * MB
+        guard.sampler.sample_now()
+    assert not guard.stop_requested, guard.stop_reason
+    reader.rss_bytes += 150 * MB  # over the limit
+    guard.sampler.sample_now()
+    assert guard.stop_requested and "above the limit" in guard.stop_reason
 
 
 def test_early_stop_ignores_the_transient_every_step_repeats():

@@ -392,7 +392,7 @@ def probe(
     axes = tuple(part.strip() for part in search.split(",") if part.strip())
     if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
         raise UserError(f"unknown --search {search!r}: choose batch, batch,rank or batch,seq")
-    config = build_config({key: value for key, value in training.items()}, config_file)
+    config = build_config(training, config_file)
     job = ProbeJob(model=str(model), data=Path(data), device=device or file_values.get("device"),
                    max_memory=limit_gb if limit_gb is not None else file_values.get("max_memory"),
                    steps=steps, margin=margin, search=axes, values=_int_list(values, "--values"),

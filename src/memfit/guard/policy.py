@@ -194,7 +194,9 @@ class GuardEvent:
 EARLY_STOP_MIN_RATE = 50 * MB
 EARLY_STOP_MIN_SAMPLES = 5
 EARLY_STOP_RATE_WINDOW_S = 1.0
-FIRST_STEP_HORIZON_S = 1.0
+# How far above every earlier step's peak memory must be before a rise is projected (a fraction of the limit):
+# a step a few MB above the last is noise, and its forward-pass rise would project far past the limit.
+EARLY_STOP_NEW_GROUND = 0.02
 LEAK_MIN_R_SQUARED = 0.8
 
 
@@ -301,13 +303,18 @@ class Guard:
     def _projected_crossing(self, sample: MemorySample) -> str | None:
         """A reason to stop when the current rise would cross the limit before this step ends, else None.
 
-        The horizon is what remains of the step, judged by the last step's duration (before any step has been
-        timed: as long again as the step has run, at most 1 s). Besides the rate and sample-count floors, memory must be above every earlier step's peak:
-        each step rises and falls again (activations), and projecting that ordinary rise to the end of the step
-        would stop healthy runs whose peak sits near the limit.
+        The horizon is what remains of the step, judged by the last step's duration. Besides the rate and
+        sample-count floors, memory must be clearly above every earlier step's peak (by EARLY_STOP_NEW_GROUND of
+        the limit): each step rises and falls again (activations), and projecting that ordinary rise to the end of
+        the step would stop healthy runs whose peak sits near the limit. For the same reason nothing is projected
+        before the first step has finished (the first forward pass of smollm2-135m-shaped LoRA rises at 750 MB/s,
+        and projecting it stopped batches whose peak was 70% of the limit); the limit itself is still enforced.
         """
         watched = sample.watched_bytes
-        if self._previous_step_peak is not None and watched <= self._previous_step_peak:
+        if self._last_step_s is None:
+            return None  # no step finished yet: nothing says whether this rise is the forward pass or a runaway
+        new_ground = self.limit.limit_bytes * EARLY_STOP_NEW_GROUND
+        if self._previous_step_peak is not None and watched <= self._previous_step_peak + new_ground:
             return None
         recent = self.sampler.recent(EARLY_STOP_RATE_WINDOW_S)
         if len(recent) < EARLY_STOP_MIN_SAMPLES:
@@ -316,13 +323,8 @@ class Guard:
         if rate <= EARLY_STOP_MIN_RATE:
             return None
         elapsed = sample.time - self._step_started if self._step_started is not None else 0.0
-        if self._last_step_s is None:
-            # No step timed yet: assume the step runs about as long again as it has so far (capped at 1 s). A
-            # fixed 1 s stopped short first steps whose activations rise fast for a fraction of a second.
-            horizon = min(max(elapsed, self.sampler.interval_s), FIRST_STEP_HORIZON_S)
-        else:
-            # At least one sampling interval ahead: past the usual step length, the step is still running.
-            horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
+        # At least one sampling interval ahead: past the usual step length, the step is still running.
+        horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
         if watched + rate * horizon <= self.limit.limit_bytes:
             return None
         return (f"memory rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of {format_gb(self.limit.limit_bytes)}): "

@@ -276,7 +276,8 @@ class Probe:
         usable = trial.usable(self.limit_bytes, job.margin, job.max_growth)
         self.trials.append((trial, from_journal))
         self.emit(TrialEnded(number, trial.to_dict(), usable, from_journal))
-        return Outcome(full["batch_size"], usable, trial.peak_bytes if trial.status == "fits" else None)
+        # An OOM's peak is the parent's sampling of a dying process; the others are the child's own readings.
+        return Outcome(full["batch_size"], usable, trial.peak_bytes if trial.status in ("fits", "over_limit") else None)
 
     def _run(self, settings: dict[str, int], number: int) -> Trial:
         job = self.job

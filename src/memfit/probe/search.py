@@ -5,8 +5,9 @@ to linear in the batch at a fixed sequence length (weights, adapters and optimiz
 and logits grow with every row), so:
 
 1. the first guess is the estimator's answer (calibrated, when a profile says how far off it runs here);
-2. every later guess comes from a line through what the trials measured: with one measured peak, the estimator's
-   slope scaled by measured/estimated there; with two or more, a least-squares line through the measured peaks;
+2. every later guess comes from a line through what the trials measured: with one measured peak (or several
+   close together, where noise swamps the slope), the estimator's slope scaled by measured/estimated at the
+   largest; with peaks spread over a quarter of the range or more, a least-squares line through them;
 3. each guess is clamped inside the bracket (largest usable, smallest unusable); when two guesses in a row fail
    to halve the bracket, or the line points past a batch already shown not to fit, the next step bisects
    instead, so a poor line cannot make the search much slower than plain bisection.
@@ -34,7 +35,7 @@ class Outcome:
 
     batch: int
     usable: bool
-    peak_bytes: int | None = None  # only from trials that ran to the end (a stopped trial's peak is a lower bound)
+    peak_bytes: int | None = None  # measured peak (of a trial stopped at the limit: what it reached, a lower bound)
 
 
 def allowed_batches(max_batch: int, powers_of_two: bool) -> list[int]:
@@ -47,7 +48,8 @@ def _fit_line(outcomes: list[Outcome], predict: Callable[[int], int | None]) -> 
     """(intercept, slope) of peak bytes against batch: a least-squares line through the measured peaks; with one
     measured peak, the estimator's slope scaled by measured/estimated there; with none, the estimator's line."""
     points = sorted({o.batch: o.peak_bytes for o in outcomes if o.peak_bytes}.items())
-    if len(points) >= 2:
+    # Peaks of neighbouring batches differ by less than the measurement noise: a slope needs a wide base.
+    if len(points) >= 2 and points[-1][0] - points[0][0] >= max(2, points[-1][0] // 4):
         count = len(points)
         mean_b = sum(b for b, _ in points) / count
         mean_p = sum(p for _, p in points) / count

@@ -320,8 +320,8 @@ class Trainer:
             if failure == "aborted":
                 return "aborted"
             if self.micro_batch == 1 or self.job.trial:
-                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}: {failure}",
-                                 "warning"))
+                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}: "
+                              f"{failure}", "warning"))
                 return "oom"
             self.micro_batch = max(1, self.micro_batch // 2)
             self.recoveries += 1
@@ -470,12 +470,14 @@ class Trainer:
         from memfit.guard import read_memory
 
         final_dir = None
-        if status == "done" and not self.job.trial:
+        if self.job.trial:
+            pass  # a trial measures memory and keeps nothing
+        elif status == "done":
             if self.val_dataset and not (self.config.eval_every and self.step % self.config.eval_every == 0):
                 self.evaluate()
             self.save("end")
             final_dir = self.save_final()
-        elif not self.job.trial:
+        else:
             self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted"}[status])
         self.guard.stop()
         report = self.memory_report_text(read_memory(self.device))
@@ -490,7 +492,8 @@ class Trainer:
         }[status]
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, final_dir=str(final_dir) if final_dir else None)
+                             checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                             final_dir=str(final_dir) if final_dir else None)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)
