@@ -135,6 +135,39 @@ def run_baseline(model_dir: Path, seq: int, limit_gb: float, steps: int) -> dict
 
 # --- the report --------------------------------------------------------------------------------------------------
 
+def fresh_trial(model_dir: Path, seq: int, limit_gb: float, steps: int, batch: int) -> dict:
+    """One batch measured the way a real run meets it: a fresh process (memfit's own trial child)."""
+    from memfit.config import TrainConfig
+    from memfit.probe.trial import TrialSpec, run_trial
+
+    limit = int(limit_gb * GB)
+    config = TrainConfig(method="lora", seq_len=seq, batch_size=batch, max_steps=steps, max_memory=limit_gb,
+                         save_every=10**9, memory_report_interval=10**9).model_dump()
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = run_trial(TrialSpec(str(model_dir), data_path(), "cpu", config, limit), Path(tmp), steps=steps,
+                          timeout_s=600)
+    return {"batch_size": batch, "peak_bytes": trial.peak_bytes, "usable": trial.usable(limit, MARGIN)}
+
+
+def ground_truth(model_dir: Path, seq: int, limit_gb: float, steps: int, probe: dict, baseline: dict) -> dict:
+    """Fresh-process verdicts on each side's choice and the batch above it (the probe's own trials already are)."""
+    known = {t["batch_size"]: t for t in probe["trials"]}
+    for batch in sorted({side["chosen"] + extra for side in (probe, baseline) for extra in (0, 1)}):
+        if batch >= 1 and batch not in known:
+            known[batch] = fresh_trial(model_dir, seq, limit_gb, steps, batch)
+    return known
+
+
+def right(side: dict, truth: dict) -> str:
+    """Whether a side's choice is the largest usable batch when measured in fresh processes."""
+    chosen, above = truth.get(side["chosen"]), truth.get(side["chosen"] + 1)
+    if chosen and chosen["usable"] and above and not above["usable"]:
+        return "yes"
+    if above and above["usable"]:
+        return f"no: {side['chosen'] + 1} is usable ({above['peak_bytes'] / GB:.3f} GB)"
+    return f"no: {side['chosen']} is not usable"
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -169,18 +202,20 @@ def markdown(results: list[dict], steps: int) -> str:
         f"trial failing when its peak RSS (high-water mark reset before each trial) x {1 + MARGIN:.2f} passes the "
         f"limit, the probe's usability rule with margin {MARGIN}. Limits ({limits}) are `--max-memory` values in "
         "GB of 2^30 bytes; ✗ marks a batch found unusable, † a trial stopped before its last step; wall time is the "
-        "whole process, model loading included."),
+        "whole process, model loading included. The last column checks each choice and the batch above it in "
+        "fresh processes (memfit's trial child; the probe's own trials are such measurements): in one process, "
+        "memory a larger earlier trial left mapped inflates the baseline's later peaks."),
         "",
         ("| model | seq | limit | method | trials | batches tried (in order) | wall time s | chosen batch "
-         "| peak of chosen (GB) |"),
-        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+         "| peak of chosen (GB) | largest usable in a fresh process? |"),
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     for r in results:
         for side in (r["probe"], r["baseline"]):
             peak = f"{side['chosen_peak'] / GB:.3f}" if side["chosen_peak"] else "–"
             lines.append(f"| {r['label']} | {r['seq']} | {r['limit_gb']} GB | {side['method']} | "
                          f"{len(side['trials'])} | {tried(side['trials'])} | {side['wall_s']:.1f} | "
-                         f"{side['chosen']} | {peak} |")
+                         f"{side['chosen']} | {peak} | {right(side, r['truth'])} |")
     lines.append("")
     for r in results:
         lines.append(f"- {r['label']}, seq {r['seq']}, {r['limit_gb']} GB: {verdict(r['probe'], r['baseline'])}")
@@ -210,7 +245,9 @@ def main() -> None:
             init_model(arch, model_dir, **extra)
             probe = run_probe(model_dir, seq, limit_gb, args.steps)
             baseline = run_baseline(model_dir, seq, limit_gb, args.steps)
-            results.append({"label": label, "seq": seq, "limit_gb": limit_gb, "probe": probe, "baseline": baseline})
+            truth = ground_truth(model_dir, seq, limit_gb, args.steps, probe, baseline)
+            results.append({"label": label, "seq": seq, "limit_gb": limit_gb, "probe": probe, "baseline": baseline,
+                            "truth": truth})
             print(f"{label} seq {seq} {limit_gb} GB: probe {tried(probe['trials'])} -> {probe['chosen']} in "
                   f"{probe['wall_s']:.0f} s; baseline {tried(baseline['trials'])} -> {baseline['chosen']} in "
                   f"{baseline['wall_s']:.0f} s", flush=True)
