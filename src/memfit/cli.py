@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memfit.config import GUARD_FIELDS, TrainConfig, flag_name, load_yaml, make_config
-from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError
+from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
@@ -564,11 +564,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int):
             return code
-    except UserError as error:
-        sys.stderr.write(f"memfit: error: {error.one_line()}\n")
-        return error.exit_code
     except MemfitError as error:
-        sys.stderr.write(f"memfit: error: {error}\n")
+        sys.stderr.write(f"memfit: error: {error_line(error)}\n")
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code

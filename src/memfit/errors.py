@@ -36,6 +36,11 @@ class UserError(MemfitError):
         return text
 
 
+def error_line(error: MemfitError) -> str:
+    """What the user sees of an expected failure: the one line (with its hint) of a UserError."""
+    return error.one_line() if isinstance(error, UserError) else str(error)
+
+
 class ModelNotFoundError(UserError):
     """`--model` names nothing we can resolve (no local dir, not in the HF cache, no alias)."""
 

@@ -1,4 +1,4 @@
-"""Terminal rendering of training events (the loop itself never prints).
+"""Terminal rendering of training and probe events (the loop and the probe never print).
 
 On a terminal: a rich progress bar `step/total`, loss (running average), lr, steps/s, tokens/s, ETA and `mem`
 (the number the guard watches). Elsewhere (CI logs, pipes): one plain line every ~5% of the run, so logs stay short.
@@ -30,33 +30,45 @@ def step_line(event: StepEnd) -> str:
     return line
 
 
-class TrainRenderer:
+class EventRenderer:
+    """Calls `_on_<EventClassName>` for each event it is given; events without a handler are not shown."""
+
     def __init__(self, console: Console):
         self.console = console
-        self.progress: Progress | None = None
-        self.task = None
-        self.plain_every = 1
-        self.first_loss: float | None = None
-        self.last_avg_loss: float | None = None
 
     def __call__(self, event: Event) -> None:
         handler = getattr(self, f"_on_{type(event).__name__}", None)
         if handler:
             handler(event)
 
+    def _print(self, text: str, style: str | None = None) -> None:
+        # soft_wrap: log lines stay whole in files and CI logs instead of breaking at 80 columns.
+        self._output().print(text, style=style, highlight=False, soft_wrap=True)
+
+    def _output(self) -> Console:
+        return self.console
+
+    def _on_Notice(self, event: Notice) -> None:
+        self._print(event.message, "yellow" if event.level == "warning" else None)
+
+
+class TrainRenderer(EventRenderer):
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.progress: Progress | None = None
+        self.task = None
+        self.plain_every = 1
+        self.first_loss: float | None = None
+        self.last_avg_loss: float | None = None
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
-    def _print(self, text: str, style: str | None = None) -> None:
-        # Printed through the live progress when there is one, so the bar stays at the bottom.
-        # soft_wrap: log lines stay whole in files and CI logs instead of breaking at 80 columns.
-        (self.progress.console if self.progress else self.console).print(text, style=style, highlight=False,
-                                                                          soft_wrap=True)
-
-    def _on_Notice(self, event: Notice) -> None:
-        self._print(event.message, "yellow" if event.level == "warning" else None)
+    def _output(self) -> Console:
+        # Through the live progress when there is one, so the bar stays at the bottom.
+        return self.progress.console if self.progress else self.console
 
     def _on_RunStarted(self, event: RunStarted) -> None:
         estimate = f", estimated peak {event.estimate_bytes / GB:.2f} GB" if event.estimate_bytes else ""
@@ -124,35 +136,24 @@ def _settings(settings: dict) -> str:
     return " ".join(f"{key.replace('_size', '').replace('lora_', '')}={value}" for key, value in settings.items())
 
 
-class ProbeRenderer:
+class ProbeRenderer(EventRenderer):
     """A line as each trial starts and ends (with a live step counter on a terminal), then the table of all
     trials and the chosen settings, in the seed's words."""
 
     def __init__(self, console: Console, searched: list[str]):
-        self.console = console
+        super().__init__(console)
         self.searched = searched  # the config fields the probe chooses (batch_size first)
         self.status = None
         self.limit_bytes = 0
         self.margin = 0.0
-
-    def __call__(self, event: Event) -> None:
-        handler = getattr(self, f"_on_{type(event).__name__}", None)
-        if handler:
-            handler(event)
 
     def close(self) -> None:
         if self.status is not None:
             self.status.stop()
             self.status = None
 
-    def _print(self, text: str, style: str | None = None) -> None:
-        self.console.print(text, style=style, highlight=False, soft_wrap=True)
-
     def _shown(self, settings: dict) -> dict:
         return {key: settings[key] for key in self.searched}
-
-    def _on_Notice(self, event) -> None:
-        self._print(event.message, "yellow" if event.level == "warning" else None)
 
     def _on_ProbeStarted(self, event) -> None:
         self.limit_bytes, self.margin = event.limit_bytes, event.margin

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from memfit.train.events import Event, Notice  # noqa: F401 - Notice is part of the probe's event vocabulary
+from memfit.train.events import Event
 
 
 @dataclass

@@ -136,9 +136,13 @@ def _differences(entry: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return differences
 
 
+def _newest_first(profile: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(profile["entries"].values(), key=lambda entry: entry.get("created_at", ""), reverse=True)
+
+
 def select_entry(profile: dict[str, Any], wanted: dict[str, Any], where: str) -> dict[str, Any]:
     """The most recent entry compatible with the settings the user gave explicitly (and the device)."""
-    entries = sorted(profile["entries"].values(), key=lambda entry: entry.get("created_at", ""), reverse=True)
+    entries = _newest_first(profile)
     for entry in entries:
         if not _differences(entry, wanted) and entry.get("chosen"):
             return entry
@@ -164,7 +168,7 @@ def calibration_for(resolved, machine: str, config_values: dict[str, Any], devic
         profile = read_profile(path)
     except UserError:
         return None
-    for entry in sorted(profile["entries"].values(), key=lambda e: e.get("created_at", ""), reverse=True):
+    for entry in _newest_first(profile):
         calibration = entry.get("calibration")
         setup = entry["setup"]
         same = all(config_values.get(name) == value for name, value in setup.items()

@@ -26,10 +26,10 @@ from memfit.config import TrainConfig
 from memfit.errors import EXIT_OK, EXIT_OOM, UserError
 from memfit.paths import cache_dir
 from memfit.probe import profile as profiles
-from memfit.probe.events import Notice, ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
+from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, failed_on_input, run_trial
-from memfit.train.events import Event
+from memfit.train.events import Event, Notice
 
 GB = 1024**3
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
@@ -254,9 +254,13 @@ class Probe:
 
     # --- trials ------------------------------------------------------------------------------------------------
 
+    def _full(self, settings: dict[str, int]) -> dict[str, int]:
+        """A trial's settings with the axes it does not search filled in: the journal's key and Trial.settings."""
+        return {"batch_size": 1, "lora_rank": self.config.lora_rank, "seq_len": self.config.seq_len, **settings}
+
     def try_settings(self, settings: dict[str, int]) -> Outcome:
         job = self.job
-        full = {**{"batch_size": 1, "lora_rank": self.config.lora_rank, "seq_len": self.config.seq_len}, **settings}
+        full = self._full(settings)
         number = len(self.trials) + 1
         cached = self.journal.trials.get(Journal.key(full))
         if cached is not None:
@@ -331,7 +335,7 @@ class Probe:
         point = fitting[-1]
         settings = {key: value for key, value in point.items() if key != "max_batch"}
         settings["batch_size"] = point["max_batch"]
-        full = {"batch_size": 1, "lora_rank": self.config.lora_rank, "seq_len": self.config.seq_len, **settings}
+        full = self._full(settings)
         trial = next(t for t, _ in self.trials if t.settings == full)
         return {**settings, "peak_bytes": trial.peak_bytes, "peak_x_margin_bytes": int(trial.peak_bytes *
                 (1 + self.job.margin)), "estimate_bytes": trial.estimate_bytes, "step_time_s": trial.step_time_s,

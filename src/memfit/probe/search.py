@@ -21,12 +21,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-
-class Measured(Protocol):
-    status: str
-    peak_bytes: int | None
+from typing import Callable
 
 
 @dataclass

@@ -259,7 +259,7 @@ def failed_on_input(trial: Trial) -> bool:
 def child_main(spec_path: str, run_dir: str) -> int:
     from memfit.cli import _quiet_libraries
     from memfit.config import TrainConfig
-    from memfit.errors import MemfitError, UserError
+    from memfit.errors import MemfitError, error_line
     from memfit.train import TrainJob, train
 
     _quiet_libraries()
@@ -269,10 +269,7 @@ def child_main(spec_path: str, run_dir: str) -> int:
         job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
                        trial=True)
         return train(job, config).exit_code
-    except UserError as error:
-        sys.stderr.write(f"memfit: error: {error.one_line()}\n")
-        return error.exit_code
     except MemfitError as error:
-        sys.stderr.write(f"memfit: error: {error}\n")
+        sys.stderr.write(f"memfit: error: {error_line(error)}\n")
         return error.exit_code
 

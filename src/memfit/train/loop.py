@@ -159,7 +159,8 @@ class Trainer:
         self.effective_batch = config.batch_size * config.grad_accum
         self.micro_batch = config.batch_size
         rows = len(self.dataset.rows)
-        self.longest_first = sorted(range(rows), key=lambda i: -len(self.dataset.rows[i].input_ids))
+        self.longest_first = (sorted(range(rows), key=lambda i: -len(self.dataset.rows[i].input_ids))
+                              if self.job.trial else [])
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
 
     def _start_guard(self) -> None:
