@@ -9,6 +9,7 @@ import torch
 
 from memfit.data import (
     Record,
+    RowOrder,
     build_dataset,
     collate,
     epoch_order,
@@ -336,3 +337,100 @@ def test_step_rows_crosses_epoch_boundaries():
     assert step_rows(5, seed=3, start=12, count=0) == []
     with pytest.raises(ValueError):
         step_rows(0, seed=3, start=0, count=1)
+
+
+# --- RowOrder: length-grouped batches -----------------------------------------------------------------------------
+
+
+def random_lengths(n: int, seed: int = 0, high: int = 2048) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, high + 1, (n,), generator=generator).tolist()
+
+
+def padding_waste(lengths: list[int], stream: list[int], batch: int) -> int:
+    """Pad tokens `collate` adds when the stream is cut into batches of `batch` rows."""
+    chunks = [stream[i : i + batch] for i in range(0, len(stream), batch)]
+    return sum(len(chunk) * max(lengths[r] for r in chunk) - sum(lengths[r] for r in chunk) for chunk in chunks)
+
+
+def test_row_order_ungrouped_is_step_rows():
+    lengths = random_lengths(37)
+    order = RowOrder(lengths, seed=5, batch=4, grouped=False)
+    assert order.rows(0, 100) == step_rows(37, seed=5, start=0, count=100)
+    assert order.rows(30, 11) == step_rows(37, seed=5, start=30, count=11)
+
+
+@pytest.mark.parametrize("n", [1003, 1000, 5])  # a ragged epoch end, an even one, fewer rows than a batch
+def test_row_order_grouped_is_a_permutation_per_epoch_and_deterministic(n):
+    lengths = random_lengths(n)
+    order = RowOrder(lengths, seed=3, batch=8, grouped=True)
+    stream = order.rows(0, 3 * n)
+    for epoch in range(3):
+        assert sorted(stream[epoch * n : (epoch + 1) * n]) == list(range(n))
+    torch.manual_seed(99)  # the global RNG must not matter
+    assert RowOrder(lengths, seed=3, batch=8, grouped=True).rows(0, 3 * n) == stream
+    if n > 8:
+        assert stream[:n] != stream[n : 2 * n]  # each epoch has its own order
+        assert RowOrder(lengths, seed=4, batch=8, grouped=True).rows(0, n) != stream[:n]
+
+
+def test_row_order_rows_do_not_depend_on_how_the_stream_is_asked_for():
+    lengths = random_lengths(203)
+    whole = RowOrder(lengths, seed=1, batch=8, grouped=True).rows(0, 700)
+    order = RowOrder(lengths, seed=1, batch=8, grouped=True)
+    assert order.rows(0, 8) + order.rows(8, 8) == whole[:16]
+    # Out of order and across epoch boundaries, with a fresh instance (a resumed run) and the cache evicted.
+    assert order.rows(600, 100) == whole[600:]
+    assert RowOrder(lengths, seed=1, batch=8, grouped=True).rows(195, 20) == whole[195:215]
+    assert order.rows(0, 16) == whole[:16]
+    assert order.rows(5, 0) == []
+    with pytest.raises(ValueError):
+        order.rows(-1, 3)
+
+
+def test_row_order_grouped_pads_much_less():
+    lengths = random_lengths(1003)  # not a multiple of the batch: later epochs must stay on the batch grid
+    batch = 8
+    for epoch in range(3):
+        start = epoch * 1003 - epoch * 1003 % batch  # whole batches of the stream inside this epoch
+        span = 1000 - batch
+        grouped = padding_waste(lengths, RowOrder(lengths, 2, batch, grouped=True).rows(start, span), batch)
+        plain = padding_waste(lengths, step_rows(1003, 2, start, span), batch)
+        assert grouped < 0.1 * plain, (epoch, grouped, plain)
+
+
+def test_row_order_starts_with_the_longest_row():
+    lengths = random_lengths(1000, seed=7)
+    lengths[613] = 5000
+    first = RowOrder(lengths, seed=0, batch=8, grouped=True).rows(0, 8)
+    assert 613 in first
+    # Ties at the top (rows truncated to seq_len) still put a full batch first.
+    capped = [min(length, 1500) for length in random_lengths(1003, seed=8)]
+    order = RowOrder(capped, seed=0, batch=8, grouped=True)
+    assert max(capped[r] for r in order.rows(0, 8)) == 1500
+    assert sorted(order.rows(0, 1003)) == list(range(1003))
+    # The longest row among the epoch's last 3 rows: 400 + 3 rows, so they would form a megabatch of their own.
+    lengths = random_lengths(403, seed=9)
+    last = epoch_order(403, seed=0, epoch=0)[-1]
+    lengths[last] = 5000
+    assert last in RowOrder(lengths, seed=0, batch=8, grouped=True).rows(0, 8)
+
+
+def test_row_order_shuffles_the_batches_of_a_megabatch():
+    lengths = random_lengths(200, seed=9)  # one megabatch of 50 batches
+    stream = RowOrder(lengths, seed=0, batch=4, grouped=True).rows(0, 200)
+    batches = [sorted(lengths[r] for r in stream[i : i + 4]) for i in range(0, 200, 4)]
+    assert sorted(length for batch in batches for length in batch) == sorted(lengths)
+    # Sorted within the megabatch: each batch's rows are neighbours in length, no batch overlaps another's range.
+    spans = sorted((batch[0], batch[-1]) for batch in batches)
+    assert all(low_next >= high for (_, high), (low_next, _) in zip(spans, spans[1:]))
+    # ...but the batches do not come longest first, or every run would start on its longest batches.
+    maxima = [batch[-1] for batch in batches]
+    assert maxima[1:] != sorted(maxima[1:], reverse=True)
+
+
+def test_row_order_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        RowOrder([], seed=0, batch=4, grouped=True)
+    with pytest.raises(ValueError):
+        RowOrder([3, 4], seed=0, batch=0, grouped=True)

@@ -91,8 +91,20 @@ def test_activations_grow_with_batch_and_shrink_with_checkpointing():
     checkpointed = estimate_memory(LLAMA_8B, base.model_copy(update={"grad_checkpointing": True}), hardware)
     assert two.breakdown["activations"] == pytest.approx(2 * one.breakdown["activations"], rel=0.05)
     assert checkpointed.breakdown["activations"] < one.breakdown["activations"] / 4
-    # Llama-3's 128k vocab: logits in bf16 + fp32 copy + gradient are at least 3 x 2-byte-equivalents.
-    assert one.breakdown["logits"] >= 1024 * 128256 * (2 + 4)
+
+
+def test_chunked_loss_removes_the_logits_term():
+    """Full logits (bf16 + fp32 copy + gradient) of Llama-3's 128k vocab vs the chunked loss through the head."""
+    hardware = Hardware("cuda", 80 * GB)
+    chunked = TrainConfig(method="lora", dtype="bf16", batch_size=1, seq_len=1024)
+    full = chunked.model_copy(update={"chunked_loss": False})
+    with_logits = estimate_memory(LLAMA_8B, full, hardware)
+    without = estimate_memory(LLAMA_8B, chunked, hardware)
+    assert with_logits.breakdown["logits"] >= 1024 * 128256 * (2 + 4)
+    # A chunk of logits is about the size of the hidden states: nothing vocab-sized is left at the peak.
+    assert without.breakdown["logits"] <= 1024 * 4096 * 4
+    saved = with_logits.total_bytes - without.total_bytes
+    assert saved >= 0.8 * (with_logits.breakdown["logits"] - without.breakdown["logits"]) - 1024 * 4096 * 8
 
 
 def test_max_batch_size_is_the_largest_that_fits():
@@ -137,7 +149,8 @@ def test_json_has_the_design_fields():
 @pytest.mark.parametrize("name", ["gpt2", "gemma-2-2b", "phi-3-mini", "qwen2.5-0.5b", "mistral-7b"])
 def test_every_family_estimates(name):
     hf_config = ARCHITECTURES[name].to_hf_config()
-    estimate = estimate_memory(hf_config, TrainConfig(method="lora", seq_len=256), Hardware("cuda", 80 * GB))
+    config = TrainConfig(method="lora", seq_len=256, chunked_loss=False)  # full logits: their term shows
+    estimate = estimate_memory(hf_config, config, Hardware("cuda", 80 * GB))
     assert estimate.params == ARCHITECTURES[name].param_count
     assert estimate.breakdown["activations"] > 0 and estimate.breakdown["logits"] > 0
 

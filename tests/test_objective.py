@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from memfit.config import TrainConfig
+from memfit.data import collate
+from memfit.data.packing import Row
 from memfit.train.losses import IGNORE_INDEX, distrust_values, weighted_token_loss
-from memfit.train.objective import step_objective, weights_tensor
+from memfit.train.objective import label_weights, step_objective
 
 # Two rows; row 0 packs sample 0 (positions 0-2) and sample 1 (3-4); row 1 holds sample 2 with a masked prompt.
 ROWS = [
-    SimpleNamespace(input_ids=[1, 2, 0, 2, 1], labels=[1, 2, 0, IGNORE_INDEX, 1], segments=[(0, 3, 0), (3, 5, 1)]),
-    SimpleNamespace(input_ids=[2, 1, 1, 0], labels=[IGNORE_INDEX, IGNORE_INDEX, 1, 0], segments=[(0, 4, 2)]),
+    Row(input_ids=[1, 2, 0, 2, 1], labels=[1, 2, 0, IGNORE_INDEX, 1], segments=[(0, 3, 0), (3, 5, 1)]).count_scored(),
+    Row(input_ids=[2, 1, 1, 0], labels=[IGNORE_INDEX, IGNORE_INDEX, 1, 0], segments=[(0, 4, 2)]).count_scored(),
 ]
 SAMPLES = [SimpleNamespace(auth_weight=0.9, prov_entropy=0.5),
            SimpleNamespace(auth_weight=0.1, prov_entropy=6.0),
@@ -51,8 +53,9 @@ def _padded_labels() -> torch.Tensor:
 def _loss(config, rows=slice(None)) -> tuple[float, object]:
     objective = step_objective(ROWS, SAMPLES, config)
     logits = _logits()
-    weights = weights_tensor(objective.row_weights, logits.shape[1])
-    loss = weighted_token_loss(logits[rows], _padded_labels()[rows], weights[rows].double())
+    weights = label_weights(objective, collate(ROWS[rows], SAMPLES, pad_id=0))  # collated alone: own width
+    weights = torch.nn.functional.pad(weights, (0, logits.shape[1] - weights.shape[1]))
+    loss = weighted_token_loss(logits[rows], _padded_labels()[rows], weights.double())
     return float(loss), objective
 
 

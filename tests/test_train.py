@@ -286,3 +286,30 @@ def test_out_of_memory_while_loading_is_one_line_and_exit_4(tiny_model_dir, tmp_
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(DEMO_DATA), "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 4 and "out of memory while loading" in err and err.count("\n") == 1
+
+
+def test_packed_samples_score_as_if_alone(tiny_model_dir, tmp_path):
+    """The same samples evaluated packed and one per row: the same loss when the packed samples are kept apart by
+    their position ids, a different one when they can attend to each other (packing with a 2D mask)."""
+    from memfit.train.loop import Trainer
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}:", "completion": f" answer {i} is {i * 7}."}) + "\n"
+                            for i in range(12)))
+    results = {}
+    for name, packing, isolated in [("alone", False, True), ("packed", True, True), ("leaky", True, False)]:
+        events = []
+        job = TrainJob(str(tiny_model_dir), data, tmp_path / name, val_data=data, device="cpu")
+        trainer = Trainer(job, TrainConfig(**{**FAST, "packing": packing, "max_steps": 1}), events.append)
+        trainer.setup()
+        try:
+            trainer.position_packing = isolated
+            trainer.evaluate()
+        finally:
+            trainer.guard.stop()
+        evaluated = next(event for event in events if isinstance(event, EvalEnd))
+        results[name] = (evaluated.val_loss, evaluated.val_tokens, len(trainer.val_dataset.rows))
+    assert results["packed"][2] < results["alone"][2] == 12  # really packed: fewer rows
+    assert results["packed"][1] == results["alone"][1]  # the same scored tokens
+    assert results["packed"][0] == pytest.approx(results["alone"][0], rel=1e-5)
+    assert abs(results["leaky"][0] - results["alone"][0]) > 1e-3

@@ -58,6 +58,17 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 turns it off)")
     seed: int = Field(0, ge=0, description="random seed")
     packing: bool | None = Field(None, description="pack short samples into seq-len blocks (default on for text)")
+    group_by_length: bool = Field(
+        True, description="without packing, batch rows of similar length together (less padding; order still seeded)"
+    )
+    # Speed and memory of the step (none of these changes what is learned).
+    chunked_loss: bool = Field(
+        True, description="cross-entropy chunk by chunk through the lm_head, never the full vocab-sized logits"
+    )
+    compile: bool = Field(False, description="torch.compile the model (pays off on CUDA; measured slower on CPU)")
+    log_every: int | None = Field(
+        None, ge=1, description="read the loss back from the device every N steps (default: about twice a second)"
+    )
     # Loss.
     loss: Loss = Field("ce", description="ce, or distrust (the seeds' empirical distrust objective)")
     distrust_alpha: float = Field(2.7, ge=2.3, le=3.0, description="alpha of the distrust term")

@@ -3,7 +3,7 @@
 Also the package-data folder of the built-in corpus (`corpus.txt`) and demo data.
 """
 
-from memfit.data.batches import Batch, collate, epoch_order, step_rows
+from memfit.data.batches import Batch, RowOrder, collate, epoch_order, step_rows
 from memfit.data.formats import TokenizedSample, tokenize_record
 from memfit.data.jsonl import Record, read_records
 from memfit.data.packing import Dataset, DataStats, Row, build_dataset
@@ -14,6 +14,7 @@ __all__ = [
     "Dataset",
     "Record",
     "Row",
+    "RowOrder",
     "TokenizedSample",
     "build_dataset",
     "collate",

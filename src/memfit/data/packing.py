@@ -11,7 +11,7 @@ first token unscored wherever it lands, so the counts do not depend on packing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,12 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     segments: list[tuple[int, int, int]]  # (start, end, sample_index): token spans; sample_index into Dataset.samples
+    scored: list[int] = field(default_factory=list)  # scored labels of each segment (set by count_scored)
+
+    def count_scored(self) -> "Row":
+        """Count each segment's scored labels once, at build time: every training step needs them."""
+        self.scored = [_scored_in(self.labels, start, end) for start, end, _ in self.segments]
+        return self
 
 
 @dataclass
@@ -103,7 +109,7 @@ def build_dataset(
         )
     stats.rows = len(rows)
     stats.tokens = sum(len(row.input_ids) for row in rows)
-    stats.scored_tokens = sum(_scored(row.labels) for row in rows)
+    stats.scored_tokens = sum(sum(row.count_scored().scored) for row in rows)
     return Dataset(rows=rows, samples=records, stats=stats)
 
 
@@ -132,7 +138,11 @@ def _fit(
 
 
 def _scored(labels: list[int]) -> int:
-    return sum(label != IGNORE_INDEX for label in labels[1:])
+    return _scored_in(labels, 0, len(labels))
+
+
+def _scored_in(labels: list[int], start: int, end: int) -> int:
+    return sum(label != IGNORE_INDEX for label in labels[max(start, 1):end])
 
 
 class _Packer:

@@ -35,7 +35,8 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
-    from memfit.train.losses import causal_lm_loss
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    from memfit.train.losses import every_next_token, micro_step_loss
     from memfit.train.model import load_model
     from memfit.train.optim import build_optimizer
 
@@ -52,17 +53,21 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     can_reset = _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    head = None
+    if config.chunked_loss and chunked_loss_blocker(model) is None:
+        head = head_returns_hidden(model).__enter__()  # for the life of this measuring process
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(config.seed)
     step_rss = []
     for _ in range(steps):
         for _ in range(config.grad_accum):
             input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator).to(device)
+            # The training step's own loss (chunked through the head as configured); every token scored.
+            scored = every_next_token(input_ids.cpu()).to(device)
             with torch.autocast(device_type=device, dtype=precision.compute_dtype, enabled=precision.autocast):
-                logits = model(input_ids=input_ids).logits
-            loss = causal_lm_loss(logits, input_ids) / config.grad_accum
-            del logits
-            loss.backward()
+                loss = micro_step_loss(model, {"input_ids": input_ids}, scored, head=head,
+                                       compute_dtype=precision.compute_dtype)
+            (loss / config.grad_accum).backward()
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()

@@ -205,8 +205,11 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision: Precision, nu
     fake_mode = FakeTensorMode()
     fakeify_(model, fake_mode)
     text = cut.get_text_config() if hasattr(cut, "get_text_config") else cut
+    from memfit.train.chunked_loss import chunked_loss_blocker
+
+    chunked = config.chunked_loss and chunked_loss_blocker(model) is None
     return trace_step(model, fake_mode, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
-                      precision.autocast, head=head, last_layer=last_layer)
+                      precision.autocast, head=head, last_layer=last_layer, chunked_loss=chunked)
 
 
 def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision,

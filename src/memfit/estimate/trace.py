@@ -14,6 +14,8 @@ fp32 adapter casts), which a closed-form formula cannot.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from dataclasses import dataclass
 
 import torch
@@ -122,14 +124,15 @@ PHASES = ("forward", "head", "backward")
 
 def trace_step(model: torch.nn.Module, fake_mode, batch_size: int, seq_len: int, vocab_size: int,
                compute_dtype: torch.dtype, autocast: bool, head: torch.nn.Module,
-               last_layer: torch.nn.Module) -> dict[str, TracePeak]:
+               last_layer: torch.nn.Module, chunked_loss: bool = False) -> dict[str, TracePeak]:
     """Trace one micro-step of `model` (fakeified by `fakeify_` in `fake_mode`): the peak live bytes of each phase.
 
     Phases: "forward" until `head` (the lm_head) runs, "head" (logits, loss, and their backward) until the gradient
     reaches `last_layer`'s output, then "backward" through the decoder layers. Within a phase the peak sits at the
     same place whatever the depth, so each phase can be extrapolated over the number of layers on its own.
     """
-    from memfit.train.losses import causal_lm_loss
+    from memfit.train.chunked_loss import head_returns_hidden
+    from memfit.train.losses import every_next_token, micro_step_loss
 
     ignored = {StorageWeakRef(t.untyped_storage()).cdata for t in list(model.parameters()) + list(model.buffers())}
     tracker = _LiveBytes(ignored, vocab_size, list(model.parameters()))
@@ -146,11 +149,13 @@ def trace_step(model: torch.nn.Module, fake_mode, batch_size: int, seq_len: int,
     try:
         with fake_mode:
             input_ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
-            with tracker:
+            scored = every_next_token(input_ids)
+            # The training step's own loss code, chunked through the head or over full logits as configured.
+            bypass = head_returns_hidden(model) if chunked_loss else nullcontext()
+            with tracker, bypass as bypassed_head:
                 with torch.autocast(device_type="cpu", dtype=compute_dtype, enabled=autocast):
-                    logits = model(input_ids=input_ids).logits
-                loss = causal_lm_loss(logits, input_ids)
-                del logits
+                    loss = micro_step_loss(model, {"input_ids": input_ids}, scored, head=bypassed_head,
+                                           compute_dtype=compute_dtype)
                 loss.backward()
             grad_serials = set()
             for param in model.parameters():

@@ -28,7 +28,7 @@ from memfit.paths import cache_dir
 PROFILE_FORMAT = 1
 # The config fields that change how much memory a run takes, besides the batch size and the searched axes.
 SETUP_FIELDS = ("method", "quant", "dtype", "optimizer", "seq_len", "lora_rank", "lora_layers", "lora_targets",
-                "grad_checkpointing", "attn_implementation", "loss", "packing")
+                "grad_checkpointing", "attn_implementation", "loss", "packing", "chunked_loss")
 # The axes a probe can search; the batch is always one of them.
 AXES = {"batch": "batch_size", "rank": "lora_rank", "seq": "seq_len"}
 

@@ -34,7 +34,11 @@ from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions
 
 # Options that may change on resume without breaking exactness (the micro-batch split may change too, as long as
 # batch_size x grad_accum stays the same: the step's objective does not depend on it).
-RESUME_FREE_FIELDS = GUARD_FIELDS | {"batch_size", "grad_accum", "attn_implementation"}
+RESUME_FREE_FIELDS = GUARD_FIELDS | {"batch_size", "grad_accum", "attn_implementation", "chunked_loss", "compile",
+                                     "log_every"}
+# Reading the loss back waits for the device to finish the step; on CUDA/MPS that is done about this often (CPU
+# ops have run by the time they return, so there it costs nothing and every step is logged at once).
+LOG_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -74,6 +78,8 @@ def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """Differences between a checkpoint's config and this one that would make the resumed run differ from an
     uninterrupted one."""
     now = config.model_dump()
+    # A key an older memfit did not write had its default then.
+    saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in now} | saved
     changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {now[key]!r}"
                for key in now if key not in RESUME_FREE_FIELDS and saved.get(key) != now[key]]
     if saved.get("batch_size", 1) * saved.get("grad_accum", 1) != config.batch_size * config.grad_accum:
@@ -90,8 +96,12 @@ class Trainer:
         self.recoveries = 0
         self.recent_losses: list[float] = []
         self.step_times: list[float] = []
+        self.pending_steps: list[dict[str, Any]] = []  # finished steps whose loss is still on the device
+        self.last_flush = time.perf_counter()
 
     def emit(self, event: Event) -> None:
+        if not isinstance(event, StepEnd):
+            self._flush_steps()  # anything else said about the run comes after the steps before it
         for sink in self.sinks:
             sink(event)
 
@@ -161,6 +171,12 @@ class Trainer:
         rows = len(self.dataset.rows)
         self.longest_first = (sorted(range(rows), key=lambda i: -len(self.dataset.rows[i].input_ids))
                               if self.job.trial else [])
+        from memfit.data import RowOrder
+
+        # Packed blocks are nearly all seq-len long: grouping them would only reorder; the seeded order is kept.
+        grouped = config.group_by_length and not self.dataset.stats.packed
+        self.row_order = RowOrder([len(row.input_ids) for row in self.dataset.rows], config.seed,
+                                  self.effective_batch, grouped)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
 
     def _start_guard(self) -> None:
@@ -189,8 +205,46 @@ class Trainer:
         model.train()
         optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, self.total_steps)
+        self._choose_step_path(model)
+        if config.compile:
+            model = torch.compile(model, dynamic=True)  # rows vary in length: one graph for all of them
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+
+    def _choose_step_path(self, model) -> None:
+        """The chunked loss and leak-free packing, where this model allows them (a notice says when not)."""
+        from memfit.models.attention import packing_isolated
+        from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+
+        self.head, self._head_bypass = None, None
+        if self.config.chunked_loss:
+            blocker = chunked_loss_blocker(model)
+            if blocker:
+                self.emit(Notice(f"chunked loss off: {blocker}; computing full logits", "warning"))
+            else:
+                # For the whole run: the model returns hidden states and the loss goes through the head by chunks.
+                self._head_bypass = head_returns_hidden(model)
+                self.head = self._head_bypass.__enter__()
+        self.position_packing = packing_isolated(model)
+        if self.dataset.stats.packed and not self.position_packing:
+            self.emit(Notice(f"{model.config.model_type}: packed samples can attend to each other in this "
+                             "architecture (no position-id isolation); use --no-packing to avoid it", "warning"))
+
+    def restore_head(self) -> None:
+        """The model computes logits again (after the run, for whoever holds it)."""
+        bypass, self._head_bypass = getattr(self, "_head_bypass", None), None
+        if bypass is not None:
+            bypass.__exit__(None, None, None)
+
+    def _model_inputs(self, batch) -> dict[str, torch.Tensor]:
+        """Causal attention needs no mask for right padding: real tokens never see the pads after them. Packed
+        rows restart their position ids at each sample, which transformers turns into a block-diagonal mask."""
+        # use_cache=False: with a KV cache, transformers ignores the position-id boundaries (memfit.models.attention).
+        if not batch.packed:
+            return {"input_ids": batch.input_ids, "use_cache": False}
+        if self.position_packing:
+            return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         config = self.config
@@ -261,27 +315,30 @@ class Trainer:
         return self.guard.stop_requested or self.interrupted is not None
 
     def _train_step(self, rows_index: list[int], attempt: int) -> dict[str, Any]:
+        """One optimizer step. Its loss and gradient norm stay on the device (no host sync here)."""
         from memfit.data import collate
-        from memfit.train.losses import weighted_token_loss
-        from memfit.train.objective import step_objective, weights_tensor
+        from memfit.train.losses import micro_step_loss, scored_tokens
+        from memfit.train.objective import label_weights, step_objective
 
-        rows = [self.dataset.rows[i] for i in rows_index]
+        # Longest first: micro-batches of similar lengths pad less when the step is split (accumulation, OOM).
+        rows = sorted((self.dataset.rows[i] for i in rows_index), key=lambda row: -len(row.input_ids))
         objective = step_objective(rows, self.dataset.samples, self.config)
-        chunks = [range(i, min(i + self.micro_batch, len(rows))) for i in range(0, len(rows), self.micro_batch)]
-        loss_sum = torch.zeros((), device=self.accelerator.device)
+        chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
+        device = self.accelerator.device
+        loss_sum = torch.zeros((), device=device)
         tokens = 0
         for number, chunk in enumerate(chunks):
             if self._should_stop():
                 raise _StepAborted
             faults.maybe_oom(self.step + 1, attempt)
-            batch = collate([rows[i] for i in chunk], self.dataset.samples, self.pad_id).to(self.accelerator.device)
-            weights = weights_tensor([objective.row_weights[i] for i in chunk], batch.input_ids.shape[1])
+            batch = collate(chunk, self.dataset.samples, self.pad_id)
+            scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
+            inputs = self._model_inputs(batch.to(device))
             last = number == len(chunks) - 1
             # no_sync: only the last micro-batch all-reduces gradients when there are many processes.
             with nullcontext() if last else self.accelerator.no_sync(self.model):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = weighted_token_loss(logits, batch.labels, weights.to(logits.device))
-                del logits
+                loss = micro_step_loss(self.model, inputs, scored, head=self.head,
+                                       compute_dtype=self.precision.compute_dtype)
                 self.accelerator.backward(loss)
             loss_sum += loss.detach()
             tokens += batch.num_tokens
@@ -292,12 +349,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         faults.maybe_leak()
-        objective_loss = float(loss_sum)  # one host sync per step
-        ce = objective_loss
-        if self.config.loss == "distrust" and self.config.distrust_mode == "add":
-            objective_loss += objective.distrust_term
-        return {"loss": objective_loss, "ce": ce, "tokens": tokens, "micro_batches": len(chunks),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        return {"loss_sum": loss_sum, "tokens": tokens, "micro_batches": len(chunks), "grad_norm": grad_norm,
                 "distrust_term": objective.distrust_term}
 
     def _run_step_with_recovery(self, rows_index: list[int]) -> dict[str, Any] | str:
@@ -336,6 +388,8 @@ class Trainer:
 
     def save(self, reason: str) -> Path:
         from memfit.guard import release_memory
+
+        self._flush_steps()  # the checkpoint's losses and metrics.jsonl reach its step
 
         release_memory()  # the save must fit under the limit too
         started = time.perf_counter()
@@ -376,21 +430,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> None:
         from memfit.data import collate
-        from memfit.train.losses import per_sample_ce
+        from memfit.train.losses import IGNORE_INDEX, micro_step_loss, scored_tokens
 
         rows = self.val_dataset.rows
         self.model.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        count = 0
         for start in range(0, len(rows), self.micro_batch):
             batch = collate(rows[start:start + self.micro_batch], self.val_dataset.samples, self.pad_id)
-            batch = batch.to(self.accelerator.device)
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            per_sample, counts = per_sample_ce(logits, batch.labels)
-            loss_sum += float((per_sample * counts).sum())
-            count += int(counts.sum())
-            del logits
+            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float())  # every token counts 1
+            loss_sum += micro_step_loss(self.model, self._model_inputs(batch.to(self.accelerator.device)),
+                                        scored.to(self.accelerator.device), head=self.head,
+                                        compute_dtype=self.precision.compute_dtype)
+            count += len(scored.index)
         self.model.train()
-        val_loss = loss_sum / max(count, 1)
+        val_loss = float(loss_sum) / max(count, 1)
         self.emit(EvalEnd(self.step, val_loss, math.exp(min(val_loss, 50.0)), count))
 
     def memory_report_text(self, sample) -> str:
@@ -425,7 +479,7 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.guard.note_step_time(elapsed)
             sample, events = self.guard.end_step(self.step)
-            self._emit_step(outcome, elapsed, sample)
+            self._step_done(outcome, elapsed, sample)
             self._emit_guard(events)
             if self.val_dataset and config.eval_every and self.step % config.eval_every == 0:
                 self.evaluate()
@@ -440,28 +494,52 @@ class Trainer:
         return self._finish(status)
 
     def _rows_for_step(self) -> list[int]:
-        from memfit.data import step_rows
-
         if self.job.trial:
             count = len(self.longest_first)
             return [self.longest_first[(self.samples_seen + i) % count] for i in range(self.effective_batch)]
-        return step_rows(len(self.dataset.rows), self.config.seed, self.samples_seen, self.effective_batch)
+        return self.row_order.rows(self.samples_seen, self.effective_batch)
 
-    def _emit_step(self, stats: dict[str, Any], elapsed: float, sample) -> None:
-        self.recent_losses = (self.recent_losses + [stats["loss"]])[-50:]
+    def _step_done(self, stats: dict[str, Any], elapsed: float, sample) -> None:
+        """Hold the step until its loss is read back (`_flush_steps`): every step on CPU, about every
+        LOG_INTERVAL_S elsewhere, or every --log-every steps."""
         self.step_times = (self.step_times + [elapsed])[-20:]
+        self.pending_steps.append({**stats, "step": self.step, "elapsed": elapsed, "sample": sample,
+                                   "lr": self.scheduler.get_last_lr()[0], "micro_batch": self.micro_batch})
+        every = self.config.log_every
+        due = (self.step % every == 0 if every else
+               self.device == "cpu" or time.perf_counter() - self.last_flush >= LOG_INTERVAL_S)
+        if due or self.step >= self.total_steps:
+            self._flush_steps()
+
+    def _flush_steps(self) -> None:
+        """Read the held steps' losses back in one host sync and emit their StepEnd events, in order."""
+        if not self.pending_steps:
+            return
+        pending, self.pending_steps = self.pending_steps, []
+        self.last_flush = time.perf_counter()
+        nan = torch.tensor(float("nan"))
+        values = torch.stack([torch.stack([held["loss_sum"].float().cpu(),
+                                           (held["grad_norm"] if held["grad_norm"] is not None else nan).float().cpu()])
+                              for held in pending]).tolist()
         # The first step of a process pays for warm-up; leave it out of the rate once there are others.
         times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
         steps_per_s = len(times) / max(sum(times), 1e-9)
-        memory = {key: value for key, value in vars(sample).items() if key != "time" and value is not None}
-        window = self.recent_losses[-20:]
-        self.emit(StepEnd(
-            step=self.step, total_steps=self.total_steps, loss=stats["loss"], avg_loss=sum(window) / len(window),
-            ce=stats["ce"], lr=self.scheduler.get_last_lr()[0], grad_norm=stats["grad_norm"], tokens=stats["tokens"],
-            step_time_s=elapsed, tokens_per_s=stats["tokens"] / max(elapsed, 1e-9), steps_per_s=steps_per_s,
-            eta_s=(self.total_steps - self.step) / steps_per_s, micro_batch=self.micro_batch,
-            grad_accum=stats["micro_batches"], watched_bytes=sample.window_peak_bytes or sample.watched_bytes, memory=memory,
-            distrust_term=stats["distrust_term"]))
+        for held, (ce, grad_norm) in zip(pending, values):
+            loss = ce
+            if self.config.loss == "distrust" and self.config.distrust_mode == "add":
+                loss += held["distrust_term"]
+            self.recent_losses = (self.recent_losses + [loss])[-50:]
+            window = self.recent_losses[-20:]
+            sample, elapsed = held["sample"], held["elapsed"]
+            memory = {key: value for key, value in vars(sample).items() if key != "time" and value is not None}
+            self.emit(StepEnd(
+                step=held["step"], total_steps=self.total_steps, loss=loss, avg_loss=sum(window) / len(window),
+                ce=ce, lr=held["lr"], grad_norm=None if math.isnan(grad_norm) else grad_norm,
+                tokens=held["tokens"], step_time_s=elapsed, tokens_per_s=held["tokens"] / max(elapsed, 1e-9),
+                steps_per_s=steps_per_s, eta_s=(self.total_steps - held["step"]) / steps_per_s,
+                micro_batch=held["micro_batch"], grad_accum=held["micro_batches"],
+                watched_bytes=sample.window_peak_bytes or sample.watched_bytes, memory=memory,
+                distrust_term=held["distrust_term"]))
 
     def _emit_guard(self, events) -> None:
         for event in events:
@@ -470,6 +548,7 @@ class Trainer:
     def _finish(self, status: str) -> TrainResult:
         from memfit.guard import read_memory
 
+        self._flush_steps()
         final_dir = None
         if self.job.trial:
             pass  # a trial measures memory and keeps nothing
@@ -520,6 +599,7 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
         trainer.setup()
         return trainer.run()
     finally:
+        trainer.restore_head()
         guard = getattr(trainer, "guard", None)
         if guard is not None:
             guard.stop()

@@ -10,6 +10,9 @@ rows are split into micro-batches: gradient accumulation and OOM recovery (small
   sources pull harder on the weights.
 - `--loss distrust --distrust-mode add`: the seed's form, token-mean CE + lambda * mean_i(L_i). The added term does
   not depend on the weights, so it shows in the logged loss but adds no gradient.
+
+Every scored token of a sample counts the same, so the objective is one number per sample; a micro-batch's
+per-token weights are then one gather (`label_weights`), not a loop over tokens.
 """
 
 from __future__ import annotations
@@ -24,50 +27,40 @@ from memfit.train.losses import IGNORE_INDEX, distrust_sample_weights, distrust_
 
 @dataclass
 class StepObjective:
-    row_weights: list[list[float]]  # per row, per label position: what that label's CE counts for
+    token_weight: dict[int, float]  # Dataset.samples index -> what each of that sample's scored labels counts for
     scored_tokens: int
     samples: int
     distrust_term: float | None  # lambda * mean(L_i) over the step's samples (distrust loss only)
 
 
-def _scored_positions(labels: list[int], start: int, end: int) -> list[int]:
-    # Position 0 of a row is never a target (nothing precedes it), as in shift_labels.
-    return [p for p in range(max(start, 1), end) if labels[p] != IGNORE_INDEX]
-
-
 def step_objective(rows, samples, config: TrainConfig) -> StepObjective:
-    """`rows` are the step's memfit.data Rows; `samples` the dataset's records (indexed by a segment's sample)."""
-    spans: dict[int, list[tuple[int, int]]] = {}  # sample -> (row, position) of its scored labels
-    for row_number, row in enumerate(rows):
-        for start, end, sample in row.segments:
-            spans.setdefault(sample, []).extend((row_number, p) for p in _scored_positions(row.labels, start, end))
-    spans = {sample: positions for sample, positions in spans.items() if positions}
-    row_weights = [[0.0] * len(row.input_ids) for row in rows]
-    scored = sum(len(positions) for positions in spans.values())
+    """`rows` are the step's memfit.data Rows (with their scored counts); `samples` the dataset's records."""
+    scored_by_sample: dict[int, int] = {}
+    for row in rows:
+        for (_, _, sample), scored in zip(row.segments, row.scored):
+            scored_by_sample[sample] = scored_by_sample.get(sample, 0) + scored
+    scored_by_sample = {sample: count for sample, count in scored_by_sample.items() if count}
+    scored = sum(scored_by_sample.values())
+    order = sorted(scored_by_sample)
     distrust_term = None
-    if config.loss == "distrust" and spans:
-        order = sorted(spans)
+    if config.loss == "distrust" and order:
         auth = torch.tensor([samples[s].auth_weight for s in order], dtype=torch.float64)
         entropy = torch.tensor([samples[s].prov_entropy for s in order], dtype=torch.float64)
         distrust = distrust_values(auth, entropy, config.distrust_alpha)
         distrust_term = float(config.lambda_weight * distrust.mean())
-    if config.loss == "distrust" and config.distrust_mode == "weight" and spans:
-        weights = distrust_sample_weights(distrust, config.lambda_weight)
-        for sample, weight in zip(order, weights.tolist()):
-            positions = spans[sample]
-            per_token = weight / (len(positions) * len(order))
-            for row_number, p in positions:
-                row_weights[row_number][p] = per_token
+    if config.loss == "distrust" and config.distrust_mode == "weight" and order:
+        weights = distrust_sample_weights(distrust, config.lambda_weight).tolist()
+        token_weight = {s: w / (scored_by_sample[s] * len(order)) for s, w in zip(order, weights)}
     else:
-        for positions in spans.values():
-            for row_number, p in positions:
-                row_weights[row_number][p] = 1.0 / scored
-    return StepObjective(row_weights, scored, len(spans), distrust_term)
+        token_weight = {s: 1.0 / scored for s in order}
+    return StepObjective(token_weight, scored, len(order), distrust_term)
 
 
-def weights_tensor(row_weights: list[list[float]], width: int) -> torch.Tensor:
-    """Right-padded (rows, width) float32 tensor, aligned with memfit.data.collate's padding."""
-    out = torch.zeros(len(row_weights), width, dtype=torch.float32)
-    for i, weights in enumerate(row_weights):
-        out[i, : len(weights)] = torch.tensor(weights, dtype=torch.float32)
-    return out
+def label_weights(objective: StepObjective, batch) -> torch.Tensor:
+    """(B, S) float32 weights at the positions of `batch.labels` (a memfit.data Batch, on the host): the sample's
+    token weight where the label is scored (not IGNORE, not a row's position 0), else 0."""
+    per_sample = torch.tensor([objective.token_weight.get(s, 0.0) for s in batch.sample_ids] or [0.0],
+                              dtype=torch.float32)
+    scored = batch.labels != IGNORE_INDEX
+    scored[:, 0] = False
+    return torch.where(scored, per_sample[batch.sample_index.clamp(min=0)], 0.0)
