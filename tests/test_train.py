@@ -313,3 +313,25 @@ def test_packed_samples_score_as_if_alone(tiny_model_dir, tmp_path):
     assert results["packed"][1] == results["alone"][1]  # the same scored tokens
     assert results["packed"][0] == pytest.approx(results["alone"][0], rel=1e-5)
     assert abs(results["leaky"][0] - results["alone"][0]) > 1e-3
+
+
+def test_losses_are_read_back_once_per_log_interval(tiny_model_dir, tmp_path):
+    """--log-every 3: step ends arrive in threes (one host sync each), with the same numbers as logging every step."""
+    from memfit.train.loop import Trainer
+
+    runs = {}
+    for every in (1, 3):
+        arrivals = []
+        config = TrainConfig(**{**FAST, "max_steps": 7, "log_every": every})
+        trainer = Trainer(TrainJob(str(tiny_model_dir), DEMO_DATA, tmp_path / f"every-{every}", device="cpu"),
+                          config, lambda event: arrivals.append((event, getattr(trainer, "step", 0))))
+        trainer.setup()
+        try:
+            trainer.run()
+        finally:
+            trainer.restore_head()
+            trainer.guard.stop()
+        runs[every] = [(event.step, step, event.loss) for event, step in arrivals if isinstance(event, StepEnd)]
+    assert [(s, t) for s, t, _ in runs[3]] == [(1, 3), (2, 3), (3, 3), (4, 6), (5, 6), (6, 6), (7, 7)]
+    assert [(s, t) for s, t, _ in runs[1]] == [(s, s) for s in range(1, 8)]
+    assert [loss for *_, loss in runs[3]] == pytest.approx([loss for *_, loss in runs[1]], rel=1e-6)

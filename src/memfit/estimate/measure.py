@@ -55,7 +55,8 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
         torch.cuda.reset_peak_memory_stats()
     head = None
     if config.chunked_loss and chunked_loss_blocker(model) is None:
-        head = head_returns_hidden(model).__enter__()  # for the life of this measuring process
+        bypass = head_returns_hidden(model)  # held: a collected generator would restore the head
+        head = bypass.__enter__()
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(config.seed)
     step_rss = []
