@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/guard_overhead.py --write
 	$(BIN)/python benchmarks/train_cpu.py --write
 	$(BIN)/python benchmarks/probe_vs_bisection.py --write
+	$(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --only memfit,memfit-no-chunked,hf,hf-gbl --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

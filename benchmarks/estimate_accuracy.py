@@ -31,6 +31,8 @@ CASES = [
     dict(method="lora", dtype="fp32", batch_size=4, seq_len=512, grad_checkpointing=True),
     dict(method="lora", dtype="bf16", batch_size=2, seq_len=512),
     dict(method="lora", dtype="fp32", batch_size=8, seq_len=128, lora_layers=2),
+    # The full-logits loss, for comparison with the (default) chunked loss of the same step above.
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, chunked_loss=False),
 ]
 
 
@@ -81,7 +83,7 @@ def markdown(rows: list[dict], device: str) -> str:
     ]
     for row in rows:
         case = row["case"]
-        extra = f"lora_layers={case['lora_layers']}" if case.get("lora_layers") else ""
+        extra = " ".join(f"{key}={case[key]}" for key in ("lora_layers", "chunked_loss") if key in case)
         lines.append(f"| {row['model']} | {case['method']} | {case['dtype']} | {case['batch_size']} × "
                      f"{case['seq_len']} | {'on' if case.get('grad_checkpointing') else 'off'} | {extra} | "
                      f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['error']:+.1f}% |")

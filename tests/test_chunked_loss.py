@@ -68,6 +68,8 @@ def test_chunk_rule_keeps_one_chunk_of_logits_about_the_size_of_the_hidden_state
     assert chunk & (chunk - 1) == 0  # a power of two
     assert tokens * hidden_size / 2 <= chunk * vocab <= 2 * tokens * hidden_size
     assert chunk_tokens(1, vocab, hidden_size) == 1
+    # Small models: a floor, or the many tiny matmuls cost more than full logits.
+    assert chunk_tokens(1100, 49_152, 576) == 256 and chunk_tokens(100, 49_152, 576) == 100
 
 
 def _tiny_causal_lm(model_type="llama", **extra):
