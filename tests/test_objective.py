@@ -9,7 +9,7 @@ import torch
 from memfit.config import TrainConfig
 from memfit.data import collate
 from memfit.data.packing import Row
-from memfit.train.losses import IGNORE_INDEX, distrust_values, weighted_token_loss
+from memfit.train.losses import IGNORE_INDEX, distrust_values, full_logits_loss, scored_tokens
 from memfit.train.objective import label_weights, step_objective
 
 # Two rows; row 0 packs sample 0 (positions 0-2) and sample 1 (3-4); row 1 holds sample 2 with a masked prompt.
@@ -55,7 +55,7 @@ def _loss(config, rows=slice(None)) -> tuple[float, object]:
     logits = _logits()
     weights = label_weights(objective, collate(ROWS[rows], SAMPLES, pad_id=0))  # collated alone: own width
     weights = torch.nn.functional.pad(weights, (0, logits.shape[1] - weights.shape[1]))
-    loss = weighted_token_loss(logits[rows], _padded_labels()[rows], weights.double())
+    loss = full_logits_loss(logits[rows], scored_tokens(_padded_labels()[rows], weights.double()))
     return float(loss), objective
 
 

@@ -129,8 +129,8 @@ class RowOrder:
 
     The batches are cut on the stream's grid of multiples of `batch`, also when the row count is not a multiple of
     it: then the first rows of an epoch complete the batch the previous epoch's last rows began, and the two
-    leftovers share one batch. So pass the micro-batch that `collate` gets (or a multiple of it that every step's
-    row count is a multiple of), and keep it for the whole run: the grouped order depends on it.
+    leftovers share one batch. The trainer passes the step's row count (batch size x grad accum), which a resume
+    cannot change, and splits each step into micro-batches longest first.
     """
 
     def __init__(self, lengths: Sequence[int], seed: int, batch: int, grouped: bool):

@@ -236,15 +236,20 @@ class Trainer:
         if bypass is not None:
             bypass.__exit__(None, None, None)
 
-    def _model_inputs(self, batch) -> dict[str, torch.Tensor]:
-        """Causal attention needs no mask for right padding: real tokens never see the pads after them. Packed
-        rows restart their position ids at each sample, which transformers turns into a block-diagonal mask."""
-        # use_cache=False: with a KV cache, transformers ignores the position-id boundaries (memfit.models.attention).
+    def _model_inputs(self, batch) -> dict[str, Any]:
+        """What the model gets, on its device (only these tensors are copied there). Causal attention needs no mask
+        for right padding: real tokens never see the pads after them. Packed rows restart their position ids at
+        each sample, which transformers turns into a block-diagonal mask."""
         if not batch.packed:
-            return {"input_ids": batch.input_ids, "use_cache": False}
-        if self.position_packing:
-            return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            extra = {}
+        elif self.position_packing:
+            extra = {"position_ids": batch.position_ids}
+        else:
+            extra = {"attention_mask": batch.attention_mask}
+        device = self.accelerator.device
+        # use_cache=False: with a KV cache, transformers ignores the position-id boundaries (memfit.models.attention).
+        return {"input_ids": batch.input_ids.to(device), **{name: tensor.to(device) for name, tensor in extra.items()},
+                "use_cache": False}
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         config = self.config
@@ -333,7 +338,7 @@ class Trainer:
             faults.maybe_oom(self.step + 1, attempt)
             batch = collate(chunk, self.dataset.samples, self.pad_id)
             scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
-            inputs = self._model_inputs(batch.to(device))
+            inputs = self._model_inputs(batch)
             last = number == len(chunks) - 1
             # no_sync: only the last micro-batch all-reduces gradients when there are many processes.
             with nullcontext() if last else self.accelerator.no_sync(self.model):
@@ -439,7 +444,7 @@ class Trainer:
         for start in range(0, len(rows), self.micro_batch):
             batch = collate(rows[start:start + self.micro_batch], self.val_dataset.samples, self.pad_id)
             scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float())  # every token counts 1
-            loss_sum += micro_step_loss(self.model, self._model_inputs(batch.to(self.accelerator.device)),
+            loss_sum += micro_step_loss(self.model, self._model_inputs(batch),
                                         scored.to(self.accelerator.device), head=self.head,
                                         compute_dtype=self.precision.compute_dtype)
             count += len(scored.index)
@@ -517,10 +522,10 @@ class Trainer:
             return
         pending, self.pending_steps = self.pending_steps, []
         self.last_flush = time.perf_counter()
-        nan = torch.tensor(float("nan"))
-        values = torch.stack([torch.stack([held["loss_sum"].float().cpu(),
-                                           (held["grad_norm"] if held["grad_norm"] is not None else nan).float().cpu()])
-                              for held in pending]).tolist()
+        nan = torch.full((), float("nan"), device=pending[0]["loss_sum"].device)
+        values = torch.stack([torch.stack([held["loss_sum"].float(),
+                                           (held["grad_norm"] if held["grad_norm"] is not None else nan).float()])
+                              for held in pending]).tolist()  # the one read-back
         # The first step of a process pays for warm-up; leave it out of the rate once there are others.
         times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
         steps_per_s = len(times) / max(sum(times), 1e-9)

@@ -21,43 +21,11 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy of each sample, in fp32, and each sample's count of scored tokens.
-
-    `labels` are the unshifted input labels (IGNORE_INDEX where no loss is wanted).
-    """
-    targets = shift_labels(labels)
-    batch, seq, vocab = logits.shape
-    token_loss = F.cross_entropy(
-        logits.view(-1, vocab).float(), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(batch, seq)
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over the batch (every scored token counts once)."""
-    per_sample, counts = per_sample_ce(logits, labels)
-    return (per_sample * counts).sum() / counts.sum().clamp(min=1)
-
-
 # --- the step objective ------------------------------------------------------------------------------------------
 #
 # Every objective below is a weighted sum of token cross-entropies, with weights computed once per optimizer step
 # over the whole effective batch. A micro-batch's loss is its share of that sum, so splitting the step into more,
 # smaller micro-batches (gradient accumulation, OOM recovery) gives the same gradient.
-
-
-def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor) -> torch.Tensor:
-    """sum_t w_t * CE_t, where `label_weights` sit at the positions of `labels` (unshifted, like the labels)."""
-    targets = shift_labels(labels)
-    weights = torch.zeros_like(label_weights)
-    weights[:, :-1] = label_weights[:, 1:]
-    batch, seq, vocab = logits.shape
-    token_loss = F.cross_entropy(
-        logits.view(-1, vocab).float(), targets.view(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return (token_loss * weights.view(-1)).sum()
 
 
 @dataclass
@@ -68,7 +36,7 @@ class ScoredTokens:
 
     index: torch.Tensor  # (n,) long: the flat positions whose target is scored
     targets: torch.Tensor  # (B*S,) long: the next token, IGNORE_INDEX where nothing is scored
-    weights: torch.Tensor  # (B*S,) float32: what each position's CE counts for (0 where not scored)
+    weights: torch.Tensor  # (B*S,) float (the label weights' dtype): what each position's CE counts for
 
     def to(self, device: torch.device | str) -> "ScoredTokens":
         return ScoredTokens(self.index.to(device), self.targets.to(device), self.weights.to(device))
@@ -77,7 +45,7 @@ class ScoredTokens:
 def scored_tokens(labels: torch.Tensor, label_weights: torch.Tensor) -> ScoredTokens:
     """From unshifted (B, S) labels and the weights sitting at the labels' positions (memfit.train.objective)."""
     targets = shift_labels(labels).reshape(-1)
-    weights = torch.zeros(label_weights.shape, dtype=torch.float32)
+    weights = torch.zeros_like(label_weights)
     weights[:, :-1] = label_weights[:, 1:]
     weights = weights.reshape(-1)
     return ScoredTokens((targets != IGNORE_INDEX).nonzero().squeeze(1), targets, weights)
@@ -107,7 +75,11 @@ def micro_step_loss(model: torch.nn.Module, inputs: dict, scored: ScoredTokens, 
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored.index)
         return linear_cross_entropy(hidden, head, scored.targets.index_select(0, scored.index),
                                     scored.weights.index_select(0, scored.index), compute_dtype)
-    logits = model(**inputs).logits
+    return full_logits_loss(model(**inputs).logits, scored)
+
+
+def full_logits_loss(logits: torch.Tensor, scored: ScoredTokens) -> torch.Tensor:
+    """sum_t w_t * CE_t from (B, S, vocab) logits, upcast to fp32 as transformers' own loss does."""
     token_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), scored.targets,
                                  ignore_index=IGNORE_INDEX, reduction="none")
     return (token_loss * scored.weights).sum()
