@@ -327,9 +327,10 @@ def test_interrupted_probe_continues_without_rerunning_finished_trials(tiny_mode
     fresh = FakeMachine()
     monkeypatch.setattr(probe_runner, "run_trial", fresh)
     result = probe(_probe_job(tiny_model_dir, fresh=True), TrainConfig(seq_len=128))
-    # --fresh measures again; the first guess now uses the calibration the first probe saved, and lands on it.
-    assert [call["batch_size"] for call in fresh.calls] == [21, 22] and result.chosen["batch_size"] == 21
-    assert first.calls[0]["batch_size"] != 21
+    # --fresh measures again, and its first guess uses the calibration the first probe saved. (Where it lands
+    # depends on how far this fake machine's slope is from the estimator's: a ratio cannot fix a slope.)
+    assert fresh.calls and fresh.calls[0] != first.calls[0] and result.chosen["batch_size"] == 21
+    assert not any(trial["from_journal"] for trial in result.trials)
 
 
 def test_an_error_trial_stops_the_probe_instead_of_reading_as_does_not_fit(tiny_model_dir, monkeypatch):

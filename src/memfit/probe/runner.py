@@ -188,14 +188,16 @@ class Probe:
                      "limit": "auto" if auto else limit}
         probe_key = hashlib.sha256(json.dumps(key_facts, sort_keys=True).encode()).hexdigest()[:16]
         journal_path = cache_dir() / "probe" / self.machine / f"{self.model_key}-{probe_key}.jsonl"
+        prior = profiles.calibration_for(self.resolved, self.machine, config.model_dump(), self.device)
         self.journal = Journal(journal_path, {"limit_bytes": limit, "limit_auto": auto, **key_facts,
+                                              "prior_ratio": float(prior["ratio"]) if prior else 1.0,
                                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, job.fresh)
-        # A rerun continues under the limit the journal's trials were measured against.
+        # A rerun continues under the limit and the calibration the journal's first run started with: the same
+        # guesses then meet the journaled trials (a profile that run saved would otherwise move the first guess).
         self.limit_bytes = int(self.journal.header["limit_bytes"])
         self.limit_auto = bool(self.journal.header["limit_auto"])
         self.target_bytes = int(self.limit_bytes / (1 + job.margin))
-        prior = profiles.calibration_for(self.resolved, self.machine, config.model_dump(), self.device)
-        self.prior_ratio = float(prior["ratio"]) if prior else 1.0
+        self.prior_ratio = float(self.journal.header.get("prior_ratio", 1.0))
 
     def axis_values(self) -> tuple[int, ...]:
         if len(self.job.search) == 1:
