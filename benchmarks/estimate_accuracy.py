@@ -1,7 +1,7 @@
 """Estimator vs measured peak memory: real training steps in child processes, one per configuration.
 
 For each case: build a random-init model of a real architecture (cut down in layers to fit 2 CPU cores), run 3
-training steps in a fresh child (memfit.estimate.measure: peak RSS from getrusage; on CUDA max_memory_reserved),
+training steps in a fresh child (memfit.estimate.measure: peak RSS = the child's own VmHWM; on CUDA max_memory_reserved),
 and compare with `estimate_memory` for the same configuration. Writes the table into docs/benchmarks.md.
 
     python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick] [--out docs/benchmarks.md]
@@ -56,8 +56,10 @@ def run(device: str, quick: bool) -> list[dict]:
                 started = time.time()
                 measured = measure_in_child(model_dir, case, steps=3, device=device)
                 peak = measured["max_memory_reserved_bytes"] if device == "cuda" else measured["peak_rss_bytes"]
+                in_load = device != "cuda" and measured["load_peak_rss_bytes"] >= measured["peak_rss_bytes"]
                 rows.append(dict(model=f"{preset}" + (f" ({layers} layers)" if layers else ""), case=case,
                                  estimate=predicted, measured=peak, error=(predicted - peak) / peak * 100,
+                                 phase="load" if in_load else "step",
                                  seconds=time.time() - started))
                 print(f"{rows[-1]['model']:28s} {case} est {predicted / MB:7.0f} MB  measured {peak / MB:7.0f} MB "
                       f" error {rows[-1]['error']:+5.1f}%", flush=True)
@@ -75,18 +77,19 @@ def markdown(rows: list[dict], device: str) -> str:
         f"Measured with `python benchmarks/estimate_accuracy.py --device {device}` on {platform.machine()} "
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Each case: 3 training steps (AdamW) in a fresh child process on "
-        "random full-length sequences; measured = peak RSS from `getrusage` "
+        "random full-length sequences; measured = the child's peak RSS (`VmHWM`; peak in: loading the model or a "
+        "training step) "
         "(CUDA: `torch.cuda.max_memory_reserved`); estimate = `memfit estimate` for the same configuration.",
         "",
-        "| model | method | dtype | batch × seq | grad ckpt | extra | estimate MB | measured MB | error |",
-        "|---|---|---|---|---|---|---:|---:|---:|",
+        "| model | method | dtype | batch × seq | grad ckpt | extra | estimate MB | measured MB | peak in | error |",
+        "|---|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:
         case = row["case"]
         extra = " ".join(f"{key}={case[key]}" for key in ("lora_layers", "chunked_loss") if key in case)
         lines.append(f"| {row['model']} | {case['method']} | {case['dtype']} | {case['batch_size']} × "
                      f"{case['seq_len']} | {'on' if case.get('grad_checkpointing') else 'off'} | {extra} | "
-                     f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['error']:+.1f}% |")
+                     f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['phase']} | {row['error']:+.1f}% |")
     return "\n".join(lines) + "\n"
 
 

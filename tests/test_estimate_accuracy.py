@@ -1,4 +1,4 @@
-"""The estimator against measured reality: 3 real training steps in a child process, peak RSS from getrusage."""
+"""The estimator against measured reality: 3 real training steps in a child process, its own peak RSS (VmHWM)."""
 
 import pytest
 from transformers import AutoConfig

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import random
+import subprocess
+import sys
 import time
 from collections import namedtuple
 
@@ -109,6 +111,17 @@ def test_sampler_thread_sees_a_spike_that_step_end_reads_miss():
     assert step_end < baseline + 100 * MB  # a read at the step boundary sees nothing
     assert peak >= baseline + 250 * MB
     assert read_memory().peak_rss_bytes >= baseline + 390 * MB  # the spike was indeed below the high-water mark
+
+
+def test_a_child_process_peak_is_its_own_not_its_parents():
+    # exec folds the replaced address space's RSS into getrusage's ru_maxrss; after Python's vfork that is this
+    # (parent) process. A probe trial or measurement child must report only what it used.
+    held = touched(800 * MB)
+    code = "from memfit.guard.sampler import peak_rss_bytes; print(peak_rss_bytes())"
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert rss() > 800 * MB
+    assert 10 * MB < child_peak < 500 * MB  # importing torch and psutil: about 220 MB
+    del held
 
 
 def test_window_peak_catches_a_new_high_water_mark_without_a_thread():

@@ -1,7 +1,8 @@
 """Ground truth for the estimator: run real training steps in a child process and report its memory peaks.
 
 The child loads the model exactly as training does (memfit.train.model), runs `steps` optimizer steps on random
-full-length sequences, and reports peak RSS from `resource.getrusage` (and CUDA's `max_memory_reserved`). Peak RSS
+full-length sequences, and reports its peak RSS (VmHWM on Linux, not getrusage: that
+includes the parent's RSS, see memfit.guard.sampler.peak_rss_bytes; CUDA: `max_memory_reserved`). Peak RSS
 is also read separately for the load phase and the training phase: Linux lets a process reset its RSS high-water
 mark by writing 5 to /proc/self/clear_refs.
 
@@ -35,6 +36,7 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
+    from memfit.system import mapped_file_bytes
     from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
     from memfit.train.losses import every_next_token, micro_step_loss
     from memfit.train.model import load_model
@@ -81,6 +83,9 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
         "train_peak_rss_bytes": peak_rss_bytes() if can_reset else None,
         "peak_rss_bytes": max(load_peak_rss, peak_rss_bytes()),
         "step_rss_bytes": step_rss,
+        # File-backed pages (libraries) count in RSS but follow the page cache, not the configuration; they only
+        # grow, so the end reading bounds their share of the peak.
+        "rss_file_bytes": mapped_file_bytes(),
         "loss": float(loss.detach()) * config.grad_accum,
     }
     if device == "cuda":

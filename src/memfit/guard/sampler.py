@@ -32,7 +32,7 @@ class MemorySample:
 
     time: float  # time.monotonic()
     rss_bytes: int  # this process's resident set now
-    peak_rss_bytes: int  # the resident set's high-water mark since the process started (getrusage)
+    peak_rss_bytes: int  # the resident set's high-water mark since the process started (VmHWM; getrusage)
     system_available_bytes: int  # what the OS could give out without swapping (psutil's "available")
     cuda_allocated_bytes: int | None = None  # bytes in live tensors (torch caching allocator)
     cuda_reserved_bytes: int | None = None  # bytes the caching allocator holds from the driver
@@ -103,6 +103,20 @@ def _system_available_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    # Linux: VmHWM, this address space's own high-water mark. getrusage's ru_maxrss is wrong for a child: exec
+    # folds in the RSS of the process it replaced, and with vfork (Python's subprocess) that is the parent's whole
+    # address space, so a 60 MB child of a 1.5 GB parent reports 1.5 GB. VmHWM is also what clear_refs resets.
+    if sys.platform.startswith("linux"):
+        try:
+            fd = os.open("/proc/self/status", os.O_RDONLY)
+            try:
+                data = os.read(fd, 8192)
+            finally:
+                os.close(fd)
+            start = data.index(b"VmHWM:") + len(b"VmHWM:")
+            return int(data[start:data.index(b"\n", start)].split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _MAXRSS_UNIT
 
 
