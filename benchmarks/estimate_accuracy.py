@@ -34,6 +34,12 @@ CASES = [
     # The full-logits loss, for comparison with the (default) chunked loss of the same step above.
     dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, chunked_loss=False),
 ]
+# Published checkpoints are mostly stored in bf16; training in fp32 converts them while loading.
+BF16_STORED = {"smollm2-135m": 8, "qwen2.5-0.5b": 4}
+BF16_STORED_CASES = [
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=256),
+    dict(method="full", dtype="fp32", batch_size=2, seq_len=256),
+]
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -46,18 +52,21 @@ def run(device: str, quick: bool) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for preset, layers in ARCHITECTURES.items():
-            model_dir = Path(scratch) / preset
-            init_model(preset, model_dir, dtype="fp32", num_layers=layers)
+        builds = [(preset, layers, "fp32", CASES[:3] if quick else CASES) for preset, layers in ARCHITECTURES.items()]
+        builds += [(preset, layers, "bf16", BF16_STORED_CASES) for preset, layers in BF16_STORED.items() if not quick]
+        for preset, layers, stored, cases in builds:
+            model_dir = Path(scratch) / f"{preset}-{stored}"
+            init_model(preset, model_dir, dtype=stored, num_layers=layers)
             hf_config = AutoConfig.from_pretrained(model_dir)
-            for case in CASES[:3] if quick else CASES:
+            for case in cases:
                 config = TrainConfig(**case)
                 predicted = estimate_memory(hf_config, config, Hardware(device, 1 << 40)).total_bytes
                 started = time.time()
                 measured = measure_in_child(model_dir, case, steps=3, device=device)
                 peak = measured["max_memory_reserved_bytes"] if device == "cuda" else measured["peak_rss_bytes"]
                 in_load = device != "cuda" and measured["load_peak_rss_bytes"] >= measured["peak_rss_bytes"]
-                rows.append(dict(model=f"{preset}" + (f" ({layers} layers)" if layers else ""), case=case,
+                shape = ", ".join(([f"{layers} layers"] if layers else []) + (["bf16 file"] if stored != "fp32" else []))
+                rows.append(dict(model=preset + (f" ({shape})" if shape else ""), case=case,
                                  estimate=predicted, measured=peak, error=(predicted - peak) / peak * 100,
                                  phase="load" if in_load else "step",
                                  seconds=time.time() - started))

@@ -26,3 +26,12 @@ def smol_model_dir(tmp_path_factory):
     from memfit.models import init_model
 
     return init_model("smollm2-135m", tmp_path_factory.mktemp("models") / "smol4", num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def qwen_bf16_model_dir(tmp_path_factory):
+    """qwen2.5-0.5b's shapes (a 136M-parameter embedding), 2 layers, stored in bf16 as published checkpoints are:
+    fp32 training converts it on load."""
+    from memfit.models import init_model
+
+    return init_model("qwen2.5-0.5b", tmp_path_factory.mktemp("models") / "qwen2-bf16", num_layers=2, dtype="bf16")

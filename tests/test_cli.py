@@ -87,6 +87,17 @@ def test_estimate_human_output(capsys):
     assert "does not fit" in out and "what to change" in out and "--grad-checkpointing" in out
 
 
+def test_estimate_shows_the_loading_peak_of_a_converted_checkpoint(capsys):
+    args = ("estimate", "--model", "qwen2.5-0.5b", "--method", "lora", "--dtype", "fp32", "--seq-len", "128",
+            "--device", "cpu", "--memory-gb", "64")
+    code, out, _ = run_cli(capsys, *args, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["load_peak_bytes"] > data["training_bytes"] == sum(data["breakdown"].values())
+    assert data["total_bytes"] == data["load_peak_bytes"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "loading peak" in out and "loading the checkpoint" in out
+
+
 def test_system_and_models_json(capsys):
     code, out, _ = run_cli(capsys, "system", "--json")
     data = json.loads(out)

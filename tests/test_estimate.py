@@ -109,6 +109,30 @@ def test_chunked_loss_removes_the_logits_term():
     assert saved >= 0.8 * (with_logits.breakdown["logits"] - without.breakdown["logits"]) - 1024 * 4096 * 8
 
 
+def test_loading_a_bf16_checkpoint_for_fp32_training_peaks_above_the_step_on_cpu():
+    """Llama-3.1-8B is stored in bf16: LoRA in fp32 on a CPU converts it, with the mapped file still resident."""
+    cpu = Hardware("cpu", 512 * GB)
+    converted = estimate_memory(LLAMA_8B, TrainConfig(method="lora", dtype="fp32", seq_len=256), cpu)
+    params = arch_info(LLAMA_8B).params
+    assert converted.load_peak_bytes >= params * (2 + 4)  # the bf16 file and its fp32 copy
+    assert converted.load_peak_bytes > converted.training_bytes
+    assert converted.total_bytes == converted.load_peak_bytes
+    assert any("loading the checkpoint" in note for note in converted.notes)
+    # bf16 LoRA keeps the frozen base in bf16: the weights are the file's own pages, no conversion.
+    assert estimate_memory(LLAMA_8B, TrainConfig(method="lora", dtype="bf16", seq_len=256), cpu).load_peak_bytes == 0
+    # On a GPU the conversion happens in host memory, not in the device memory the estimate is about.
+    on_gpu = estimate_memory(LLAMA_8B, TrainConfig(method="lora", dtype="fp32", seq_len=256), Hardware("cuda", 80 * GB))
+    assert on_gpu.load_peak_bytes == 0
+
+
+def test_no_batch_fits_when_loading_alone_does_not():
+    config = TrainConfig(method="lora", dtype="fp32", seq_len=256)
+    converted = estimate_memory(LLAMA_8B, config, Hardware("cpu", 512 * GB))
+    between = (converted.training_bytes + converted.load_peak_bytes) // 2
+    assert max_batch_size(LLAMA_8B, config, Hardware("cpu", between)) == 0
+    assert max_batch_size(LLAMA_8B, config, Hardware("cpu", converted.load_peak_bytes + GB)) >= 1
+
+
 def test_max_batch_size_is_the_largest_that_fits():
     hardware = Hardware("cuda", 40 * GB)
     config = TrainConfig(method="lora", dtype="bf16", seq_len=512, grad_checkpointing=True)

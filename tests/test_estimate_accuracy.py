@@ -22,3 +22,16 @@ def test_estimate_within_15_percent_of_measured_peak(request, fixture, case):
     estimate = estimate_memory(AutoConfig.from_pretrained(model_dir), TrainConfig(**case), Hardware("cpu", 16 * GB))
     error = (estimate.total_bytes - measured) / measured
     assert abs(error) <= 0.15, f"estimate {estimate.total_bytes / 2**20:.0f} MB vs measured {measured / 2**20:.0f} MB"
+
+
+def test_loading_peak_of_a_converted_checkpoint(qwen_bf16_model_dir):
+    """bf16 weights loaded for fp32 LoRA: the process peaks while loading, above its small training steps."""
+    case = dict(method="lora", dtype="fp32", batch_size=1, seq_len=64)
+    measured = measure_in_child(qwen_bf16_model_dir, case, steps=1)
+    assert measured["load_peak_rss_bytes"] > measured["train_peak_rss_bytes"]
+    estimate = estimate_memory(AutoConfig.from_pretrained(qwen_bf16_model_dir), TrainConfig(**case),
+                               Hardware("cpu", 16 * GB))
+    assert estimate.load_peak_bytes == estimate.total_bytes
+    error = (estimate.load_peak_bytes - measured["load_peak_rss_bytes"]) / measured["load_peak_rss_bytes"]
+    assert abs(error) <= 0.15, f"loading: estimate {estimate.load_peak_bytes / 2**20:.0f} MB vs measured " \
+                               f"{measured['load_peak_rss_bytes'] / 2**20:.0f} MB"

@@ -231,7 +231,8 @@ def estimate(
     solve_for = hardware
     if calibration:
         ratio = calibration["ratio"]
-        result.breakdown["calibration"] = int(result.total_bytes * (ratio - 1))
+        result.breakdown["calibration"] = int(result.training_bytes * (ratio - 1))
+        result.load_peak_bytes = int(result.load_peak_bytes * ratio)
         result.notes.append(f"calibrated with this machine's probe profile {calibration['profile']}: measured/"
                             f"estimated = {ratio:.3f} over {calibration['trials']} trial(s); --no-calibrate for "
                             "the raw estimate")
@@ -269,6 +270,9 @@ def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_
     total = result.total_bytes
     for name, nbytes in result.breakdown.items():
         table.add_row(name, _gb(nbytes), f"{100 * nbytes / total:.0f}%" if total else "-")
+    if result.load_peak_bytes:
+        table.add_row("training step", _gb(result.training_bytes), "")
+        table.add_row("loading peak", _gb(result.load_peak_bytes), "")
     table.add_row("[bold]total[/bold]", f"[bold]{_gb(total)}[/bold]", "")
     table.add_row("device memory", _gb(hardware.memory_bytes), "")
     console.print(table)

@@ -75,10 +75,17 @@ class Estimate:
     breakdown: dict[str, int]
     host_offload_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # The process's peak while loading the checkpoint (CPU only), when that is above the training step's: see
+    # `load_peak_bytes`. 0 when loading stays below training, as it does whenever no dtype conversion happens.
+    load_peak_bytes: int = 0
+
+    @property
+    def training_bytes(self) -> int:
+        return sum(self.breakdown.values())
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.breakdown.values())
+        return max(self.training_bytes, self.load_peak_bytes)
 
     @property
     def fits(self) -> bool:
@@ -242,11 +249,48 @@ def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Prec
     }
 
 
+# --- loading ------------------------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def checkpoint_dtype_bytes(hf_config) -> int | None:
+    """Bytes per weight as the checkpoint stores them (the config's `dtype`/`torch_dtype`); None when unstated."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(hf_config, key, None)
+        if value is not None:
+            return _DTYPE_BYTES.get(str(value).removeprefix("torch."))
+    return None
+
+
+def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, hardware: Hardware,
+                    hf_config) -> int:
+    """CPU RSS at the end of loading, when the weights change dtype on the way in.
+
+    transformers maps the safetensors file; when the stored dtype is the one training wants, the tensors are that
+    mapping (no copy, no peak). When it is not, every converted tensor is a new allocation while the whole file's
+    pages are mapped and read: runtime + checkpoint + converted weights, before PEFT is imported (measured, CPU:
+    a bf16 checkpoint loaded as fp32 or fp32 as bf16 peaks at file + converted + the process baseline, within 4%;
+    QLoRA within -6..+12%; docs/benchmarks.md). The file pages are page cache, so the kernel can drop them under
+    pressure, but RSS and the guard count them. On a GPU the weights go to the device: the host peak is not device
+    memory.
+    """
+    if hardware.device != "cpu":
+        return 0
+    stored_bytes = checkpoint_dtype_bytes(hf_config)
+    wanted_bytes = precision.trainable_bytes if config.method == "full" else precision.frozen_bytes
+    if stored_bytes is None or stored_bytes == wanted_bytes:
+        return 0  # QLoRA too: bitsandbytes quantizes tensor by tensor from the mapping (fp32 file, fp32: no peak)
+    checkpoint = info.params * stored_bytes
+    loaded = weight_bytes(info, config, precision)
+    return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes() + checkpoint + loaded
+
+
 # --- putting it together ------------------------------------------------------------------------------------------
 
 
 @functools.cache
-def _cpu_file_pages_bytes() -> int:
+def cpu_file_pages_bytes() -> int:
     """Read once per process: the estimate must not drift between the calls of one batch solve."""
     from memfit.system import mapped_file_bytes
 
@@ -260,7 +304,7 @@ def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) 
     if hardware.device == "mps":
         return MPS_RUNTIME_BYTES
     peft = CPU_PEFT_IMPORT_BYTES if config.uses_adapters else 0
-    return CPU_PROCESS_ANON_BYTES + peft + _cpu_file_pages_bytes()
+    return CPU_PROCESS_ANON_BYTES + peft + cpu_file_pages_bytes()
 
 
 def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_name: str = "model") -> Estimate:
@@ -348,9 +392,16 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
 
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=activations, logits=logits, runtime=int(runtime))
+    loading = load_peak_bytes(info, config, precision, hardware, hf_config)
+    if loading > sum(breakdown.values()):
+        notes.append(f"the peak is loading the checkpoint ({loading / GB:.2f} GB): its weights change dtype on the "
+                     "way in, so the mapped file and the converted copy are both resident; a checkpoint saved in "
+                     "the training dtype loads without it")
+    else:
+        loading = 0
     return Estimate(model=model_name, config=config, hardware=hardware, precision=precision.name,
                     params=info.params, trainable_params=trainable, breakdown=breakdown,
-                    host_offload_bytes=int(host_offload), notes=notes)
+                    host_offload_bytes=int(host_offload), notes=notes, load_peak_bytes=int(loading))
 
 
 # --- solving and advising -----------------------------------------------------------------------------------------
@@ -362,16 +413,17 @@ def max_batch_size(hf_config, config: TrainConfig, hardware: Hardware, limit: in
     Memory grows linearly in the batch at a fixed sequence length, so two estimates give the slope and the
     answer; one more estimate at that answer confirms it (and steps down where rounding put it over).
     """
-    def total(batch: int) -> int:
-        return estimate_memory(hf_config, config.model_copy(update={"batch_size": batch}), hardware).total_bytes
+    def at(batch: int) -> Estimate:
+        return estimate_memory(hf_config, config.model_copy(update={"batch_size": batch}), hardware)
 
     budget = hardware.memory_bytes
-    one = total(1)
-    if one > budget:
+    one = at(1)
+    if one.total_bytes > budget:
         return 0
-    slope = max(total(2) - one, 1)
-    guess = min(limit, 1 + (budget - one) // slope)
-    while guess > 1 and total(guess) > budget:
+    # The slope of the training step alone: a loading peak above it is flat in the batch.
+    slope = max(at(2).training_bytes - one.training_bytes, 1)
+    guess = min(limit, 1 + (budget - one.training_bytes) // slope)
+    while guess > 1 and at(guess).total_bytes > budget:
         guess = max(1, guess - max(1, guess // 50))
     return int(guess)
 
@@ -445,6 +497,8 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list[Su
         "trainable_params": estimate.trainable_params,
         "breakdown": dict(estimate.breakdown),
         "total_bytes": estimate.total_bytes,
+        "training_bytes": estimate.training_bytes,
+        "load_peak_bytes": estimate.load_peak_bytes,
         "device_memory_bytes": estimate.hardware.memory_bytes,
         "fits": estimate.fits,
         "max_batch_size": max_batch,

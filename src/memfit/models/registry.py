@@ -45,6 +45,9 @@ class Architecture:
     max_position_embeddings: int
     head_dim: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The dtype the published weights are stored in (config.json's torch_dtype): a different training dtype makes
+    # loading convert them, which has its own memory peak (memfit.estimate.memory.load_peak_bytes).
+    dtype: str | None = None
 
     @property
     def effective_head_dim(self) -> int:
@@ -77,6 +80,8 @@ class Architecture:
             )
             if self.head_dim is not None:
                 kw["head_dim"] = self.head_dim
+        if self.dtype is not None:
+            kw["dtype"] = self.dtype
         kw.update(self.extra)
         kw.update(overrides)
         return kw
@@ -141,40 +146,41 @@ _QWEN25 = dict(rope_theta=1000000.0, hidden_act="silu", use_sliding_window=False
 
 _ARCHS = [
     Architecture("llama-3.1-8b", "llama", "meta-llama/Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, False, 131072,
-                 extra=_frozen(_LLAMA3, rope_scaling=_LLAMA31_ROPE)),
+                 extra=_frozen(_LLAMA3, rope_scaling=_LLAMA31_ROPE), dtype="bfloat16"),
     Architecture("llama-3.1-70b", "llama", "meta-llama/Llama-3.1-70B", 128256, 8192, 28672, 80, 64, 8, False,
-                 131072, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA31_ROPE)),
+                 131072, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA31_ROPE), dtype="bfloat16"),
     Architecture("llama-3.2-1b", "llama", "meta-llama/Llama-3.2-1B", 128256, 2048, 8192, 16, 32, 8, True, 131072,
-                 head_dim=64, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA32_ROPE)),
+                 head_dim=64, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA32_ROPE), dtype="bfloat16"),
     Architecture("llama-3.2-3b", "llama", "meta-llama/Llama-3.2-3B", 128256, 3072, 8192, 28, 24, 8, True, 131072,
-                 head_dim=128, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA32_ROPE)),
+                 head_dim=128, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA32_ROPE), dtype="bfloat16"),
     Architecture("mistral-7b", "mistral", "mistralai/Mistral-7B-v0.1", 32000, 4096, 14336, 32, 32, 8, False, 32768,
                  extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=4096, hidden_act="silu",
-                               bos_token_id=1, eos_token_id=2)),
+                               bos_token_id=1, eos_token_id=2), dtype="bfloat16"),
     Architecture("qwen2.5-0.5b", "qwen2", "Qwen/Qwen2.5-0.5B", 151936, 896, 4864, 24, 14, 2, True, 32768,
-                 extra=_frozen(_QWEN25, rms_norm_eps=1e-6, sliding_window=32768)),
+                 extra=_frozen(_QWEN25, rms_norm_eps=1e-6, sliding_window=32768), dtype="bfloat16"),
     Architecture("qwen2.5-7b", "qwen2", "Qwen/Qwen2.5-7B", 152064, 3584, 18944, 28, 28, 4, False, 131072,
-                 extra=_frozen(_QWEN25, rms_norm_eps=1e-6, sliding_window=131072)),
+                 extra=_frozen(_QWEN25, rms_norm_eps=1e-6, sliding_window=131072), dtype="bfloat16"),
     Architecture("qwen2.5-14b", "qwen2", "Qwen/Qwen2.5-14B", 152064, 5120, 13824, 48, 40, 8, False, 131072,
-                 extra=_frozen(_QWEN25, rms_norm_eps=1e-5, sliding_window=131072)),
+                 extra=_frozen(_QWEN25, rms_norm_eps=1e-5, sliding_window=131072), dtype="bfloat16"),
     Architecture("phi-3-mini", "phi3", "microsoft/Phi-3-mini-4k-instruct", 32064, 3072, 8192, 32, 32, 32, False,
                  4096, extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=2047, hidden_act="silu",
                                      original_max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000,
-                                     pad_token_id=32000)),
+                                     pad_token_id=32000), dtype="bfloat16"),
     Architecture("gemma-2-2b", "gemma2", "google/gemma-2-2b", 256000, 2304, 9216, 26, 8, 4, True, 8192,
                  head_dim=256, extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
                                              sliding_window=4096, final_logit_softcapping=30.0,
                                              attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh",
-                                             attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0)),
+                                             attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+                 dtype="float32"),
     Architecture("smollm2-135m", "llama", "HuggingFaceTB/SmolLM2-135M", 49152, 576, 1536, 30, 9, 3, True, 8192,
                  extra=_frozen(rope_theta=100000.0, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=0,
-                               eos_token_id=0)),
+                               eos_token_id=0), dtype="bfloat16"),
     Architecture("smollm2-360m", "llama", "HuggingFaceTB/SmolLM2-360M", 49152, 960, 2560, 32, 15, 5, True, 8192,
                  extra=_frozen(rope_theta=100000.0, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=0,
-                               eos_token_id=0)),
+                               eos_token_id=0), dtype="bfloat16"),
     Architecture("gpt2", "gpt2", "openai-community/gpt2", 50257, 768, 3072, 12, 12, 12, True, 1024,
                  extra=_frozen(n_ctx=1024, layer_norm_epsilon=1e-5, activation_function="gelu_new",
-                               bos_token_id=50256, eos_token_id=50256)),
+                               bos_token_id=50256, eos_token_id=50256), dtype="float32"),
     Architecture("tinyllama-1.1b", "llama", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", 32000, 2048,
                  5632, 22, 32, 4, False, 2048,
                  extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1,
