@@ -203,6 +203,18 @@ def max_loss_gap(a: dict, b: dict) -> float | None:
     return max(abs(mine[k] - theirs[k]) for k in common) if common else None
 
 
+def _own_peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -251,7 +263,9 @@ def markdown(tables: dict, steps: int, samples: int, stats: dict, command: str) 
         "",
         "How each figure is measured:",
         "- every contender is a fresh child process, one at a time; **peak RSS** = the child's `ru_maxrss` from "
-        "`os.wait4` (whole process: Python, imports, tokenizer, data, model, training);",
+        "`os.wait4` (whole process: Python, imports, tokenizer, data, model, training). On Linux that figure also "
+        "counts the RSS of what the child's exec replaced, here this benchmark's own process (vfork), which "
+        f"peaked at {_own_peak_rss_bytes() / GB:.2f} GB: below every row, so each row is the child's own;",
         "- **tokens/s** = real (non-pad) tokens / step time, over steps 2..N (step 1 is warm-up). Step time = "
         "collating the step's micro-batches + forward/backward + clipping + optimizer and scheduler step: memfit's "
         "`step_time_s` from metrics.jsonl; HF/TRL: a TrainerCallback's `on_step_begin`..`on_step_end` plus the "
@@ -331,6 +345,12 @@ def target_checks(tables: dict) -> list[str]:
         preset = MODELS[key][0]
         speed = mine["summary"]["tokens_per_s"] / theirs["summary"]["tokens_per_s"]
         checks.append(f"tokens/s ≥ 1.15× HF on {preset}: {speed:.2f}× — {'met' if speed >= 1.15 else 'NOT met'}")
+        same_order = by_key.get("memfit-no-gbl")  # HF's row order: the per-step losses must agree
+        if same_order:
+            gap = max_loss_gap(same_order, theirs)
+            checks.append(f"loss curve equivalent on {preset}: `--no-group-by-length` (HF's row order, chunked loss) "
+                          f"vs HF, max abs Δ over {same_order['summary']['steps_done']} steps = {_gap(gap)} — "
+                          f"{'met' if gap is not None and gap <= 1e-3 else 'NOT met'}")
         if key == "qwen":
             memory = mine["peak_rss_bytes"] / theirs["peak_rss_bytes"]
             checks.append(f"peak ≤ 0.8× HF on the large-vocab model ({preset}): {memory:.2f}× — "
