@@ -1,10 +1,9 @@
 """Ground truth for the estimator: run real training steps in a child process and report its memory peaks.
 
 The child loads the model exactly as training does (memfit.train.model), runs `steps` optimizer steps on random
-full-length sequences, and reports its peak RSS (VmHWM on Linux, not getrusage: that
-includes the parent's RSS, see memfit.guard.sampler.peak_rss_bytes; CUDA: `max_memory_reserved`). Peak RSS
-is also read separately for the load phase and the training phase: Linux lets a process reset its RSS high-water
-mark by writing 5 to /proc/self/clear_refs.
+full-length sequences, and reports its own peak RSS (VmHWM on Linux; getrusage would include the parent's, see
+memfit.guard.sampler) and on CUDA `max_memory_reserved`. Peak RSS is also read separately for the load phase and
+the training phase: Linux lets a process reset its RSS high-water mark by writing 5 to /proc/self/clear_refs.
 
 Run as `python -m memfit.estimate.measure MODEL_DIR CONFIG_JSON [--steps N] [--device cpu|cuda]`; prints one JSON
 object on stdout.

@@ -102,10 +102,18 @@ def _system_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def peak_rss_bytes() -> int:
-    # Linux: VmHWM, this address space's own high-water mark. getrusage's ru_maxrss is wrong for a child: exec
-    # folds in the RSS of the process it replaced, and with vfork (Python's subprocess) that is the parent's whole
-    # address space, so a 60 MB child of a 1.5 GB parent reports 1.5 GB. VmHWM is also what clear_refs resets.
+def _status_kib(data: bytes, field: bytes) -> int:
+    start = data.index(field) + len(field)
+    return int(data[start:data.index(b"\n", start)].split()[0])
+
+
+def _rss_and_peak_bytes() -> tuple[int, int]:
+    """RSS and its high-water mark. Linux: VmRSS and VmHWM, one read of /proc/self/status.
+
+    Not getrusage's ru_maxrss for the peak: in a child process, exec folds in the RSS of the process it replaced,
+    and with vfork (Python's subprocess) that is the parent's whole address space, so a 60 MB child of a 1.5 GB
+    parent reports 1.5 GB. VmHWM is this address space's own mark (the one /proc/self/clear_refs resets).
+    """
     if sys.platform.startswith("linux"):
         try:
             fd = os.open("/proc/self/status", os.O_RDONLY)
@@ -113,11 +121,14 @@ def peak_rss_bytes() -> int:
                 data = os.read(fd, 8192)
             finally:
                 os.close(fd)
-            start = data.index(b"VmHWM:") + len(b"VmHWM:")
-            return int(data[start:data.index(b"\n", start)].split()[0]) * 1024
+            return _status_kib(data, b"VmRSS:") * 1024, _status_kib(data, b"VmHWM:") * 1024
         except (OSError, ValueError, IndexError):
             pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _MAXRSS_UNIT
+    return rss_bytes(), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _MAXRSS_UNIT
+
+
+def peak_rss_bytes() -> int:
+    return _rss_and_peak_bytes()[1]
 
 
 def _cuda_index(device: str) -> int | None:
@@ -186,10 +197,11 @@ def read_memory(device: str = "cpu") -> MemorySample:
                 cuda_max_reserved_bytes=int(reserved.get("peak", 0)),
                 nvml_used_bytes=_nvml.used_bytes(index),
             )
+    rss, peak_rss = _rss_and_peak_bytes()
     return MemorySample(
         time=time.monotonic(),
-        rss_bytes=rss_bytes(),
-        peak_rss_bytes=peak_rss_bytes(),
+        rss_bytes=rss,
+        peak_rss_bytes=peak_rss,
         system_available_bytes=_system_available_bytes(),
         **cuda,
     )
