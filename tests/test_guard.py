@@ -362,3 +362,13 @@ def test_is_out_of_memory():
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only the allocators' error types
     assert not is_out_of_memory(KeyboardInterrupt())
+
+
+def test_proc_fields_are_read_in_bytes_and_a_missing_one_raises(tmp_path):
+    from memfit.guard.sampler import _proc_bytes
+
+    status = tmp_path / "status"
+    status.write_bytes(b"Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t3\n")
+    assert _proc_bytes(str(status), b"VmRSS:", b"VmHWM:") == [1024 * 1024, 2048 * 1024]
+    with pytest.raises(ValueError):
+        _proc_bytes(str(status), b"MemAvailable:")

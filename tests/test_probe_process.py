@@ -49,22 +49,25 @@ def _estimate_gb(model_dir, batch):
 
 
 def test_probe_picks_the_largest_batch_under_the_limit_and_train_uses_it(tiny_model_dir, cache, tmp_path):
-    # A limit between the estimates of batch 12 and 24: only a middle batch fits (margin 0: the limit decides).
+    # A limit between the estimates of batch 12 and 24: only a middle batch fits. The margin is the smallest that
+    # covers run-to-run noise: the same batches in a fresh process peak up to 3.5% apart (tiny model, batch 24: 601
+    # to 622 MB), and the train run below must not stop at the limit.
     limit_gb = round((_estimate_gb(tiny_model_dir, 12) + _estimate_gb(tiny_model_dir, 24)) / 2, 3)
-    completed, profile = _probe(tiny_model_dir, cache, "--max-memory", str(limit_gb), "--margin", "0")
+    margin = 0.04
+    completed, profile = _probe(tiny_model_dir, cache, "--max-memory", str(limit_gb), "--margin", str(margin))
     assert completed.returncode == 0, completed.stderr[-2000:]
     chosen = profile["chosen"]["batch_size"]
     assert 2 <= chosen < 64
     trials = profile["trials"]
     by_batch = {trial["settings"]["batch_size"]: trial for trial in trials}
-    assert by_batch[chosen]["usable"] and by_batch[chosen]["peak_bytes"] <= limit_gb * GB
+    assert by_batch[chosen]["usable"] and by_batch[chosen]["peak_bytes"] * (1 + margin) <= limit_gb * GB
     assert not by_batch[chosen + 1]["usable"]  # the neighbour proving it the largest was tried
     for trial in trials:
         larger = trial["settings"]["batch_size"] > chosen
         assert trial["usable"] != larger
-        if larger:
-            assert trial["status"] == "over_limit", trial  # classified as such, not as an OOM or an error
-            assert trial["peak_bytes"] > limit_gb * GB * 0.95
+        if larger:  # over the limit (classified as such, not as an OOM or an error), or inside the margin
+            assert trial["status"] in ("over_limit", "fits"), trial
+            assert trial["peak_bytes"] * (1 + margin) > limit_gb * GB
     assert len(trials) <= 5
     assert all(trial["estimate_bytes"] for trial in trials)
     assert profile["calibration"]["trials"] >= 1 and 0.8 < profile["calibration"]["ratio"] < 1.25

@@ -335,3 +335,25 @@ def test_losses_are_read_back_once_per_log_interval(tiny_model_dir, tmp_path):
     assert [(s, t) for s, t, _ in runs[3]] == [(1, 3), (2, 3), (3, 3), (4, 6), (5, 6), (6, 6), (7, 7)]
     assert [(s, t) for s, t, _ in runs[1]] == [(s, s) for s in range(1, 8)]
     assert [loss for *_, loss in runs[3]] == pytest.approx([loss for *_, loss in runs[1]], rel=1e-6)
+
+
+def test_a_probe_trial_trains_the_runs_own_batches_and_its_longest_row(tiny_model_dir, tmp_path):
+    """A trial stands for the run: the same first batches (not only the longest rows, whose one repeated shape
+    read low), with a row of the longest length put into its last batch."""
+    from memfit.data import RowOrder
+
+    lines = [json.dumps({"text": f"short row number {i}."}) for i in range(40)]
+    lines.append(json.dumps({"text": " ".join(f"word{i}" for i in range(60))}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    # A seed whose first three batches miss the long row (the last line), so the trial has to put it in.
+    seed = next(seed for seed in range(50) if 40 not in RowOrder([1] * 41, seed, 4, False).rows(0, 12))
+    settings = dict(data=data, steps=3, seed=seed, group_by_length=False, packing=False)
+    assert _train(tiny_model_dir, tmp_path / "run", **settings).exit_code == 0
+    config = TrainConfig(**{**FAST, "max_steps": 3, "seed": seed, "group_by_length": False, "packing": False})
+    trial = train(TrainJob(str(tiny_model_dir), data, tmp_path / "trial", device="cpu", trial=True), config)
+    assert trial.exit_code == 0
+    run, tried = _metrics(tmp_path / "run"), _metrics(tmp_path / "trial")
+    assert [(m["loss"], m["tokens"]) for m in tried[:2]] == [(m["loss"], m["tokens"]) for m in run[:2]]
+    assert tried[2]["tokens"] > run[2]["tokens"] + 40  # a ~6-token row swapped for the ~60-token one
+    assert not (tmp_path / "trial" / "checkpoints").exists() and not (tmp_path / "trial" / "final").exists()

@@ -90,21 +90,26 @@ def _system_available_bytes() -> int:
     # kernels without the field (psutil then estimates it).
     if sys.platform.startswith("linux"):
         try:
-            fd = os.open("/proc/meminfo", os.O_RDONLY)
-            try:
-                data = os.read(fd, 8192)
-            finally:
-                os.close(fd)
-            start = data.index(b"MemAvailable:") + len(b"MemAvailable:")
-            return int(data[start:data.index(b"\n", start)].split()[0]) * 1024  # the kernel writes kB (KiB)
+            return _proc_bytes("/proc/meminfo", b"MemAvailable:")[0]
         except (OSError, ValueError, IndexError):
             pass
     return int(psutil.virtual_memory().available)
 
 
-def _status_kib(data: bytes, field: bytes) -> int:
-    start = data.index(field) + len(field)
-    return int(data[start:data.index(b"\n", start)].split()[0])
+def _proc_bytes(path: str, *fields: bytes) -> list[int]:
+    """The "Field:  N kB" lines of a /proc file, in bytes, in one read (os.open/os.read: no buffered file object,
+    the sampler thread calls this ten times a second). Raises OSError, ValueError or IndexError when a field is
+    missing or the file is not there."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, 8192)
+    finally:
+        os.close(fd)
+    values = []
+    for field in fields:
+        start = data.index(field) + len(field)
+        values.append(int(data[start:data.index(b"\n", start)].split()[0]) * 1024)  # the kernel's kB is KiB
+    return values
 
 
 def _rss_and_peak_bytes() -> tuple[int, int]:
@@ -116,12 +121,8 @@ def _rss_and_peak_bytes() -> tuple[int, int]:
     """
     if sys.platform.startswith("linux"):
         try:
-            fd = os.open("/proc/self/status", os.O_RDONLY)
-            try:
-                data = os.read(fd, 8192)
-            finally:
-                os.close(fd)
-            return _status_kib(data, b"VmRSS:") * 1024, _status_kib(data, b"VmHWM:") * 1024
+            rss, peak = _proc_bytes("/proc/self/status", b"VmRSS:", b"VmHWM:")
+            return rss, peak
         except (OSError, ValueError, IndexError):
             pass
     return rss_bytes(), int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _MAXRSS_UNIT

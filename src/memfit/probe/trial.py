@@ -1,7 +1,8 @@
 """One probe trial: real training steps in a child process, watched and classified by the parent.
 
-The child is `memfit train` itself (memfit.train.Trainer, with `TrainJob.trial`): the same model loading, data
-tokenized as training does, the same loss and optimizer, the guard on with the probe's limit. It writes the run
+The child is `memfit train` itself (memfit.train.Trainer, with `TrainJob.trial`, rendered as the CLI renders): the
+same model loading, data tokenized as training does, the run's own first batches (the longest row in the last),
+the same loss and optimizer, the guard on with the probe's limit. It writes the run
 directory's `metrics.jsonl` line by line, so the parent knows each step's memory even if the child dies.
 
 The parent never loads the model. It samples the child's resident set, kills it when it runs past the limit or
@@ -257,19 +258,26 @@ def failed_on_input(trial: Trial) -> bool:
 
 
 def child_main(spec_path: str, run_dir: str) -> int:
+    from rich.console import Console
+
     from memfit.cli import _quiet_libraries
     from memfit.config import TrainConfig
     from memfit.errors import MemfitError, error_line
+    from memfit.render import TrainRenderer
     from memfit.train import TrainJob, train
 
     _quiet_libraries()
     spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
+    # Rendered as `memfit train` renders, to nowhere: the trial is to hold what the run it stands for will hold.
+    renderer = TrainRenderer(Console(file=open(os.devnull, "w")))
     try:
         config = TrainConfig(**spec.config)
         job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
                        trial=True)
-        return train(job, config).exit_code
+        return train(job, config, on_event=renderer).exit_code
     except MemfitError as error:
         sys.stderr.write(f"memfit: error: {error_line(error)}\n")
         return error.exit_code
+    finally:
+        renderer.close()
 

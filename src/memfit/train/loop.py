@@ -52,9 +52,12 @@ class TrainJob:
     device: str | None = None
     resume: ckpt.Checkpoint | None = None
     force: bool = False  # resume even when the config changed in a way that breaks exactness
-    # A probe trial (memfit.probe): measure memory, not learn. Each step takes the longest rows (a step's peak is
-    # set by its longest row, padding included), an out-of-memory error ends the run instead of being recovered
-    # (the probe wants to know), and nothing is checkpointed.
+    # A probe trial (memfit.probe): measure memory, not learn. It trains the run's own first batches, and puts a
+    # row of the longest length into its last one if that has none (where activations dominate, a step's peak is
+    # set by its longest row, padding included). Not batches of only the longest rows: one repeated shape lets the
+    # allocator reuse every block, and that read low against the real run (tiny model, batch 16: 578 against
+    # 590 MB), which then stopped at a limit the probe had said it fits. An out-of-memory
+    # error ends the run instead of being recovered (the probe wants to know), and nothing is checkpointed.
     trial: bool = False
 
 
@@ -169,8 +172,7 @@ class Trainer:
         self.effective_batch = config.batch_size * config.grad_accum
         self.micro_batch = config.batch_size
         rows = len(self.dataset.rows)
-        self.longest_first = (sorted(range(rows), key=lambda i: -len(self.dataset.rows[i].input_ids))
-                              if self.job.trial else [])
+        self.longest_row = max(range(rows), key=self._row_length)
         from memfit.data import RowOrder
 
         # Packed blocks are nearly all seq-len long: grouping them would only reorder; the seeded order is kept.
@@ -291,8 +293,8 @@ class Trainer:
 
         data = self.run_dir.read_run_json()
         if "config" not in data:
-            # A probe trial's parent estimates every trial itself; the child spends no time on it.
-            self.estimate = None if self.job.trial else self._estimate_bytes()
+            # A probe trial estimates too, though its parent has the figure: the trial is to hold what a run holds.
+            self.estimate = self._estimate_bytes()
             data.update({
                 "config": self.config.model_dump(), "model": self.job.model, "model_path": str(self.resolved.path),
                 "data": str(self.job.data), "data_sha256": self.data_sha256,
@@ -499,10 +501,14 @@ class Trainer:
         return self._finish(status)
 
     def _rows_for_step(self) -> list[int]:
-        if self.job.trial:
-            count = len(self.longest_first)
-            return [self.longest_first[(self.samples_seen + i) % count] for i in range(self.effective_batch)]
-        return self.row_order.rows(self.samples_seen, self.effective_batch)
+        rows = self.row_order.rows(self.samples_seen, self.effective_batch)
+        longest = self._row_length(self.longest_row)
+        if self.job.trial and self.step == self.total_steps - 1 and max(map(self._row_length, rows)) < longest:
+            rows[-1] = self.longest_row
+        return rows
+
+    def _row_length(self, row: int) -> int:
+        return len(self.dataset.rows[row].input_ids)
 
     def _step_done(self, stats: dict[str, Any], elapsed: float, sample) -> None:
         """Hold the step until its loss is read back (`_flush_steps`): every step on CPU, about every
