@@ -84,6 +84,13 @@ class TrainConfig(BaseModel):
         0.1, ge=0, le=60, description="seconds between background memory reads (0: only at step ends)"
     )
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (with --val-data)")
+    # Supervision (memfit.train.supervisor).
+    supervise: bool = Field(False, description="train in a child process that is restarted from its checkpoint "
+                                               "when it dies (OOM-killed, crashed, stopped at the limit)")
+    max_restarts: int = Field(3, ge=0, description="with --supervise: restarts allowed before giving up")
+    reload_interval: int | None = Field(
+        None, ge=1, description="with --supervise: restart the child from its checkpoint every N steps (a leaking "
+                                "framework's memory goes back to the OS)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -109,7 +116,7 @@ class TrainConfig(BaseModel):
 
 # Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.
 GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints",
-                          "memory_sample_interval", "eval_every"})
+                          "memory_sample_interval", "eval_every", "supervise", "max_restarts", "reload_interval"})
 
 
 def flag_name(field_name: str) -> str:

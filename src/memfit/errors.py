@@ -10,6 +10,9 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_GUARD_STOP = 3
 EXIT_OOM = 4
+# A supervised child that checkpointed and ended on purpose, to be started again (`--reload-interval`); BSD's
+# EX_TEMPFAIL. The user never sees it: `memfit train --supervise` restarts the child and exits with the run's code.
+EXIT_RELOAD = 75
 EXIT_INTERRUPTED = 130
 
 
@@ -47,6 +50,10 @@ class ModelNotFoundError(UserError):
 
 class WeightsMissingError(UserError):
     """The model's config is known but its weight files are not on this machine."""
+
+
+class DiskFullError(UserError):
+    """The output directory's disk filled up while writing (a checkpoint, the final adapter): one line, exit 2."""
 
 
 class OutOfMemoryError(UserError):

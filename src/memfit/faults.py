@@ -7,12 +7,18 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
                  with a `.paused` marker in the half-written directory (to kill the process mid-write);
 - `leak@MB`      every optimizer step retains MB megabytes that are never freed (a leaking framework);
 - `oomkill@MB`   a process whose RSS passes MB megabytes (checked at every memory reading of the guard) sends
-                 itself SIGKILL: the kernel's OOM killer on a machine with that much memory.
+                 itself SIGKILL: the kernel's OOM killer on a machine with that much memory;
+- `sigkill@K`    the process training step K sends itself SIGKILL in the step's forward pass, once per run
+                 directory (a marker file remembers it, so the restarted process goes on): the OOM killer, at a
+                 step of our choosing;
+- `crash@K`      step K raises a RuntimeError (a bug, a CUDA fault), once per run directory;
+- `enospc@K`     the checkpoint of step K fails with "No space left on device" after its first file is written.
 Nothing here runs unless the variable is set.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -65,3 +71,28 @@ def maybe_oom_kill(rss_bytes: int) -> None:
     spec = _faults().get("oomkill")
     if spec is not None and rss_bytes > float(spec) * 1024**2:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _once(name: str, step: int, run_dir: Path) -> bool:
+    """True the first time any process of this run reaches fault `name` at `step` (then a marker remembers it)."""
+    spec = _faults().get(name)
+    if spec is None or int(spec) != step:
+        return False
+    marker = run_dir / f".fault-{name}-{step}"
+    if marker.exists():
+        return False
+    marker.touch()
+    return True
+
+
+def maybe_die(step: int, run_dir: Path) -> None:
+    if _once("sigkill", step, run_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _once("crash", step, run_dir):
+        raise RuntimeError(f"injected crash at step {step} ({ENV})")
+
+
+def maybe_disk_full(step: int) -> None:
+    spec = _faults().get("enospc")
+    if spec is not None and int(spec) == step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

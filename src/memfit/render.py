@@ -129,6 +129,19 @@ class TrainRenderer(EventRenderer):
                         "memory")
 
 
+class SupervisorRenderer(EventRenderer):
+    """`memfit train --supervise`: a line when the trainer process starts and when it ends (the child renders its
+    own training output to the same terminal)."""
+
+    def _on_ChildStarted(self, event) -> None:
+        adj = f", oom_score_adj {event.oom_score_adj}" if event.oom_score_adj is not None else ""
+        self._print(f"supervisor: trainer process {event.pid} (life {event.attempt + 1}{adj})", "dim")
+
+    def _on_ChildEnded(self, event) -> None:
+        style = {"exit": "green" if event.exit_code == 0 else "red", "give_up": "red", "reload": "dim"}
+        self._print(f"supervisor: {event.message}", style.get(event.action, "yellow"))
+
+
 # --- memfit probe --------------------------------------------------------------------------------------------------
 
 

@@ -227,6 +227,7 @@ class Guard:
         self._background_stop_pending = False
         self._threshold_reported = False
         self._leak_reported = False
+        self.leak: LeakFit | None = None  # the current fit while step-end memory keeps rising like a leak
         self._last_step_s: float | None = None
         self._step_started: float | None = None  # on the reader's clock; None until start() or an end_step
         # The highest step peak of finished steps: memory inside a step that stays under it is the same transient
@@ -369,11 +370,24 @@ class Guard:
         leak = self._check_leak(step, sample.watched_bytes)
         if leak is not None:
             events.append(leak)
+        leak_stop = self._leak_stop(step, peak)
+        if leak_stop is not None:
+            events.append(leak_stop)
         return sample, events
 
-    def _check_leak(self, step: int, watched: int) -> GuardEvent | None:
-        if self._leak_reported:
+    def _leak_stop(self, step: int, peak: int) -> GuardEvent | None:
+        """Stop one step early when a leak would take the next step past the limit: a leak grows every step's
+        peak by its rate, so waiting for the crossing overshoots by up to one step's leak (20 MB/step on a
+        0.75 GB limit: 2.6%)."""
+        if self.leak is None or self.stop_requested or peak + self.leak.bytes_per_step <= self.limit.limit_bytes:
             return None
+        limit = self.limit.limit_bytes
+        reason = (f"a memory leak of {self.leak.bytes_per_step / MB:,.1f} MB/step would take step {step + 1} past "
+                  f"the limit ({format_gb(peak)} of {format_gb(limit)} at step {step})")
+        self.request_stop(reason)
+        return GuardEvent("early_stop", step, peak, f"Stopping early: {reason}", leak=self.leak)
+
+    def _check_leak(self, step: int, watched: int) -> GuardEvent | None:
         # Warm-up counts end_step calls, not step numbers: a resumed run starts at a high step and still needs its
         # first steps (optimizer states, allocator pools) to settle.
         settled_count = min(len(self.samples) - self.warmup_steps, self.leak_window)
@@ -382,6 +396,10 @@ class Guard:
         settled = self.samples[-settled_count:]  # a slice of the tail only: the history grows all run
         fit = fit_leak([s for s, _ in settled], [v for _, v in settled], self.limit.limit_bytes)
         if fit is None or fit.bytes_per_step <= self.leak_bytes_per_step or fit.r_squared <= LEAK_MIN_R_SQUARED:
+            self.leak = None
+            return None
+        self.leak = fit  # refitted every step: `_leak_stop` projects the next step with it
+        if self._leak_reported:
             return None
         self._leak_reported = True
         if fit.projected_limit_step is not None:

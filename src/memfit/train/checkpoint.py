@@ -15,6 +15,7 @@ of the state in memory; checksums are computed afterwards by reading the files b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,11 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memfit import faults
-from memfit.errors import UserError
+from memfit.errors import DiskFullError, UserError
 
 CHECKPOINTS = "checkpoints"
 FORMAT_VERSION = 1
 _TMP_PREFIX = ".tmp-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, past RLIMIT_FSIZE
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Checkpoint:
     path: Path
     step: int
     meta: dict[str, Any]
+    skipped: tuple[str, ...] = ()  # newer checkpoints passed over because they did not verify (path: why)
 
     @property
     def trainer_state(self) -> dict[str, Any]:
@@ -109,13 +112,55 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    if final.exists() and load_checkpoint_meta(final) is not None:
-        return final  # this step is already saved (e.g. a periodic save just before a stop)
+    if final.exists() and verify_checkpoint(final) is None:
+        return final  # this step is already saved (e.g. a periodic save just before a stop); a damaged one is not
     partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
+    try:
+        _write_partial(partial, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                       trainer_state=trainer_state, meta=meta)
+    except Exception as error:
+        # Nothing half-written stays behind, and the newest complete checkpoint is untouched (pruning comes last).
+        shutil.rmtree(partial, ignore_errors=True)
+        full = disk_full_reason(error, root)
+        if full:
+            raise DiskFullError(f"could not write checkpoint step-{step} in {root}: {full}",
+                                hint="free space on that disk (or lower --keep-checkpoints), then resume; the "
+                                     "previous checkpoint is intact") from None
+        raise
+    if final.exists():  # a damaged directory of the same name: replace it
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    _fsync_dir(root)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def disk_full_reason(error: BaseException, directory: Path) -> str | None:
+    """Why a write into `directory` failed, when the disk is the reason (full, over quota, past the file-size
+    limit); else None. safetensors and torch.save do not raise OSError for these (a SafetensorError naming "os
+    error 28", a RuntimeError "unexpected pos"), so when the error itself does not say, a 1 MiB test write does."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return os.strerror(error.errno)
+    test = directory / f"{_TMP_PREFIX}space-{os.getpid()}"
+    try:
+        with open(test, "wb") as file:
+            file.write(bytes(1024**2))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as probe:
+        return os.strerror(probe.errno) if probe.errno in _DISK_FULL else None
+    finally:
+        test.unlink(missing_ok=True)
+    return None
+
+
+def _write_partial(partial: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
+                   meta: dict[str, Any]) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     save_file(trainable_state(model), str(partial / "trainable.safetensors"), metadata={"step": str(step)})
     faults.maybe_pause_save(step, partial)
+    faults.maybe_disk_full(step)
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     _write_json(partial / "rng.json", rng_state())
@@ -128,12 +173,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     _write_json(partial / "meta.json", {**meta, "format": FORMAT_VERSION, "step": step,
                                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files})
     _fsync_dir(partial)
-    if final.exists():  # a damaged directory of the same name: replace it
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    _fsync_dir(root)
-    prune_checkpoints(run_dir, keep)
-    return final
 
 
 def load_checkpoint_meta(path: Path) -> dict[str, Any] | None:
@@ -193,7 +232,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         if found is None:
             raise UserError(f"no usable checkpoint in {path / CHECKPOINTS}",
                             hint="; ".join(skipped) or "train without --resume to start over")
-        return found
+        return Checkpoint(found.path, found.step, found.meta, tuple(skipped))
     problem = verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} cannot be resumed: {problem}",

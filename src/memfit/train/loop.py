@@ -26,7 +26,8 @@ import torch
 from memfit import faults
 from memfit.allocator import fix_mmap_threshold
 from memfit.config import GUARD_FIELDS, TrainConfig
-from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, OutOfMemoryError, UserError
+from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
+                           OutOfMemoryError, UserError)
 from memfit.train import checkpoint as ckpt
 from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
@@ -59,6 +60,11 @@ class TrainJob:
     # 590 MB), which then stopped at a limit the probe had said it fits. An out-of-memory
     # error ends the run instead of being recovered (the probe wants to know), and nothing is checkpointed.
     trial: bool = False
+    # Set by `memfit train --supervise` for the child it runs (memfit.train.supervisor):
+    max_micro_batch: int | None = None  # after the child was OOM-killed: its next life starts at most this small
+    reload_after: int | None = None  # --reload-interval: checkpoint and end (exit 75) after this many steps
+    attempt: int | None = None  # which life of the supervised run this is (0: the first); in every metrics line
+    fresh_restart: bool = False  # the first life died before any checkpoint: start over in its output dir
 
 
 # How a run ended is the loop's last event; `train()` returns it too.
@@ -122,7 +128,9 @@ class Trainer:
         if self.device == "cuda":
             cuda_alloc_conf_env()  # before the first CUDA allocation, or the allocator ignores it
         fix_mmap_threshold()
-        if job.resume is None:
+        if job.resume is None and job.fresh_restart:
+            RunDir(job.output_dir).truncate_metrics_after(0)  # the dead life's steps are trained again
+        elif job.resume is None:
             check_fresh_output_dir(job.output_dir)
         else:
             conflicts = resume_conflicts(job.resume.meta.get("config", {}), config)
@@ -136,7 +144,7 @@ class Trainer:
         model_dir = self.resolved.require_weights()
         self._load_data(model_dir)
 
-        self.run_dir = RunDir(job.output_dir)
+        self.run_dir = RunDir(job.output_dir, {} if job.attempt is None else {"attempt": job.attempt})
         self.sinks.insert(0, self.run_dir)
         for path in ckpt.remove_partial_checkpoints(job.output_dir):
             self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
@@ -145,6 +153,11 @@ class Trainer:
         self.step, self.samples_seen = 0, 0
         if job.resume is not None:
             self._restore(job.resume)
+        if job.max_micro_batch and job.max_micro_batch < self.micro_batch:
+            self.micro_batch = job.max_micro_batch  # same samples per step, split into more micro-batches
+            self.emit(Notice(f"micro-batch {self.micro_batch} (x {math.ceil(self.effective_batch / self.micro_batch)}"
+                             " accumulation): the previous process ran out of memory", "warning"))
+        self.start_step = self.step
         self._write_run_json(status="running")
 
     def _load_data(self, model_dir: Path) -> None:
@@ -255,6 +268,8 @@ class Trainer:
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         config = self.config
+        for problem in checkpoint.skipped:
+            self.emit(Notice(f"skipped {problem}; using the newest checkpoint that verifies", "warning"))
         state = ckpt.restore(checkpoint, model=self.accelerator.unwrap_model(self.model),
                              optimizer=self.optimizer, scheduler=self.scheduler)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -338,6 +353,7 @@ class Trainer:
             if self._should_stop():
                 raise _StepAborted
             faults.maybe_oom(self.step + 1, attempt)
+            faults.maybe_die(self.step + 1, self.job.output_dir)
             batch = collate(chunk, self.dataset.samples, self.pad_id)
             scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
             inputs = self._model_inputs(batch)
@@ -409,12 +425,23 @@ class Trainer:
                 "data_sha256": self.data_sha256,
                 "val_data": str(Path(self.job.val_data).resolve()) if self.job.val_data else None,
                 "output_dir": str(Path(self.job.output_dir).resolve()), "versions": versions()}
-        path = ckpt.save_checkpoint(self.job.output_dir, self.step, model=self.accelerator.unwrap_model(self.model),
-                                    optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                                    meta=meta, keep=self.config.keep_checkpoints)
+        try:
+            path = ckpt.save_checkpoint(self.job.output_dir, self.step,
+                                        model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
+                                        scheduler=self.scheduler, trainer_state=state, meta=meta,
+                                        keep=self.config.keep_checkpoints)
+        except DiskFullError:
+            self._ended_on_disk_full()
+            raise
         self.last_checkpoint = path
         self.emit(CheckpointSaved(self.step, path, reason, time.perf_counter() - started))
         return path
+
+    def _ended_on_disk_full(self) -> None:
+        self.guard.stop()
+        self._write_run_json(status="disk_full", exit_code=DiskFullError.exit_code, step=self.step,
+                             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
 
     def save_final(self) -> Path:
         import os
@@ -423,8 +450,18 @@ class Trainer:
         final = self.job.output_dir / FINAL
         partial = self.job.output_dir / f".{FINAL}.tmp-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(str(partial), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(partial))
+        try:
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(partial), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(partial))
+        except Exception as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            full = ckpt.disk_full_reason(error, self.job.output_dir)
+            if not full:
+                raise
+            self._ended_on_disk_full()
+            raise DiskFullError(f"could not write {final}: {full}",
+                                hint=f"free space on that disk, then `memfit train --resume {self.last_checkpoint}` "
+                                     "writes it (the training is done and checkpointed)") from None
         if final.exists():
             old = self.job.output_dir / f".{FINAL}.old-{os.getpid()}"
             os.rename(final, old)
@@ -494,9 +531,13 @@ class Trainer:
                 self.emit(MemoryReport(self.step, self.memory_report_text(sample)))
             if self.step % config.save_every == 0 and self.step < self.total_steps and not self.job.trial:
                 self.save("periodic")
-        if status != "oom" and self.interrupted:
+            if self.job.reload_after and self.step - self.start_step >= self.job.reload_after \
+                    and self.step < self.total_steps and not self._should_stop():
+                status = "reload"
+                break
+        if status not in ("oom", "reload") and self.interrupted:
             status = "interrupted"
-        elif status != "oom" and self.guard.stop_requested:
+        elif status not in ("oom", "reload") and self.guard.stop_requested:
             status = "guard_stop"
         return self._finish(status)
 
@@ -569,17 +610,20 @@ class Trainer:
             self.save("end")
             final_dir = self.save_final()
         else:
-            self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted"}[status])
+            self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted",
+                       "reload": "reload"}[status])
         self.guard.stop()
         report = self.memory_report_text(read_memory(self.device))
         exit_code = {"done": EXIT_OK, "guard_stop": EXIT_GUARD_STOP, "oom": EXIT_OOM,
-                     "interrupted": EXIT_INTERRUPTED}[status]
-        resume = None if status == "done" or self.job.trial else f"memfit train --resume {self.last_checkpoint}"
+                     "interrupted": EXIT_INTERRUPTED, "reload": EXIT_RELOAD}[status]
+        resume = (None if status in ("done", "reload") or self.job.trial
+                  else f"memfit train --resume {self.last_checkpoint}")
         message = {
             "done": f"finished {self.step} steps",
             "guard_stop": f"stopped by the memory guard at step {self.step}: {self.guard.stop_reason}",
             "oom": f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}",
             "interrupted": f"interrupted ({self.interrupted}) at step {self.step}",
+            "reload": f"reloading at step {self.step} (--reload-interval {self.job.reload_after})",
         }[status]
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -57,8 +57,9 @@ def check_fresh_output_dir(run_dir: Path) -> None:
 class RunDir:
     """Writes the run directory's files; also an event sink (`__call__`) for the loop."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, step_fields: dict[str, Any] | None = None):
         self.path = path
+        self.step_fields = step_fields or {}  # added to every metrics line (a supervised run's attempt number)
         path.mkdir(parents=True, exist_ok=True)
 
     def write_run_json(self, data: dict[str, Any]) -> None:
@@ -102,6 +103,6 @@ class RunDir:
         if isinstance(event, StepEnd):
             memory = record.pop("memory")
             record.pop("event")
-            self._append(METRICS, {**record, **memory})
+            self._append(METRICS, {**record, **memory, **self.step_fields})
         else:
             self._append(EVENTS, record)

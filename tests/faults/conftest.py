@@ -1,0 +1,54 @@
+"""Helpers of the fault-injection suite: `memfit train` as a real process, with MEMFIT_FAULTS (memfit.faults)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+
+import pytest
+
+from memfit import faults
+
+DEMO_DATA = str(resources.files("memfit").joinpath("data/demo.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def _no_faults(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults._faults.cache_clear()
+    yield
+    faults._faults.cache_clear()
+    faults._leaked.clear()
+
+
+def train_command(model_dir, out, *flags):
+    return [sys.executable, "-m", "memfit", "train", "--model", str(model_dir), "--data", DEMO_DATA,
+            "--output-dir", str(out), "--seq-len", "64", "--batch-size", "4", "--device", "cpu", *flags]
+
+
+def env(fault=None):
+    values = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    values.pop(faults.ENV, None)
+    if fault:
+        values[faults.ENV] = fault
+    return values
+
+
+def run(command, fault=None, timeout=300):
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env(fault))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError("timed out")

@@ -1,0 +1,118 @@
+"""Checkpoints under faults: killed mid-write, disk full, corrupted, resumed with a changed config."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+from memfit.train.checkpoint import list_checkpoints, open_checkpoint, verify_checkpoint
+
+from .conftest import env, metrics, run, train_command, wait_for
+
+
+def _steps(out):
+    return [line["step"] for line in metrics(out)]
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(tiny_model_dir, out, "--max-steps", "8", "--save-every", "2"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env("save_pause@4:60"))
+    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-4-*/.paused")), process)
+    process.kill()  # SIGKILL: no handler, no cleanup, a half-written step-4 on disk
+    process.wait(timeout=30)
+    assert [path.name for path in list_checkpoints(out)] == ["step-2"]
+
+    resumed = run([sys.executable, "-m", "memfit", "train", "--resume", "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "a checkpoint write that did not finish" in resumed.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} at step 2" in resumed.stdout
+    assert _steps(out) == list(range(1, 9))
+    assert not list((out / "checkpoints").glob(".tmp-*")) and (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_disk_full_while_saving_is_one_line_and_the_previous_checkpoint_stays(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    failed = run(train_command(tiny_model_dir, out, "--max-steps", "8", "--save-every", "2"), fault="enospc@4")
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "could not write checkpoint step-4" in lines[0] and "No space left on device" in lines[0]
+    assert "previous checkpoint is intact" in lines[0]
+    assert [path.name for path in list_checkpoints(out)] == ["step-2"]
+    assert verify_checkpoint(out / "checkpoints" / "step-2") is None
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert json.loads((out / "run.json").read_text())["status"] == "disk_full"
+
+    resumed = run([sys.executable, "-m", "memfit", "train", "--resume", "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _steps(out) == list(range(1, 9))
+
+
+def test_a_real_write_limit_is_recognised_as_a_full_disk(tmp_path):
+    # No fault hook: RLIMIT_FSIZE makes the kernel refuse the write (EFBIG), as a full disk refuses it (ENOSPC).
+    # safetensors and torch.save report it in their own words, not as OSError; the checkpoint code must still
+    # tell a full disk from a bug, clean up, and say so in one line.
+    script = f"""
+import resource, signal, sys, torch
+from pathlib import Path
+from memfit.errors import DiskFullError
+from memfit.train.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+model = torch.nn.Linear(256, 256)
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.ones(1, 256)).sum().backward(); optimizer.step()
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+run_dir = Path({str(tmp_path)!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    save_checkpoint(run_dir, 1, model=model, optimizer=optimizer, scheduler=scheduler, trainer_state={{}}, meta={{}},
+                    keep=2)
+except DiskFullError as error:
+    print("DiskFullError", error)
+    sys.exit(0)
+sys.exit(1)
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "could not write checkpoint step-1" in completed.stdout and "File too large" in completed.stdout
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # nothing half-written left
+
+
+def test_a_corrupted_checkpoint_is_refused_and_the_previous_one_used(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    first = run(train_command(tiny_model_dir, out, "--max-steps", "8", "--save-every", "2"))
+    assert first.returncode == 0, first.stderr
+    newest = out / "checkpoints" / "step-8"
+    weights = newest / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the tensors: the size is right, the checksum is not
+    weights.write_bytes(bytes(data))
+    shutil.rmtree(out / "final")
+
+    named = run([sys.executable, "-m", "memfit", "train", "--resume", str(newest)])
+    assert named.returncode == 2 and "Traceback" not in named.stderr
+    assert f"checkpoint {newest} cannot be resumed: trainable.safetensors does not match its checksum" in named.stderr
+
+    latest = run([sys.executable, "-m", "memfit", "train", "--resume", "--output-dir", str(out)])
+    assert latest.returncode == 0, latest.stdout + latest.stderr
+    assert f"skipped {newest}: trainable.safetensors does not match its checksum" in latest.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in latest.stdout
+    assert _steps(out) == list(range(1, 9)) and verify_checkpoint(newest) is None  # step 8 written again
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(train_command(tiny_model_dir, out, "--max-steps", "2", "--lr", "0.01")).returncode == 0
+    checkpoint = str(out / "checkpoints" / "step-2")
+    refused = run([sys.executable, "-m", "memfit", "train", "--resume", checkpoint, "--lr", "0.5"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "breaks exactness" in refused.stderr and "--lr 0.01 -> 0.5" in refused.stderr and "--force" in refused.stderr
+    forced = run([sys.executable, "-m", "memfit", "train", "--resume", checkpoint, "--lr", "0.5", "--max-steps", "3",
+                  "--force"])
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert open_checkpoint(out).step == 3
+    # The micro-batch split and the guard settings may change: the same samples, the same effective batch.
+    split = run([sys.executable, "-m", "memfit", "train", "--resume", str(out / "checkpoints" / "step-3"),
+                 "--batch-size", "2", "--grad-accum", "2", "--max-memory", "20", "--lr", "0.5", "--max-steps", "4"])
+    assert split.returncode == 0, split.stdout + split.stderr

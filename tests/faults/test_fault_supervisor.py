@@ -1,0 +1,114 @@
+"""`memfit train --supervise`: the trainer in a child process, brought back from its checkpoint when it dies."""
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from .conftest import env, metrics, run, train_command, wait_for
+
+STEPS = ("--max-steps", "8", "--save-every", "2", "--lr", "0.01")
+
+
+def _lives(out):
+    return json.loads((out / "run.json").read_text())["supervisor"]["lives"]
+
+
+def _supervisor_log(out):
+    return [json.loads(line) for line in (out / "supervisor.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def unsupervised(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unsupervised") / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS))
+    assert completed.returncode == 0, completed.stderr
+    return metrics(out)
+
+
+def test_an_oom_killed_child_is_resumed_with_half_the_micro_batch_and_finishes(tiny_model_dir, tmp_path,
+                                                                               unsupervised):
+    # sigkill@5: the process training step 5 gets SIGKILL, as from the kernel's OOM killer (once per run dir).
+    out = tmp_path / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS, "--supervise"), fault="sigkill@5")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "killed by SIGKILL" in completed.stdout and "restart 1 of 3, from the checkpoint of step 4" in completed.stdout
+    lives = _lives(out)
+    assert [(life["outcome"], life["action"]) for life in lives] == [("killed", "restart"), ("done", "exit")]
+    assert lives[0]["exit_code"] == -signal.SIGKILL and lives[0]["micro_batch"] == 2
+    started = [line for line in _supervisor_log(out) if line["event"] == "ChildStarted"]
+    assert all(line["oom_score_adj"] == 1000 for line in started)  # the kernel kills the trainer first
+    assert any(line["event"] == "ChildEnded" and line["outcome"] == "killed"
+               for line in map(json.loads, (out / "events.jsonl").read_text().splitlines()))
+
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == list(range(1, 9))  # steps 1-4 kept, 5-8 trained once by the second life
+    assert [(m["attempt"], m["micro_batch"], m["grad_accum"]) for m in steps] == [(0, 4, 1)] * 4 + [(1, 2, 2)] * 4
+    # The same samples in the same steps as without supervision: the same run up to float summation order.
+    assert [m["tokens"] for m in steps] == [m["tokens"] for m in unsupervised]
+    assert [m["loss"] for m in steps] == pytest.approx([m["loss"] for m in unsupervised], rel=1e-4)
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_reload_interval_restarts_the_child_and_changes_nothing(tiny_model_dir, tmp_path, unsupervised):
+    out = tmp_path / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS, "--supervise", "--reload-interval", "3"))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lives = _lives(out)
+    assert [(life["action"], life["step"]) for life in lives] == [("reload", 3), ("reload", 6), ("exit", 8)]
+    assert json.loads((out / "run.json").read_text())["supervisor"]["restarts"] == 0  # reloads are not restarts
+    steps = metrics(out)
+    assert [m["attempt"] for m in steps] == [0, 0, 0, 1, 1, 1, 2, 2]
+    # An exact resume each time: bit-identical to the run that was never restarted.
+    assert [(m["step"], m["loss"]) for m in steps] == [(m["step"], m["loss"]) for m in unsupervised]
+
+
+def test_a_crash_is_restarted_with_the_same_micro_batch(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS, "--supervise"), fault="crash@3")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lives = _lives(out)
+    assert [(life["outcome"], life["exit_code"]) for life in lives] == [("crash", 1), ("done", 0)]
+    assert lives[0]["micro_batch"] is None and {m["micro_batch"] for m in metrics(out)} == {4}
+    assert [m["step"] for m in metrics(out)] == list(range(1, 9))
+
+
+def test_restarts_stop_at_max_restarts(tiny_model_dir, tmp_path):
+    # Killed before its first checkpoint every time (sigkill is once per run dir: kill at step 1, then oomkill at
+    # 1 MB kills every later life as it starts sampling): the run gives up, exit 4, nothing left running.
+    out = tmp_path / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS, "--supervise", "--max-restarts", "2"),
+                    fault="oomkill@1")
+    assert completed.returncode == 4, completed.stdout + completed.stderr
+    lives = _lives(out)
+    assert [life["action"] for life in lives] == ["restart", "restart", "give_up"]
+    assert "not restarting: 2 restarts used" in completed.stdout
+
+
+def test_bad_input_is_not_restarted(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    command = train_command(tiny_model_dir, tmp_path / "run", *STEPS, "--supervise")
+    command[command.index("--data") + 1] = str(bad)
+    completed = run(command)
+    assert completed.returncode == 2 and "bad.jsonl:2" in completed.stderr and "Traceback" not in completed.stderr
+    assert completed.stdout.count("trainer process") == 1
+
+
+def test_ctrl_c_reaches_the_child_once_and_ends_the_supervised_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(tiny_model_dir, out, "--max-steps", "5000", "--supervise"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3, process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    assert "interrupted (SIGINT)" in stdout  # one signal: the child checkpointed (a second would abort it)
+    assert [life["action"] for life in _lives(out)] == ["exit"]
+    assert (out / "checkpoints" / f"step-{metrics(out)[-1]['step']}").is_dir()
+
+
+def test_reload_interval_without_supervise_is_refused(tiny_model_dir, tmp_path):
+    completed = run(train_command(tiny_model_dir, tmp_path / "run", "--reload-interval", "5"))
+    assert completed.returncode == 2 and "--reload-interval needs --supervise" in completed.stderr
