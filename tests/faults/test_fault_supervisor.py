@@ -112,3 +112,13 @@ def test_ctrl_c_reaches_the_child_once_and_ends_the_supervised_run(tiny_model_di
 def test_reload_interval_without_supervise_is_refused(tiny_model_dir, tmp_path):
     completed = run(train_command(tiny_model_dir, tmp_path / "run", "--reload-interval", "5"))
     assert completed.returncode == 2 and "--reload-interval needs --supervise" in completed.stderr
+
+
+def test_an_unrecoverable_oom_is_restarted_then_given_up(tiny_model_dir, tmp_path):
+    # oom@3+: every attempt of step 3 runs out of memory, micro-batch 1 included (exit 4), in every life.
+    out = tmp_path / "run"
+    completed = run(train_command(tiny_model_dir, out, *STEPS, "--batch-size", "2", "--supervise",
+                                  "--max-restarts", "1"), fault="oom@3+")
+    assert completed.returncode == 4, completed.stdout + completed.stderr
+    assert [(life["outcome"], life["action"], life["step"]) for life in _lives(out)] == [
+        ("oom", "restart", 2), ("oom", "give_up", 2)]
