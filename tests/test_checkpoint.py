@@ -100,3 +100,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="does not match this model"):
         ckpt.restore(ckpt.open_checkpoint(path), model=other, optimizer=other_optimizer,
                      scheduler=torch.optim.lr_scheduler.LambdaLR(other_optimizer, lambda s: 1.0))
+
+
+def test_a_checkpoint_of_the_same_step_is_replaced_whole(tmp_path):
+    # After a resume from an earlier step (or over a damaged directory), the step's new state wins.
+    first, second = _parts(seed=0), _parts(seed=1)
+    _save(tmp_path, 4, *first)
+    path = _save(tmp_path, 4, *second)
+    assert torch.equal(load_file(path / "trainable.safetensors")["trained.weight"], second[0].trained.weight)
+    assert ckpt.verify_checkpoint(path) is None
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-4"]  # nothing moved aside is left

@@ -5,10 +5,16 @@ import signal
 import subprocess
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from .conftest import env, metrics, run, train_command, wait_for
 
 STEPS = ("--max-steps", "8", "--save-every", "2", "--lr", "0.01")
+
+
+def _adapter(out):
+    return load_file(out / "final" / "adapter_model.safetensors")
 
 
 def _lives(out):
@@ -24,7 +30,7 @@ def unsupervised(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("unsupervised") / "run"
     completed = run(train_command(tiny_model_dir, out, *STEPS))
     assert completed.returncode == 0, completed.stderr
-    return metrics(out)
+    return out
 
 
 def test_an_oom_killed_child_is_resumed_with_half_the_micro_batch_and_finishes(tiny_model_dir, tmp_path,
@@ -46,9 +52,10 @@ def test_an_oom_killed_child_is_resumed_with_half_the_micro_batch_and_finishes(t
     assert [m["step"] for m in steps] == list(range(1, 9))  # steps 1-4 kept, 5-8 trained once by the second life
     assert [(m["attempt"], m["micro_batch"], m["grad_accum"]) for m in steps] == [(0, 4, 1)] * 4 + [(1, 2, 2)] * 4
     # The same samples in the same steps as without supervision: the same run up to float summation order.
-    assert [m["tokens"] for m in steps] == [m["tokens"] for m in unsupervised]
-    assert [m["loss"] for m in steps] == pytest.approx([m["loss"] for m in unsupervised], rel=1e-4)
-    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert [m["tokens"] for m in steps] == [m["tokens"] for m in metrics(unsupervised)]
+    assert [m["loss"] for m in steps] == pytest.approx([m["loss"] for m in metrics(unsupervised)], rel=1e-4)
+    ours, theirs = _adapter(out), _adapter(unsupervised)
+    assert all(torch.allclose(ours[name], theirs[name], atol=1e-5) for name in theirs)
 
 
 def test_reload_interval_restarts_the_child_and_changes_nothing(tiny_model_dir, tmp_path, unsupervised):
@@ -61,7 +68,9 @@ def test_reload_interval_restarts_the_child_and_changes_nothing(tiny_model_dir, 
     steps = metrics(out)
     assert [m["attempt"] for m in steps] == [0, 0, 0, 1, 1, 1, 2, 2]
     # An exact resume each time: bit-identical to the run that was never restarted.
-    assert [(m["step"], m["loss"]) for m in steps] == [(m["step"], m["loss"]) for m in unsupervised]
+    assert [(m["step"], m["loss"]) for m in steps] == [(m["step"], m["loss"]) for m in metrics(unsupervised)]
+    ours, theirs = _adapter(out), _adapter(unsupervised)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
 def test_a_crash_is_restarted_with_the_same_micro_batch(tiny_model_dir, tmp_path):

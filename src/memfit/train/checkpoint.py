@@ -112,8 +112,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    if final.exists() and verify_checkpoint(final) is None:
-        return final  # this step is already saved (e.g. a periodic save just before a stop); a damaged one is not
     partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
     try:
         _write_partial(partial, step, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -127,10 +125,14 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
                                 hint="free space on that disk (or lower --keep-checkpoints), then resume; the "
                                      "previous checkpoint is intact") from None
         raise
-    if final.exists():  # a damaged directory of the same name: replace it
-        shutil.rmtree(final)
+    # A directory of the same name (damaged, or of another trajectory after a resume from an earlier step) is
+    # replaced, and only once the new one is complete: moved aside, the new one renamed in, then removed.
+    replaced = root / f"{_TMP_PREFIX}old-step-{step}-{os.getpid()}"
+    if final.exists():
+        os.rename(final, replaced)
     os.rename(partial, final)
     _fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
     prune_checkpoints(run_dir, keep)
     return final
 

@@ -107,6 +107,7 @@ class Trainer:
         self.step_times: list[float] = []
         self.pending_steps: list[dict[str, Any]] = []  # finished steps whose loss is still on the device
         self.last_flush = time.perf_counter()
+        self.last_checkpoint: Path | None = None  # written by this process
 
     def emit(self, event: Event) -> None:
         if not isinstance(event, StepEnd):
@@ -156,7 +157,7 @@ class Trainer:
         if job.max_micro_batch and job.max_micro_batch < self.micro_batch:
             self.micro_batch = job.max_micro_batch  # same samples per step, split into more micro-batches
             self.emit(Notice(f"micro-batch {self.micro_batch} (x {math.ceil(self.effective_batch / self.micro_batch)}"
-                             " accumulation): the previous process ran out of memory", "warning"))
+                             " accumulation): the previous process was killed or stopped at the limit", "warning"))
         self.start_step = self.step
         self._write_run_json(status="running")
 
@@ -413,6 +414,8 @@ class Trainer:
         from memfit.guard import release_memory
 
         self._flush_steps()  # the checkpoint's losses and metrics.jsonl reach its step
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step}":
+            return self.last_checkpoint  # saved at this step already (a periodic save just before a stop)
 
         release_memory()  # the save must fit under the limit too
         started = time.perf_counter()
