@@ -1,8 +1,12 @@
 """`memfit train --supervise`: the trainer in a child process, brought back from its checkpoint when it dies."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +135,67 @@ def test_an_unrecoverable_oom_is_restarted_then_given_up(tiny_model_dir, tmp_pat
     assert completed.returncode == 4, completed.stdout + completed.stderr
     assert [(life["outcome"], life["action"], life["step"]) for life in _lives(out)] == [
         ("oom", "restart", 2), ("oom", "give_up", 2)]
+
+
+@contextlib.contextmanager
+def _memory_cgroup(limit_bytes):
+    """A memory cgroup of `limit_bytes` (v1 or v2), for a real kernel OOM kill; skips where none can be made."""
+    for root, limit_file, swap_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes",
+                                         "memory.memsw.limit_in_bytes"),
+                                        (Path("/sys/fs/cgroup"), "memory.max", "memory.swap.max")):
+        if (root / "cgroup.procs").exists() and (limit_file != "memory.max" or "memory" in _read(
+                root / "cgroup.subtree_control")):
+            break
+    else:
+        pytest.skip("no memory cgroup hierarchy here")
+    path = root / f"memfit-test-{os.getpid()}"
+    try:
+        path.mkdir()
+        (path / limit_file).write_text(str(limit_bytes))
+        if (path / swap_file).exists():  # no swapping out of the limit: the OOM killer must act
+            (path / swap_file).write_text("0" if swap_file == "memory.swap.max" else str(limit_bytes))
+    except OSError as error:
+        if path.exists():
+            _remove_cgroup(path)
+        pytest.skip(f"cannot create a memory cgroup here: {error}")
+    try:
+        yield path
+    finally:
+        _remove_cgroup(path)
+
+
+def _read(path):
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _remove_cgroup(path):
+    for _ in range(50):  # the killed processes leave the group a moment after they are reaped
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_a_real_kernel_oom_kill_is_survived_and_the_run_finishes_smaller(tiny_model_dir, tmp_path):
+    # The supervised run inside a 1.3 GB memory cgroup: batch 32 x 512 tokens needs ~1.3 GB in the trainer (plus
+    # ~0.25 GB for the supervisor), 16 x 512 ~0.9 GB (tiny model, measured). The kernel's OOM killer picks the
+    # trainer (oom_score_adj 1000), never the supervisor, which restarts it with micro-batch 16 (x 2).
+    out = tmp_path / "run"
+    command = train_command(tiny_model_dir, out, "--max-steps", "3", "--save-every", "2", "--max-memory", "16",
+                            "--supervise")
+    command[command.index("--seq-len") + 1] = "512"
+    command[command.index("--batch-size") + 1] = "32"
+    with _memory_cgroup(1300 * 1024**2) as cgroup:
+        completed = run(["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *command],
+                        timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lives = _lives(out)
+    assert lives[0]["exit_code"] == -signal.SIGKILL and lives[0]["outcome"] == "killed", lives
+    assert lives[-1]["outcome"] == "done" and lives[0]["micro_batch"] == 16
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2, 3]  # killed before its first checkpoint: started over, once
+    assert {(m["micro_batch"], m["grad_accum"]) for m in steps} == {(16, 2)}
