@@ -11,6 +11,7 @@ from collections import namedtuple
 
 import psutil
 import pytest
+from pathlib import Path
 import torch
 
 from memfit.guard import (
@@ -156,7 +157,8 @@ def test_rate_is_positive_while_allocating_and_flat_after():
 
 def test_choose_limit_auto_and_explicit(monkeypatch):
     memory = namedtuple("svmem", "available")
-    monkeypatch.setattr("memfit.guard.policy.psutil.virtual_memory", lambda: memory(10 * GB))
+    monkeypatch.setattr("memfit.system.psutil.virtual_memory", lambda: memory(10 * GB))
+    monkeypatch.setattr("memfit.cgroup.cgroup_memory", lambda: None)  # whatever container the tests run in
     auto = choose_limit(None)
     assert auto == MemoryLimit(8 * GB, 10 * GB, auto=True, device="cpu")
     assert auto.describe() == ("No memory limit specified. Auto-detecting safe limit: 8.00 GB "
@@ -372,3 +374,19 @@ def test_proc_fields_are_read_in_bytes_and_a_missing_one_raises(tmp_path):
     assert _proc_bytes(str(status), b"VmRSS:", b"VmHWM:") == [1024 * 1024, 2048 * 1024]
     with pytest.raises(ValueError):
         _proc_bytes(str(status), b"MemAvailable:")
+
+
+def test_choose_limit_stays_inside_the_memory_cgroup(monkeypatch):
+    from memfit.cgroup import CgroupMemory
+
+    memory = namedtuple("svmem", "available")
+    monkeypatch.setattr("memfit.system.psutil.virtual_memory", lambda: memory(20 * GB))
+    # A 4 GB container using 3 GB, 0.5 GB of it reclaimable page cache: 1.5 GB left, not the machine's 20.
+    cgroup = CgroupMemory(Path("/sys/fs/cgroup/job"), 4 * GB, 3 * GB, GB // 2)
+    monkeypatch.setattr("memfit.cgroup.cgroup_memory", lambda: cgroup)
+    auto = choose_limit(None)
+    assert (auto.limit_bytes, auto.available_bytes, auto.cgroup_limit_bytes) == (int(1.2 * GB), int(1.5 * GB), 4 * GB)
+    assert "inside a 4.00 GB cgroup limit" in auto.describe()
+    above = choose_limit(6)
+    assert "above this process's cgroup limit of 4.00 GB" in above.describe()
+    assert "cgroup" not in choose_limit(3).describe()

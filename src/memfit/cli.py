@@ -126,6 +126,9 @@ def system(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     table.add_row("platform", f"{info.platform} (python {info.python}, torch {info.torch})")
     table.add_row("CPUs", str(info.cpu_count))
     table.add_row("RAM", f"{_gb(info.ram_available_bytes)} available of {_gb(info.ram_total_bytes)}")
+    if info.cgroup_limit_bytes:
+        table.add_row("cgroup limit", f"{_gb(info.cgroup_limit_bytes)} (this process's memory cgroup: the available "
+                      "RAM above is what it has left)")
     table.add_row("swap", f"{_gb(info.swap_used_bytes)} used of {_gb(info.swap_total_bytes)}")
     for gpu in info.gpus:
         table.add_row(f"GPU {gpu.index}", f"{gpu.name}: {_gb(gpu.free_bytes)} free of {_gb(gpu.total_bytes)} "

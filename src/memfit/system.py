@@ -41,6 +41,7 @@ class SystemInfo:
     gpus: list[GpuInfo] = field(default_factory=list)
     mps_available: bool = False
     bf16_cpu: bool = False
+    cgroup_limit_bytes: int | None = None  # this process's memory cgroup limit; ram_available_bytes stays under it
 
     @property
     def suggested_limit_bytes(self) -> int:
@@ -127,10 +128,23 @@ def _cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def available_ram() -> tuple[int, int | None]:
+    """Available system memory (MemAvailable), bounded by what this process's memory cgroup has left; and that
+    cgroup's limit (None when there is none)."""
+    from memfit.cgroup import cgroup_memory
+
+    available = int(psutil.virtual_memory().available)
+    cgroup = cgroup_memory()
+    if cgroup is None:
+        return available, None
+    return min(available, cgroup.available_bytes), cgroup.limit_bytes
+
+
 def detect() -> SystemInfo:
     import torch
 
     memory = psutil.virtual_memory()
+    available, cgroup_limit = available_ram()
     swap = psutil.swap_memory()
     gpus = _nvml_gpus()
     if gpus is None:
@@ -142,12 +156,13 @@ def detect() -> SystemInfo:
         torch=torch.__version__,
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=int(memory.total),
-        ram_available_bytes=int(memory.available),
+        ram_available_bytes=available,
         swap_total_bytes=int(swap.total),
         swap_used_bytes=int(swap.used),
         gpus=gpus,
         mps_available=mps,
         bf16_cpu=_cpu_supports_bf16(),
+        cgroup_limit_bytes=cgroup_limit,
     )
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -199,3 +200,22 @@ def test_a_real_kernel_oom_kill_is_survived_and_the_run_finishes_smaller(tiny_mo
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3]  # killed before its first checkpoint: started over, once
     assert {(m["micro_batch"], m["grad_accum"]) for m in steps} == {(16, 2)}
+
+
+def test_in_a_memory_cgroup_the_guard_stops_before_the_kernel_kills(tiny_model_dir, tmp_path):
+    # A 1.6 GB container on a machine with far more free memory: the auto limit comes from what the cgroup has
+    # left (80% of it), so batch 32 x 512 (~1.3 GB) is stopped by the guard with a checkpoint (exit 3), where a
+    # limit from the machine's MemAvailable would let it run into the cgroup's wall.
+    out = tmp_path / "run"
+    command = train_command(tiny_model_dir, out, "--max-steps", "3")
+    command[command.index("--seq-len") + 1] = "512"
+    command[command.index("--batch-size") + 1] = "32"
+    with _memory_cgroup(1600 * 1024**2) as cgroup:
+        inside = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
+        system = run([*inside, sys.executable, "-m", "memfit", "system", "--json"])
+        completed = run([*inside, *command], timeout=600)
+    info = json.loads(system.stdout)
+    assert info["cgroup_limit_bytes"] == 1600 * 1024**2 and info["ram_available_bytes"] <= 1600 * 1024**2
+    assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "inside a 1.56 GB cgroup limit" in completed.stdout and "stopped by the memory guard" in completed.stdout
+    assert (out / "checkpoints" / "step-1").is_dir()

@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import psutil
 
 from memfit import faults
 from memfit.guard.report import format_gb
@@ -43,37 +42,47 @@ class MemoryLimit:
     available_bytes: int  # what "available" was when the limit was chosen
     auto: bool  # True when derived from what is available, False when --max-memory was given
     device: str
+    cgroup_limit_bytes: int | None = None  # this process's memory cgroup limit (CPU/MPS), when there is one
 
     def describe(self) -> str:
+        cgroup = f", inside a {format_gb(self.cgroup_limit_bytes)} cgroup limit" if self.cgroup_limit_bytes else ""
         if self.auto:
             return (f"No memory limit specified. Auto-detecting safe limit: {format_gb(self.limit_bytes)} "
-                    f"(based on {format_gb(self.available_bytes)} available)")
-        return f"Memory limit: {format_gb(self.limit_bytes)} (--max-memory)"
+                    f"(based on {format_gb(self.available_bytes)} available{cgroup})")
+        text = f"Memory limit: {format_gb(self.limit_bytes)} (--max-memory)"
+        if self.cgroup_limit_bytes and self.limit_bytes > self.cgroup_limit_bytes:
+            text += (f"; above this process's cgroup limit of {format_gb(self.cgroup_limit_bytes)}: the kernel "
+                     "kills the run there first (a lower --max-memory lets the guard stop it with a checkpoint)")
+        return text
 
 
 def choose_limit(max_memory_gb: float | None, device: str = "cpu", fraction: float = 0.8) -> MemoryLimit:
     """The run's memory limit: `max_memory_gb` when given, else `fraction` of what is available on `device`.
 
-    CPU (and MPS, which shares system RAM): psutil's available memory. This process's own RSS is not added back
+    CPU (and MPS, which shares system RAM): psutil's available memory, or what this process's memory cgroup has
+    left when that is less (a container sees the whole machine's MemAvailable but is killed at its own limit). This process's own RSS is not added back
     although it is ours to use: at start it is the interpreter and libraries, small next to the fraction's margin,
     and leaving it out errs on the safe side. CUDA: the free memory the driver reports (other processes' use
     already taken out); system RAM when this torch has no CUDA.
     """
-    available = _available_bytes(device)
+    available, cgroup_limit = _available_bytes(device)
     if max_memory_gb is not None:
-        return MemoryLimit(int(max_memory_gb * GB), available, auto=False, device=device)
-    return MemoryLimit(int(available * fraction), available, auto=True, device=device)
+        return MemoryLimit(int(max_memory_gb * GB), available, False, device, cgroup_limit)
+    return MemoryLimit(int(available * fraction), available, True, device, cgroup_limit)
 
 
-def _available_bytes(device: str) -> int:
+def _available_bytes(device: str) -> tuple[int, int | None]:
+    """What is available on `device`, and the cgroup limit that bounds it (CPU/MPS only; see memfit.cgroup)."""
     if device.startswith("cuda"):
         import torch
 
         if torch.cuda.is_available():
             _, _, index = device.partition(":")
             free, _total = torch.cuda.mem_get_info(int(index) if index else None)
-            return int(free)
-    return int(psutil.virtual_memory().available)
+            return int(free), None
+    from memfit.system import available_ram
+
+    return available_ram()
 
 
 def configure_cuda(limit: MemoryLimit) -> None:
