@@ -320,6 +320,22 @@ def test_leak_event_for_steady_growth_only():
         assert events == []
 
 
+def test_a_leak_is_stopped_one_step_before_it_would_cross_the_limit():
+    rng = random.Random(0)
+    reader = FakeReader(2 * GB)
+    guard = Guard(MemoryLimit(5 * GB, 16 * GB, auto=False, device="cpu"), interval_s=0, reader=reader)
+    kinds = []
+    for step in range(1, 41):
+        reader.rss_bytes = 2 * GB + 100 * MB * step + rng.randint(-2 * MB, 2 * MB)
+        _, events = guard.end_step(step)
+        kinds += [(event.kind, step) for event in events]
+        if guard.stop_requested:
+            break
+    # 2 GB + 100 MB/step: step 30 is at 4.93 GB, step 31 would be past 5 GB. Stopped at 30, never over the limit.
+    assert ("leak", 18) in kinds and kinds[-1] == ("early_stop", 30) and "limit" not in dict(kinds)
+    assert reader.rss_bytes <= 5 * GB and "would take step 31 past the limit" in guard.stop_reason
+
+
 # --- report and OOM ----------------------------------------------------------------------------------------
 
 

@@ -430,8 +430,7 @@ def _run_training(job, config: TrainConfig) -> None:
         raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
                         hint="add --supervise")
     if config.supervise:
-        _run_supervised(job, config)
-
+        raise typer.Exit(_run_supervised(job, config))
     renderer = TrainRenderer(console)
     try:
         result = train_run(job, config, on_event=renderer)
@@ -440,7 +439,7 @@ def _run_training(job, config: TrainConfig) -> None:
     raise typer.Exit(result.exit_code)
 
 
-def _run_supervised(job, config: TrainConfig) -> None:
+def _run_supervised(job, config: TrainConfig) -> int:
     from memfit.render import SupervisorRenderer
     from memfit.train.rundir import check_fresh_output_dir
     from memfit.train.supervisor import supervise
@@ -450,9 +449,8 @@ def _run_supervised(job, config: TrainConfig) -> None:
     fields = {"model": job.model, "data": str(job.data), "output_dir": str(job.output_dir),
               "val_data": str(job.val_data) if job.val_data else None, "device": job.device, "force": job.force,
               "resume": str(job.resume.path) if job.resume else None}
-    code = supervise(fields, config.model_dump(), max_restarts=config.max_restarts,
+    return supervise(fields, config.model_dump(), max_restarts=config.max_restarts,
                      reload_interval=config.reload_interval, on_event=SupervisorRenderer(console))
-    raise typer.Exit(code)
 
 
 @app.command()

@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-
 from memfit import faults
 from memfit.guard.report import format_gb
 from memfit.guard.sampler import MemorySample, MemorySampler, read_memory, slope_per_second
@@ -60,9 +59,9 @@ def choose_limit(max_memory_gb: float | None, device: str = "cpu", fraction: flo
     """The run's memory limit: `max_memory_gb` when given, else `fraction` of what is available on `device`.
 
     CPU (and MPS, which shares system RAM): psutil's available memory, or what this process's memory cgroup has
-    left when that is less (a container sees the whole machine's MemAvailable but is killed at its own limit). This process's own RSS is not added back
-    although it is ours to use: at start it is the interpreter and libraries, small next to the fraction's margin,
-    and leaving it out errs on the safe side. CUDA: the free memory the driver reports (other processes' use
+    left when that is less (a container sees the whole machine's MemAvailable but is killed at its own limit).
+    This process's own RSS is not added back although it is ours to use: at start it is the interpreter and
+    libraries, small next to the fraction's margin, and leaving it out errs on the safe side. CUDA: the free memory the driver reports (other processes' use
     already taken out); system RAM when this torch has no CUDA.
     """
     available, cgroup_limit = _available_bytes(device)

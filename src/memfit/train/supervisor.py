@@ -9,9 +9,9 @@ it needs no privilege). Each time the child ends:
 |---------------------------------------|-------------------------------------------------------------------------|
 | 0 done                                | exits 0                                                                 |
 | 75 reload (`--reload-interval`)       | starts it again from its checkpoint; not counted as a restart           |
-| SIGKILL (the OOM killer)              | restarts from the newest good checkpoint with half the micro-batch      |
-| 3 guard stop, 4 out of memory         | the same (a guard stop or an OOM at micro-batch 1: a fresh process has  |
-|                                       | no fragmentation and no leaked memory)                                  |
+| SIGKILL (the OOM killer), 3 guard stop| restarts from the newest good checkpoint with half the micro-batch      |
+| 4 out of memory (at micro-batch 1)    | restarts with micro-batch 1 again: a fresh process has no fragmentation |
+|                                       | and no leaked memory                                                    |
 | another signal, another exit code     | restarts with the same micro-batch (a crash, a CUDA fault)              |
 | 2 bad input or disk full, 130 Ctrl-C  | exits with that code: starting again would not help, or was not wanted  |
 
