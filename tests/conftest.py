@@ -13,6 +13,18 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path_factory.getbasetemp() / "memfit-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _no_faults(monkeypatch):
+    """No injected fault (memfit.faults) leaks into a test, or out of one: the variable, its cache, leaked memory."""
+    from memfit import faults
+
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults._faults.cache_clear()
+    yield
+    faults._faults.cache_clear()
+    faults._leaked.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from memfit.models import init_model

@@ -295,15 +295,24 @@ def test_fit_leak_recovers_slope_and_projected_step():
     assert flat.bytes_per_step == 0 and flat.r_squared == 0 and flat.projected_limit_step is None
 
 
+def _events_of_steps(limit_bytes, rss_of_step, steps):
+    """A guard over a fake reader (2 GB at the start) whose RSS at each step end is rss_of_step(step): the events,
+    until a stop."""
+    reader = FakeReader(2 * GB)
+    guard = Guard(MemoryLimit(limit_bytes, 16 * GB, auto=False, device="cpu"), interval_s=0, reader=reader)
+    found = []
+    for step in range(1, steps + 1):
+        reader.rss_bytes = rss_of_step(step)
+        found += guard.end_step(step)[1]
+        if guard.stop_requested:
+            break
+    return guard, found
+
+
 def test_leak_event_for_steady_growth_only():
     rng = random.Random(0)
-    reader = FakeReader(2 * GB)
-    guard = Guard(MemoryLimit(8 * GB, 16 * GB, auto=False, device="cpu"), interval_s=0, reader=reader)
-    leaks = []
-    for step in range(1, 41):
-        reader.rss_bytes = 2 * GB + 12 * MB * step + rng.randint(-2 * MB, 2 * MB)
-        _, events = guard.end_step(step)
-        leaks += [event for event in events if event.kind == "leak"]
+    _, events = _events_of_steps(8 * GB, lambda step: 2 * GB + 12 * MB * step + rng.randint(-2 * MB, 2 * MB), 40)
+    leaks = [event for event in events if event.kind == "leak"]
     assert len(leaks) == 1
     leak = leaks[0]
     assert leak.step == 18  # 10 warm-up steps, then the fit's 8 points
@@ -312,28 +321,18 @@ def test_leak_event_for_steady_growth_only():
     assert abs(leak.leak.projected_limit_step - expected) <= 3
     assert "MB/step" in leak.message and f"step {leak.leak.projected_limit_step:,}" in leak.message
 
-    flat_reader = FakeReader(2 * GB)
-    flat = Guard(MemoryLimit(8 * GB, 16 * GB, auto=False, device="cpu"), interval_s=0, reader=flat_reader)
-    for step in range(1, 81):
-        flat_reader.rss_bytes = 2 * GB + rng.randint(-40 * MB, 40 * MB)
-        _, events = flat.end_step(step)
-        assert events == []
+    _, flat = _events_of_steps(8 * GB, lambda step: 2 * GB + rng.randint(-40 * MB, 40 * MB), 80)
+    assert flat == []
 
 
 def test_a_leak_is_stopped_one_step_before_it_would_cross_the_limit():
     rng = random.Random(0)
-    reader = FakeReader(2 * GB)
-    guard = Guard(MemoryLimit(5 * GB, 16 * GB, auto=False, device="cpu"), interval_s=0, reader=reader)
-    kinds = []
-    for step in range(1, 41):
-        reader.rss_bytes = 2 * GB + 100 * MB * step + rng.randint(-2 * MB, 2 * MB)
-        _, events = guard.end_step(step)
-        kinds += [(event.kind, step) for event in events]
-        if guard.stop_requested:
-            break
+    guard, events = _events_of_steps(5 * GB, lambda step: 2 * GB + 100 * MB * step + rng.randint(-2 * MB, 2 * MB), 40)
+    kinds = [(event.kind, event.step) for event in events]
     # 2 GB + 100 MB/step: step 30 is at 4.93 GB, step 31 would be past 5 GB. Stopped at 30, never over the limit.
     assert ("leak", 18) in kinds and kinds[-1] == ("early_stop", 30) and "limit" not in dict(kinds)
-    assert reader.rss_bytes <= 5 * GB and "would take step 31 past the limit" in guard.stop_reason
+    assert max(event.watched_bytes for event in events) <= 5 * GB
+    assert "would take step 31 past the limit" in guard.stop_reason
 
 
 # --- report and OOM ----------------------------------------------------------------------------------------

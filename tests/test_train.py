@@ -31,14 +31,6 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _no_faults(monkeypatch):
-    monkeypatch.delenv(faults.ENV, raising=False)
-    faults._faults.cache_clear()
-    yield
-    faults._faults.cache_clear()
-
-
 def _inject(monkeypatch, spec):
     monkeypatch.setenv(faults.ENV, spec)
     faults._faults.cache_clear()

@@ -7,20 +7,9 @@ import sys
 import time
 from importlib import resources
 
-import pytest
-
 from memfit import faults
 
 DEMO_DATA = str(resources.files("memfit").joinpath("data/demo.jsonl"))
-
-
-@pytest.fixture(autouse=True)
-def _no_faults(monkeypatch):
-    monkeypatch.delenv(faults.ENV, raising=False)
-    faults._faults.cache_clear()
-    yield
-    faults._faults.cache_clear()
-    faults._leaked.clear()
 
 
 def train_command(model_dir, out, *flags):
