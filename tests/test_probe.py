@@ -245,7 +245,7 @@ class FakeMachine:
         self.calls: list[dict] = []
         self.interrupt_at, self.error_at = interrupt_at, error_at
 
-    def __call__(self, spec, trial_dir, *, steps, timeout_s, on_step=None):
+    def __call__(self, spec, trial_dir, *, steps, timeout_s, on_step=None, check_interrupted=None):
         settings = {key: spec.config[key] for key in ("batch_size", "lora_rank", "seq_len")}
         self.calls.append(settings)
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -354,3 +354,33 @@ def test_probe_checks_input_before_any_trial(tiny_model_dir, tmp_path, monkeypat
         with pytest.raises(UserError, match=words):
             probe(job, config)
     assert machine.calls == []
+
+
+def test_ctrl_c_stops_the_probe_at_a_safe_place_not_inside_whatever_runs(monkeypatch, tmp_path):
+    # An exception raised from the signal handler would surface anywhere, also inside a callback torch runs from
+    # C++ (the estimator's fake tensors being freed), where it ends the process with SIGABRT. The first signal
+    # only marks the probe; it stops at the next check. A second one stops it at once.
+    import os
+
+    reached = []
+
+    def setup(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("setup went on after the signal")
+
+    monkeypatch.setattr(probe_runner.Probe, "setup", setup)
+    monkeypatch.setattr(probe_runner.Probe, "run", lambda self: reached.append("run"))
+    with pytest.raises(KeyboardInterrupt):
+        probe(ProbeJob(model="m", data=tmp_path / "d.jsonl"), TrainConfig())
+    assert reached == ["setup went on after the signal"]
+
+    def setup_twice(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("not reached")
+
+    monkeypatch.setattr(probe_runner.Probe, "setup", setup_twice)
+    with pytest.raises(KeyboardInterrupt):
+        probe(ProbeJob(model="m", data=tmp_path / "d.jsonl"), TrainConfig())
+    assert reached == ["setup went on after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -156,6 +156,12 @@ class Probe:
         self.emit = on_event or (lambda event: None)
         self.trials: list[tuple[Trial, bool]] = []  # (trial, from the journal), in the order the search used them
         self._estimates: dict[str, int | None] = {}
+        self.interrupted: str | None = None  # the signal's name once Ctrl-C or SIGTERM came (see `probe`)
+
+    def check_interrupted(self) -> None:
+        """Where the probe may stop: only pure-Python places (between trials, while waiting on one)."""
+        if self.interrupted:
+            raise KeyboardInterrupt
 
     # --- set-up ------------------------------------------------------------------------------------------------
 
@@ -265,6 +271,7 @@ class Probe:
         full = self._full(settings)
         number = len(self.trials) + 1
         cached = self.journal.trials.get(Journal.key(full))
+        self.check_interrupted()
         if cached is not None:
             trial, from_journal = cached, True
         else:
@@ -298,7 +305,7 @@ class Probe:
                                 int(line.get("watched_bytes") or 0)))
 
         return run_trial(spec, self.workdir / f"trial-{number}", steps=job.steps, timeout_s=job.trial_timeout_s,
-                         on_step=on_step)
+                         on_step=on_step, check_interrupted=self.check_interrupted)
 
     # --- the search --------------------------------------------------------------------------------------------
 
@@ -328,6 +335,7 @@ class Probe:
                 hi = min(unusable) if unusable else None
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        self.check_interrupted()  # Ctrl-C after the last trial: every trial is in the journal, a rerun is instant
         return self._finish(frontier)
 
     def _chosen(self, frontier: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -382,18 +390,25 @@ class Probe:
 
 
 def probe(job: ProbeJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> ProbeResult:
-    """Run the probe; returns how it ended. SIGTERM ends it like Ctrl-C (KeyboardInterrupt): the running trial's
-    child is killed, finished trials stay in the journal for the rerun."""
+    """Run the probe; returns how it ended. Ctrl-C and SIGTERM end it (KeyboardInterrupt) at the next safe place:
+    the running trial's child is killed, finished trials stay in the journal for the rerun. A second one ends it at
+    once."""
     runner = Probe(job, config, on_event)
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
+    def on_signal(signum, frame):
+        # Not raised here: a signal handler's exception surfaces wherever the main thread is, also inside a Python
+        # callback that torch runs from C++ (the estimator's fake tensors being freed), where it cannot propagate
+        # and ends in std::terminate: SIGABRT, a core dump, the journal's last trial unwritten (seen once in CI).
+        if runner.interrupted:
+            raise KeyboardInterrupt
+        runner.interrupted = signal.Signals(signum).name
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         runner.setup()
+        runner.check_interrupted()
         return runner.run()
     except KeyboardInterrupt:
         journal = getattr(runner, "journal", None)
@@ -402,5 +417,5 @@ def probe(job: ProbeJob, config: TrainConfig, on_event: Callable[[Event], None] 
                                "run the same command again to continue", "warning"))
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -146,9 +146,11 @@ def _last_line(path: Path) -> str:
 
 
 def run_trial(spec: TrialSpec, trial_dir: Path, *, steps: int, timeout_s: float,
-              env: dict[str, str] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> Trial:
+              env: dict[str, str] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+              check_interrupted: Callable[[], None] | None = None) -> Trial:
     """Run one trial in a child process and classify how it ended. `timeout_s` is the longest the child may go
-    without finishing a step (model loading included) before it counts as hung."""
+    without finishing a step (model loading included) before it counts as hung. `check_interrupted` is called
+    while waiting; what it raises (KeyboardInterrupt) kills the child and propagates."""
     import psutil
 
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,8 @@ def run_trial(spec: TrialSpec, trial_dir: Path, *, steps: int, timeout_s: float,
             watched = psutil.Process(child.pid)
             last_progress, seen_lines = time.monotonic(), 0
             while child.poll() is None:
+                if check_interrupted:
+                    check_interrupted()
                 rss = _child_rss_bytes(watched)
                 sampled_peak = max(sampled_peak, rss)
                 if spec.device == "cpu" and rss > spec.limit_bytes * KILL_OVER_LIMIT:
