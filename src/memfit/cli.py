@@ -74,7 +74,7 @@ def training_flags(include_guard: bool = False):
 
 
 # Keys a -c config file may hold besides the TrainConfig fields (the commands' own options).
-JOB_KEYS = {"model", "data", "val_data", "output_dir", "device", "memory_gb", "num_gpus", "zero", "offload",
+JOB_KEYS = {"model", "data", "val_data", "output_dir", "device", "memory_gb", "num_gpus", "zero",
             "target_batch"}
 
 
@@ -212,7 +212,6 @@ def estimate(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="device memory in GB (default: 80% of free)"),
     num_gpus: int = typer.Option(1, "--num-gpus", help="data-parallel devices"),
     zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage 0-3"),
-    offload: str = typer.Option("none", "--offload", help="none or cpu (ZeRO offload)"),
     target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach with grad-accum"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="scale by this machine's `memfit probe` measurements when there are some"),
@@ -227,7 +226,9 @@ def estimate(
     if target_batch is not None and target_batch < 1:
         raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
     config = build_config(training, config_file)
-    hardware = _hardware(device, memory_gb, num_gpus, zero, offload)
+    if config.distributed.startswith("zero") and zero == 0:
+        zero = int(config.distributed[-1])  # --distributed zero3 is --zero 3
+    hardware = _hardware(device, memory_gb, num_gpus, zero, config.offload)
     resolved = resolve_model(model)
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
     calibration = _calibration(resolved, config, hardware) if calibrate else None

@@ -20,6 +20,8 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32", "bf16-pure"]
 Optimizer = Literal["adamw", "adamw8bit", "adafactor", "sgd"]
 Loss = Literal["ce", "distrust"]
 DistrustMode = Literal["add", "weight"]
+Distributed = Literal["auto", "ddp", "fsdp", "zero1", "zero2", "zero3"]
+Offload = Literal["none", "cpu"]
 
 
 class TrainConfig(BaseModel):
@@ -69,6 +71,12 @@ class TrainConfig(BaseModel):
     log_every: int | None = Field(
         None, ge=1, description="read the loss back from the device every N steps (default: about twice a second)"
     )
+    # Many processes (memfit.distributed): what engine shards the run when it is launched with torchrun or
+    # accelerate launch. One process ignores both.
+    distributed: Distributed = Field(
+        "auto", description="ddp, fsdp, or DeepSpeed zero1/zero2/zero3 when launched on several processes (auto: ddp)"
+    )
+    offload: Offload = Field("none", description="cpu: optimizer states (and zero3/fsdp weights) live in CPU RAM")
     # Loss.
     loss: Loss = Field("ce", description="ce, or distrust (the seeds' empirical distrust objective)")
     distrust_alpha: float = Field(2.7, ge=2.3, le=3.0, description="alpha of the distrust term")
