@@ -430,6 +430,10 @@ def _run_training(job, config: TrainConfig) -> None:
     if config.reload_interval and not config.supervise:
         raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
                         hint="add --supervise")
+    if config.tensorboard:
+        from memfit.train.tblog import require_tensorboard
+
+        require_tensorboard()  # here, before a supervised child starts or a run dir is created
     if config.supervise:
         raise typer.Exit(_run_supervised(job, config))
     renderer = TrainRenderer(console)
@@ -566,6 +570,18 @@ def demo(
         console.print(f"demo: LoRA on {model_dir} with {data.name} ({config.loss} loss), run dir {output_dir}",
                       soft_wrap=True)
         _run_training(TrainJob(model=str(model_dir), data=data, output_dir=output_dir, device=device), config)
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="a run directory (train --output-dir) or a probe profile JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="HTML file to write (default RUN_DIR/report.html, or PROFILE.html)"),
+):
+    """One self-contained HTML report (plots inline, opens offline) of a training run or a probe profile."""
+    from memfit.report import write_report
+
+    console.print(f"report: {write_report(path, out)}", soft_wrap=True, highlight=False)
 
 
 _RESUME_LATEST = "latest"

@@ -92,6 +92,8 @@ class TrainConfig(BaseModel):
         0.1, ge=0, le=60, description="seconds between background memory reads (0: only at step ends)"
     )
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (with --val-data)")
+    tensorboard: bool = Field(False, description="also log loss, lr, tokens/s and memory to RUN_DIR/tensorboard "
+                                                 "(needs `pip install tensorboard`)")
     # Supervision (memfit.train.supervisor).
     supervise: bool = Field(False, description="train in a child process that is restarted from its checkpoint "
                                                "when it dies (OOM-killed, crashed, stopped at the limit)")
@@ -124,7 +126,8 @@ class TrainConfig(BaseModel):
 
 # Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.
 GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints",
-                          "memory_sample_interval", "eval_every", "supervise", "max_restarts", "reload_interval"})
+                          "memory_sample_interval", "eval_every", "supervise", "max_restarts", "reload_interval",
+                          "tensorboard"})
 
 
 def flag_name(field_name: str) -> str:

@@ -28,10 +28,12 @@ from memfit.allocator import fix_mmap_threshold
 from memfit.config import GUARD_FIELDS, TrainConfig
 from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
                            OutOfMemoryError, UserError)
+from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
 from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
 from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions
+from memfit.train.tblog import TensorBoardSink
 
 # Options that may change on resume without breaking exactness (the micro-batch split may change too, as long as
 # batch_size x grad_accum stays the same: the step's objective does not depend on it).
@@ -147,6 +149,8 @@ class Trainer:
 
         self.run_dir = RunDir(job.output_dir, {} if job.attempt is None else {"attempt": job.attempt})
         self.sinks.insert(0, self.run_dir)
+        if config.tensorboard:  # before the model loads: a missing package fails in seconds
+            self.sinks.append(TensorBoardSink(job.output_dir))
         for path in ckpt.remove_partial_checkpoints(job.output_dir):
             self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
         self._start_guard()
@@ -445,6 +449,7 @@ class Trainer:
         self._write_run_json(status="disk_full", exit_code=DiskFullError.exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        write_report_safely(self.job.output_dir, self.emit)  # on a full disk it may fail: then a warning says so
 
     def save_final(self) -> Path:
         import os
@@ -635,6 +640,8 @@ class Trainer:
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)
+        if not self.job.trial and status != "reload":  # a trial keeps nothing; a reload goes on in a new process
+            write_report_safely(self.job.output_dir, self.emit)
         return ended
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, EXIT_USAGE
+from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
 from memfit.train.events import Event
 from memfit.train.rundir import EVENTS, RUN_JSON, write_atomic
@@ -183,6 +184,7 @@ class Supervisor:
                 self._record(ChildEnded(attempt, step or 0, exit_code, outcome, action, message,
                                         max_micro_batch if action in ("restart", "reload") else None))
                 if action in ("exit", "give_up"):
+                    write_report_safely(self.run_dir, self._emit)  # covers every life, the last one's end included
                     return self._exit_code(exit_code, outcome)
                 if step is not None:
                     resume = str(self.run_dir)  # the child resumes from its newest checkpoint that verifies
