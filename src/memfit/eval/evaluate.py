@@ -1,0 +1,337 @@
+"""`memfit eval`: loss and perplexity of a base model, or base + a LoRA adapter, on a JSONL file; or completions
+for its prompts (`--generate`), with code tasks run against their tests in the sandbox.
+
+The loss is the trainer's validation loss (the same collate, scored tokens and chunked head): mean cross-entropy
+per scored token over the file, perplexity its exp. Each sample is one row, cut at --seq-len (no packing: a
+sample is scored in its own context). The memory guard watches the run as it watches training; a batch whose
+peak crosses the limit stops the evaluation (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
+from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
+from memfit.train.events import Event, GuardNotice, Notice
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class EvalJob:
+    model: str
+    data: Path
+    adapter: Path | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    batch_size: int = 8
+    seq_len: int = 2048
+    max_memory: float | None = None  # GB; None: 80% of what is available
+    memory_threshold: float = 0.8
+    generate: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    timeout_s: float = 10.0  # per code task, wall clock
+    allow_unsandboxed: bool = False
+    out: Path | None = None  # per-sample results, JSONL
+
+
+@dataclass
+class EvalResult:
+    status: str  # done | guard_stop | oom
+    exit_code: int
+    message: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _GuardStop(Exception):
+    pass
+
+
+def check_job(job: EvalJob) -> None:
+    for value, flag, low in ((job.batch_size, "--batch-size", 1), (job.seq_len, "--seq-len", 2),
+                             (job.max_new_tokens, "--max-new-tokens", 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low} (got {value})")
+    if not (job.temperature >= 0 and math.isfinite(job.temperature)):
+        raise UserError(f"--temperature must be a number >= 0 (got {job.temperature})", hint="0 is greedy")
+    if not job.timeout_s > 0:
+        raise UserError(f"--timeout must be > 0 seconds (got {job.timeout_s})")
+    if job.max_memory is not None and not job.max_memory > 0:
+        raise UserError(f"--max-memory must be > 0 GB (got {job.max_memory})")
+    if job.device is not None and job.device not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {job.device!r}: choose cpu, cuda or mps")
+    if job.out is not None and job.out.is_dir():
+        raise UserError(f"--out {job.out}: is a directory", hint="give a file name, e.g. results.jsonl")
+
+
+def resolve_adapter(path: Path) -> Path:
+    """The PEFT adapter directory: `path` itself, or a run directory's final/."""
+    if not path.exists():
+        raise UserError(f"--adapter {path}: no such directory", hint="pass a run's final/ dir (or the run dir)")
+    for candidate in (path, path / "final"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise UserError(f"--adapter {path}: not a PEFT adapter (no {ADAPTER_CONFIG} in it or in its final/)",
+                    hint="pass the final/ dir of a LoRA run (a full fine-tune's final/ is a model: use --model)")
+
+
+def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str):
+    """The base model in its frozen dtype (the dtype LoRA training computes with), with the adapter on top."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
+                                                 dtype=precision.frozen_dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes or module names of another base model
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"--adapter {adapter} does not fit --model {model_dir}: {first[:200]}",
+                            hint="use the base model the adapter was trained on (its adapter_config.json "
+                                 "names it)") from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> EvalResult:
+    """Validate everything cheap first (flags, files, every data line, the sandbox), then start the guard, load
+    the model and evaluate. Bad input raises UserError before anything heavy happens."""
+    from transformers import AutoTokenizer
+
+    from memfit.eval import codetasks
+    from memfit.eval.sandbox import require_sandbox
+    from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
+    from memfit.models import resolve_model
+    from memfit.precision import resolve_precision
+    from memfit.train.loop import default_device
+
+    emit = on_event or (lambda event: None)
+    check_job(job)
+    device = job.device or default_device()
+    if device == "cuda":
+        cuda_alloc_conf_env()
+    precision = resolve_precision(job.dtype, device)
+    resolved = resolve_model(job.model)
+    model_dir = resolved.require_weights()
+    adapter = resolve_adapter(Path(job.adapter)) if job.adapter is not None else None
+    tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+    is_code = codetasks.is_code_task_file(job.data)
+    mode = "code" if is_code else ("generate" if job.generate else "loss")
+    sandboxed = None
+    if is_code:
+        if not job.generate:
+            raise UserError(f"{job.data}: code tasks (\"prompt\" and \"tests\") have no reference to score a loss on",
+                            hint="add --generate to generate completions and run their tests")
+        tasks = codetasks.read_tasks(job.data)
+        sandboxed = require_sandbox(job.allow_unsandboxed)
+        prompts = [_generation_ids(tokenizer, task.prompt) for task in tasks]
+        count = len(tasks)
+    elif job.generate:
+        from memfit.data import read_records
+        from memfit.eval.generate import prompt_ids
+
+        records = read_records(job.data)
+        prompts = [prompt_ids(record, tokenizer, f"{job.data}:{record.line}") for record in records]
+        count = len(records)
+    else:
+        from memfit.data import build_dataset
+
+        dataset = build_dataset(job.data, tokenizer, job.seq_len, packing=False)
+        emit(Notice(f"data: {dataset.stats.summary()}"))
+        count = len(dataset.samples)
+
+    limit = choose_limit(job.max_memory, device)
+    emit(Notice(limit.describe()))
+    configure_cuda(limit)
+    guard = Guard(limit, threshold=job.memory_threshold)
+    guard.start()
+    step = 0
+
+    def after_batch(done: int, total: int, phase: str, tokens: int = 0) -> None:
+        nonlocal step
+        step += 1
+        _, events = guard.end_step(step)
+        for event in events:
+            emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
+        emit(EvalProgress(phase, done, total, tokens))
+        if guard.stop_requested:
+            raise _GuardStop(guard.stop_reason)
+
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"model": resolved.name, "model_path": str(model_dir),
+                               "adapter": str(adapter) if adapter else None, "data": str(job.data), "mode": mode,
+                               "device": device, "precision": precision.name, "samples": count,
+                               "limit_bytes": limit.limit_bytes}
+    samples: list[dict[str, Any]] = []
+    try:
+        try:
+            model = load_for_eval(model_dir, adapter, precision, device)
+            emit(EvalStarted(resolved.name, str(adapter) if adapter else None, device, precision.name, mode,
+                             count, limit.limit_bytes, sandboxed))
+            if mode == "loss":
+                loss, tokens, samples = dataset_loss(model, dataset, tokenizer, job.batch_size, device,
+                                                     precision.compute_dtype,
+                                                     lambda done, total, tokens: after_batch(done, total, "loss",
+                                                                                             tokens))
+                summary.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
+            else:
+                from memfit.eval.generate import generate
+
+                completions = generate(model, tokenizer, prompts, max_new_tokens=job.max_new_tokens,
+                                       temperature=job.temperature, batch_size=job.batch_size, device=device,
+                                       seed=job.seed,
+                                       on_batch=lambda done, total: after_batch(done, total, "generate"))
+                summary.update(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
+                if mode == "generate":
+                    samples = [{"line": record.line, "prompt": _prompt_text(record), "completion": completion,
+                                "reference": record.completion if record.kind == "prompt_completion"
+                                else record.messages[-1]["content"]}
+                               for record, completion in zip(records, completions)]
+        except _GuardStop as stop:
+            return _end(job, emit, summary, samples, guard, device, "guard_stop", EXIT_GUARD_STOP,
+                        f"stopped by the memory guard: {stop}", started)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(error):
+                raise
+            return _end(job, emit, summary, samples, guard, device, "oom", EXIT_OOM,
+                        f"out of memory: {str(error).splitlines()[0][:200]}", started)
+        if mode == "code":
+            del model
+            results = _run_code(tasks, completions, job, sandboxed, emit)
+            samples = [result.to_dict() for result in results]
+            summary.update(pass_at_1=codetasks.pass_at_1(results), counts=codetasks.status_counts(results),
+                           sandboxed=sandboxed)
+    finally:
+        guard.stop()
+    return _end(job, emit, summary, samples, guard, device, "done", EXIT_OK, _done_message(summary), started)
+
+
+def _generation_ids(tokenizer, prompt: str) -> list[int]:
+    from memfit.eval.generate import text_prompt_ids
+
+    return text_prompt_ids(prompt, tokenizer)
+
+
+def _prompt_text(record) -> Any:
+    if record.kind == "prompt_completion":
+        return record.prompt
+    last = max(i for i, message in enumerate(record.messages) if message["role"] == "assistant")
+    return [dict(message) for message in record.messages[:last]]
+
+
+def _run_code(tasks, completions, job: EvalJob, sandboxed: bool, emit) -> list:
+    from memfit.eval import codetasks
+    from memfit.eval.sandbox import Limits
+
+    limits = Limits(wall_s=job.timeout_s, cpu_s=max(1, math.ceil(job.timeout_s)))
+
+    def on_result(index, result):
+        emit(TaskRun(index, len(tasks), result.task.task_id, result.run.status, result.run.reason,
+                     result.run.wall_s))
+
+    return codetasks.run_tasks(tasks, completions, limits, sandboxed=sandboxed, on_result=on_result)
+
+
+@torch.no_grad()
+def dataset_loss(model, dataset, tokenizer, batch_size: int, device, compute_dtype,
+                 on_batch: Callable[[int, int, int], None] | None = None) -> tuple[float, int, list[dict]]:
+    """(mean CE per scored token, scored tokens, per-sample loss and tokens). The trainer's pieces: collate, the
+    scored positions, and the head applied chunk by chunk where the model allows it (full logits otherwise)."""
+    import torch.nn.functional as F
+
+    from memfit.data import collate
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden, linear_token_losses
+    from memfit.train.losses import IGNORE_INDEX, scored_tokens
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows = dataset.rows
+    blocker = chunked_loss_blocker(model)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = 0
+    per_sample: list[dict] = []
+    total = (len(rows) + batch_size - 1) // batch_size
+    with (head_returns_hidden(model) if blocker is None else nullcontext()) as head:
+        for number, start in enumerate(range(0, len(rows), batch_size), 1):
+            batch = collate(rows[start:start + batch_size], dataset.samples, pad_id)
+            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float()).to(device)
+            output = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
+            flat = output.reshape(-1, output.shape[-1]).index_select(0, scored.index)
+            targets = scored.targets.index_select(0, scored.index)
+            if head is not None:
+                token_losses = linear_token_losses(flat, head, targets, compute_dtype)
+            else:
+                token_losses = F.cross_entropy(flat.float(), targets, reduction="none")
+            width = batch.input_ids.shape[1]
+            row_of = (scored.index // width).cpu()
+            token_losses = token_losses.double().cpu()
+            row_sums = torch.zeros(len(batch.input_ids), dtype=torch.float64).index_add_(0, row_of, token_losses)
+            row_counts = torch.bincount(row_of, minlength=len(batch.input_ids))
+            for offset, row in enumerate(rows[start:start + batch_size]):
+                record = dataset.samples[row.segments[0][2]]
+                scored_here = int(row_counts[offset])
+                per_sample.append({"line": record.line, "loss": float(row_sums[offset]) / max(scored_here, 1),
+                                   "tokens": scored_here})
+            loss_sum += token_losses.sum()
+            count += len(targets)
+            if on_batch is not None:
+                on_batch(number, total, count)
+    return float(loss_sum) / max(count, 1), count, per_sample
+
+
+def _done_message(summary: dict[str, Any]) -> str:
+    if "loss" in summary:
+        return (f"loss {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} over {summary['tokens']:,} "
+                f"tokens of {summary['samples']:,} samples")
+    if "pass_at_1" in summary:
+        counts = ", ".join(f"{value} {key}" for key, value in summary["counts"].items() if value)
+        return f"pass@1 {summary['pass_at_1']:.3f} over {summary['samples']} tasks ({counts})"
+    return f"generated {summary['samples']} completions"
+
+
+def _end(job: EvalJob, emit, summary: dict, samples: list, guard, device: str, status: str, exit_code: int,
+         message: str, started: float) -> EvalResult:
+    from memfit.guard import read_memory
+
+    memory = read_memory(device)
+    summary.update(status=status, exit_code=exit_code, seconds=round(time.perf_counter() - started, 3),
+                   peak_watched_bytes=guard.peak_watched_bytes, peak_rss_bytes=memory.peak_rss_bytes)
+    if device == "cuda" and torch.cuda.is_available():
+        summary["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if job.out is not None and samples:
+        _write_jsonl(job.out, samples)
+        summary["out"] = str(job.out)
+    emit(EvalEnded(status, exit_code, message, dict(summary)))
+    return EvalResult(status, exit_code, message, summary, samples)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Whole or not at all: written beside, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(partial, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
