@@ -608,7 +608,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(code, int):
             return code
     except MemfitError as error:
-        sys.stderr.write(f"memfit: error: {error_line(error)}\n")
+        from memfit.distributed.ranks import current
+
+        ranks = current()
+        # Under torchrun every rank checks the same input: rank 0 says what is wrong; another rank speaks only of
+        # what is its own (out of memory, a full disk).
+        if ranks.is_main:
+            sys.stderr.write(f"memfit: error: {error_line(error)}\n")
+        elif type(error) is not UserError:  # its subclasses DiskFullError, OutOfMemoryError are per rank
+            sys.stderr.write(f"memfit: error (rank {ranks.rank}): {error_line(error)}\n")
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
@@ -658,6 +666,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "peft", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed (imported by transformers whenever it is installed) resets its logger's level when it creates it,
+    # then warns on every CPU-only import: a filter on the logger outlives that.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def run() -> None:

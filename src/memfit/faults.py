@@ -12,7 +12,12 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
                  directory (a marker file remembers it, so the restarted process goes on): the OOM killer, at a
                  step of our choosing;
 - `crash@K`      step K raises a RuntimeError (a bug, a CUDA fault), once per run directory;
-- `enospc@K`     the checkpoint of step K fails with "No space left on device" after its first file is written.
+- `enospc@K`     the checkpoint of step K fails with "No space left on device" after its first file is written;
+- `sigterm@K`    the process training step K sends itself SIGTERM before the step's first micro-batch, once per run
+                 directory (a stop request, as from `kill` or a launcher).
+Any of them takes a rank selector as its last part, `:rankN` (`leak@50:rank1`, `oom@2:rank1`, `save_pause@3:5:rank0`):
+then only the process of that rank (RANK, set by torchrun; memfit.distributed.ranks) has the fault, the others run
+clean. Without one every process has it.
 Nothing here runs unless the variable is set.
 """
 
@@ -33,9 +38,17 @@ _leaked: list[torch.Tensor] = []
 
 @functools.lru_cache(maxsize=1)
 def _faults() -> dict[str, str]:
+    from memfit.distributed.ranks import current
+
+    rank = current().rank
     faults = {}
     for item in os.environ.get(ENV, "").split(","):
         name, _, arg = item.strip().partition("@")
+        head, _, selector = arg.rpartition(":")
+        if selector.startswith("rank") and selector[4:].isdigit():
+            if int(selector[4:]) != rank:
+                continue  # another rank's fault
+            arg = head
         if name:
             faults[name] = arg
     return faults
@@ -78,7 +91,11 @@ def _once(name: str, step: int, run_dir: Path) -> bool:
     spec = _faults().get(name)
     if spec is None or int(spec) != step:
         return False
-    marker = run_dir / f".fault-{name}-{step}"
+    from memfit.distributed.ranks import current
+
+    ranks = current()
+    # Each rank remembers its own faults (a fault on every rank fires on every rank).
+    marker = run_dir / (f".fault-{name}-{step}" + (f"-rank{ranks.rank}" if ranks.distributed else ""))
     if marker.exists():
         return False
     marker.touch()
@@ -88,6 +105,8 @@ def _once(name: str, step: int, run_dir: Path) -> bool:
 def maybe_die(step: int, run_dir: Path) -> None:
     if _once("sigkill", step, run_dir):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _once("sigterm", step, run_dir):
+        os.kill(os.getpid(), signal.SIGTERM)
     if _once("crash", step, run_dir):
         raise RuntimeError(f"injected crash at step {step} ({ENV})")
 

@@ -4,6 +4,8 @@ Layout of `OUTPUT_DIR/checkpoints/step-N/`:
 - `trainable.safetensors`  the trained tensors (LoRA adapters, or every weight for a full fine-tune);
 - `optimizer.pt`, `scheduler.pt`  their `state_dict()`s (plain tensors and numbers: loadable with weights_only);
 - `rng.json`                python, numpy and torch RNG states;
+- `rng-ranks.json`          several processes: every rank's RNG states, in rank order (rank 0 writes the checkpoint:
+                            DDP keeps the same adapter and optimizer state on every rank, only the RNGs differ);
 - `trainer_state.json`      step, data position, micro-batch and accumulation, recent losses;
 - `meta.json`               written last: what the run was (config, model, data) and a sha256 per file.
 A directory without a valid `meta.json`, or whose files do not match their checksums, is never resumed from.
@@ -107,7 +109,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    trainer_state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+                    trainer_state: dict[str, Any], meta: dict[str, Any], keep: int,
+                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write `checkpoints/step-N` atomically, then drop all but the newest `keep`. Returns its path."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
     try:
         _write_partial(partial, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                       trainer_state=trainer_state, meta=meta)
+                       trainer_state=trainer_state, meta=meta, rank_rng_states=rank_rng_states)
     except Exception as error:
         # Nothing half-written stays behind, and the newest complete checkpoint is untouched (pruning comes last).
         shutil.rmtree(partial, ignore_errors=True)
@@ -157,7 +160,7 @@ def disk_full_reason(error: BaseException, directory: Path) -> str | None:
 
 
 def _write_partial(partial: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
-                   meta: dict[str, Any]) -> None:
+                   meta: dict[str, Any], rank_rng_states: list[dict[str, Any]] | None = None) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     save_file(trainable_state(model), str(partial / "trainable.safetensors"), metadata={"step": str(step)})
@@ -166,6 +169,8 @@ def _write_partial(partial: Path, step: int, *, model, optimizer, scheduler, tra
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     _write_json(partial / "rng.json", rng_state())
+    if rank_rng_states is not None:
+        _write_json(partial / "rng-ranks.json", rank_rng_states)
     _write_json(partial / "trainer_state.json", trainer_state)
     for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt"):
         with open(partial / name, "rb+") as file:
@@ -257,8 +262,9 @@ def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     return removed
 
 
-def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Load a verified checkpoint's tensors and states in place; returns its trainer state."""
+def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Load a verified checkpoint's tensors and states in place; returns its trainer state. `rank` picks this
+    process's RNG states from a checkpoint of several processes."""
     tensors = load_file(str(checkpoint.path / "trainable.safetensors"))
     expected = set(trainable_state(model))
     if set(tensors) != expected:
@@ -272,4 +278,9 @@ def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, schedu
     optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint.path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((checkpoint.path / "rng.json").read_text()))
+    ranks_file = checkpoint.path / "rng-ranks.json"
+    if rank and ranks_file.is_file():
+        states = json.loads(ranks_file.read_text())
+        if rank < len(states):
+            set_rng_state(states[rank])
     return checkpoint.trainer_state

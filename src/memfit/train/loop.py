@@ -8,6 +8,14 @@ checkpoint holds the last finished step, so resuming redoes exactly that step.
 Out-of-memory recovery: a step that raises OOM is retried on the same rows with the micro-batch halved (so twice
 as many micro-batches, the same effective batch and, by memfit.train.objective's weighting, the same gradient).
 When micro-batch 1 fails too, the run checkpoints and exits 4.
+
+Several processes (torchrun / accelerate launch; memfit.distributed): one optimizer step takes
+`batch_size x grad_accum x world_size` rows of the same global row order; every rank computes the step objective
+over all of them (so token weights are normalised over the global step, without communication) and trains its
+share (`ranks.shard_rows`). The safe points become agreements (memfit.distributed.collective, which says why the
+micro-batches run without DDP's in-backward all-reduce and the gradients are summed once at step end): a stop, an
+OOM recovery or an interrupt on any rank is taken by all of them at the same point. Rank 0 alone prints and writes
+the run directory and the checkpoints. One process takes none of these paths: no collective, the same loop.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ import torch
 from memfit import faults
 from memfit.allocator import fix_mmap_threshold
 from memfit.config import GUARD_FIELDS, TrainConfig
+from memfit.distributed.collective import Agreement, Decision, all_reduce_sum, gradients
+from memfit.distributed.collective import leave as leave_process_group
+from memfit.distributed.ranks import current as current_ranks
+from memfit.distributed.ranks import shard_rows
 from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
                            OutOfMemoryError, UserError)
 from memfit.report import write_report_safely
@@ -77,6 +89,19 @@ class _StepAborted(Exception):
     """A stop was requested between micro-batches: the step is dropped, the checkpoint holds the one before."""
 
 
+class _OomAgreed(Exception):
+    """Several processes: a rank ran out of memory in this step; every rank drops the step and retries it smaller."""
+
+
+# The engines whose model is sharded over the ranks: their forward passes gather parameters from the other ranks,
+# so the deadlock-free scheme of memfit.distributed.collective (micro-batches without collectives) does not hold.
+SHARDED_ENGINES = ("fsdp", "zero1", "zero2", "zero3")
+ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}  # fsdp's full shard saves what ZeRO-3 saves
+# Launchers forward the terminal's Ctrl-C to workers that already got it: a second signal this soon after the first
+# is the same request, not an "abort now".
+REPEATED_SIGNAL_S = 2.0
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -85,9 +110,10 @@ def default_device() -> str:
     return "cpu"
 
 
-def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int = 1,
+                     saved_world_size: int = 1) -> list[str]:
     """Differences between a checkpoint's config and this one that would make the resumed run differ from an
-    uninterrupted one."""
+    uninterrupted one. A different number of processes changes the global batch (and its row order)."""
     now = config.model_dump()
     # A key an older memfit did not write had its default then.
     saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in now} | saved
@@ -96,13 +122,20 @@ def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     if saved.get("batch_size", 1) * saved.get("grad_accum", 1) != config.batch_size * config.grad_accum:
         changed.append(f"effective batch {saved.get('batch_size', 1) * saved.get('grad_accum', 1)} -> "
                        f"{config.batch_size * config.grad_accum} (batch-size x grad-accum)")
+    if saved_world_size != world_size:
+        changed.append(f"world size {saved_world_size} -> {world_size} (processes; the global batch is "
+                       "batch-size x grad-accum x world size)")
     return changed
 
 
 class Trainer:
     def __init__(self, job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
         self.job, self.config = job, config
-        self.sinks = [on_event] if on_event else []
+        self.ranks = current_ranks()
+        self.distributed = self.ranks.distributed
+        # Only rank 0 reports (the renderer, the run directory); the others train and keep quiet.
+        self.sinks = [on_event] if on_event and self.ranks.is_main else []
+        self.decision = Decision()  # what the ranks last agreed (one process: its own flags)
         self.interrupted: str | None = None
         self.recoveries = 0
         self.recent_losses: list[float] = []
@@ -128,15 +161,26 @@ class Trainer:
 
         job, config = self.job, self.config
         self.device = job.device or default_device()
+        if self.distributed:
+            self._check_distributed()
         if self.device == "cuda":
             cuda_alloc_conf_env()  # before the first CUDA allocation, or the allocator ignores it
+            if self.distributed:
+                torch.cuda.set_device(self.ranks.local_rank)  # each rank its own GPU, before the guard reads one
         fix_mmap_threshold()
+        main = self.ranks.is_main
         if job.resume is None and job.fresh_restart:
             RunDir(job.output_dir).truncate_metrics_after(0)  # the dead life's steps are trained again
         elif job.resume is None:
-            check_fresh_output_dir(job.output_dir)
+            if main:  # rank 0 writes run.json soon: another rank checking after that would see a run there
+                check_fresh_output_dir(job.output_dir)
         else:
-            conflicts = resume_conflicts(job.resume.meta.get("config", {}), config)
+            saved_world = int(job.resume.meta.get("world_size", 1))
+            conflicts = resume_conflicts(job.resume.meta.get("config", {}), config, self.ranks.world_size,
+                                         saved_world)
+            if saved_world != self.ranks.world_size and job.force and config.distributed in SHARDED_ENGINES:
+                raise UserError(f"{job.resume.path} holds {config.distributed} shards of {saved_world} processes; "
+                                f"this run has {self.ranks.world_size}", hint=f"launch {saved_world} processes")
             if conflicts and not job.force:
                 raise UserError(f"resuming {job.resume.path} with a changed config breaks exactness: "
                                 f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
@@ -148,11 +192,12 @@ class Trainer:
         self._load_data(model_dir)
 
         self.run_dir = RunDir(job.output_dir, {} if job.attempt is None else {"attempt": job.attempt})
-        self.sinks.insert(0, self.run_dir)
-        if config.tensorboard:  # before the model loads: a missing package fails in seconds
-            self.sinks.append(TensorBoardSink(job.output_dir))
-        for path in ckpt.remove_partial_checkpoints(job.output_dir):
-            self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
+        if main:
+            self.sinks.insert(0, self.run_dir)
+            if config.tensorboard:  # before the model loads: a missing package fails in seconds
+                self.sinks.append(TensorBoardSink(job.output_dir))
+            for path in ckpt.remove_partial_checkpoints(job.output_dir):
+                self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
         self._start_guard()
         self._build(model_dir)
         self.step, self.samples_seen = 0, 0
@@ -164,6 +209,18 @@ class Trainer:
                              " accumulation): the previous process was killed or stopped at the limit", "warning"))
         self.start_step = self.step
         self._write_run_json(status="running")
+
+    def _check_distributed(self) -> None:
+        """What this runtime can run on several processes; each refusal is one line before anything starts."""
+        config, world = self.config, self.ranks.world_size
+        if config.supervise or self.job.max_micro_batch or self.job.reload_after:
+            raise UserError(f"--supervise runs one process; this is rank {self.ranks.rank} of {world}",
+                            hint="drop --supervise (torchrun --max-restarts restarts failed workers)")
+        if config.distributed in SHARDED_ENGINES:
+            where = ("accelerate runs CPU processes as DDP only (its FSDP and DeepSpeed paths need GPUs)"
+                     if self.device == "cpu" else "this runtime trains several processes with ddp only so far")
+            raise UserError(f"--distributed {config.distributed} on {world} processes: {where}",
+                            hint="use --distributed ddp (or auto)")
 
     def _load_data(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
@@ -187,7 +244,8 @@ class Trainer:
         self.emit(Notice(f"data: {self.dataset.stats.summary()}"))
         if self.val_dataset:
             self.emit(Notice(f"validation: {self.val_dataset.stats.summary()}"))
-        self.effective_batch = config.batch_size * config.grad_accum
+        self.effective_batch = config.batch_size * config.grad_accum  # per rank
+        self.global_batch = self.effective_batch * self.ranks.world_size  # rows per optimizer step, all ranks
         self.micro_batch = config.batch_size
         rows = len(self.dataset.rows)
         self.longest_row = max(range(rows), key=self._row_length)
@@ -196,14 +254,21 @@ class Trainer:
         # Packed blocks are nearly all seq-len long: grouping them would only reorder; the seeded order is kept.
         grouped = config.group_by_length and not self.dataset.stats.packed
         self.row_order = RowOrder([len(row.input_ids) for row in self.dataset.rows], config.seed,
-                                  self.effective_batch, grouped)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
+                                  self.global_batch, grouped)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.global_batch))
 
     def _start_guard(self) -> None:
         from memfit.guard import Guard, choose_limit, configure_cuda
 
-        self.limit = choose_limit(self.config.max_memory, self.device)
-        self.emit(Notice(self.limit.describe()))
+        device, fraction = self.device, 0.8
+        if self.distributed:
+            if device == "cuda":
+                device = f"cuda:{self.ranks.local_rank}"
+            else:  # the ranks of a machine share its RAM: each takes its part of the auto limit
+                fraction /= self.ranks.local_world_size
+        self.limit = choose_limit(self.config.max_memory, device, fraction)
+        self.emit(Notice(self.limit.describe() + (f"; per rank ({self.ranks.world_size} ranks, each guards its own "
+                                                  "memory)" if self.distributed else "")))
         configure_cuda(self.limit)
         self.guard = Guard(self.limit, threshold=self.config.memory_threshold,
                            interval_s=self.config.memory_sample_interval)
@@ -220,7 +285,11 @@ class Trainer:
         config = self.config
         set_seed(config.seed)
         self.accelerator = Accelerator(mixed_precision=self.precision.accelerate_mixed_precision,
-                                       cpu=self.device == "cpu")
+                                       cpu=self.device == "cpu", **self._accelerator_kwargs())
+        if self.accelerator.num_processes != self.ranks.world_size:
+            raise UserError(f"accelerate sees {self.accelerator.num_processes} processes, the launcher "
+                            f"{self.ranks.world_size}", hint="launch with torchrun or accelerate launch")
+        self.agreement = Agreement(self.ranks)
         model = self._load_model(load_model, model_dir)
         model.train()
         optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
@@ -230,6 +299,23 @@ class Trainer:
             model = torch.compile(model, dynamic=True)  # rows vary in length: one graph for all of them
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+
+    def _accelerator_kwargs(self) -> dict[str, Any]:
+        """One process: none. Several: the engine's plugin (memfit.distributed.engines), and gloo for CPU processes
+        (accelerate would pick MPI where torch has it)."""
+        if not self.distributed:
+            return {}
+        from accelerate.utils import InitProcessGroupKwargs
+
+        try:
+            from memfit.distributed.engines import accelerator_kwargs
+        except ImportError:
+            kwargs = {}
+        else:
+            kwargs = dict(accelerator_kwargs(self.config, self.device))
+        if self.device == "cpu":
+            kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+        return kwargs
 
     def _choose_step_path(self, model) -> None:
         """The chunked loss and leak-free packing, where this model allows them (a notice says when not)."""
@@ -276,14 +362,15 @@ class Trainer:
         for problem in checkpoint.skipped:
             self.emit(Notice(f"skipped {problem}; using the newest checkpoint that verifies", "warning"))
         state = ckpt.restore(checkpoint, model=self.accelerator.unwrap_model(self.model),
-                             optimizer=self.optimizer, scheduler=self.scheduler)
+                             optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ranks.rank)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.recoveries = state.get("oom_recoveries", 0)
         self.recent_losses = state.get("recent_losses", [])
         if config.batch_size * config.grad_accum == state.get("effective_batch") \
                 and checkpoint.meta["config"].get("batch_size") == config.batch_size:
             self.micro_batch = state.get("micro_batch", config.batch_size)  # keep an OOM-reduced micro-batch
-        self.run_dir.truncate_metrics_after(self.step)
+        if self.ranks.is_main:
+            self.run_dir.truncate_metrics_after(self.step)
         self.emit(Notice(f"resumed from {checkpoint.path} at step {self.step} of {self.total_steps}"))
 
     def _load_model(self, load_model, model_dir: Path):
@@ -303,7 +390,10 @@ class Trainer:
         from memfit.estimate.memory import Hardware, estimate_memory
 
         try:
-            hardware = Hardware(self.device, self.limit.limit_bytes, 1, 0, "none")
+            # Several processes: the estimate of one rank (--num-gpus world --zero N --offload), what each measures.
+            hardware = Hardware(self.device, self.limit.limit_bytes, self.ranks.world_size,
+                                ZERO_STAGE.get(self.config.distributed, 0) if self.distributed else 0,
+                                self.config.offload if self.distributed else "none")
             return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
         except Exception:  # the estimate is context for the report; training does not depend on it
             return None
@@ -311,6 +401,9 @@ class Trainer:
     def _write_run_json(self, **status: Any) -> None:
         from memfit.system import detect
 
+        if not self.ranks.is_main:
+            self.estimate = getattr(self, "estimate", None)
+            return
         data = self.run_dir.read_run_json()
         if "config" not in data:
             # A probe trial estimates too, though its parent has the figure: the trial is to hold what a run holds.
@@ -325,6 +418,9 @@ class Trainer:
                           "available_bytes": self.limit.available_bytes},
                 "estimate_bytes": self.estimate, "total_steps": self.total_steps,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "world_size": self.ranks.world_size,
+                "distributed": ("ddp" if self.config.distributed == "auto" else self.config.distributed)
+                if self.distributed else None,
             })
             self.run_dir.write_config({"model": self.model_spec, "data": str(Path(self.job.data).resolve()),
                                        "output_dir": str(Path(self.job.output_dir).resolve()),
@@ -341,35 +437,89 @@ class Trainer:
     def _should_stop(self) -> bool:
         return self.guard.stop_requested or self.interrupted is not None
 
+    def _stop_agreed(self) -> bool:
+        """The step-end safe point: this process's own stop request, or, with several, whether any rank has one."""
+        if not self.distributed:
+            return self._should_stop()
+        return self._agree().stop
+
+    def _agree(self, failure: str | None = None) -> Decision:
+        """One agreement of the ranks (memfit.distributed.collective); rank 0 says once when another rank's memory
+        reached its threshold (each rank's own guard events stay with it)."""
+        guard = self.guard
+        self.decision = self.agreement.agree(stop=guard.stop_requested, oom=failure is not None,
+                                             interrupted=self.interrupted is not None,
+                                             warn=guard.peak_watched_bytes >= guard.threshold_bytes,
+                                             watched_bytes=guard.peak_watched_bytes)
+        warn_rank = self.decision.warn_rank
+        if warn_rank not in (None, self.ranks.rank) and not getattr(self, "_warned_rank", False):
+            self._warned_rank = True
+            self.emit(Notice(f"rank {warn_rank} reached {self.config.memory_threshold:.0%} of its memory limit "
+                             f"(the highest rank's peak so far: {self.decision.max_watched_bytes / 1024**3:.2f} GB)",
+                             "warning"))
+        return self.decision
+
+    def _agree_in_step(self, failure: str | None = None) -> None:
+        """A safe point inside a step with several processes: raises when any rank ran out of memory (all retry the
+        step smaller) or asks to stop (all drop the step)."""
+        decision = self._agree(failure)
+        if decision.oom_rank is not None:
+            raise _OomAgreed(failure or f"on rank {decision.oom_rank}")
+        if decision.stop:
+            raise _StepAborted
+
     def _train_step(self, rows_index: list[int], attempt: int) -> dict[str, Any]:
         """One optimizer step. Its loss and gradient norm stay on the device (no host sync here)."""
         from memfit.data import collate
+        from memfit.guard import is_out_of_memory
         from memfit.train.losses import micro_step_loss, scored_tokens
         from memfit.train.objective import label_weights, step_objective
 
         # Longest first: micro-batches of similar lengths pad less when the step is split (accumulation, OOM).
         rows = sorted((self.dataset.rows[i] for i in rows_index), key=lambda row: -len(row.input_ids))
+        # Over all ranks' rows: the token weights sum to 1 over the global step, so the ranks' losses (and
+        # gradients) add up to one process's with the whole batch.
         objective = step_objective(rows, self.dataset.samples, self.config)
+        if self.distributed:
+            tokens_all = sum(len(row.input_ids) for row in rows)
+            mine = shard_rows(rows_index, self._row_length, self.ranks.rank, self.ranks.world_size)
+            rows = sorted((self.dataset.rows[i] for i in mine), key=lambda row: -len(row.input_ids))
         chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
         device = self.accelerator.device
         loss_sum = torch.zeros((), device=device)
         tokens = 0
+        failure = None
         for number, chunk in enumerate(chunks):
-            if self._should_stop():
+            if self.distributed:
+                if number:  # before micro-batch 0 the loop's step-end agreement was just made
+                    self._agree_in_step()
+            elif self._should_stop():
                 raise _StepAborted
-            faults.maybe_oom(self.step + 1, attempt)
-            faults.maybe_die(self.step + 1, self.job.output_dir)
-            batch = collate(chunk, self.dataset.samples, self.pad_id)
-            scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
-            inputs = self._model_inputs(batch)
-            last = number == len(chunks) - 1
-            # no_sync: only the last micro-batch all-reduces gradients when there are many processes.
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
-                loss = micro_step_loss(self.model, inputs, scored, head=self.head,
-                                       compute_dtype=self.precision.compute_dtype)
-                self.accelerator.backward(loss)
+            try:
+                faults.maybe_oom(self.step + 1, attempt)
+                faults.maybe_die(self.step + 1, self.job.output_dir)
+                batch = collate(chunk, self.dataset.samples, self.pad_id)
+                scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
+                inputs = self._model_inputs(batch)
+                last = number == len(chunks) - 1
+                # no_sync: one process's last micro-batch would all-reduce gradients in backward under DDP; with
+                # several, none does (memfit.distributed.collective: the sum comes after the step-end agreement).
+                with nullcontext() if last and not self.distributed else self.accelerator.no_sync(self.model):
+                    loss = micro_step_loss(self.model, inputs, scored, head=self.head,
+                                           compute_dtype=self.precision.compute_dtype)
+                    self.accelerator.backward(loss)
+            except Exception as error:  # noqa: BLE001 - several processes: an OOM goes to the agreement
+                if not self.distributed or not is_out_of_memory(error):
+                    raise
+                failure = " ".join(str(error).split())[:200]
+            if failure is not None:
+                break  # to the step-end agreement, with the other ranks' next one (see collective's docstring)
             loss_sum += loss.detach()
             tokens += batch.num_tokens
+        if self.distributed:
+            self._agree_in_step(failure)
+            all_reduce_sum([*gradients(self.trainable), loss_sum])
+            tokens = tokens_all
         grad_norm = None
         if self.config.max_grad_norm:
             grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
@@ -391,6 +541,8 @@ class Trainer:
                 return self._train_step(rows_index, attempt)
             except _StepAborted:
                 failure = "aborted"
+            except _OomAgreed as agreed:
+                failure = str(agreed)
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
                 if not is_out_of_memory(error):
                     raise
@@ -423,20 +575,28 @@ class Trainer:
 
         release_memory()  # the save must fit under the limit too
         started = time.perf_counter()
+        # Several processes: rank 0 writes it (the adapter and optimizer are the same on every rank under DDP);
+        # every rank's RNG goes in, gathered at this point, which every rank reaches together.
+        rank_rng = self.agreement.gather(ckpt.rng_state()) if self.distributed else None
+        if not self.ranks.is_main:
+            self.last_checkpoint = self.job.output_dir / ckpt.CHECKPOINTS / f"step-{self.step}"
+            return self.last_checkpoint
         state = {"step": self.step, "samples_seen": self.samples_seen, "micro_batch": self.micro_batch,
                  "grad_accum": math.ceil(self.effective_batch / self.micro_batch),
                  "effective_batch": self.effective_batch, "oom_recoveries": self.recoveries,
-                 "recent_losses": self.recent_losses[-50:], "total_steps": self.total_steps}
+                 "recent_losses": self.recent_losses[-50:], "total_steps": self.total_steps,
+                 "world_size": self.ranks.world_size, "global_batch": self.global_batch}
         meta = {"reason": reason, "config": self.config.model_dump(), "model": self.model_spec,
                 "model_path": str(self.resolved.path), "data": str(Path(self.job.data).resolve()),
                 "data_sha256": self.data_sha256,
                 "val_data": str(Path(self.job.val_data).resolve()) if self.job.val_data else None,
-                "output_dir": str(Path(self.job.output_dir).resolve()), "versions": versions()}
+                "output_dir": str(Path(self.job.output_dir).resolve()), "versions": versions(),
+                "world_size": self.ranks.world_size}
         try:
             path = ckpt.save_checkpoint(self.job.output_dir, self.step,
                                         model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=state, meta=meta,
-                                        keep=self.config.keep_checkpoints)
+                                        keep=self.config.keep_checkpoints, rank_rng_states=rank_rng)
         except DiskFullError:
             self._ended_on_disk_full()
             raise
@@ -456,6 +616,8 @@ class Trainer:
         import shutil
 
         final = self.job.output_dir / FINAL
+        if not self.ranks.is_main:
+            return final  # rank 0 writes it
         partial = self.job.output_dir / f".{FINAL}.tmp-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -485,6 +647,8 @@ class Trainer:
         from memfit.train.losses import IGNORE_INDEX, micro_step_loss, scored_tokens
 
         rows = self.val_dataset.rows
+        if self.distributed:  # each rank its share; the sums are added up below
+            rows = rows[self.ranks.rank::self.ranks.world_size]
         self.model.eval()
         loss_sum = torch.zeros((), device=self.accelerator.device)
         count = 0
@@ -496,6 +660,10 @@ class Trainer:
                                         compute_dtype=self.precision.compute_dtype)
             count += len(scored.index)
         self.model.train()
+        if self.distributed:
+            totals = torch.stack([loss_sum, torch.tensor(float(count), device=loss_sum.device)])
+            all_reduce_sum([totals])
+            loss_sum, count = totals[0], int(totals[1])
         val_loss = float(loss_sum) / max(count, 1)
         self.emit(EvalEnd(self.step, val_loss, math.exp(min(val_loss, 50.0)), count))
 
@@ -517,7 +685,7 @@ class Trainer:
         sample, events = self.guard.end_step(self.step)  # the model alone may already be over the limit
         self._emit_guard(events)
         status = "done"
-        while self.step < self.total_steps and not self._should_stop():
+        while self.step < self.total_steps and not self._stop_agreed():
             rows_index = self._rows_for_step()
             started = time.perf_counter()
             outcome = self._run_step_with_recovery(rows_index)
@@ -527,7 +695,7 @@ class Trainer:
             if outcome == "aborted":
                 break
             self.step += 1
-            self.samples_seen += self.effective_batch
+            self.samples_seen += self.global_batch
             elapsed = time.perf_counter() - started
             self.guard.note_step_time(elapsed)
             sample, events = self.guard.end_step(self.step)
@@ -543,14 +711,18 @@ class Trainer:
                     and self.step < self.total_steps and not self._should_stop():
                 status = "reload"
                 break
-        if status not in ("oom", "reload") and self.interrupted:
+        # Several processes: what they agreed, so every rank ends the same way.
+        interrupted = self.decision.interrupted_rank is not None if self.distributed else self.interrupted
+        guard_stop = self.decision.stop_rank is not None if self.distributed else self.guard.stop_requested
+        if status not in ("oom", "reload") and interrupted:
             status = "interrupted"
-        elif status not in ("oom", "reload") and self.guard.stop_requested:
+        elif status not in ("oom", "reload") and guard_stop:
             status = "guard_stop"
         return self._finish(status)
 
     def _rows_for_step(self) -> list[int]:
-        rows = self.row_order.rows(self.samples_seen, self.effective_batch)
+        """The step's rows, all ranks' (every rank knows every row of the step; it trains its share)."""
+        rows = self.row_order.rows(self.samples_seen, self.global_batch)
         longest = self._row_length(self.longest_row)
         if self.job.trial and self.step == self.total_steps - 1 and max(map(self._row_length, rows)) < longest:
             rows[-1] = self.longest_row
@@ -621,27 +793,46 @@ class Trainer:
             self.save({"guard_stop": "memory limit", "oom": "out of memory", "interrupted": "interrupted",
                        "reload": "reload"}[status])
         self.guard.stop()
-        report = self.memory_report_text(read_memory(self.device))
+        ending = read_memory(self.device)
+        report = self.memory_report_text(ending)
         exit_code = {"done": EXIT_OK, "guard_stop": EXIT_GUARD_STOP, "oom": EXIT_OOM,
                      "interrupted": EXIT_INTERRUPTED, "reload": EXIT_RELOAD}[status]
         resume = (None if status in ("done", "reload") or self.job.trial
                   else f"memfit train --resume {self.last_checkpoint}")
+        stop_reason, signal_name = self.guard.stop_reason, self.interrupted
+        per_rank = None
+        if self.distributed:
+            # Every rank's peaks for run.json, and the reason of the rank that asked to stop (rank 0 tells it).
+            per_rank = self.agreement.gather({
+                "rank": self.ranks.rank, "peak_watched_bytes": self.guard.peak_watched_bytes,
+                "peak_rss_bytes": ending.peak_rss_bytes, "limit_bytes": self.limit.limit_bytes,
+                "stop_reason": self.guard.stop_reason, "interrupted": self.interrupted})
+            if self.decision.stop_rank is not None:
+                stop_reason = f"rank {self.decision.stop_rank}: {per_rank[self.decision.stop_rank]['stop_reason']}"
+            if self.decision.interrupted_rank is not None:
+                signal_name = (f"{per_rank[self.decision.interrupted_rank]['interrupted']} on rank "
+                               f"{self.decision.interrupted_rank}")
         message = {
             "done": f"finished {self.step} steps",
-            "guard_stop": f"stopped by the memory guard at step {self.step}: {self.guard.stop_reason}",
+            "guard_stop": f"stopped by the memory guard at step {self.step}: {stop_reason}",
             "oom": f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}",
-            "interrupted": f"interrupted ({self.interrupted}) at step {self.step}",
+            "interrupted": f"interrupted ({signal_name}) at step {self.step}",
             "reload": f"reloading at step {self.step} (--reload-interval {self.job.reload_after})",
         }[status]
+        extra = {"ranks": per_rank, "estimate_per_rank_bytes": self.estimate} if per_rank else {}
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                             final_dir=str(final_dir) if final_dir else None)
+                             final_dir=str(final_dir) if final_dir else None, **extra)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)
-        if not self.job.trial and status != "reload":  # a trial keeps nothing; a reload goes on in a new process
+        # A trial keeps nothing; a reload goes on in a new process; only rank 0 writes the run directory.
+        if not self.job.trial and status != "reload" and self.ranks.is_main:
             write_report_safely(self.job.output_dir, self.emit)
+        # No rank returns (and exits) before rank 0's files are written: the launcher stops the other workers as
+        # soon as one exits with a non-zero code.
+        self.agreement.barrier()
         return ended
 
 
@@ -649,20 +840,27 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
     """Train as `config` says; returns how it ended (exit code included). SIGINT/SIGTERM stop it at the next safe
     point with a checkpoint; a second signal aborts at once (the last complete checkpoint stays resumable)."""
     trainer = Trainer(job, config, on_event)
+    first_signal_at = [0.0]
 
     def on_signal(signum, frame):
         if trainer.interrupted:
+            if trainer.distributed and time.monotonic() - first_signal_at[0] < REPEATED_SIGNAL_S:
+                return  # the launcher passing on the Ctrl-C this worker already got from the terminal
             raise KeyboardInterrupt
         trainer.interrupted = signal.Signals(signum).name
+        first_signal_at[0] = time.monotonic()
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
     if in_main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
+    finished = False
     try:
         trainer.setup()
-        return trainer.run()
+        result = trainer.run()
+        finished = True
+        return result
     finally:
         trainer.restore_head()
         guard = getattr(trainer, "guard", None)
@@ -670,3 +868,5 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
             guard.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if finished and trainer.distributed:
+            leave_process_group()
