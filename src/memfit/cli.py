@@ -584,6 +584,46 @@ def report(
     console.print(f"report: {write_report(path, out)}", soft_wrap=True, highlight=False)
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="local dir, HF id in the HF cache, or alias"),
+    data: Path = typer.Option(..., "--data", "-d", help="JSONL: text, prompt+completion or messages (loss); or "
+                              "code tasks with \"prompt\" and \"tests\" (with --generate)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter dir (a run's final/, or the run dir)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples per forward pass / generate call"),
+    seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample scored (longer samples are cut)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32"),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="guard limit in GB (default: 80% of available)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best this machine has)"),
+    generate: bool = typer.Option(False, "--generate", help="generate completions for the prompts instead of a loss"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="tokens generated per prompt at most"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above: sampling at that temperature"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds each code task's program may run (wall clock)"),
+    allow_unsandboxed: bool = typer.Option(False, "--allow-unsandboxed",
+                                           help="run generated code even where no sandbox can be made (unsafe)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="per-sample results as JSONL"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Loss and perplexity on a JSONL (base model or base + adapter), or generated completions; code tasks' tests
+    run only inside a sandbox (pass@1)."""
+    from memfit.eval import EvalJob, run_eval
+    from memfit.eval.render import EvalRenderer
+
+    job = EvalJob(model=model, data=data, adapter=adapter, device=device, dtype=dtype, batch_size=batch_size,
+                  seq_len=seq_len, max_memory=max_memory, generate=generate, max_new_tokens=max_new_tokens,
+                  temperature=temperature, seed=seed, timeout_s=timeout, allow_unsandboxed=allow_unsandboxed,
+                  out=out)
+    renderer = EvalRenderer(Console(stderr=True) if as_json else console)
+    try:
+        result = run_eval(job, on_event=renderer)
+    finally:
+        renderer.close()
+    if as_json:
+        _print_json(result.summary)
+    raise typer.Exit(result.exit_code)
+
+
 _RESUME_LATEST = "latest"
 
 

@@ -154,6 +154,8 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
         records = read_records(job.data)
         prompts = [prompt_ids(record, tokenizer, f"{job.data}:{record.line}") for record in records]
         count = len(records)
+        if job.out is None:
+            emit(Notice("the completions are kept only with --out FILE.jsonl", "warning"))
     else:
         from memfit.data import build_dataset
 
