@@ -186,3 +186,10 @@ def test_code_tasks_are_refused_without_a_sandbox_unless_allowed(tiny_model_dir,
         assert all(json.loads(line)["sandboxed"] is False for line in out.read_text().splitlines())
     finally:
         sandbox.sandbox_support.cache_clear()
+
+
+def test_a_4bit_base_evaluates_close_to_the_full_precision_one(tiny_model_dir, val_file):
+    full = run_eval(EvalJob(model=str(tiny_model_dir), data=val_file, device="cpu"))
+    nf4 = run_eval(EvalJob(model=str(tiny_model_dir), data=val_file, device="cpu", quant="4"))
+    assert nf4.exit_code == 0 and nf4.summary["tokens"] == full.summary["tokens"]
+    assert 0 < abs(nf4.summary["loss"] - full.summary["loss"]) < 0.05  # quantized, so not the same weights

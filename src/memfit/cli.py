@@ -593,6 +593,7 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="samples per forward pass / generate call"),
     seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample scored (longer samples are cut)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32"),
+    quant: str = typer.Option("none", "--quant", help="none, 8 or 4: load the base quantized (as QLoRA trained it)"),
     max_memory: Optional[float] = typer.Option(None, "--max-memory", help="guard limit in GB (default: 80% of available)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: the best this machine has)"),
     generate: bool = typer.Option(False, "--generate", help="generate completions for the prompts instead of a loss"),
@@ -610,7 +611,8 @@ def eval_command(
     from memfit.eval import EvalJob, run_eval
     from memfit.eval.render import EvalRenderer
 
-    job = EvalJob(model=model, data=data, adapter=adapter, device=device, dtype=dtype, batch_size=batch_size,
+    job = EvalJob(model=model, data=data, adapter=adapter, device=device, dtype=dtype, quant=quant,
+                  batch_size=batch_size,
                   seq_len=seq_len, max_memory=max_memory, generate=generate, max_new_tokens=max_new_tokens,
                   temperature=temperature, seed=seed, timeout_s=timeout, allow_unsandboxed=allow_unsandboxed,
                   out=out)

@@ -35,6 +35,7 @@ class EvalJob:
     adapter: Path | None = None
     device: str | None = None
     dtype: str = "auto"
+    quant: str = "none"  # none | 8 | 4: the base loaded quantized by bitsandbytes, as QLoRA trains it
     batch_size: int = 8
     seq_len: int = 2048
     max_memory: float | None = None  # GB; None: 80% of what is available
@@ -72,6 +73,8 @@ def check_job(job: EvalJob) -> None:
         raise UserError(f"--timeout must be > 0 seconds (got {job.timeout_s})")
     if job.max_memory is not None and not job.max_memory > 0:
         raise UserError(f"--max-memory must be > 0 GB (got {job.max_memory})")
+    if job.quant not in ("none", "8", "4"):
+        raise UserError(f"unknown --quant {job.quant!r}: choose none, 8 or 4")
     if job.device is not None and job.device not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown --device {job.device!r}: choose cpu, cuda or mps")
     if job.out is not None and job.out.is_dir():
@@ -89,14 +92,23 @@ def resolve_adapter(path: Path) -> Path:
                     hint="pass the final/ dir of a LoRA run (a full fine-tune's final/ is a model: use --model)")
 
 
-def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str):
-    """The base model in its frozen dtype (the dtype LoRA training computes with), with the adapter on top."""
+def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str, quant: str = "none"):
+    """The base model in its frozen dtype (the dtype LoRA training computes with), quantized as training does it
+    with `quant`, with the adapter on top."""
+    from types import SimpleNamespace
+
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
+    from memfit.train.model import quantization_config
+
     transformers_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                 dtype=precision.frozen_dtype)
+    kwargs: dict[str, Any] = {"dtype": precision.frozen_dtype}
+    quantization = quantization_config(SimpleNamespace(quant=quant), precision)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
@@ -107,7 +119,8 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str)
             raise UserError(f"--adapter {adapter} does not fit --model {model_dir}: {first[:200]}",
                             hint="use the base model the adapter was trained on (its adapter_config.json "
                                  "names it)") from None
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     model.eval()
     return model
 
@@ -188,7 +201,7 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     samples: list[dict[str, Any]] = []
     try:
         try:
-            model = load_for_eval(model_dir, adapter, precision, device)
+            model = load_for_eval(model_dir, adapter, precision, device, job.quant)
             emit(EvalStarted(resolved.name, str(adapter) if adapter else None, device, precision.name, mode,
                              count, limit.limit_bytes, sandboxed))
             if mode == "loss":
