@@ -228,7 +228,10 @@ def estimate(
     config = build_config(training, config_file)
     if config.distributed.startswith("zero") and zero == 0:
         zero = int(config.distributed[-1])  # --distributed zero3 is --zero 3
-    hardware = _hardware(device, memory_gb, num_gpus, zero, config.offload)
+    engine = "fsdp" if config.distributed == "fsdp" else "deepspeed"
+    if engine == "fsdp" and zero in (0, 3):
+        zero = 3  # FSDP's FULL_SHARD partitions what ZeRO-3 does (memfit.estimate.memory.Hardware.engine)
+    hardware = replace(_hardware(device, memory_gb, num_gpus, zero, config.offload), engine=engine)
     resolved = resolve_model(model)
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
     calibration = _calibration(resolved, config, hardware) if calibrate else None
@@ -264,7 +267,8 @@ def _calibration(resolved, config: TrainConfig, hardware) -> Optional[dict[str, 
 
 def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice) -> None:
     config, hardware = result.config, result.hardware
-    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, ZeRO-{hardware.zero}" if hardware.num_gpus > 1 else "")
+    sharding = "FSDP" if hardware.engine == "fsdp" else f"ZeRO-{hardware.zero}"
+    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, {sharding}" if hardware.num_gpus > 1 else "")
     title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
              f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
     table = Table(title=title)
@@ -508,6 +512,9 @@ def train(
                             hint="drop --profile")
         base, device = _profile_settings(profile, str(job_model), {**file_values, **training}, device)
     config = build_config(training, config_file, base=base)
+    from memfit.distributed.engines import check_engine
+
+    check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
     job_val = pick(val_data, "val_data")
     if config.eval_every and job_val is None:
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
@@ -537,6 +544,50 @@ def _profile_settings(choice: str, model: str, explicit: dict[str, Any],
                   + f"; measured peak {chosen['peak_bytes'] / GB:.2f} GB of {entry['limit_bytes'] / GB:.2f} GB",
                   soft_wrap=True, highlight=False)
     return settings, device or entry["setup"].get("device")
+
+
+@app.command("launch-config")
+@training_flags(include_guard=True)
+def launch_config(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="for the printed command, and the layer FSDP wraps"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="for the printed command"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="for the printed command"),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="processes (GPUs) per machine "
+                                                "(default: the GPUs here, else 1)"),
+    num_machines: int = typer.Option(1, "--num-machines", help="machines (nodes)"),
+    machine_rank: int = typer.Option(0, "--machine-rank", help="this machine's rank written in the YAML (0: main)"),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="machine 0's address (M > 1)"),
+    main_process_port: int = typer.Option(29500, "--main-process-port", help="machine 0's rendezvous port"),
+    out: Optional[Path] = typer.Option(None, "--out", help="DIR (accelerate.yaml, deepspeed.json) or FILE.yaml; "
+                                       "default: print them"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    training: dict = None,
+):
+    """The accelerate config (and DeepSpeed JSON) for --distributed on N GPUs x M machines, and the commands that
+    launch it with accelerate launch or torchrun."""
+    from memfit.distributed import launch
+
+    config = build_config(training, config_file)
+    file_values = read_config_file(config_file)
+    model, data = model or file_values.get("model"), data or file_values.get("data")
+    output_dir = output_dir or file_values.get("output_dir")
+    model_config = None
+    if model and config.distributed == "fsdp":
+        from memfit.models import resolve_model
+
+        model_config = resolve_model(model).config
+    paths = launch.output_paths(out.resolve()) if out is not None else None
+    plan = launch.plan_launch(
+        config, training, {"model": model, "data": data, "output_dir": output_dir, "config_file": config_file},
+        num_processes=num_processes, num_machines=num_machines, machine_rank=machine_rank,
+        main_process_ip=main_process_ip, main_process_port=main_process_port, model_config=model_config,
+        deepspeed_file=str(paths.deepspeed_json) if paths else launch.DEEPSPEED_FILE)
+    files = launch.write_plan(plan, paths) if paths else None
+    accelerate_file = str(files.accelerate_yaml) if files else launch.ACCELERATE_FILE
+    if as_json:
+        return _print_json(launch.to_json(plan, files, accelerate_file))
+    sys.stdout.write(launch.render_text(plan, files, accelerate_file))
 
 
 # The demo: a tiny llama, LoRA, the built-in dataset, about a minute on 2 CPU cores.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,10 @@ class Hardware:
     num_gpus: int = 1
     zero: int = 0
     offload: str = "none"  # none | cpu
+    # Who shards at zero >= 1: DeepSpeed, or FSDP (FULL_SHARD only: it counts as zero 3). FSDP's mixed precision
+    # keeps the trained parameters fp32 (the master copy is the parameter), DeepSpeed 16-bit with an fp32 copy in
+    # the optimizer: the same bytes per parameter, in other components (2 + 2 + 4 + states = 4 + 4 + states).
+    engine: str = "deepspeed"  # deepspeed | fsdp
 
 
 @dataclass
@@ -323,9 +327,12 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     optimizer = optimizer_state_bytes(config.optimizer, shapes, state_bytes)
     gradients = trainable * precision.trainable_bytes
 
+    fsdp = hardware.engine == "fsdp"
+    if fsdp and zero != 3:
+        raise UserError(f"FSDP shards fully (counted as ZeRO-3), not at ZeRO-{zero}", hint="drop --zero with fsdp")
     if zero >= 1:
         # DeepSpeed's layout: 16-bit model and gradients, fp32 master weights inside the optimizer.
-        if precision.autocast:
+        if precision.autocast and not fsdp:
             trained_model_bytes = trainable * precision.compute_bytes
             if config.method == "full":
                 weights = info.params * precision.compute_bytes
@@ -334,6 +341,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
             gradients = trainable * precision.compute_bytes
             optimizer += trainable * 4
             notes.append("ZeRO with mixed precision: 16-bit weights and gradients, fp32 master copy in the optimizer")
+        elif precision.autocast:
+            notes.append("FSDP with mixed precision: fp32 sharded trained weights, gradients and optimizer states; "
+                         "layers gathered in 16-bit")
         optimizer //= shards
         if zero >= 2:
             gradients //= shards
@@ -341,7 +351,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
             gathered = ZERO3_GATHERED_LAYERS * info.largest_layer_params * precision.compute_bytes
             weights = weights // shards + gathered
             adapters //= shards
-            notes.append(f"ZeRO-3 partitions weights {shards} ways and gathers {ZERO3_GATHERED_LAYERS} layers at a time")
+            engine = "FSDP (FULL_SHARD)" if fsdp else "ZeRO-3"
+            notes.append(f"{engine} partitions weights {shards} ways and gathers {ZERO3_GATHERED_LAYERS} layers at a "
+                         "time")
 
     host_offload = 0
     if hardware.offload == "cpu":
@@ -350,6 +362,10 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
         else:
             host_offload += optimizer * shards
             optimizer = 0
+            if fsdp:
+                # FSDP's CPU offload holds the sharded gradients there too (the optimizer steps on the CPU).
+                host_offload += (gradients + adapters) * shards
+                gradients = adapters = 0
             if zero >= 3:
                 host_offload += weights * shards
                 weights = ZERO3_GATHERED_LAYERS * info.largest_layer_params * precision.compute_bytes
@@ -357,6 +373,7 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
 
     # DeepSpeed runs a 16-bit model (no autocast copies of fp32 weights); trace what it really runs.
     traced_precision = precision
+    # FSDP computes on the gathered 16-bit copies (its param_dtype) with no autocast copies either.
     if zero >= 1 and precision.autocast:
         traced_precision = Precision(precision.name, precision.compute_dtype, precision.compute_dtype,
                                      precision.compute_dtype)
@@ -466,7 +483,7 @@ def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_tota
                                  hardware.offload)))
     if hardware.zero >= 1 and hardware.offload == "none":
         options.append(("--offload cpu", "optimizer states (and ZeRO-3 weights) in CPU RAM", {},
-                        Hardware(hardware.device, hardware.memory_bytes, hardware.num_gpus, hardware.zero, "cpu")))
+                        replace(hardware, offload="cpu")))
     if config.seq_len > 256:
         options.append((f"--seq-len {config.seq_len // 2}", "shorter sequences", {"seq_len": config.seq_len // 2},
                         hardware))
@@ -492,6 +509,7 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list[Su
         "num_gpus": estimate.hardware.num_gpus,
         "zero": estimate.hardware.zero,
         "offload": estimate.hardware.offload,
+        "engine": estimate.hardware.engine,
         "precision": estimate.precision,
         "params": estimate.params,
         "trainable_params": estimate.trainable_params,
