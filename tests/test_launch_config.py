@@ -57,23 +57,28 @@ def test_deepspeed_config_follows_the_train_config(distributed, offload, dtype):
     assert "auto" not in json.dumps(ds)
 
 
-def test_deepspeed_reads_the_json_as_written():
+@pytest.mark.parametrize("distributed, offload", [case for case in ENGINE_CASES if case[0].startswith("zero")])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_deepspeed_reads_the_json_as_written(distributed, offload, dtype):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    config = TrainConfig(distributed="zero3", offload="cpu", dtype="bf16", batch_size=2, grad_accum=4,
+    config = TrainConfig(distributed=distributed, offload=offload, dtype=dtype, batch_size=2, grad_accum=4,
                          max_grad_norm=0.5)
-    ds = engines.deepspeed_config(config, resolve_precision("bf16", "cuda"), world_size=1)
+    ds = engines.deepspeed_config(config, resolve_precision(dtype, "cuda"), world_size=1)
     parsed = DeepSpeedConfig(ds)  # no process group here: DeepSpeed checks the batch terms for one rank
-    assert parsed.zero_optimization_stage == 3
-    assert parsed.zero_config.offload_optimizer.device == "cpu"
-    assert parsed.zero_config.offload_param.device == "cpu"
-    assert parsed.zero_config.gather_16bit_weights_on_model_save
+    stage = int(distributed[-1])
+    assert parsed.zero_optimization_stage == stage
+    offloaded = parsed.zero_config.offload_optimizer
+    assert (offloaded is not None and offloaded.device == "cpu") is (offload == "cpu")
+    params = parsed.zero_config.offload_param
+    assert (params is not None and params.device == "cpu") is (offload == "cpu" and stage == 3)
+    assert parsed.zero_config.gather_16bit_weights_on_model_save is (stage == 3)
     assert parsed.train_micro_batch_size_per_gpu == 2 and parsed.gradient_accumulation_steps == 4
     assert parsed.train_batch_size == 8
     assert parsed.gradient_clipping == 0.5
-    assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
-    assert parsed.zero_force_ds_cpu_optimizer is False
+    assert parsed.bfloat16_config.enabled is (dtype == "bf16") and parsed.float16_config.enabled is (dtype == "fp16")
+    assert parsed.zero_force_ds_cpu_optimizer is (offload != "cpu")
 
 
 # --- the Accelerator's plugins ------------------------------------------------------------------------------------

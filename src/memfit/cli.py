@@ -576,7 +576,10 @@ def launch_config(
     if model and config.distributed == "fsdp":
         from memfit.models import resolve_model
 
-        model_config = resolve_model(model).config
+        try:
+            model_config = resolve_model(model).config
+        except UserError:
+            pass  # the model may be only on the cluster: the layer class is then read from it when training starts
     paths = launch.output_paths(out.resolve()) if out is not None else None
     plan = launch.plan_launch(
         config, training, {"model": model, "data": data, "output_dir": output_dir, "config_file": config_file},

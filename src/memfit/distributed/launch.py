@@ -175,8 +175,8 @@ def plan_launch(config: TrainConfig, given: dict[str, Any], job: dict[str, Any],
     notes: list[str] = []
     fsdp = engines.fsdp_settings(config, precision, model_config) if engine == "fsdp" else None
     if fsdp is not None and not fsdp["transformer_cls_names_to_wrap"]:
-        notes.append("FSDP wraps the model's decoder layers (its _no_split_modules) when training starts; pass "
-                     "--model to name them in the config")
+        notes.append("FSDP wraps the model's decoder layers (its _no_split_modules), read when training starts; "
+                     "a --model found here names them in the YAML")
     ds = engines.deepspeed_config(config, precision, world) if engine == "deepspeed" else None
     if ds is not None and not engines.deepspeed_installed():
         notes.append(f"DeepSpeed is not installed here; every node needs it: {engines.DEEPSPEED_EXTRA}")
