@@ -23,8 +23,14 @@ another collective (the agreement, a checkpoint barrier): they wait for each oth
   guard's loop-level check (the step end, where a limit crossed or a leak stops the run) is an agreement too.
 
 The price: DDP's overlap of the gradient all-reduce with backward is given up. For LoRA the gradients are the
-adapters' (the tiny test model: 0.6 MB; an 8B model at rank 16: about 80 MB in fp32), so that all-reduce is short;
-a full fine-tune pays it at step end in full. A micro-batch's agreement is ~0.1 ms on gloo (docs/benchmarks.md).
+adapters' (the tiny test model: 156k parameters, 0.6 MB; a Llama-3-8B shape at rank 16 on all linear layers: 42M,
+168 MB in fp32), so that all-reduce is short; a full fine-tune pays it at step end in full. Measured between 2 gloo
+processes on a shared 2-core machine (benchmarks/distributed_cpu.py, docs/benchmarks.md): one agreement 0.4-0.7 ms,
+the all-reduce of 651k adapter gradients 2.6-2.8 ms, against 1.3-5 s steps.
+
+Sharded engines (FSDP, DeepSpeed ZeRO) gather parameters from the other ranks inside every forward pass, so their
+micro-batches are not free of collectives and the argument above does not hold; the runtime refuses them on several
+processes for now (memfit.train.loop.Trainer._check_distributed).
 
 On CUDA the agreement and the end-of-run gathers use a gloo group beside NCCL: the flags are host values, so agreeing
 never waits for the GPU's queue. What no agreement can cover: a rank killed outright (SIGKILL, the kernel's OOM
