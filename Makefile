@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memfit-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench examples clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# examples/*.estimate.json: what `memfit estimate -c` gives for each example (tests/test_examples.py compares).
+examples: $(STAMP)
+	$(BIN)/python examples/regenerate.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py

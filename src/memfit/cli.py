@@ -97,6 +97,22 @@ def build_config(training: dict[str, Any], config_file: Optional[Path],
     return make_config(**values)
 
 
+def _option_value(flag_value: Any, file_values: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """A command option: the flag when given, else the -c file's key (checked to be a `kind`), else `default`."""
+    if flag_value is not None:
+        return flag_value
+    value = file_values.get(key, default)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (bool, list, dict)) or (kind is int and float(value) != int(float(value))):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        what = {int: "a whole number", float: "a number"}.get(kind, "a string")
+        raise UserError(f"config file key {key!r} must be {what} (got {value!r})", hint="fix the -c file") from None
+
+
 def _gb(nbytes: float) -> str:
     if abs(nbytes) < GB:
         return f"{nbytes / 1024**2:,.0f} MB"
@@ -207,11 +223,12 @@ def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, 
 @app.command()
 @training_flags()
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help="local dir, HF id in the HF cache, alias or built-in"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="local dir, HF id in the HF cache, alias or built-in (or -c's model)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="device memory in GB (default: 80% of free)"),
-    num_gpus: int = typer.Option(1, "--num-gpus", help="data-parallel devices"),
-    zero: int = typer.Option(0, "--zero", help="DeepSpeed ZeRO stage 0-3"),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices [default: 1]"),
+    zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3 [default: 0]"),
     target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach with grad-accum"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="scale by this machine's `memfit probe` measurements when there are some"),
@@ -223,6 +240,16 @@ def estimate(
     from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size, suggestions, to_json
     from memfit.models import resolve_model
 
+    # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
+    file_values = read_config_file(config_file)
+    model = _option_value(model, file_values, "model", str)
+    if model is None:
+        raise UserError("missing --model", hint="pass --model M, or put `model: M` in the -c file")
+    device = _option_value(device, file_values, "device", str)
+    memory_gb = _option_value(memory_gb, file_values, "memory_gb", float)
+    num_gpus = _option_value(num_gpus, file_values, "num_gpus", int, 1)
+    zero = _option_value(zero, file_values, "zero", int, 0)
+    target_batch = _option_value(target_batch, file_values, "target_batch", int)
     if target_batch is not None and target_batch < 1:
         raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
     config = build_config(training, config_file)
