@@ -90,6 +90,10 @@ class Code(str):
 def cell_html(cell: Any) -> str:
     if isinstance(cell, Code):
         return f"<code>{esc(cell)}</code>"
+    if isinstance(cell, bool):
+        return "true" if cell else "false"  # as the YAML config writes them
+    if isinstance(cell, float):
+        return esc(f"{cell:.6g}")
     return esc("–" if cell is None else cell)
 
 

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GB = 1024**3
 MAX_POINTS = 2000
@@ -139,6 +140,7 @@ def memory_plot(steps: list[dict[str, Any]], *, limit_bytes: int | None, thresho
             labels.append("supervisor restart")
         axes.set_ylim(0, top * 1.12 if top else 1)
         axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("GB")
         axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return to_svg(figure)
@@ -161,6 +163,7 @@ def loss_plot(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str |
             axes.plot([step for step, _ in val], [loss for _, loss in val], color=COLORS["val_loss"], marker="o",
                       linewidth=1.8, markersize=5, label="validation loss")
         axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("loss")
         lr_x, lr_y = _series(steps, "lr")
         handles, labels = axes.get_legend_handles_labels()
@@ -189,6 +192,7 @@ def throughput_plot(steps: list[dict[str, Any]]) -> str | None:
                   marker="o" if len(xs) <= 40 else None, markersize=3)
         axes.set_ylim(bottom=0)
         axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("tokens/s")
         handles, labels = axes.get_legend_handles_labels()
         micro_x, micro_y = _series(steps, "micro_batch")
@@ -276,6 +280,7 @@ def probe_plot(entry: dict[str, Any], title: str = "") -> str | None:
             axes.axvline(chosen, color="#16a34a", linewidth=1.2, linestyle="-.", label=f"chosen batch {chosen}")
         axes.set_ylim(bottom=0)
         axes.set_xlabel("batch size")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("GB")
         if title:
             axes.set_title(title)

@@ -34,8 +34,8 @@ def _entry_section(entry: dict[str, Any], index: int) -> str:
     limit = entry.get("limit_bytes")
     calibration = entry.get("calibration") or {}
     trials = entry.get("trials") or []
-    chosen_text = ", ".join(f"{key} {value}" for key, value in chosen.items()
-                            if key in ("batch_size", "lora_rank", "seq_len")) or "nothing fits"
+    names = {"batch_size": "batch", "lora_rank": "rank", "seq_len": "seq"}
+    chosen_text = ", ".join(f"{names[key]} {value}" for key, value in chosen.items() if key in names) or "nothing fits"
     cards = [card("chosen", chosen_text, "largest usable" if chosen else "not even the smallest batch"),
              card("limit", gb(limit), "auto" if entry.get("limit_auto") else "--max-memory"),
              card("margin", f"{entry.get('margin', 0):.0%}", "peak × (1 + margin) ≤ limit"),

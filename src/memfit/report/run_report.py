@@ -8,6 +8,8 @@ from memfit.report import plots
 from memfit.report.page import (STATUS_TONE, Code, card, document, esc, gb, key_values, section, table)
 from memfit.report.rundata import STATUS_TEXT, RunData
 
+STATUS_SHORT = {"done": "done", "guard_stop": "guard stop", "oom": "out of memory", "interrupted": "interrupted",
+                "disk_full": "disk full", "reload": "reloading", "running": "no end"}
 # The config fields shown first (what decides memory and learning); the rest follow in the table's second half.
 MAIN_FIELDS = ("method", "quant", "dtype", "optimizer", "batch_size", "grad_accum", "seq_len", "lora_rank",
                "lora_alpha", "lora_targets", "grad_checkpointing", "lr", "warmup_steps", "max_steps", "epochs",
@@ -25,7 +27,7 @@ def _summary_cards(data: RunData) -> str:
     peak = data.peak_bytes
     estimate = data.estimate_bytes
     cards = [
-        card("status", STATUS_TEXT.get(data.status, data.status),
+        card("status", STATUS_SHORT.get(data.status, data.status),
              f"exit code {exit_code}" if exit_code is not None else "no exit code recorded"),
         card("steps", steps),
         card("final loss", _fmt(data.final_loss), f"running avg {_fmt(data.final_avg_loss)}"
