@@ -81,14 +81,19 @@ def check_combination(config: TrainConfig, device: str, world_size: int) -> None
                         "state on each GPU", hint="use --distributed zero2 --offload cpu, zero3 or fsdp")
     if engine == "ddp":
         return
-    sharded_here = engine == "deepspeed" or world_size > 1  # one process ignores FSDP: there is nothing to split
-    if sharded_here and device != "cuda":
-        if engine == "deepspeed":
-            raise UserError(f"--distributed {distributed} (DeepSpeed) trains on CUDA GPUs only, not on {device}",
-                            hint="use --distributed ddp on CPU (torchrun --nproc-per-node N -m memfit train ...)")
-        raise UserError(f"--distributed fsdp trains on CUDA GPUs only, not on {device} (accelerate shards only "
-                        "multi-GPU runs; on CPU it would silently fall back to DDP)",
-                        hint="use --distributed ddp on CPU")
+    if engine == "deepspeed" and device != "cuda":
+        # DeepSpeed's CPU accelerator needs Intel's extension for PyTorch, and its ops are built for CUDA.
+        raise UserError(f"--distributed {distributed} (DeepSpeed) trains on CUDA GPUs only, not on {device}",
+                        hint="use --distributed fsdp or ddp on CPU (torchrun --nproc-per-node N -m memfit train ...)")
+    if engine == "fsdp" and world_size > 1 and device not in ("cuda", "cpu"):
+        raise UserError(f"--distributed fsdp shards over CUDA (NCCL) or CPU (gloo) processes, not {device}",
+                        hint="use --device cuda or cpu")
+    if engine == "fsdp" and world_size > 1 and device == "cpu" and config.offload == "cpu":
+        raise UserError("--offload cpu on CPU processes: their shards are in CPU RAM already",
+                        hint="drop --offload cpu")
+    if engine == "fsdp" and world_size > 1 and config.dtype == "fp16":
+        raise UserError("--dtype fp16 with --distributed fsdp: memfit's FSDP path has no loss scaler for sharded "
+                        "gradients", hint="use --dtype bf16 (or fp32)")
     if engine == "fsdp" and world_size == 1 and config.offload == "cpu":
         raise UserError("--distributed fsdp --offload cpu needs several processes: one process is not sharded and "
                         "would keep everything on the GPU",

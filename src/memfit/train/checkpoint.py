@@ -36,8 +36,10 @@ from memfit import faults
 from memfit.errors import DiskFullError, UserError
 
 CHECKPOINTS = "checkpoints"
+ENGINE_DIR = "deepspeed"  # a DeepSpeed run's engine state (each rank's partition), inside its checkpoint
 FORMAT_VERSION = 1
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # never listed, resumed or kept: a write that did not finish
+_TMP_PREFIX = TMP_PREFIX
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, past RLIMIT_FSIZE
 
 
@@ -110,15 +112,22 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
                     trainer_state: dict[str, Any], meta: dict[str, Any], keep: int,
-                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
-    """Write `checkpoints/step-N` atomically, then drop all but the newest `keep`. Returns its path."""
+                    rank_rng_states: list[dict[str, Any]] | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None, engine_dir: Path | None = None) -> Path:
+    """Write `checkpoints/step-N` atomically, then drop all but the newest `keep`. Returns its path.
+    `tensors` and `optimizer_state`, when given, are written instead of the model's trainable tensors and
+    `optimizer.state_dict()` (FSDP: the full states gathered from the ranks' shards, memfit.distributed.fsdp).
+    `engine_dir` (DeepSpeed: every rank's shard, written by `accelerator.save_state`) is moved in as `ENGINE_DIR/`
+    before the checksums, which then cover its files too."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
     try:
         _write_partial(partial, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                       trainer_state=trainer_state, meta=meta, rank_rng_states=rank_rng_states)
+                       trainer_state=trainer_state, meta=meta, rank_rng_states=rank_rng_states, tensors=tensors,
+                       optimizer_state=optimizer_state, engine_dir=engine_dir)
     except Exception as error:
         # Nothing half-written stays behind, and the newest complete checkpoint is untouched (pruning comes last).
         shutil.rmtree(partial, ignore_errors=True)
@@ -160,13 +169,16 @@ def disk_full_reason(error: BaseException, directory: Path) -> str | None:
 
 
 def _write_partial(partial: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
-                   meta: dict[str, Any], rank_rng_states: list[dict[str, Any]] | None = None) -> None:
+                   meta: dict[str, Any], rank_rng_states: list[dict[str, Any]] | None = None,
+                   tensors: dict[str, torch.Tensor] | None = None,
+                   optimizer_state: dict[str, Any] | None = None, engine_dir: Path | None = None) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    save_file(trainable_state(model), str(partial / "trainable.safetensors"), metadata={"step": str(step)})
+    save_file(trainable_state(model) if tensors is None else tensors, str(partial / "trainable.safetensors"),
+              metadata={"step": str(step)})
     faults.maybe_pause_save(step, partial)
     faults.maybe_disk_full(step)
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     _write_json(partial / "rng.json", rng_state())
     if rank_rng_states is not None:
@@ -175,8 +187,10 @@ def _write_partial(partial: Path, step: int, *, model, optimizer, scheduler, tra
     for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt"):
         with open(partial / name, "rb+") as file:
             os.fsync(file.fileno())
-    files = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-             for path in sorted(partial.iterdir()) if path.is_file()}
+    if engine_dir is not None:
+        os.rename(engine_dir, partial / ENGINE_DIR)
+    files = {str(path.relative_to(partial)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+             for path in sorted(partial.rglob("*")) if path.is_file()}
     _write_json(partial / "meta.json", {**meta, "format": FORMAT_VERSION, "step": step,
                                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files})
     _fsync_dir(partial)
@@ -262,20 +276,26 @@ def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     return removed
 
 
-def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler, rank: int = 0,
+            load_states=None) -> dict[str, Any]:
     """Load a verified checkpoint's tensors and states in place; returns its trainer state. `rank` picks this
-    process's RNG states from a checkpoint of several processes."""
+    process's RNG states from a checkpoint of several processes. `load_states(tensors, optimizer_state)`, when
+    given, puts the tensors and the optimizer state in place instead (FSDP: into each rank's shards)."""
     tensors = load_file(str(checkpoint.path / "trainable.safetensors"))
     expected = set(trainable_state(model))
     if set(tensors) != expected:
         missing = sorted(expected - set(tensors))[:3]
         raise UserError(f"checkpoint {checkpoint.path} does not match this model (e.g. {missing or sorted(tensors)[:3]})",
                         hint="resume with the same --model, --method and LoRA settings")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    if load_states is not None:
+        load_states(tensors, optimizer_state)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(checkpoint.path / "scheduler.pt", weights_only=True))
     set_rng_state(json.loads((checkpoint.path / "rng.json").read_text()))
     ranks_file = checkpoint.path / "rng-ranks.json"

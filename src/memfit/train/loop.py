@@ -16,6 +16,18 @@ share (`ranks.shard_rows`). The safe points become agreements (memfit.distribute
 micro-batches run without DDP's in-backward all-reduce and the gradients are summed once at step end): a stop, an
 OOM recovery or an interrupt on any rank is taken by all of them at the same point. Rank 0 alone prints and writes
 the run directory and the checkpoints. One process takes none of these paths: no collective, the same loop.
+
+Sharded engines. `--distributed fsdp` on several processes: memfit shards the model itself with FSDP2
+(memfit.distributed.fsdp; CPU/gloo and CUDA), the model is not given to accelerate (no DDP around it), each
+micro-batch's backward reduce-scatters its gradients (summed, not averaged), only the step's loss is all-reduced,
+and checkpoints gather the full trainable and optimizer states to rank 0 in the one-process format.
+`--distributed zero1|zero2|zero3` (CUDA, also one process: ZeRO-Offload): DeepSpeed's engine from
+`accelerator.prepare`, `accelerator.backward(loss, scale_wrt_gas=False)` (memfit weights its micro-batches itself)
+with the accumulation boundary set on the last micro-batch, where the engine clips and steps; its checkpoint is
+`accelerator.save_state` (each rank its partition) inside memfit's. Both engines run collectives inside forward
+and backward, so an out-of-memory error there is not recovered in-process: that rank exits 4 at once and the
+launcher ends the others (memfit.distributed.collective says why); the guard's stops, which come before the limit
+and at agreed safe points, work as under DDP.
 """
 
 from __future__ import annotations
@@ -89,6 +101,10 @@ class _StepAborted(Exception):
     """A stop was requested between micro-batches: the step is dropped, the checkpoint holds the one before."""
 
 
+class _ShardedOom(Exception):
+    """Out of memory inside a sharded engine's micro-batch, whose forward/backward hold collectives."""
+
+
 class _OomAgreed(Exception):
     """Several processes: a rank ran out of memory in this step; every rank drops the step and retries it smaller."""
 
@@ -133,6 +149,10 @@ class Trainer:
         self.job, self.config = job, config
         self.ranks = current_ranks()
         self.distributed = self.ranks.distributed
+        # Sharded engines (see the module docstring); one process of `--distributed fsdp` is not sharded.
+        self.fsdp = self.distributed and config.distributed == "fsdp"
+        self.deepspeed = config.distributed in ("zero1", "zero2", "zero3")
+        self.sharded = self.fsdp or self.deepspeed
         # Only rank 0 reports (the renderer, the run directory); the others train and keep quiet.
         self.sinks = [on_event] if on_event and self.ranks.is_main else []
         self.decision = Decision()  # what the ranks last agreed (one process: its own flags)
@@ -216,11 +236,9 @@ class Trainer:
         if config.supervise or self.job.max_micro_batch or self.job.reload_after:
             raise UserError(f"--supervise runs one process; this is rank {self.ranks.rank} of {world}",
                             hint="drop --supervise (torchrun --max-restarts restarts failed workers)")
-        if config.distributed in SHARDED_ENGINES:
-            where = ("accelerate runs CPU processes as DDP only (its FSDP and DeepSpeed paths need GPUs)"
-                     if self.device == "cpu" else "this runtime trains several processes with ddp only so far")
-            raise UserError(f"--distributed {config.distributed} on {world} processes: {where}",
-                            hint="use --distributed ddp (or auto)")
+        from memfit.distributed.engines import check_engine
+
+        check_engine(config, self.device, world)  # DeepSpeed on CPU, impossible combinations: one line
 
     def _load_data(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
@@ -292,27 +310,37 @@ class Trainer:
         self.agreement = Agreement(self.ranks)
         model = self._load_model(load_model, model_dir)
         model.train()
+        self.fsdp_model = None
+        if self.fsdp:  # before the optimizer: sharding replaces the parameters with DTensors
+            from memfit.distributed.fsdp import shard
+
+            units = shard(model, config, self.precision)
+            self.fsdp_model = model
+            self.emit(Notice(f"fsdp: {units} units fully sharded over {self.ranks.world_size} ranks "
+                             f"({torch.distributed.get_backend()})"))
         optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, self.total_steps)
         self._choose_step_path(model)
         if config.compile:
             model = torch.compile(model, dynamic=True)  # rows vary in length: one graph for all of them
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.fsdp:
+            # Not through accelerate.prepare: it would wrap the sharded model in DDP on CPU processes.
+            self.model, self.optimizer = model, optimizer
+        else:  # DeepSpeed: the engine and its optimizer wrapper
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
 
     def _accelerator_kwargs(self) -> dict[str, Any]:
         """One process: none. Several: the engine's plugin (memfit.distributed.engines), and gloo for CPU processes
         (accelerate would pick MPI where torch has it)."""
-        if not self.distributed:
+        if not self.distributed and not self.deepspeed:
             return {}
         from accelerate.utils import InitProcessGroupKwargs
 
-        try:
-            from memfit.distributed.engines import accelerator_kwargs
-        except ImportError:
-            kwargs = {}
-        else:
-            kwargs = dict(accelerator_kwargs(self.config, self.device))
+        from memfit.distributed.engines import accelerator_kwargs
+
+        # FSDP: no plugin (memfit.distributed.fsdp shards the model itself; accelerate's plugin does nothing on CPU).
+        kwargs = {} if self.fsdp else dict(accelerator_kwargs(self.config, self.device))
         if self.device == "cpu":
             kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
         return kwargs
@@ -325,6 +353,10 @@ class Trainer:
         self.head, self._head_bypass = None, None
         if self.config.chunked_loss:
             blocker = chunked_loss_blocker(model)
+            if self.config.distributed == "zero3" and self.deepspeed:
+                # The chunked loss reads the head's weight after the model's forward; ZeRO-3 has released it.
+                blocker = "ZeRO-3 partitions the lm_head weight outside the model's forward"
+
             if blocker:
                 self.emit(Notice(f"chunked loss off: {blocker}; computing full logits", "warning"))
             else:
@@ -361,8 +393,22 @@ class Trainer:
         config = self.config
         for problem in checkpoint.skipped:
             self.emit(Notice(f"skipped {problem}; using the newest checkpoint that verifies", "warning"))
+        load_states = None
+        if self.fsdp:
+            from memfit.distributed.fsdp import load
+
+            def load_states(tensors, optimizer_state):
+                load(self.fsdp_model, self.optimizer, tensors, optimizer_state)
+        elif self.deepspeed:
+            # The engine's own state (each rank its partition: weights, fp32 masters, optimizer) is the exact one;
+            # the gathered trainable tensors beside it are for reading, not for resuming.
+            self.accelerator.load_state(str(checkpoint.path / ckpt.ENGINE_DIR))
+
+            def load_states(tensors, optimizer_state):
+                pass
         state = ckpt.restore(checkpoint, model=self.accelerator.unwrap_model(self.model),
-                             optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ranks.rank)
+                             optimizer=self.optimizer, scheduler=self.scheduler, rank=self.ranks.rank,
+                             load_states=load_states)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.recoveries = state.get("oom_recoveries", 0)
         self.recent_losses = state.get("recent_losses", [])
@@ -502,33 +548,75 @@ class Trainer:
                 scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
                 inputs = self._model_inputs(batch)
                 last = number == len(chunks) - 1
-                # no_sync: one process's last micro-batch would all-reduce gradients in backward under DDP; with
-                # several, none does (memfit.distributed.collective: the sum comes after the step-end agreement).
-                with nullcontext() if last and not self.distributed else self.accelerator.no_sync(self.model):
-                    loss = micro_step_loss(self.model, inputs, scored, head=self.head,
-                                           compute_dtype=self.precision.compute_dtype)
-                    self.accelerator.backward(loss)
+                if self.sharded:
+                    loss = self._sharded_micro_step(inputs, scored, last)
+                else:
+                    # no_sync: one process's last micro-batch would all-reduce gradients in backward under DDP;
+                    # with several, none does (memfit.distributed.collective: the sum comes after the step-end
+                    # agreement).
+                    with nullcontext() if last and not self.distributed else self.accelerator.no_sync(self.model):
+                        loss = micro_step_loss(self.model, inputs, scored, head=self.head,
+                                               compute_dtype=self.precision.compute_dtype)
+                        self.accelerator.backward(loss)
             except Exception as error:  # noqa: BLE001 - several processes: an OOM goes to the agreement
-                if not self.distributed or not is_out_of_memory(error):
+                if not (self.distributed or self.sharded) or not is_out_of_memory(error):
                     raise
                 failure = " ".join(str(error).split())[:200]
+                if self.sharded:  # the other ranks may wait in this forward's collectives: no agreement can follow
+                    raise _ShardedOom(failure) from None
             if failure is not None:
                 break  # to the step-end agreement, with the other ranks' next one (see collective's docstring)
             loss_sum += loss.detach()
             tokens += batch.num_tokens
-        if self.distributed:
+        if self.deepspeed:
+            # The engine stepped in the last micro-batch's backward: a stop agreed now could not undo it, so the
+            # step ends here (the loop's step-end agreement comes next). Only the loss is summed.
+            if self.distributed:
+                all_reduce_sum([loss_sum])
+                tokens = tokens_all
+        elif self.fsdp:
+            self._agree_in_step(failure)
+            all_reduce_sum([loss_sum])  # the gradients were reduce-scattered in each backward
+            tokens = tokens_all
+        elif self.distributed:
             self._agree_in_step(failure)
             all_reduce_sum([*gradients(self.trainable), loss_sum])
             tokens = tokens_all
         grad_norm = None
         if self.config.max_grad_norm:
-            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
+            if self.fsdp:
+                from memfit.distributed.fsdp import clip_grad_norm
+
+                grad_norm = clip_grad_norm(self.trainable, self.config.max_grad_norm)
+            else:  # DeepSpeed clipped in its step: accelerate returns the engine's norm (a float, or None)
+                grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):
+                    grad_norm = torch.tensor(float(grad_norm), device=device)
+        self.optimizer.step()  # DeepSpeed: a no-op (the engine stepped)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         faults.maybe_leak()
         return {"loss_sum": loss_sum, "tokens": tokens, "micro_batches": len(chunks), "grad_norm": grad_norm,
                 "distrust_term": objective.distrust_term}
+
+    def _sharded_micro_step(self, inputs: dict[str, Any], scored, last: bool) -> torch.Tensor:
+        """One micro-batch's forward and backward under FSDP or DeepSpeed; returns its loss (graph freed)."""
+        from memfit.train.losses import micro_step_loss
+
+        loss = micro_step_loss(self.model, inputs, scored, head=self.head, compute_dtype=self.precision.compute_dtype)
+        if not self.deepspeed:
+            loss.backward()  # FSDP reduce-scatters this micro-batch's gradients into the shards
+            return loss
+        # accelerate's DeepSpeed backward marks the accumulation boundary from sync_gradients and steps the engine
+        # there (clipping, optimizer, zero_grad): only on the last micro-batch. scale_wrt_gas=False: the engine would
+        # divide by gradient_accumulation_steps, and memfit's token weights already sum to 1 over the step.
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(last)
+        try:
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+        finally:
+            state._set_sync_gradients(True)
+        return loss
 
     def _run_step_with_recovery(self, rows_index: list[int]) -> dict[str, Any] | str:
         """The step's stats, or "aborted" / "oom" when it could not finish."""
@@ -543,6 +631,13 @@ class Trainer:
                 failure = "aborted"
             except _OomAgreed as agreed:
                 failure = str(agreed)
+            except _ShardedOom as oom:
+                raise OutOfMemoryError(
+                    f"out of memory on rank {self.ranks.rank} at step {self.step + 1} with micro-batch "
+                    f"{self.micro_batch} under --distributed {self.config.distributed} ({oom}): not recoverable in "
+                    "the process (the other ranks may wait in a collective), the launcher ends them",
+                    hint=f"resume from the last checkpoint with a smaller --batch-size (torchrun --max-restarts "
+                         f"restarts by itself); last: {self.last_checkpoint or 'none yet'}") from None
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
                 if not is_out_of_memory(error):
                     raise
@@ -578,6 +673,7 @@ class Trainer:
         # Several processes: rank 0 writes it (the adapter and optimizer are the same on every rank under DDP);
         # every rank's RNG goes in, gathered at this point, which every rank reaches together.
         rank_rng = self.agreement.gather(ckpt.rng_state()) if self.distributed else None
+        engine_files = self._gather_engine_state()  # sharded engines: collectives on every rank
         if not self.ranks.is_main:
             self.last_checkpoint = self.job.output_dir / ckpt.CHECKPOINTS / f"step-{self.step}"
             return self.last_checkpoint
@@ -596,13 +692,45 @@ class Trainer:
             path = ckpt.save_checkpoint(self.job.output_dir, self.step,
                                         model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
                                         scheduler=self.scheduler, trainer_state=state, meta=meta,
-                                        keep=self.config.keep_checkpoints, rank_rng_states=rank_rng)
+                                        keep=self.config.keep_checkpoints, rank_rng_states=rank_rng,
+                                        **engine_files)
         except DiskFullError:
             self._ended_on_disk_full()
             raise
         self.last_checkpoint = path
         self.emit(CheckpointSaved(self.step, path, reason, time.perf_counter() - started))
         return path
+
+    def _gather_engine_state(self) -> dict[str, Any]:
+        """A sharded engine's part of a checkpoint, as `ckpt.save_checkpoint` keyword arguments (meaningful on rank
+        0). Every rank calls it at the same point: it holds collectives. {} for one process and DDP."""
+        if self.fsdp:
+            from memfit.distributed.fsdp import gather_optimizer, gather_trainable
+
+            return {"tensors": gather_trainable(self.fsdp_model),
+                    "optimizer_state": gather_optimizer(self.fsdp_model, self.optimizer)}
+        if not self.deepspeed:
+            return {}
+        # Each rank writes its partition (DeepSpeed's engine checkpoint, through accelerate); rank 0 moves the
+        # directory into the checkpoint once all have, so the checksums cover every rank's files. The output dir
+        # must be on a filesystem every node sees (as DeepSpeed's own checkpoints need).
+        engine_dir = self.job.output_dir / ckpt.CHECKPOINTS / f"{ckpt.TMP_PREFIX}deepspeed-step-{self.step}"
+        self.accelerator.save_state(str(engine_dir))
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
+        full = self.accelerator.get_state_dict(self.model)  # ZeRO-3: gathered in 16 bits to rank 0
+        self.agreement.barrier()
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in (full or {}).items() if name in names}
+        return {"tensors": tensors, "optimizer_state": {}, "engine_dir": engine_dir}
+
+    def _gather_final_state(self) -> dict[str, torch.Tensor]:
+        """The state dict final/ is written from, whole on rank 0: the adapters (PEFT keeps its own keys out of
+        it) or, for a full fine-tune, the model. A collective on every rank."""
+        if self.deepspeed:
+            return self.accelerator.get_state_dict(self.model)
+        from memfit.distributed.fsdp import gather_model, gather_trainable
+
+        return gather_trainable(self.fsdp_model) if self.config.uses_adapters else gather_model(self.fsdp_model)
 
     def _ended_on_disk_full(self) -> None:
         self.guard.stop()
@@ -616,12 +744,15 @@ class Trainer:
         import shutil
 
         final = self.job.output_dir / FINAL
+        gathered = self._gather_final_state() if self.sharded else None  # every rank takes part
         if not self.ranks.is_main:
             return final  # rank 0 writes it
         partial = self.job.output_dir / f".{FINAL}.tmp-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            self.accelerator.unwrap_model(self.model).save_pretrained(str(partial), safe_serialization=True)
+            extra = {} if gathered is None else {"state_dict": gathered}
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(partial), safe_serialization=True,
+                                                                      **extra)
             self.tokenizer.save_pretrained(str(partial))
         except Exception as error:
             shutil.rmtree(partial, ignore_errors=True)
@@ -647,18 +778,27 @@ class Trainer:
         from memfit.train.losses import IGNORE_INDEX, micro_step_loss, scored_tokens
 
         rows = self.val_dataset.rows
+        batches = None
         if self.distributed:  # each rank its share; the sums are added up below
+            all_rows = len(rows)
             rows = rows[self.ranks.rank::self.ranks.world_size]
+            if self.sharded:  # forward passes hold collectives: every rank runs as many (the longest share's)
+                batches = math.ceil(math.ceil(all_rows / self.ranks.world_size) / self.micro_batch)
         self.model.eval()
         loss_sum = torch.zeros((), device=self.accelerator.device)
         count = 0
-        for start in range(0, len(rows), self.micro_batch):
-            batch = collate(rows[start:start + self.micro_batch], self.val_dataset.samples, self.pad_id)
-            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float())  # every token counts 1
+        starts = list(range(0, len(rows), self.micro_batch))
+        if batches is not None:
+            starts += [None] * (batches - len(starts))  # a filler forward on one row, its loss not counted
+        for start in starts:
+            chunk = rows[:1] if start is None else rows[start:start + self.micro_batch]
+            batch = collate(chunk or self.val_dataset.rows[:1], self.val_dataset.samples, self.pad_id)
+            counted = start is not None
+            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float() * counted)
             loss_sum += micro_step_loss(self.model, self._model_inputs(batch),
                                         scored.to(self.accelerator.device), head=self.head,
                                         compute_dtype=self.precision.compute_dtype)
-            count += len(scored.index)
+            count += len(scored.index) if counted else 0
         self.model.train()
         if self.distributed:
             totals = torch.stack([loss_sum, torch.tensor(float(count), device=loss_sum.device)])
@@ -677,8 +817,8 @@ class Trainer:
     def run(self) -> TrainResult:
         config = self.config
         unwrapped = self.accelerator.unwrap_model(self.model)
-        trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in unwrapped.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.parameters() if p.requires_grad)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.parameters())
         self.emit(RunStarted(self.job.output_dir, self.step, self.total_steps, self.resolved.name, self.device,
                              self.precision.name, trainable, total, self.limit.limit_bytes, self.estimate))
         self.last_checkpoint = None
