@@ -178,19 +178,19 @@ def test_sigterm_on_one_rank_interrupts_both(tiny_model_dir, tmp_path):
 # --- in one process ------------------------------------------------------------------------------------------
 
 
-def test_sharded_engines_are_refused_on_cpu_processes(tiny_model_dir, tmp_path, monkeypatch):
-    """accelerate 1.15 applies FSDP/DeepSpeed only to GPU processes (MULTI_CPU is left out): refused in one line,
-    before any process group or model."""
+def test_deepspeed_is_refused_on_cpu_processes(tiny_model_dir, tmp_path, monkeypatch):
+    """DeepSpeed trains on CUDA only (its CPU accelerator needs Intel's extension): refused in one line, before any
+    process group or model. (FSDP runs on CPU processes: tests/test_fsdp.py.)"""
     from memfit.config import make_config
     from memfit.errors import UserError
     from memfit.train.loop import Trainer, TrainJob
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    for engine in ("fsdp", "zero3"):
+    for engine in ("zero1", "zero3"):
         trainer = Trainer(TrainJob(str(tiny_model_dir), Path(DEMO_DATA), tmp_path / engine, device="cpu"),
                           make_config(distributed=engine))
-        with pytest.raises(UserError, match=f"--distributed {engine} on 2 processes: accelerate runs CPU"):
+        with pytest.raises(UserError, match=f"--distributed {engine} \\(DeepSpeed\\) trains on CUDA GPUs only"):
             trainer.setup()
         assert not (tmp_path / engine).exists()
 

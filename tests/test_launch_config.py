@@ -309,7 +309,7 @@ def test_train_zero2_without_deepspeed_stops_before_the_model(train_job, capsys,
 
 @pytest.mark.parametrize("flags, world, fragment", [
     (["--distributed", "zero2"], "1", "trains on CUDA GPUs only, not on cpu"),
-    (["--distributed", "fsdp"], "2", "--distributed fsdp trains on CUDA GPUs only"),
+    (["--distributed", "fsdp", "--offload", "cpu"], "2", "--offload cpu on CPU processes"),
     (["--distributed", "ddp", "--offload", "cpu"], "1", "--offload cpu needs a sharding engine"),
 ])
 def test_train_refuses_engines_this_machine_cannot_run(flags, world, fragment, train_job, capsys, monkeypatch):

@@ -1,0 +1,126 @@
+"""memfit train --distributed fsdp on 2 CPU ranks (torchrun, gloo): memfit's own FSDP2 sharding, against one process.
+
+The torchrun launches reuse tests/test_distributed.py's helpers. One guard-stopped run and its resume cover the
+losses, the checkpoint and final/ (the resumed run's curve must be the uninterrupted one-process curve).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memfit.config import TrainConfig
+from memfit.distributed import engines
+from memfit.errors import UserError
+from memfit.train.checkpoint import open_checkpoint
+from test_distributed import DEMO_DATA, GB, Launch, _adapter, _env, _metrics, _train_flags
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """1 process x batch 4, what 2 ranks x batch 2 must reproduce."""
+    out = tmp_path_factory.mktemp("fsdp-one") / "run"
+    single = subprocess.run([sys.executable, "-m", "memfit",
+                             *_train_flags(tiny_model_dir, out, "--batch-size", "4", "--max-steps", str(STEPS))],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert single.returncode == 0, single.stderr
+    return out
+
+
+def test_guard_stop_on_one_rank_then_resume_matches_one_process(one_process, tiny_model_dir, tmp_path):
+    """Rank 1 leaks 150 MB a step against a 1 GB limit (the tiny model's FSDP ranks peak at ~0.55 GB): its guard
+    stops both ranks at an agreed safe point with exit 3 and one checkpoint that verifies; a 2-rank resume finishes.
+    Both halves together give the one-process losses step for step, and the same adapter in final/."""
+    out = tmp_path / "run"
+    flags = ["--batch-size", "2", "--max-steps", str(STEPS), "--distributed", "fsdp"]
+    stopped = Launch(tmp_path, _train_flags(tiny_model_dir, out, *flags, "--max-memory", "1.0"),
+                     faults="leak@150:rank1")
+    assert stopped.exit_codes() == {0: 3, 1: 3}, stopped.explain()
+    assert "fsdp: 5 units fully sharded over 2 ranks (gloo)" in stopped.output(0)  # 4 decoder layers + the root
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "guard_stop" and run["distributed"] == "fsdp"
+    peaks = {entry["rank"]: entry["peak_watched_bytes"] for entry in run["ranks"]}
+    assert peaks[1] > peaks[0] + 0.2 * GB  # the leak was rank 1's alone
+    (checkpoint_dir,) = (out / "checkpoints").iterdir()
+    checkpoint = open_checkpoint(checkpoint_dir)  # every checksum verifies
+    step = checkpoint.step
+    assert 0 < step < STEPS and f"stopped by the memory guard at step {step}: rank 1: memory " in stopped.output(0)
+    assert checkpoint.meta["world_size"] == 2
+    # The one-process format: optimizer states keyed by parameter index, full (unsharded) tensors.
+    optimizer = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    one_optimizer = torch.load(one_process / "checkpoints" / f"step-{STEPS}" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"].keys() == one_optimizer["state"].keys()
+    assert all(type(state["exp_avg"]) is torch.Tensor for state in optimizer["state"].values())
+    assert optimizer["state"][0]["exp_avg"].shape == one_optimizer["state"][0]["exp_avg"].shape
+
+    resumed = Launch(tmp_path, ["train", "--resume", str(checkpoint.path), "--max-memory", "16"])
+    assert resumed.result.returncode == 0, resumed.explain()
+    assert f"resumed from {checkpoint.path} at step {step}" in resumed.output(0)
+    two, one = _metrics(out), _metrics(one_process)
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # clipping saw the whole gradient
+        assert a["tokens"] == b["tokens"]
+    assert len({round(m["loss"], 6) for m in one}) > 1
+    adapter_two, adapter_one = _adapter(out), _adapter(one_process)
+    assert adapter_two.keys() == adapter_one.keys()
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_oom_on_one_rank_exits_4_and_the_launcher_ends_the_run(tiny_model_dir, tmp_path):
+    """FSDP's forward holds collectives: an OOM on rank 1 is not recovered in the process; rank 1 exits 4 with one
+    line, torchrun ends rank 0, and the periodic checkpoint before it stays resumable."""
+    out = tmp_path / "run"
+    launch = Launch(tmp_path, _train_flags(tiny_model_dir, out, "--batch-size", "2", "--max-steps", "4",
+                                           "--distributed", "fsdp", "--save-every", "1"), faults="oom@3:rank1")
+    codes = launch.exit_codes()
+    assert codes.get(1) == 4, launch.explain()
+    assert codes.get(0) != 0  # ended by the launcher (a signal, or gloo's closed connection)
+    line = launch.output(1, "stderr").strip().splitlines()[-1]
+    assert "out of memory on rank 1 at step 3" in line and "--distributed fsdp" in line
+    assert open_checkpoint(out).step == 2
+
+
+def test_deepspeed_is_refused_on_cpu_in_one_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "memfit", *_train_flags(tiny_model_dir, out, "--distributed", "zero2")],
+                            capture_output=True, text=True, timeout=120, env=_env(WORLD_SIZE="2", RANK="0"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "trains on CUDA GPUs only, not on cpu" in result.stderr, result.stderr
+    assert not out.exists()
+
+
+# --- pure pieces ----------------------------------------------------------------------------------------------
+
+
+def test_engine_checks_for_fsdp_on_cpu_processes():
+    engines.check_combination(TrainConfig(distributed="fsdp"), "cpu", 2)  # allowed: memfit shards over gloo
+    with pytest.raises(UserError, match="--offload cpu on CPU processes"):
+        engines.check_combination(TrainConfig(distributed="fsdp", offload="cpu"), "cpu", 2)
+    with pytest.raises(UserError, match="--dtype fp16 with --distributed fsdp"):
+        engines.check_combination(TrainConfig(distributed="fsdp", dtype="fp16"), "cuda", 2)
+    with pytest.raises(UserError, match="not mps"):
+        engines.check_combination(TrainConfig(distributed="fsdp"), "mps", 2)
+    for stage in ("zero1", "zero2", "zero3"):
+        with pytest.raises(UserError, match="trains on CUDA GPUs only, not on cpu"):
+            engines.check_combination(TrainConfig(distributed=stage), "cpu", 1)
+
+
+def test_decoder_layers_found_inside_the_peft_model(tiny_model_dir):
+    from memfit.distributed.fsdp import decoder_layer_names, trainable_names
+    from memfit.precision import resolve_precision
+    from memfit.train.model import load_model
+
+    config = TrainConfig()
+    model = load_model(Path(tiny_model_dir), config, resolve_precision("fp32", "cpu"))
+    names = decoder_layer_names(model)
+    assert names == {"LlamaDecoderLayer"}
+    assert sum(type(module).__name__ in names for module in model.modules()) == 4
+    assert trainable_names(model) and all("lora_" in name for name in trainable_names(model))
