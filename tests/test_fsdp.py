@@ -124,3 +124,14 @@ def test_decoder_layers_found_inside_the_peft_model(tiny_model_dir):
     assert names == {"LlamaDecoderLayer"}
     assert sum(type(module).__name__ in names for module in model.modules()) == 4
     assert trainable_names(model) and all("lora_" in name for name in trainable_names(model))
+
+
+def test_qlora_storage_follows_the_engine_in_the_4bit_config():
+    from memfit.precision import resolve_precision
+    from memfit.train.model import quantization_config
+
+    bf16 = resolve_precision("bf16", "cuda")
+    sharded = quantization_config(TrainConfig(method="qlora", distributed="fsdp"), bf16)
+    assert sharded.bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(TrainConfig(method="qlora", distributed="zero2"), bf16).bnb_4bit_quant_storage \
+        == torch.uint8

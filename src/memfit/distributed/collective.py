@@ -28,9 +28,20 @@ adapters' (the tiny test model: 156k parameters, 0.6 MB; a Llama-3-8B shape at r
 processes on a shared 2-core machine (benchmarks/distributed_cpu.py, docs/benchmarks.md): one agreement 0.4-0.7 ms,
 the all-reduce of 651k adapter gradients 2.6-2.8 ms, against 1.3-5 s steps.
 
-Sharded engines (FSDP, DeepSpeed ZeRO) gather parameters from the other ranks inside every forward pass, so their
-micro-batches are not free of collectives and the argument above does not hold; the runtime refuses them on several
-processes for now (memfit.train.loop.Trainer._check_distributed).
+Sharded engines (FSDP, DeepSpeed ZeRO) gather parameters from the other ranks inside every forward pass and reduce
+gradients inside backward, so their micro-batches are not free of collectives and the argument above does not hold
+for an error raised inside them. What they do instead (memfit.train.loop):
+- The agreements stay where they are (before micro-batch k >= 1, at the step end; DeepSpeed, whose engine steps in
+  the last backward, skips the in-step one after it), so a stop asked by the guard (which acts before the limit),
+  a leak or a signal on any rank is still taken by all ranks at the same safe point, checkpointed and exited with 3
+  or 130 together. A checkpoint's gathers are collectives every rank reaches at that point too.
+- An out-of-memory error inside a micro-batch is not recovered in the process: the other ranks may be waiting in
+  that forward's all-gather, and no agreement can reach them. The failing rank raises OutOfMemoryError (one line,
+  exit 4) and exits; the others' pending collective fails when its connection closes (gloo) or they are stopped by
+  the launcher (torchrun ends every worker once one has failed; on NCCL, its watchdog or the launcher). The last
+  periodic checkpoint stays good; restarting is the launcher's job (`torchrun --max-restarts N`, with
+  `--resume RUN_DIR` in the command and a smaller --batch-size if the OOM repeats), as --supervise refuses several
+  processes.
 
 On CUDA the agreement and the end-of-run gathers use a gloo group beside NCCL: the flags are host values, so agreeing
 never waits for the GPU's queue. What no agreement can cover: a rank killed outright (SIGKILL, the kernel's OOM

@@ -9,6 +9,8 @@ The engines, for the memory they save (the estimator's terms, memfit.estimate.me
 - ddp (and auto): every rank holds the whole model, its gradients and optimizer states; accelerate wraps the
   model in DistributedDataParallel when a launcher started several processes, so nothing is passed.
 - fsdp: PyTorch FSDP2 (`fully_shard`), FULL_SHARD (parameters resharded after forward), one unit per decoder layer.
+  The training process applies it itself (memfit.distributed.fsdp, on CUDA and on CPU over gloo): accelerate's
+  plugin, which `accelerator_kwargs` still describes for `memfit launch-config` and its launcher, is not passed.
   FSDP2 shards parameter by parameter, so LoRA's trainable adapters and the frozen base mix in one unit without
   FSDP1's `use_orig_params` and PEFT's wrap policy. `--offload cpu` keeps the sharded parameters, gradients and
   optimizer states in CPU RAM (the optimizer steps there).
@@ -249,7 +251,8 @@ def accelerator_kwargs(config: TrainConfig, device: str, model_config=None,
     """Extra keyword arguments for `accelerate.Accelerator(...)` that set up `config.distributed`.
 
     {} for ddp/auto (accelerate wraps the model in DDP by itself when a launcher started several processes) and
-    for fsdp in one process; `fsdp_plugin=` for fsdp on several; `deepspeed_plugin=` for zero1/2/3 (DeepSpeed runs
+    for fsdp in one process; `fsdp_plugin=` for fsdp on several (what a launcher configured for FSDP builds;
+    the training loop does not pass it: memfit.distributed.fsdp shards the model itself); `deepspeed_plugin=` for zero1/2/3 (DeepSpeed runs
     even in one process: ZeRO-Offload on one GPU is a use of its own). `model_config` (the transformers config)
     names the decoder layer FSDP wraps; without it accelerate takes it from the model. Raises UserError for a
     setting that cannot run here (see `check_engine`)."""

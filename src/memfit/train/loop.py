@@ -126,6 +126,22 @@ def default_device() -> str:
     return "cpu"
 
 
+def _single_process_rendezvous() -> None:
+    """DeepSpeed in one process without a launcher (ZeRO-Offload on one GPU): the variables torchrun would set, so
+    accelerate initialises DeepSpeed's process group of one (without them deepspeed looks for MPI)."""
+    import os
+    import socket
+
+    if os.environ.get("LOCAL_RANK") not in (None, ""):
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(name, value)
+
+
 def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int = 1,
                      saved_world_size: int = 1) -> list[str]:
     """Differences between a checkpoint's config and this one that would make the resumed run differ from an
@@ -341,6 +357,8 @@ class Trainer:
 
         # FSDP: no plugin (memfit.distributed.fsdp shards the model itself; accelerate's plugin does nothing on CPU).
         kwargs = {} if self.fsdp else dict(accelerator_kwargs(self.config, self.device))
+        if self.deepspeed and not self.distributed:
+            _single_process_rendezvous()
         if self.device == "cpu":
             kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
         return kwargs
@@ -716,18 +734,36 @@ class Trainer:
         # must be on a filesystem every node sees (as DeepSpeed's own checkpoints need).
         engine_dir = self.job.output_dir / ckpt.CHECKPOINTS / f"{ckpt.TMP_PREFIX}deepspeed-step-{self.step}"
         self.accelerator.save_state(str(engine_dir))
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
-        full = self.accelerator.get_state_dict(self.model)  # ZeRO-3: gathered in 16 bits to rank 0
+        tensors = self._deepspeed_trainable()
         self.agreement.barrier()
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in (full or {}).items() if name in names}
         return {"tensors": tensors, "optimizer_state": {}, "engine_dir": engine_dir}
 
-    def _gather_final_state(self) -> dict[str, torch.Tensor]:
+    def _deepspeed_trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (the engine's 16-bit ones) on rank 0's CPU; a collective under ZeRO-3. Under
+        ZeRO-1/2 every rank holds them whole; ZeRO-3 gathers the adapters alone (GatheredParameters), and a full
+        fine-tune through accelerate's consolidated 16-bit state dict, layer by layer to rank 0."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        named = [(name, param) for name, param in unwrapped.named_parameters() if param.requires_grad]
+        main = self.ranks.is_main
+        if self.config.distributed != "zero3":
+            return {name: param.detach().cpu().contiguous() for name, param in named} if main else {}
+        if not self.config.uses_adapters:
+            wanted = {name for name, _ in named}
+            full = self.accelerator.get_state_dict(self.model) or {}
+            return {name: tensor.detach().cpu().contiguous() for name, tensor in full.items() if name in wanted}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param for _, param in named], modifier_rank=None):
+            return {name: param.detach().cpu().clone() for name, param in named} if main else {}
+
+    def _gather_final_state(self) -> dict[str, torch.Tensor] | None:
         """The state dict final/ is written from, whole on rank 0: the adapters (PEFT keeps its own keys out of
         it) or, for a full fine-tune, the model. A collective on every rank."""
         if self.deepspeed:
-            return self.accelerator.get_state_dict(self.model)
+            if self.config.uses_adapters:
+                return self._deepspeed_trainable()
+            # ZeRO-1/2 hold the whole 16-bit model on every rank: save_pretrained reads it as it is.
+            return self.accelerator.get_state_dict(self.model) if self.config.distributed == "zero3" else None
         from memfit.distributed.fsdp import gather_model, gather_trainable
 
         return gather_trainable(self.fsdp_model) if self.config.uses_adapters else gather_model(self.fsdp_model)

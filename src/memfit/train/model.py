@@ -30,14 +30,17 @@ def quantization_config(config: TrainConfig, precision: Precision):
         return None
     from transformers import BitsAndBytesConfig
 
+    from memfit.distributed.engines import quant_storage_dtype
+
     if config.quant == "8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    # uint8, except where FSDP/ZeRO-3 shard the 4-bit base: they split tensors of one floating-point dtype.
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=precision.compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage_dtype(config, precision),
     )
 
 
