@@ -3,8 +3,9 @@ commands that launch it, so nobody hand-writes either.
 
 The YAML is the schema `accelerate launch --config_file` reads (accelerate.commands.config.config_args.ClusterConfig).
 It tells the launcher how many processes to start, where, and which engine's variables to set; the training
-process itself builds its engine from its own flags (memfit.distributed.engines.accelerator_kwargs), and those
-flags are in the printed command, so a YAML launch and a plain torchrun launch train the same way.
+process itself builds its engine from its own flags (memfit.distributed.engines.accelerator_kwargs for DeepSpeed;
+FSDP it applies itself, memfit.distributed.fsdp, with the settings the YAML's fsdp_config records), and those flags
+are in the printed command, so a YAML launch and a plain torchrun launch train the same way.
 """
 
 from __future__ import annotations
