@@ -135,3 +135,47 @@ def test_qlora_storage_follows_the_engine_in_the_4bit_config():
     assert sharded.bnb_4bit_quant_storage == torch.bfloat16
     assert quantization_config(TrainConfig(method="qlora", distributed="zero2"), bf16).bnb_4bit_quant_storage \
         == torch.uint8
+
+
+def test_deepspeed_micro_steps_mark_the_boundary_and_keep_memfit_weights(monkeypatch):
+    """accelerate 1.15's real DeepSpeed backward with a stand-in engine (DeepSpeed cannot train on CPU): the
+    boundary is set on the last micro-batch only, where the engine steps; the loss is not divided by the
+    accumulation steps (memfit's token weights already sum to 1 over the step)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    from memfit.precision import resolve_precision
+    from memfit.train import losses
+    from memfit.train.loop import Trainer
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def set_gradient_accumulation_boundary(self, is_boundary):
+            self.calls.append(("boundary", is_boundary))
+
+        def backward(self, loss, **kwargs):
+            self.calls.append(("backward", kwargs))
+            loss.backward()
+
+        def step(self):
+            self.calls.append(("step",))
+
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(accelerator.state, "distributed_type", DistributedType.DEEPSPEED)
+    engine = Engine()
+    monkeypatch.setattr(accelerator, "deepspeed_engine_wrapped", DeepSpeedEngineWrapper(engine), raising=False)
+    weight = torch.nn.Parameter(torch.ones(()))
+    monkeypatch.setattr(losses, "micro_step_loss", lambda model, inputs, scored, **_: weight * inputs["x"])
+    trainer = Trainer.__new__(Trainer)
+    trainer.deepspeed, trainer.accelerator, trainer.model, trainer.head = True, accelerator, None, None
+    trainer.precision = resolve_precision("fp32", "cpu")
+    for number in range(3):
+        trainer._sharded_micro_step({"x": torch.tensor(2.0)}, None, last=number == 2)
+    backward = ("backward", {"scale_wrt_gas": False})
+    assert engine.calls == [("boundary", False), backward, ("boundary", False), backward, ("boundary", True),
+                            backward, ("step",)]
+    assert weight.grad.item() == 6.0
+    assert accelerator.sync_gradients  # restored for whatever runs next
