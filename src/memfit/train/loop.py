@@ -342,7 +342,7 @@ class Trainer:
         if self.fsdp:
             # Not through accelerate.prepare: it would wrap the sharded model in DDP on CPU processes.
             self.model, self.optimizer = model, optimizer
-        else:  # DeepSpeed: the engine and its optimizer wrapper
+        else:  # one process, DDP, or DeepSpeed (which returns its engine and optimizer wrapper)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
 
