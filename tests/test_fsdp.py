@@ -74,6 +74,28 @@ def test_guard_stop_on_one_rank_then_resume_matches_one_process(one_process, tin
         torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
 
 
+def test_full_fine_tune_with_accumulation_matches_one_process(tiny_model_dir, tmp_path):
+    """--method full, 2 micro-batches a step: every weight sharded, gradients reduce-scattered per micro-batch and
+    summed; final/ is the gathered model, the tied head written once, as one process writes it."""
+    from safetensors.torch import load_file
+
+    flags = ["--method", "full", "--grad-accum", "2", "--max-steps", "2"]
+    launch = Launch(tmp_path, _train_flags(tiny_model_dir, tmp_path / "two", "--batch-size", "2",
+                                           "--distributed", "fsdp", *flags))
+    assert launch.result.returncode == 0, launch.explain()
+    single = subprocess.run([sys.executable, "-m", "memfit",
+                             *_train_flags(tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags)],
+                            capture_output=True, text=True, timeout=300, env=_env())
+    assert single.returncode == 0, single.stderr
+    for a, b in zip(_metrics(tmp_path / "two"), _metrics(tmp_path / "one")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_accum"] == b["grad_accum"] == 2
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+
+
 def test_oom_on_one_rank_exits_4_and_the_launcher_ends_the_run(tiny_model_dir, tmp_path):
     """FSDP's forward holds collectives: an OOM on rank 1 is not recovered in the process; rank 1 exits 4 with one
     line, torchrun ends rank 0, and the periodic checkpoint before it stays resumable."""

@@ -93,10 +93,16 @@ def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gather_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on rank 0's CPU (a full fine-tune's final/). A collective."""
+    """The whole model's state dict on rank 0's CPU (a full fine-tune's final/). A collective.
+
+    A tied weight (lm_head = embed_tokens) comes back under each of its names as separate tensors, which
+    save_pretrained would then write twice: only its first name is kept, as in one process's final/."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+               - {name for name, _ in model.named_parameters()})
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
 def _param_fqns(model: torch.nn.Module, optimizer) -> list[list[str]]:
