@@ -214,7 +214,9 @@ class Trainer:
             saved_world = int(job.resume.meta.get("world_size", 1))
             conflicts = resume_conflicts(job.resume.meta.get("config", {}), config, self.ranks.world_size,
                                          saved_world)
-            if saved_world != self.ranks.world_size and job.force and config.distributed in SHARDED_ENGINES:
+            # An FSDP checkpoint holds full states (the one-process format): --force may change the world size.
+            # DeepSpeed's holds each rank's partition.
+            if saved_world != self.ranks.world_size and job.force and self.deepspeed:
                 raise UserError(f"{job.resume.path} holds {config.distributed} shards of {saved_world} processes; "
                                 f"this run has {self.ranks.world_size}", hint=f"launch {saved_world} processes")
             if conflicts and not job.force:
