@@ -52,14 +52,13 @@ class EventRenderer:
         self._print(event.message, "yellow" if event.level == "warning" else None)
 
 
-class TrainRenderer(EventRenderer):
+class ProgressRenderer(EventRenderer):
+    """A renderer with a live progress bar on a terminal (plain lines elsewhere)."""
+
     def __init__(self, console: Console):
         super().__init__(console)
         self.progress: Progress | None = None
         self.task = None
-        self.plain_every = 1
-        self.first_loss: float | None = None
-        self.last_avg_loss: float | None = None
 
     def close(self) -> None:
         if self.progress is not None:
@@ -69,6 +68,14 @@ class TrainRenderer(EventRenderer):
     def _output(self) -> Console:
         # Through the live progress when there is one, so the bar stays at the bottom.
         return self.progress.console if self.progress else self.console
+
+
+class TrainRenderer(ProgressRenderer):
+    def __init__(self, console: Console):
+        super().__init__(console)
+        self.plain_every = 1
+        self.first_loss: float | None = None
+        self.last_avg_loss: float | None = None
 
     def _on_RunStarted(self, event: RunStarted) -> None:
         estimate = f", estimated peak {event.estimate_bytes / GB:.2f} GB" if event.estimate_bytes else ""

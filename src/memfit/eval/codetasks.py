@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The data module's line reader and checks, so code-task files fail the way training files do.
-from memfit.data.jsonl import _decode, _json_type, _LineError, _raw_lines, _string
+from memfit.data.jsonl import LineError, json_object, json_type, read_lines, string_field
 from memfit.errors import UserError
 from memfit.eval.sandbox import STATUSES, Limits, RunResult, run_python
 
@@ -43,29 +43,20 @@ def is_code_task_file(path: str | Path) -> bool:
     """Whether the file's first non-blank line is a JSON object with "tests" (bad files are left to the readers,
     which report them properly)."""
     try:
-        for _number, raw in _raw_lines(Path(path)):
-            text = raw.decode("utf-8", "replace").lstrip("\ufeff")
-            if text.strip():
-                obj = json.loads(text)
-                return isinstance(obj, dict) and "tests" in obj
-    except (UserError, ValueError, RecursionError):
+        with Path(path).open("rb") as handle:
+            for raw in handle:
+                text = raw.decode("utf-8", "replace").lstrip("\ufeff")
+                if text.strip():
+                    obj = json.loads(text)
+                    return isinstance(obj, dict) and "tests" in obj
+    except (OSError, ValueError, RecursionError):
         return False
     return False
 
 
 def read_tasks(path: str | Path) -> list[CodeTask]:
     path = Path(path)
-    tasks: list[CodeTask] = []
-    saw_lines = False
-    for number, raw in _raw_lines(path):
-        saw_lines = True
-        try:
-            text = _decode(raw, first=number == 1)
-            if not text.strip():
-                continue
-            tasks.append(_parse(text, number))
-        except _LineError as err:
-            raise UserError(f"{path}:{number}: {err.message}", hint=err.hint) from None
+    tasks, saw_lines = read_lines(path, _parse)
     if not tasks:
         why = "only blank lines" if saw_lines else "the file is empty"
         raise UserError(f"{path}: no code tasks ({why})", hint=f"add one JSON object per line; {TASK_HINT}")
@@ -79,31 +70,23 @@ def read_tasks(path: str | Path) -> list[CodeTask]:
 
 
 def _parse(text: str, number: int) -> CodeTask:
-    try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise _LineError("not valid JSON (nested too deeply)", hint="each line must be one flat JSON object") from None
-    except ValueError as err:
-        detail = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else "a number is too long"
-        raise _LineError(f"not valid JSON ({detail})", hint="each line must be one JSON object") from None
-    if not isinstance(obj, dict):
-        raise _LineError(f"must be a JSON object, got {_json_type(obj)}", hint=TASK_HINT)
+    obj = json_object(text, TASK_HINT)
     for key in ("prompt", "tests"):
         if key not in obj:
-            raise _LineError(f'missing "{key}" (a code-task file: line 1 or this line has "tests")', hint=TASK_HINT)
-    prompt, tests = _string(obj, "prompt"), _string(obj, "tests")
+            raise LineError(f'missing "{key}" (a code-task file: line 1 or this line has "tests")', hint=TASK_HINT)
+    prompt, tests = string_field(obj, "prompt"), string_field(obj, "tests")
     try:
         compile(tests, f"line {number} tests", "exec")  # compiling runs nothing
     except SyntaxError as err:
-        raise _LineError(f'"tests" is not valid Python ({err.msg}, line {err.lineno} of the tests)') from None
+        raise LineError(f'"tests" is not valid Python ({err.msg}, line {err.lineno} of the tests)') from None
     except ValueError:  # a NUL byte
-        raise _LineError('"tests" is not valid Python (it contains a NUL character)') from None
+        raise LineError('"tests" is not valid Python (it contains a NUL character)') from None
     task_id = obj.get("id", number)
     if isinstance(task_id, bool) or not isinstance(task_id, (str, int)):
-        raise _LineError(f'"id" must be a string or an integer, got {_json_type(task_id)}')
+        raise LineError(f'"id" must be a string or an integer, got {json_type(task_id)}')
     in_program = obj.get("prompt_in_program", False)
     if not isinstance(in_program, bool):
-        raise _LineError(f'"prompt_in_program" must be true or false, got {_json_type(in_program)}')
+        raise LineError(f'"prompt_in_program" must be true or false, got {json_type(in_program)}')
     return CodeTask(number, str(task_id), prompt, tests, in_program)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from memfit.config import TrainConfig
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.train.events import Event, GuardNotice, Notice
@@ -95,8 +96,6 @@ def resolve_adapter(path: Path) -> Path:
 def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str, quant: str = "none"):
     """The base model in its frozen dtype (the dtype LoRA training computes with), quantized as training does it
     with `quant`, with the adapter on top."""
-    from types import SimpleNamespace
-
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -104,7 +103,8 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str,
 
     transformers_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": precision.frozen_dtype}
-    quantization = quantization_config(SimpleNamespace(quant=quant), precision)
+    # One process, no sharding: the 4-bit base stored as one process trains it.
+    quantization = quantization_config(TrainConfig(method="lora", quant=quant), precision)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
-from memfit.render import EventRenderer
+from memfit.render import ProgressRenderer
 from memfit.train.events import GuardNotice
 
 GB = 1024**3
@@ -15,20 +14,7 @@ _STYLES = {"passed": "green", "failed": "red", "error": "red", "timeout": "yello
            "killed": "yellow"}
 
 
-class EvalRenderer(EventRenderer):
-    def __init__(self, console: Console):
-        super().__init__(console)
-        self.progress: Progress | None = None
-        self.task = None
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-    def _output(self) -> Console:
-        return self.progress.console if self.progress else self.console
-
+class EvalRenderer(ProgressRenderer):
     def _on_EvalStarted(self, event: EvalStarted) -> None:
         adapter = f" + adapter {event.adapter}" if event.adapter else ""
         what = {"loss": "loss and perplexity", "generate": "completions", "code": "code tasks (pass@1)"}[event.mode]
