@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_cpu.py --write
 	$(BIN)/python benchmarks/probe_vs_bisection.py --write
 	$(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --only memfit,memfit-no-chunked,hf,hf-gbl --write
+	$(BIN)/python benchmarks/distributed_cpu.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
