@@ -143,7 +143,37 @@ def memory_plot(steps: list[dict[str, Any]], *, limit_bytes: int | None, thresho
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("GB")
         axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        measured_top = max(peak_by_step.values(), default=0)
+        if limit_bytes and 0 < measured_top < ZOOM_BELOW * limit_bytes / GB:
+            _zoom_inset(axes, steps, estimate_bytes)
         return to_svg(figure)
+
+
+# A run far under its limit (an auto limit of 80% of a big machine) draws as a flat line at the bottom: below this
+# fraction of the limit, an inset shows the measured curves at their own scale.
+ZOOM_BELOW = 0.3
+
+
+def _zoom_inset(axes, steps: list[dict[str, Any]], estimate_bytes: int | None) -> None:
+    inset = axes.inset_axes([0.07, 0.14, 0.6, 0.42])
+    values = []
+    for key, color, width in (("watched_bytes", COLORS["peak"], 1.6), ("rss_bytes", COLORS["rss"], 1.1),
+                              ("cuda_reserved_bytes", COLORS["cuda_reserved"], 1.3)):
+        xs, ys = _series(steps, key, GB)
+        if xs:
+            xs, ys = thin(xs, ys, keep_peaks=True)
+            inset.plot(xs, ys, color=color, linewidth=width)
+            values += ys
+    if estimate_bytes:
+        inset.axhline(estimate_bytes / GB, color=COLORS["estimate"], linewidth=1.2, linestyle=":")
+        values.append(estimate_bytes / GB)
+    low, high = min(values), max(values)
+    pad = max((high - low) * 0.15, high * 0.01)
+    inset.set_ylim(max(0.0, low - pad), high + pad)
+    inset.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+    inset.tick_params(labelsize=8)
+    inset.set_title("measured, at its own scale (GB)", fontsize=8.5)
+    inset.set_facecolor("white")
 
 
 def loss_plot(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> str | None:
