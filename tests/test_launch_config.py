@@ -300,7 +300,7 @@ def test_train_zero2_without_deepspeed_stops_before_the_model(train_job, capsys,
     argv, out = train_job
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an install without the extra looks like
     monkeypatch.setattr(engines, "deepspeed_installed", lambda: False)
-    code, _, err = run_cli(capsys, *argv, "--distributed", "zero2")
+    code, _, err = run_cli(capsys, *argv, "--device", "cuda", "--distributed", "zero2")
     assert code == 2
     line = one_error_line(err)
     assert "needs DeepSpeed" in line and "pip install 'memfit[deepspeed]'" in line

@@ -132,8 +132,9 @@ def check_runtime(config: TrainConfig) -> None:
 def check_engine(config: TrainConfig, device: str | None = None, world_size: int | None = None) -> None:
     """Every check `memfit train` makes before it loads anything: one UserError line (exit 2) when the engine
     cannot run here. `device` None is the device train would pick; `world_size` None is the launcher's."""
-    check_runtime(config)
+    # What cannot work here at all first: installing DeepSpeed would not make it train on a CPU.
     check_combination(config, device or _default_device(), _world_size(world_size))
+    check_runtime(config)
 
 
 # --- FSDP ---------------------------------------------------------------------------------------------------------
