@@ -122,7 +122,9 @@ def test_huge_allocation_is_refused_by_the_address_space_limit(sandboxed):
 
 def test_writes_outside_the_temp_dir_do_not_land(sandboxed, tmp_path):
     outside_tmp = Path(f"/tmp/memfit-escape-{uuid.uuid4().hex}")
-    in_repo = REPO / f"escape-{uuid.uuid4().hex}.txt"
+    # The repository, unless it lies under /tmp (a CI checkout may): the sandbox's own /tmp hides it there.
+    on_disk = Path("/etc") if REPO.resolve().is_relative_to("/tmp") else REPO
+    in_repo = on_disk / f"escape-{uuid.uuid4().hex}.txt"
     program = f"""\
         import os
         open("scratch.txt", "w").write("cwd is writable")
@@ -130,10 +132,13 @@ def test_writes_outside_the_temp_dir_do_not_land(sandboxed, tmp_path):
         print(os.getcwd(), os.environ["HOME"])
         open({str(in_repo)!r}, "w").write("x")
         """
-    result = run_python(textwrap.dedent(program), FAST)
-    assert result.status == "error" and "Read-only file system" in result.reason
-    assert result.stdout.split() == ["/tmp", "/tmp"]
-    assert not outside_tmp.exists() and not in_repo.exists()
+    try:
+        result = run_python(textwrap.dedent(program), FAST)
+        assert result.status == "error" and "Read-only file system" in result.reason, result.reason
+        assert result.stdout.split() == ["/tmp", "/tmp"]
+        assert not outside_tmp.exists() and not in_repo.exists()
+    finally:
+        in_repo.unlink(missing_ok=True)
     big = run_python("open('big', 'wb').write(b'x' * (64 * 1024**2))\n", Limits(file_bytes=1024**2))
     assert big.status == "error" and "File too large" in big.reason
 
