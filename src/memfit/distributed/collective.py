@@ -25,8 +25,8 @@ another collective (the agreement, a checkpoint barrier): they wait for each oth
 The price: DDP's overlap of the gradient all-reduce with backward is given up. For LoRA the gradients are the
 adapters' (the tiny test model: 156k parameters, 0.6 MB; a Llama-3-8B shape at rank 16 on all linear layers: 42M,
 168 MB in fp32), so that all-reduce is short; a full fine-tune pays it at step end in full. Measured between 2 gloo
-processes on a shared 2-core machine (benchmarks/distributed_cpu.py, docs/benchmarks.md): one agreement 0.4-0.7 ms,
-the all-reduce of 651k adapter gradients 2.5-2.8 ms, against 1.3-5 s steps.
+processes on a shared 2-core machine (benchmarks/distributed_cpu.py, docs/benchmarks.md): one agreement 0.5-0.7 ms,
+the all-reduce of 651k adapter gradients 2.5-3.3 ms, against 0.9-1.4 s steps.
 
 Sharded engines (FSDP, DeepSpeed ZeRO) gather parameters from the other ranks inside every forward pass and reduce
 gradients inside backward, so their micro-batches are not free of collectives and the argument above does not hold
