@@ -434,3 +434,13 @@ def test_row_order_rejects_bad_arguments():
         RowOrder([], seed=0, batch=4, grouped=True)
     with pytest.raises(ValueError):
         RowOrder([3, 4], seed=0, batch=0, grouped=True)
+
+
+def test_pad_token_id_falls_back_to_eos_then_0():
+    from types import SimpleNamespace
+
+    from memfit.data import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

@@ -358,3 +358,12 @@ def test_estimate_fsdp_is_full_sharding_in_its_own_layout(capsys):
     code, _, err = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--device", "cuda", "--memory-gb", 80,
                            "--num-gpus", 8, "--distributed", "fsdp", "--zero", 2)
     assert code == 2 and "FSDP shards fully" in one_error_line(err)
+
+
+def test_estimated_sharding_of_each_engine():
+    """What `memfit estimate` and a run's per-rank estimate count for --distributed (an explicit --zero wins)."""
+    assert engines.estimated_sharding(TrainConfig(distributed="zero2")) == (2, "deepspeed")
+    assert engines.estimated_sharding(TrainConfig(distributed="zero2"), zero=1) == (1, "deepspeed")
+    assert engines.estimated_sharding(TrainConfig(distributed="fsdp")) == (3, "fsdp")
+    assert engines.estimated_sharding(TrainConfig(distributed="ddp")) == (0, "deepspeed")
+    assert engines.estimated_sharding(TrainConfig(distributed="auto"), zero=3) == (3, "deepspeed")

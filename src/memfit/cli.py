@@ -253,11 +253,9 @@ def estimate(
     if target_batch is not None and target_batch < 1:
         raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
     config = build_config(training, config_file)
-    if config.distributed.startswith("zero") and zero == 0:
-        zero = int(config.distributed[-1])  # --distributed zero3 is --zero 3
-    engine = "fsdp" if config.distributed == "fsdp" else "deepspeed"
-    if engine == "fsdp" and zero in (0, 3):
-        zero = 3  # FSDP's FULL_SHARD partitions what ZeRO-3 does (memfit.estimate.memory.Hardware.engine)
+    from memfit.distributed.engines import estimated_sharding
+
+    zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
     hardware = replace(_hardware(device, memory_gb, num_gpus, zero, config.offload), engine=engine)
     resolved = resolve_model(model)
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)

@@ -3,7 +3,7 @@
 Also the package-data folder of the built-in corpus (`corpus.txt`) and demo data.
 """
 
-from memfit.data.batches import Batch, RowOrder, collate, epoch_order, step_rows
+from memfit.data.batches import Batch, RowOrder, collate, epoch_order, pad_token_id, step_rows
 from memfit.data.formats import TokenizedSample, tokenize_record
 from memfit.data.jsonl import Record, read_records
 from memfit.data.packing import Dataset, DataStats, Row, build_dataset
@@ -18,6 +18,7 @@ __all__ = [
     "TokenizedSample",
     "build_dataset",
     "collate",
+    "pad_token_id",
     "epoch_order",
     "read_records",
     "step_rows",

@@ -53,6 +53,14 @@ class Batch:
 _TENSORS = ("input_ids", "attention_mask", "position_ids", "labels", "sample_index", "auth_weight", "prov_entropy")
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its end-of-text token (pads are never scored)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def collate(rows: list[Row], samples: list[Record], pad_id: int) -> Batch:
     """Pad `rows` to the longest one; `samples` is `Dataset.samples`, for the per-sample distrust fields."""
     if not rows:

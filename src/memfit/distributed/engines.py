@@ -50,6 +50,15 @@ def zero_stage(config: TrainConfig) -> int:
     return int(config.distributed[-1]) if config.distributed.startswith("zero") else 0
 
 
+def estimated_sharding(config: TrainConfig, zero: int = 0) -> tuple[int, str]:
+    """The estimator's (ZeRO stage, layout) for this engine (memfit.estimate.memory.Hardware's `zero` and
+    `engine`): `--distributed zeroN` is stage N, fsdp's FULL_SHARD partitions what ZeRO-3 does in FSDP's layout;
+    an explicit `zero` (estimate's --zero) wins over the engine's own stage."""
+    if config.distributed == "fsdp":
+        return (3 if zero in (0, 3) else zero), "fsdp"
+    return (zero or zero_stage(config)), "deepspeed"
+
+
 def shards_weights(config: TrainConfig) -> bool:
     """Whether the base weights themselves are split across ranks (FSDP, ZeRO-3), not only training states."""
     return config.distributed in ("fsdp", "zero3")

@@ -275,13 +275,11 @@ def dataset_loss(model, dataset, tokenizer, batch_size: int, device, compute_dty
     scored positions, and the head applied chunk by chunk where the model allows it (full logits otherwise)."""
     import torch.nn.functional as F
 
-    from memfit.data import collate
+    from memfit.data import collate, pad_token_id
     from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden, linear_token_losses
     from memfit.train.losses import IGNORE_INDEX, scored_tokens
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     rows = dataset.rows
     blocker = chunked_loss_blocker(model)
     loss_sum = torch.zeros((), dtype=torch.float64)

@@ -41,8 +41,9 @@ def generate(model, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens:
              on_batch: Callable[[int, int], None] | None = None) -> list[str]:
     """One completion per prompt (token ids), decoded without special tokens. Prompts are left-padded in batches
     of `batch_size`; generation stops at the tokenizer's eos or after max_new_tokens."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad_id = 0 if pad_id is None else pad_id
+    from memfit.data import pad_token_id
+
+    pad_id = pad_token_id(tokenizer)
     sampling = temperature > 0
     options = dict(max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_id,
                    eos_token_id=tokenizer.eos_token_id, use_cache=True)

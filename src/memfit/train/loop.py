@@ -109,10 +109,6 @@ class _OomAgreed(Exception):
     """Several processes: a rank ran out of memory in this step; every rank drops the step and retries it smaller."""
 
 
-# The engines whose model is sharded over the ranks: their forward passes gather parameters from the other ranks,
-# so the deadlock-free scheme of memfit.distributed.collective (micro-batches without collectives) does not hold.
-SHARDED_ENGINES = ("fsdp", "zero1", "zero2", "zero3")
-ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}  # fsdp's full shard saves what ZeRO-3 saves
 # Launchers forward the terminal's Ctrl-C to workers that already got it: a second signal this soon after the first
 # is the same request, not an "abort now".
 REPEATED_SIGNAL_S = 2.0
@@ -261,13 +257,11 @@ class Trainer:
     def _load_data(self, model_dir: Path) -> None:
         from transformers import AutoTokenizer
 
-        from memfit.data import build_dataset
+        from memfit.data import build_dataset, pad_token_id
 
         job, config = self.job, self.config
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_id = pad_token_id(self.tokenizer)
         distrust = config.loss == "distrust"
         self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
         self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
@@ -453,13 +447,14 @@ class Trainer:
                                hint="see `memfit estimate` for the weights' size; --method qlora or a smaller model")
 
     def _estimate_bytes(self) -> int | None:
+        from memfit.distributed.engines import estimated_sharding
         from memfit.estimate.memory import Hardware, estimate_memory
 
         try:
             # Several processes: the estimate of one rank (--num-gpus world --zero N --offload), what each measures.
-            hardware = Hardware(self.device, self.limit.limit_bytes, self.ranks.world_size,
-                                ZERO_STAGE.get(self.config.distributed, 0) if self.distributed else 0,
-                                self.config.offload if self.distributed else "none")
+            zero, engine = estimated_sharding(self.config) if self.distributed else (0, "deepspeed")
+            hardware = Hardware(self.device, self.limit.limit_bytes, self.ranks.world_size, zero,
+                                self.config.offload if self.distributed else "none", engine)
             return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
         except Exception:  # the estimate is context for the report; training does not depend on it
             return None
