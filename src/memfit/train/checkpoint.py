@@ -39,7 +39,6 @@ CHECKPOINTS = "checkpoints"
 ENGINE_DIR = "deepspeed"  # a DeepSpeed run's engine state (each rank's partition), inside its checkpoint
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"  # never listed, resumed or kept: a write that did not finish
-_TMP_PREFIX = TMP_PREFIX
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, past RLIMIT_FSIZE
 
 
@@ -123,7 +122,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    partial = root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
+    partial = root / f"{TMP_PREFIX}step-{step}-{os.getpid()}"
     try:
         _write_partial(partial, step, model=model, optimizer=optimizer, scheduler=scheduler,
                        trainer_state=trainer_state, meta=meta, rank_rng_states=rank_rng_states, tensors=tensors,
@@ -139,7 +138,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
         raise
     # A directory of the same name (damaged, or of another trajectory after a resume from an earlier step) is
     # replaced, and only once the new one is complete: moved aside, the new one renamed in, then removed.
-    replaced = root / f"{_TMP_PREFIX}old-step-{step}-{os.getpid()}"
+    replaced = root / f"{TMP_PREFIX}old-step-{step}-{os.getpid()}"
     if final.exists():
         os.rename(final, replaced)
     os.rename(partial, final)
@@ -155,7 +154,7 @@ def disk_full_reason(error: BaseException, directory: Path) -> str | None:
     error 28", a RuntimeError "unexpected pos"), so when the error itself does not say, a 1 MiB test write does."""
     if isinstance(error, OSError) and error.errno in _DISK_FULL:
         return os.strerror(error.errno)
-    test = directory / f"{_TMP_PREFIX}space-{os.getpid()}"
+    test = directory / f"{TMP_PREFIX}space-{os.getpid()}"
     try:
         with open(test, "wb") as file:
             file.write(bytes(1024**2))
@@ -270,7 +269,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
     """Leftovers of writes that were killed; returned so the caller can say what it cleaned."""
     root = run_dir / CHECKPOINTS
-    removed = [path for path in root.glob(f"{_TMP_PREFIX}*")] if root.is_dir() else []
+    removed = [path for path in root.glob(f"{TMP_PREFIX}*")] if root.is_dir() else []
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
