@@ -1,19 +1,25 @@
-# Set-up is idempotent: the stamp file records that .venv holds this pyproject's install.
+# Set-up is idempotent: the stamp file records that .venv holds this pyproject's install from this lock.
+# The lock (constraints.txt) holds the exact versions the suite passed with; pyproject.toml keeps `>=` ranges for
+# users. `make test-latest` tries the newest versions the ranges allow in a separate venv and says what broke.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memfit-installed
+LOCK   := constraints.txt
+LATEST := .venv-latest
 
-.PHONY: install demo test test-all bench examples clean
+.PHONY: install demo test test-all test-latest lock bench examples clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -c $(LOCK) pip
 	# torch first, pinned: on these machines this takes the local CPU wheel instead of several GB of CUDA packages.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -c $(LOCK) -e '.[dev]'
+	# A venv made before the lock may hold other versions: say so rather than test something else than CI does.
+	$(BIN)/python tools/lock.py $(LOCK)
 	touch $(STAMP)
 
 # The main job on the built-in default: build the tiny model if absent, then train it with LoRA, guard on.
@@ -38,5 +44,19 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --only memfit,memfit-no-chunked,hf,hf-gbl --write
 	$(BIN)/python benchmarks/distributed_cpu.py --write
 
+# The newest versions pyproject.toml's ranges allow, in their own venv (the locked .venv is left alone): prints what
+# changed against the lock, then runs the suite; a failure there names what a newer release broke.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST) || python3 -m venv $(LATEST)
+	$(LATEST)/bin/pip install --upgrade pip
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/pip install torch==2.13.0
+	$(LATEST)/bin/pip install --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python tools/lock.py $(LOCK) --report-only
+	$(LATEST)/bin/python -m pytest -p no:cacheprovider || { echo "make test-latest: the newest versions above break the tests listed (the lock in $(LOCK) still passes: make test)"; exit 1; }
+
+# After a green `make test-latest`: take its versions as the new lock.
+lock:
+	$(LATEST)/bin/python tools/lock.py $(LOCK) --write
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info src/*.egg-info

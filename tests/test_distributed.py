@@ -67,6 +67,28 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_training(trained: dict, reference: dict, lr: float, initial: dict | None = None) -> None:
+    """Two runs that differ only in float32 summation order (2 ranks x B vs 1 process x 2B) trained the same weights.
+
+    Not element by element to rounding: AdamW divides each gradient element by its own running size, so an element
+    whose gradient sits at the rounding floor moves by up to lr * |g| / (|g| + eps) the way its noise sign says, and
+    the next step's gradients inherit that. `python benchmarks/summation_order.py` measured it (docs/benchmarks.md,
+    "summation order"): with AdamW, lora_A[14, 125] of layers.0.mlp.gate_proj got g = -9.5e-10 in one process and
+    +8.4e-10 on 2 FSDP ranks at step 2 (its tensor's median |g|: 6.5e-6) and the two ended 1.7e-5 apart (relative
+    4e-3, the failure transformers 5.24 exposed), while no tensor differed by more than 1e-4 in norm; with SGD, whose
+    step is linear in the gradient, the same runs stay 8e-12 apart. So: what training changed (trained - initial;
+    adapters start from the same seed) agrees per tensor within 1e-3 in norm, where rounding averages out (10x the
+    worst measured), and no element is more than one AdamW step (lr) apart.
+    """
+    assert trained.keys() == reference.keys()
+    for name, expected in reference.items():
+        start = initial[name].float() if initial is not None else 0.0
+        change, expected_change = trained[name].float() - start, expected.float() - start
+        difference = change - expected_change
+        assert difference.norm() <= 1e-3 * expected_change.norm(), (name, float(difference.norm()))
+        assert difference.abs().max() <= lr, (name, float(difference.abs().max()))
+
+
 def _adapter(out):
     return load_file(str(out / "final" / "adapter_model.safetensors"))
 
@@ -95,10 +117,7 @@ def test_two_ranks_match_one_process_with_the_doubled_batch(ddp_run, tiny_model_
         assert a["tokens"] == b["tokens"]  # the global step's tokens, not rank 0's share
     # The losses change from step to step, so equal curves are not equal constants.
     assert len({round(m["loss"], 6) for m in one}) == 3
-    adapter_two, adapter_one = _adapter(out), _adapter(tmp_path / "one")
-    assert adapter_two.keys() == adapter_one.keys()
-    for name in adapter_one:
-        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+    assert_same_training(_adapter(out), _adapter(tmp_path / "one"), lr=2e-4)
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["distributed"] == "ddp"
     assert [entry["rank"] for entry in run["ranks"]] == [0, 1]

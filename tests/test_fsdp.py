@@ -16,7 +16,7 @@ from memfit.config import TrainConfig
 from memfit.distributed import engines
 from memfit.errors import UserError
 from memfit.train.checkpoint import open_checkpoint
-from test_distributed import DEMO_DATA, GB, Launch, _adapter, _env, _metrics, _train_flags
+from test_distributed import DEMO_DATA, GB, Launch, _adapter, _env, _metrics, _train_flags, assert_same_training
 
 STEPS = 8
 
@@ -68,10 +68,7 @@ def test_guard_stop_on_one_rank_then_resume_matches_one_process(one_process, tin
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # clipping saw the whole gradient
         assert a["tokens"] == b["tokens"]
     assert len({round(m["loss"], 6) for m in one}) > 1
-    adapter_two, adapter_one = _adapter(out), _adapter(one_process)
-    assert adapter_two.keys() == adapter_one.keys()
-    for name in adapter_one:
-        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+    assert_same_training(_adapter(out), _adapter(one_process), lr=2e-4)
 
 
 def test_full_fine_tune_with_accumulation_matches_one_process(tiny_model_dir, tmp_path):
@@ -89,11 +86,9 @@ def test_full_fine_tune_with_accumulation_matches_one_process(tiny_model_dir, tm
     assert single.returncode == 0, single.stderr
     for a, b in zip(_metrics(tmp_path / "two"), _metrics(tmp_path / "one")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_accum"] == b["grad_accum"] == 2
-    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    assert two.keys() == one.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    assert_same_training(load_file(str(tmp_path / "two" / "final" / "model.safetensors")),
+                         load_file(str(tmp_path / "one" / "final" / "model.safetensors")), lr=2e-4,
+                         initial=load_file(str(tiny_model_dir / "model.safetensors")))
 
 
 def test_oom_on_one_rank_exits_4_and_the_launcher_ends_the_run(tiny_model_dir, tmp_path):
