@@ -58,10 +58,25 @@ def compare(one: Path, two: Path, step: int) -> tuple[float, str, int, float, fl
     return worst, worst_name, worst_index, value, worst_norm
 
 
-def gradients_at_step_2(run: Path, name: str) -> torch.Tensor:
+def parameter_order(model: Path, names: list[str]) -> list[str]:
+    """The adapters in the model's parameter order, which the optimizer's state indices follow (the safetensors
+    file is sorted by name): the base model's modules on the meta device, lora_A before lora_B in each."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    position = {name: i for i, (name, _) in enumerate(base.named_modules())}
+
+    def key(adapter: str) -> tuple[int, str]:
+        module = adapter.removeprefix("base_model.model.").split(".lora_")[0]
+        return position[module], adapter
+    return sorted(names, key=key)
+
+
+def gradients_at_step_2(run: Path, model: Path, name: str) -> torch.Tensor:
     """A lora_A tensor's gradient at step 2, from AdamW's moments (its gradient at step 1 is 0: lora_B starts at 0,
     so exp_avg_sq = (1 - beta2) g^2 and exp_avg has g's sign)."""
-    names = list(load_file(str(run / "checkpoints" / "step-2" / "trainable.safetensors")))
+    names = parameter_order(model, list(load_file(str(run / "checkpoints" / "step-2" / "trainable.safetensors"))))
     state = torch.load(run / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)["state"][names.index(name)]
     return (state["exp_avg"].sign() * (state["exp_avg_sq"] / 1e-3).sqrt()).flatten()
 
@@ -91,7 +106,7 @@ def main() -> None:
         if optimizer == "adamw":
             worst, name, index, value, _ = compare(one, two, args.steps)
             if "lora_A" in name:
-                g_one, g_two = gradients_at_step_2(one, name), gradients_at_step_2(two, name)
+                g_one, g_two = gradients_at_step_2(one, model, name), gradients_at_step_2(two, model, name)
                 note = (f"AdamW: the element furthest apart got g = {g_one[index]:.2e} (1 process) and "
                         f"{g_two[index]:.2e} (2 ranks) at step 2, against a median |g| of "
                         f"{g_one.abs().median():.2e} in its tensor.")

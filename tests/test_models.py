@@ -209,7 +209,9 @@ def test_hf_cache_prefers_refs_main(_offline):
 def test_alias_found_in_hf_cache(_offline):
     alias = ALIASES["hermes-mistral-7b"]
     snap = _fake_snapshot(_offline, alias.hf_id, "c" * 40, ARCHITECTURES["mistral-7b"], vocab_size=32032)
-    (snap / "model.safetensors").write_bytes(b"x")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(snap / "model.safetensors"))  # a whole file (require_weights reads it)
     model = resolve_model("hermes-mistral-7b")
     assert (model.source, model.name, model.path) == ("hf-cache", "hermes-mistral-7b", snap)
     assert model.architecture is ARCHITECTURES["mistral-7b"]

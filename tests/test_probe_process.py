@@ -127,9 +127,11 @@ def test_a_missing_or_broken_model_is_an_error_not_an_oom(tiny_model_dir, cache,
     (broken / "model.safetensors").write_bytes(b"\x00" * 100)  # a download cut short
     completed, _ = _probe(broken, cache)
     assert completed.returncode == 2, completed.stderr[-2000:]
-    assert "failed with an error, not for lack of memory" in completed.stderr
-    last = completed.stderr.strip().splitlines()[-1]  # (with --json the progress lines go to stderr too)
-    assert last.startswith("memfit: error: trial 1") and "Traceback" not in completed.stderr
+    # Checked before any trial (memfit.models.weights): one line naming the file, no trial ran.
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()], completed.stderr
+    assert completed.stderr.startswith("memfit: error: damaged model weights: ")
+    assert str(broken / "model.safetensors") in completed.stderr and "trial" not in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_interrupted_probe_reruns_only_unfinished_trials(tiny_model_dir, cache):

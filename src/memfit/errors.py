@@ -52,6 +52,11 @@ class WeightsMissingError(UserError):
     """The model's config is known but its weight files are not on this machine."""
 
 
+class WeightsDamagedError(UserError):
+    """The weight files are there but unusable (cut short, empty, a broken header, a shard missing or not holding
+    what the index says): one line naming the file and how to get it again, exit 2, before the model loads."""
+
+
 class DiskFullError(UserError):
     """The output directory's disk filled up while writing (a checkpoint, the final adapter): one line, exit 2."""
 

@@ -88,9 +88,28 @@ def resolve_adapter(path: Path) -> Path:
         raise UserError(f"--adapter {path}: no such directory", hint="pass a run's final/ dir (or the run dir)")
     for candidate in (path, path / "final"):
         if (candidate / ADAPTER_CONFIG).is_file():
+            _check_adapter_weights(candidate)
             return candidate
     raise UserError(f"--adapter {path}: not a PEFT adapter (no {ADAPTER_CONFIG} in it or in its final/)",
                     hint="pass the final/ dir of a LoRA run (a full fine-tune's final/ is a model: use --model)")
+
+
+def _check_adapter_weights(adapter: Path) -> None:
+    """A cut-short or garbled adapter_model.safetensors is one line naming it, before the base model loads."""
+    from memfit.errors import WeightsDamagedError
+    from memfit.models.weights import safetensors_header
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # PEFT says what is missing
+    try:
+        problem = safetensors_header(weights)[1]
+    except OSError as error:
+        raise UserError(f"--adapter {adapter}: cannot read {weights}: {error.strerror or error}") from None
+    if problem is not None:
+        raise WeightsDamagedError(f"damaged adapter weights: {problem.text}",
+                                  hint="copy the adapter again from the run that wrote it (its final/), or train it "
+                                       "again")
 
 
 def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str, quant: str = "none"):
@@ -99,7 +118,7 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str,
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from memfit.train.model import quantization_config
+    from memfit.train.model import load_pretrained, quantization_config
 
     transformers_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": precision.frozen_dtype}
@@ -108,7 +127,7 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str,
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, model_dir, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 

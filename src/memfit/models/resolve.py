@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memfit.errors import ModelNotFoundError, UserError, WeightsMissingError
+from memfit.errors import ModelNotFoundError, UserError, WeightsDamagedError, WeightsMissingError
 from memfit.models.registry import (
     ALIASES,
     ARCHITECTURES,
@@ -22,6 +23,7 @@ from memfit.models.registry import (
     find_alias,
     find_architecture,
 )
+from memfit.models.weights import Problem, load_damage, loaded_file, weights_problem
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -59,9 +61,10 @@ class ResolvedModel:
         return False
 
     def require_weights(self) -> Path:
-        """The directory holding the weights, or WeightsMissingError saying how to get them."""
-        if self.has_weights():
-            assert self.path is not None
+        """The directory holding the weights, checked whole (`check_weights`: headers and sizes, before anything
+        loads), or WeightsMissingError / WeightsDamagedError saying how to get them."""
+        if self.path is not None and loaded_file(self.path) is not None:
+            check_weights(self.path)
             return self.path
         where = f"in {self.path}" if self.path is not None else "on this machine"
         if self.hf_id:
@@ -89,6 +92,110 @@ def _download_hint(hf_id: str, name: str) -> str:
     modern = _hub_major() >= 1
     first, second = _download_command(hf_id, local, modern), _download_command(hf_id, local, not modern)
     return f"download it: {first} (or {second}), then pass --model {local}"
+
+
+def _download_again(hf_id: str, tail: str) -> str:
+    """The re-download command, in both spellings, the one that works here first (see `_download_hint`)."""
+    first, second = ("hf", "huggingface-cli") if _hub_major() >= 1 else ("huggingface-cli", "hf")
+    return f"`{first} download {hf_id} {tail}` (or `{second} download {hf_id} {tail}`)"
+
+
+def _snapshot_hf_id(directory: Path) -> str | None:
+    """ORG/NAME of an HF-cache snapshot directory (`.../models--ORG--NAME/snapshots/<rev>`), else None."""
+    path = Path(os.path.abspath(directory))
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith("models--") or "--" not in repo[len("models--"):]:
+        return None
+    return repo[len("models--"):].replace("--", "/", 1)
+
+
+def _init_model_command(directory: Path) -> str | None:
+    """The `memfit init-model` command that wrote `directory` (its marker file says how), else None."""
+    from memfit.models.init_model import INIT_MARKER
+    from memfit.models.registry import SMALL_PRESET_MAX_PARAMS
+
+    try:
+        marker = json.loads((directory / INIT_MARKER).read_text())
+        arch = find_architecture(str(marker["preset"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if arch is None:
+        return None
+    words = ["memfit", "init-model", "--preset", arch.name, "--out", str(directory)]
+    if marker.get("dtype", "fp32") != "fp32":
+        words += ["--dtype", str(marker["dtype"])]
+    if isinstance(marker.get("num_layers"), int) and marker["num_layers"] != arch.num_layers:
+        words += ["--layers", str(marker["num_layers"])]
+    if marker.get("seed", 0) != 0:
+        words += ["--seed", str(marker["seed"])]
+    if isinstance(marker.get("params"), int) and marker["params"] > SMALL_PRESET_MAX_PARAMS:
+        words.append("--force")
+    return f"`{shlex.join(words)}`"
+
+
+def repair_hint(directory: Path, problem: Problem | None = None) -> str:
+    """How to get whole weights into `directory` again: the HF cache's re-download, the init-model command that
+    made it, or a download into it."""
+    if problem is not None and problem.unreadable:
+        return "check the file's permissions and the disk it is on"
+    hf_id = _snapshot_hf_id(directory)
+    if hf_id:
+        return f"download it again: {_download_again(hf_id, '--force-download')}"
+    recreate = _init_model_command(directory)
+    if recreate:
+        return f"re-create it: delete {directory}, then {recreate}"
+    lfs = (f"in a git clone, `git lfs pull` in {directory} fetches the real files; or "
+           if problem is not None and problem.lfs_pointer else "")
+    return (f"{lfs}download it again: "
+            f"{_download_again('ORG/NAME', f'--local-dir {shlex.quote(str(directory))} --force-download')} with "
+            "the model's repo id, or copy the files again from where they came from")
+
+
+def check_weights(directory: Path) -> None:
+    """WeightsDamagedError naming the file when the weights transformers would load from `directory` are cut short,
+    empty, have a broken header, or are a sharded checkpoint with a shard missing or not holding what its index
+    says (memfit.models.weights). Reads headers and file sizes only."""
+    problem = weights_problem(directory)
+    if problem is not None:
+        raise WeightsDamagedError(f"{problem.what}: {problem.text}", repair_hint(directory, problem))
+
+
+def check_weights_early(spec: str) -> None:
+    """`check_weights` for where `--model` resolves to a directory on this machine (a local dir, or the HF-cache
+    snapshot of an HF id, alias or built-in), without reading its config: for a parent that never loads the model
+    and must not import transformers for it (`train --supervise`). Anything else is left to `require_weights`."""
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    try:
+        if path.exists():
+            if (path / "config.json").is_file():
+                check_weights(path)
+            return
+    except OSError:  # a name no file system takes: resolve_model says what is wrong with it
+        return
+    alias = find_alias(spec)
+    arch = find_architecture(spec) if alias is None else None
+    hf_id = alias.hf_id if alias else arch.hf_id if arch and arch.hf_id else spec if _looks_like_hf_id(spec) else None
+    snapshot = cached_snapshot(hf_id) if hf_id else None
+    if snapshot is not None:
+        check_weights(snapshot)
+
+
+def weights_load_error(error: BaseException, directory: Path) -> WeightsDamagedError | None:
+    """The one-line error for an exception raised while loading the weights of `directory` when damaged files
+    explain it (the check before loading missed them, or they changed since); None for anything else (out of
+    memory, a missing package, a bug), which keeps its own handling."""
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return None
+    problem = weights_problem(directory)
+    if problem is not None:
+        return WeightsDamagedError(f"{problem.what}: {problem.text}", repair_hint(directory, problem))
+    if not load_damage(error, directory):
+        return None
+    lines = str(error).strip().splitlines()
+    detail = " ".join(lines[0].split())[:200] if lines else ""
+    return WeightsDamagedError(f"damaged model weights in {directory}: loading them failed with "
+                               f"{type(error).__name__}{': ' + detail if detail else ''}", repair_hint(directory))
 
 
 def _hub_major() -> int:

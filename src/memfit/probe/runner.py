@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from memfit.config import TrainConfig
-from memfit.errors import EXIT_OK, EXIT_OOM, UserError
+from memfit.errors import EXIT_OK, EXIT_OOM, UserError, WeightsDamagedError
 from memfit.paths import cache_dir
 from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
-from memfit.probe.trial import Trial, TrialSpec, failed_on_input, run_trial
+from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
 from memfit.train.events import Event, Notice
 
 GB = 1024**3
@@ -280,6 +280,10 @@ class Probe:
             trial = self._run(full, number)
             trial.estimate_bytes = estimate
             if failed_on_input(trial):
+                reported = child_error(self.workdir / f"trial-{number}")
+                if reported and reported.get("weights_damaged") and reported.get("line"):
+                    # The model's files, not this setting: the child's own line, as `memfit train` prints it.
+                    raise WeightsDamagedError(str(reported["line"]))
                 log = self.journal.path.with_suffix(f".trial-{number}.stderr.txt")
                 shutil.copyfile(self.workdir / f"trial-{number}" / "stderr.txt", log)
                 raise UserError(f"trial {number} ({_describe(full)}) failed with an error, not for lack of memory: "

@@ -36,6 +36,7 @@ STATUSES = ("fits", "over_limit", "oom", "error")
 KILL_OVER_LIMIT = 1.10
 _POLL_S = 0.05
 GROWTH_MIN_STEPS = 10
+CHILD_ERROR = "error.json"  # in the trial dir: the kind of a MemfitError that ended the child (child_error)
 
 
 @dataclass
@@ -281,7 +282,28 @@ def child_main(spec_path: str, run_dir: str) -> int:
         return train(job, config, on_event=renderer).exit_code
     except MemfitError as error:
         sys.stderr.write(f"memfit: error: {error_line(error)}\n")
+        _write_child_error(Path(spec_path).parent, error)
         return error.exit_code
     finally:
         renderer.close()
 
+
+def _write_child_error(trial_dir: Path, error: Exception) -> None:
+    """What the parent needs to tell the kind of an expected failure (the stderr line alone does not say)."""
+    from memfit.errors import WeightsDamagedError, error_line
+
+    record = {"kind": type(error).__name__, "line": error_line(error),
+              "weights_damaged": isinstance(error, WeightsDamagedError)}
+    try:
+        (trial_dir / CHILD_ERROR).write_text(json.dumps(record) + "\n")
+    except OSError:
+        pass  # the stderr line still says it
+
+
+def child_error(trial_dir: Path) -> dict[str, Any] | None:
+    """The expected failure a trial's child reported (`_write_child_error`), if any."""
+    try:
+        record = json.loads((trial_dir / CHILD_ERROR).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

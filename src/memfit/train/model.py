@@ -96,6 +96,20 @@ def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision
     return model
 
 
+def load_pretrained(model_class, model_dir: Path, **kwargs):
+    """`model_class.from_pretrained(model_dir)` offline; damaged weight files that the check before loading did not
+    catch (memfit.models.resolve.check_weights) are one WeightsDamagedError line naming the file, not a traceback."""
+    from memfit.models.resolve import weights_load_error
+
+    try:
+        return model_class.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    except Exception as error:
+        damaged = weights_load_error(error, Path(model_dir))
+        if damaged is None:
+            raise
+        raise damaged from None
+
+
 def load_model(model_dir: Path, config: TrainConfig, precision: Precision, device: str = "cpu"):
     """The model ready to train: weights on `device`, adapters attached, checkpointing on when asked."""
     from transformers import AutoModelForCausalLM
@@ -107,7 +121,7 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, model_dir, **kwargs)
     if quant is None:
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; in training it only holds memory
