@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(BIN)/memfit demo
 
+# --durations: the slowest tests, so a slow one shows in CI's log (each test over 30 s says why in its docstring).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
