@@ -623,9 +623,9 @@ def launch_config(
 
 
 # The demo: the tiny llama (1M weights, random init), every weight trained, the built-in dataset, about a minute on
-# 2 CPU cores. Not LoRA: a random-init base's frozen head (std 0.02 over 128 dims) caps its logits near +-2.6, so
-# adapters alone barely move the loss (7.66 -> 7.45 in 140 steps at lr 1e-2, `memfit demo --method lora --lr 1e-2`);
-# benchmarks/demo_learning.py measures both.
+# 2 CPU cores. Not LoRA: a random-init base's frozen tied head (std 0.02 over 128 dims, after a unit RMS norm) caps
+# its logits near +-2.6, so adapters alone barely move the loss; benchmarks/demo_learning.py measures both
+# (docs/benchmarks.md, "Does the demo learn?").
 DEMO_DEFAULTS = dict(method="full", seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5,
                      max_steps=400, memory_report_interval=200, save_every=100, seed=0)
 # A sentence the built-in data has (demo.jsonl line 2): after training the model should go on with its words.
