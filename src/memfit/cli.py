@@ -445,7 +445,7 @@ def probe(
         saved = read_profile(Path(result.profile_path))
         _print_json({"profile_path": result.profile_path, "machine": saved["machine"], "model": saved["model"],
                      **saved["entries"][result.entry_key]})
-    raise typer.Exit(exit_code)
+    raise typer.Exit(result.exit_code)
 
 
 def _check_device(device: Optional[str]) -> None:
@@ -726,7 +726,7 @@ def eval_command(
         renderer.close()
     if as_json:
         _print_json(result.summary)
-    raise typer.Exit(exit_code)
+    raise typer.Exit(result.exit_code)
 
 
 _RESUME_LATEST = "latest"
