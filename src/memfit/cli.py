@@ -238,8 +238,8 @@ def estimate(
     training: dict = None,
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
-    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size, suggestions, to_json
-    from memfit.models import resolve_model
+    from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
+    from memfit.estimate.memory import to_json
 
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     file_values = read_config_file(config_file)
@@ -258,7 +258,30 @@ def estimate(
 
     zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
     hardware = replace(_hardware(device, memory_gb, num_gpus, zero, config.offload), engine=engine)
-    resolved = resolve_model(model)
+    # A model estimated before comes from the cache (memfit.estimate.cache): no transformers, no torch, no trace.
+    # Anything the cache lacks sends it through the real resolution and the tracer, which fill the cache.
+    fingerprint = model_fingerprint(model)
+    resolved = cached_resolution(model, fingerprint)
+    try:
+        if resolved is None:
+            raise CacheMiss("not resolved before")
+        computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
+    except CacheMiss:
+        from memfit.models import resolve_model
+
+        resolved = resolve_model(model)
+        remember_resolution(model, resolved, fingerprint)
+        computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
+    result, calibration, largest, micro_batch, grad_accum, advice = computed
+    if as_json:
+        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration})
+    _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
+
+
+def _estimate_of(resolved, config: TrainConfig, hardware, calibrate: bool, target_batch: Optional[int]):
+    """The estimate command's numbers: (estimate, calibration, largest batch, micro-batch, grad-accum, advice)."""
+    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size, suggestions
+
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
     calibration = _calibration(resolved, config, hardware) if calibrate else None
     solve_for = hardware
@@ -276,17 +299,19 @@ def estimate(
         micro_batch = min(largest or 1, config.batch_size)
         grad_accum = grad_accum_for(target_batch, micro_batch, hardware.num_gpus)
     advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
-    if as_json:
-        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration})
-    _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
+    return result, calibration, largest, micro_batch, grad_accum, advice
 
 
 def _calibration(resolved, config: TrainConfig, hardware) -> Optional[dict[str, Any]]:
     """This machine's measured/estimated ratio for this model and setup, from a `memfit probe` profile (only for
     one device: the probe measures one process)."""
-    from memfit.probe.profile import calibration_for, fingerprint, machine_facts
+    from memfit.paths import cache_dir
+    from memfit.probe.profile import calibration_for, fingerprint, machine_facts, model_key
 
     if hardware.num_gpus != 1 or hardware.offload != "none":
+        return None
+    # No profile of this model on any machine: nothing to find, and no need to detect this one (that imports torch).
+    if not any((cache_dir() / "profiles").glob(f"*/{model_key(resolved)}.json")):
         return None
     return calibration_for(resolved, fingerprint(machine_facts()), config.model_dump(), hardware.device)
 

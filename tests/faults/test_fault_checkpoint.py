@@ -1,11 +1,17 @@
-"""Checkpoints under faults: killed mid-write, disk full, corrupted, resumed with a changed config."""
+"""Checkpoints under faults: killed mid-write or between the renames of a same-step replacement, disk full,
+corrupted, resumed with a changed config."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
-from memfit.train.checkpoint import list_checkpoints, open_checkpoint, verify_checkpoint
+import torch
+from safetensors.torch import load_file
+
+from memfit.train.checkpoint import (list_checkpoints, open_checkpoint, remove_partial_checkpoints,
+                                     save_checkpoint, verify_checkpoint)
 
 from .conftest import env, metrics, run, train_command, wait_for
 
@@ -116,3 +122,65 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tiny_model_dir, t
     split = run([sys.executable, "-m", "memfit", "train", "--resume", checkpoint, "--batch-size", "2",
                  "--grad-accum", "2", "--max-memory", "20"])
     assert split.returncode == 0, split.stdout + split.stderr
+
+
+def test_kill_between_the_two_renames_of_a_same_step_checkpoint_loses_nothing(tiny_model_dir, tmp_path):
+    """A resume from step-2 trains steps 3-4 again and writes step-4 over the first run's: the old copy is moved
+    aside, then the new one renamed into place. rename_pause@4 holds the process between the two renames, where
+    no `step-4` exists, and SIGKILL ends it there. The next resume must still find step 4 (either copy, both
+    complete) and lose no step. Over 30 s on a busy 2-core machine (63 s at load 4): three processes (the first
+    run, the killed one, the resume), each paying for its imports."""
+    out = tmp_path / "run"
+    first = run(train_command(tiny_model_dir, out, "--max-steps", "4", "--save-every", "2"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    shutil.rmtree(out / "final")
+
+    resume_step_2 = [sys.executable, "-m", "memfit", "train", "--resume", str(out / "checkpoints" / "step-2")]
+    process = subprocess.Popen(resume_step_2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env("rename_pause@4:60"))
+    wait_for(lambda: (out / ".fault-rename_pause-4").exists(), process)
+    process.kill()
+    process.wait(timeout=30)
+    assert not (out / "checkpoints" / "step-4").exists()  # killed inside the window
+    assert [path.name for path in list_checkpoints(out)] == ["step-2"]
+
+    resumed = run([sys.executable, "-m", "memfit", "train", "--resume", "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "checkpoint step-4: its new copy was complete" in resumed.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step-4'} at step 4" in resumed.stdout
+    assert _steps(out) == [1, 2, 3, 4]
+    assert verify_checkpoint(out / "checkpoints" / "step-4") is None
+    assert not [path.name for path in (out / "checkpoints").iterdir() if path.name.startswith(".")]
+    # An exact resume from the step-4 the killed process wrote: the first run's adapter, bit for bit.
+    resumed_adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert adapter.keys() == resumed_adapter.keys()
+    assert all(torch.equal(adapter[name], resumed_adapter[name]) for name in adapter)
+
+
+def test_a_replacement_cut_short_puts_the_previous_copy_back_when_the_new_one_is_incomplete(tmp_path):
+    # The other branch of the recovery, without training: a process died between the two renames while its new
+    # copy was damaged (here: a file cut short), so the copy it moved aside is the only good one of that step.
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save():
+        return save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler,
+                               trainer_state={"step": 3}, meta={}, keep=3)
+
+    final = save()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended: its replacement is not in progress
+    new = final.parent / f".tmp-step-3-{pid}"
+    shutil.copytree(final, new)
+    (new / "optimizer.pt").write_bytes((new / "optimizer.pt").read_bytes()[:-1])
+    os.rename(final, final.parent / f".replaced-step-3-{pid}")
+    assert list_checkpoints(tmp_path) == []
+
+    checkpoint = open_checkpoint(tmp_path)
+    assert checkpoint.path == final and checkpoint.recovered == (
+        "step-3: its replacement did not finish; the previous copy put back",)
+    assert verify_checkpoint(final) is None
+    assert sorted(path.name for path in final.parent.iterdir()) == [f".tmp-step-3-{pid}", "step-3"]
+    assert remove_partial_checkpoints(tmp_path) == [new] and list(final.parent.iterdir()) == [final]

@@ -219,3 +219,41 @@ def test_in_a_memory_cgroup_the_guard_stops_before_the_kernel_kills(tiny_model_d
     assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "inside a 1.56 GB cgroup limit" in completed.stdout and "stopped by the memory guard" in completed.stdout
     assert (out / "checkpoints" / "step-1").is_dir()
+
+
+def _gone(pid):
+    """No such process, or a zombie (dead; its new parent, init here, has not reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_a_killed_supervisor_takes_its_trainer_with_it(tiny_model_dir, tmp_path):
+    # SIGKILL to the supervisor: no handler runs in it, so only the kernel can tell the child (PR_SET_PDEATHSIG,
+    # SIGTERM). The trainer then stops as on any SIGTERM: a checkpoint of its last step, exit 130. None left running.
+    out, output = tmp_path / "run", tmp_path / "output.txt"
+    with open(output, "w") as file:  # the supervisor's and the trainer's output, to explain a failure
+        process = subprocess.Popen(train_command(tiny_model_dir, out, "--max-steps", "5000", "--supervise"),
+                                   stdout=file, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2, process)
+        child = next(line["pid"] for line in _supervisor_log(out) if line["event"] == "ChildStarted")
+        assert not _gone(child)
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child), f"the trainer (pid {child}) outlived its supervisor"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            if not _gone(child):
+                os.kill(child, signal.SIGKILL)  # never leave a trainer behind, even when the assertion failed
+    run_json = json.loads((out / "run.json").read_text())
+    # It took the SIGTERM path.
+    assert (run_json["status"], run_json.get("exit_code")) == ("interrupted", 130), output.read_text()[-3000:]
+    assert (out / "checkpoints" / f"step-{run_json['step']}").is_dir()

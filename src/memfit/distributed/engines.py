@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memfit.config import TrainConfig
 from memfit.errors import UserError
-from memfit.precision import Precision, resolve_precision
+
+if TYPE_CHECKING:  # memfit.precision imports torch: `memfit estimate` reads estimated_sharding without it
+    from memfit.precision import Precision
 
 DEEPSPEED_EXTRA = "pip install 'memfit[deepspeed]'"
 # FSDP2: parameters are DTensors sharded one by one (torch.distributed.fsdp.fully_shard).
@@ -269,6 +271,8 @@ def accelerator_kwargs(config: TrainConfig, device: str, model_config=None,
     world = _world_size(world_size)
     check_engine(config, device, world)
     engine = engine_name(config)
+    from memfit.precision import resolve_precision
+
     precision = resolve_precision(config.dtype, device)
     if engine == "fsdp" and world > 1:
         from accelerate import FullyShardedDataParallelPlugin

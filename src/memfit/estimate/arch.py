@@ -8,9 +8,13 @@ in/out features of every LoRA target, and the shapes the activation model needs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+from memfit.estimate import cache
+
+if TYPE_CHECKING:
+    import torch
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -33,6 +37,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def is_adaptable_linear(module: torch.nn.Module) -> bool:
     """A linear layer that LoRA can adapt and bitsandbytes can quantize (nn.Linear, GPT-2's Conv1D, bnb layers)."""
+    import torch
+
     if isinstance(module, torch.nn.Linear):
         return True
     kind = type(module).__name__
@@ -101,6 +107,17 @@ class ArchInfo:
     def linear_names(self) -> list[str]:
         return sorted({linear.short_name for linear in self.linears})
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArchInfo:
+        values = dict(data)
+        values["layer_params"] = tuple(values["layer_params"])
+        values["linears"] = tuple(LinearInfo(**linear) for linear in values["linears"])
+        values["param_shapes"] = tuple(tuple(shape) for shape in values["param_shapes"])
+        return cls(**values)
+
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -130,10 +147,22 @@ _CACHE: dict[str, ArchInfo] = {}
 
 
 def arch_info(config) -> ArchInfo:
-    """Count a config's parameters exactly, by group, on the meta device (cached per config)."""
+    """Count a config's parameters exactly, by group, on the meta device (cached per config, in this process and
+    on disk: memfit.estimate.cache)."""
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
-        _CACHE[key] = _count(config)
+        disk_key = cache.digest("arch", key)
+        stored = cache.load("arch", disk_key)
+        try:
+            info = ArchInfo.from_json(stored) if stored is not None else None
+        except (KeyError, TypeError, ValueError):
+            info = None
+        if info is None:
+            if cache.is_record(config):
+                raise cache.CacheMiss("no cached parameter count")
+            info = _count(config)
+            cache.save("arch", disk_key, info.to_json())
+        _CACHE[key] = info
     return _CACHE[key]
 
 

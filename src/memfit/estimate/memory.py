@@ -12,6 +12,11 @@ Components (bytes per device):
   real architecture extrapolated per decoder layer;
 - runtime: the process baseline on CPU, the CUDA context and allocator slack on CUDA.
 
+Traces are kept on disk (memfit.estimate.cache): a second estimate of the same model and settings runs no trace,
+and one from a cached resolution (`memfit estimate`, `recommend`) imports neither torch nor transformers. The
+largest batch is solved on lines through the traces at batch 1 and 2 and checked by the traced estimate at the
+answer (`solve_max_batch`).
+
 Components are attributed at the moment of the peak: gradients count in full, and activations+logits count what
 the step holds above them at its highest point.
 """
@@ -21,16 +26,17 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
 from memfit.config import TrainConfig
 from memfit.errors import UserError
-from memfit.estimate.arch import ArchInfo, arch_info, build_meta_model, decoder_layers
-from memfit.estimate.trace import TracePeak, fakeify_, trace_step
-from memfit.precision import Precision, resolve_precision
+from memfit.estimate import cache
+from memfit.estimate.arch import ArchInfo, arch_info
+from memfit.estimate.peaks import PeakLines, TracePeak, peaks_from_json, peaks_to_json
+from memfit.estimate.solve import largest_fitting
 
 GB = 1024**3
 MB = 1024**2
@@ -82,6 +88,8 @@ class Estimate:
     # The process's peak while loading the checkpoint (CPU only), when that is above the training step's: see
     # `load_peak_bytes`. 0 when loading stays below training, as it does whenever no dtype conversion happens.
     load_peak_bytes: int = 0
+    # The traced phase (forward, head, backward) whose peak sets the activations and logits.
+    peak_phase: str = ""
 
     @property
     def training_bytes(self) -> int:
@@ -94,6 +102,73 @@ class Estimate:
     @property
     def fits(self) -> bool:
         return self.total_bytes <= self.hardware.memory_bytes
+
+
+# --- precision, by dtype names -------------------------------------------------------------------------------------
+
+_NAMED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# memfit.precision's contract (compute, trainable, frozen dtype) by name; tests/test_estimate.py checks it against
+# resolve_precision for every dtype and device.
+_PRECISIONS = {"fp32": ("float32", "float32", "float32"), "bf16": ("bfloat16", "float32", "bfloat16"),
+               "fp16": ("float16", "float32", "float16"), "bf16-pure": ("bfloat16", "bfloat16", "bfloat16")}
+# Where none of these exists, no CUDA (or ROCm, or WSL GPU) driver is loaded: torch.cuda.is_available() is False.
+_GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """memfit.precision.Precision by dtype names: what the arithmetic reads, without importing torch."""
+
+    name: str
+    compute: str
+    trainable: str
+    frozen: str
+
+    @property
+    def autocast(self) -> bool:
+        return self.name in ("bf16", "fp16")
+
+    @property
+    def compute_bytes(self) -> int:
+        return _NAMED_BYTES[self.compute]
+
+    @property
+    def trainable_bytes(self) -> int:
+        return _NAMED_BYTES[self.trainable]
+
+    @property
+    def frozen_bytes(self) -> int:
+        return _NAMED_BYTES[self.frozen]
+
+    def torch(self):
+        """The memfit.precision.Precision with torch dtypes (what a trace runs with)."""
+        import torch
+
+        from memfit.precision import Precision as TorchPrecision
+
+        return TorchPrecision(self.name, getattr(torch, self.compute), getattr(torch, self.trainable),
+                              getattr(torch, self.frozen))
+
+
+def _no_gpu_driver() -> bool:
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not any(os.path.exists(path) for path in _GPU_DRIVER_PATHS)
+
+
+def resolve_dtypes(dtype: str, device: str) -> Precision:
+    """`--dtype` on `device` as memfit.precision.resolve_precision resolves it. torch is imported only to ask
+    whether a CUDA GPU supports bf16 (`auto` on cuda where a GPU driver is present) and for its error messages."""
+    if dtype == "auto" and (device in ("cpu", "mps") or (device == "cuda" and "torch" not in sys.modules
+                                                           and _no_gpu_driver())):
+        dtype = {"cpu": "fp32"}.get(device, "bf16")
+    if dtype in _PRECISIONS and not (dtype == "fp16" and device == "cpu"):
+        return Precision(dtype, *_PRECISIONS[dtype])
+    from memfit.precision import resolve_precision
+
+    real = resolve_precision(dtype, device)
+    names = (str(d).removeprefix("torch.") for d in (real.compute_dtype, real.trainable_dtype, real.frozen_dtype))
+    return Precision(real.name, *names)
 
 
 # --- static terms -------------------------------------------------------------------------------------------------
@@ -153,7 +228,18 @@ def optimizer_state_bytes(name: str, shapes: list[tuple[int, ...]], state_bytes:
 # --- dynamic terms: traced --------------------------------------------------------------------------------------
 
 
-_TRACE_CACHE: dict[tuple, dict[str, TracePeak]] = {}
+_TRACE_CACHE: dict[str, dict[str, TracePeak]] = {}
+# Traces this process ran (cache misses): tests and benchmarks/estimate_speed.py read it.
+TRACE_STATS = {"traced": 0, "from_disk": 0}
+# Settings no trace reads (the loop, the optimizer, the guard, the data, how processes shard): left out of the key
+# so that estimates differing only in them share their traces. The batch size is keyed on its own; everything
+# else (a new field too) is in the key.
+NOT_TRACED = frozenset({
+    "batch_size", "grad_accum", "optimizer", "lr", "warmup_steps", "max_steps", "epochs", "max_grad_norm", "seed",
+    "packing", "group_by_length", "compile", "log_every", "distributed", "offload", "max_memory", "memory_threshold",
+    "memory_report_interval", "save_every", "keep_checkpoints", "memory_sample_interval", "eval_every",
+    "tensorboard", "supervise", "max_restarts", "reload_interval", "lora_layers",
+})
 
 
 def _cut_config(hf_config, num_layers: int):
@@ -169,24 +255,53 @@ def _cut_config(hf_config, num_layers: int):
     return cut
 
 
-def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers: int,
-               batch_size: int) -> dict[str, TracePeak]:
-    key = (hf_config.to_json_string(use_diff=False), config.model_dump_json(), precision.name, num_layers, batch_size)
+def _trace_key(hf_config, config: TrainConfig, precision: Precision, num_layers: int | tuple[int, ...],
+               batch_size: int | str, kind: str = "trace") -> str:
+    settings = config.model_dump(exclude=set(NOT_TRACED & set(TrainConfig.model_fields)))
+    return cache.digest(kind, hf_config.to_json_string(use_diff=False), settings, precision, num_layers,
+                        batch_size)
+
+
+def _cached_cut(key: str) -> dict[str, TracePeak] | None:
     if key not in _TRACE_CACHE:
-        # Building the cut (weight init, LoRA init) draws from the global RNG, and only on a cache miss: keep it
-        # off the caller's stream, or a training run's dropout masks would depend on what was estimated before.
-        with torch.random.fork_rng(devices=[]):
-            _TRACE_CACHE[key] = _trace_cut_uncached(hf_config, config, precision, num_layers, batch_size)
+        stored = cache.load("trace", key)
+        if stored is None:
+            return None
+        TRACE_STATS["from_disk"] += 1
+        _TRACE_CACHE[key] = peaks_from_json(stored)
     return _TRACE_CACHE[key]
 
 
-def _trace_cut_uncached(hf_config, config: TrainConfig, precision: Precision, num_layers: int,
+def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers: int,
+               batch_size: int) -> dict[str, TracePeak]:
+    """One cut of the model traced at one batch size: from this process, else the disk cache, else traced."""
+    key = _trace_key(hf_config, config, precision, num_layers, batch_size)
+    if _cached_cut(key) is None:
+        if cache.is_record(hf_config):
+            raise cache.CacheMiss(f"no cached trace of {num_layers} layers at batch {batch_size}")
+        import torch
+
+        # Building the cut (weight init, LoRA init) draws from the global RNG, and only on a cache miss: keep it
+        # off the caller's stream, or a training run's dropout masks would depend on what was estimated before.
+        with torch.random.fork_rng(devices=[]):
+            _TRACE_CACHE[key] = _trace_cut_uncached(hf_config, config, precision.torch(), num_layers, batch_size)
+        TRACE_STATS["traced"] += 1
+        cache.save("trace", key, peaks_to_json(_TRACE_CACHE[key]))
+    return _TRACE_CACHE[key]
+
+
+def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: int,
                         batch_size: int) -> dict[str, TracePeak]:
+    """`precision`: memfit.precision.Precision (torch dtypes)."""
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memfit.estimate.arch import build_meta_model, decoder_layers
+    from memfit.estimate.trace import fakeify_, trace_step
+    from memfit.train.model import attn_implementation
 
     cut = _cut_config(hf_config, num_layers)
     cut.use_cache = False
-    from memfit.train.model import attn_implementation
 
     model = build_meta_model(cut, attn_implementation=attn_implementation(config))
     if config.method == "full":
@@ -223,6 +338,41 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision: Precision, nu
                       precision.autocast, head=head, last_layer=last_layer, chunked_loss=chunked)
 
 
+def cuts_of(info: ArchInfo) -> tuple[int, ...]:
+    """The cuts traced: 2 and 4 layers, or the whole model when it has no more than 4."""
+    return (info.num_layers,) if info.num_layers <= TRACE_LAYERS[1] else TRACE_LAYERS
+
+
+def cut_lines(hf_config, config: TrainConfig, precision: Precision, num_layers: int) -> PeakLines:
+    """One cut's peaks as lines in the batch size, through its traces at batch 1 and 2."""
+    return PeakLines(_trace_cut(hf_config, config, precision, num_layers, 1),
+                     _trace_cut(hf_config, config, precision, num_layers, 2))
+
+
+_LINES_HOLD: dict[str, int] = {}
+
+
+def lines_hold_to(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision) -> int:
+    """The largest batch at which every cut's trace was found on its lines through batch 1 and 2, byte for byte
+    (0: none). A cut's phase peak is the highest of the live bytes after each op of the step, each of which grows
+    linearly in the batch (a fixed sequence of ops): a convex function of the batch. One that meets a line at 1,
+    2 and N is that line from 1 to N, so every batch up to N is served from the lines, exactly as its traces
+    would be (`solve_max_batch` records N when its check finds that)."""
+    key = _trace_key(hf_config, config, precision, cuts_of(info), "-", kind="lines")
+    if key not in _LINES_HOLD:
+        stored = cache.load("lines", key)
+        _LINES_HOLD[key] = int(stored) if isinstance(stored, int) else 0
+    return _LINES_HOLD[key]
+
+
+def _lines_held(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision, batch_size: int) -> None:
+    """Record that the traces at `batch_size` lie on the lines (checked by the caller), if that is news."""
+    if batch_size > lines_hold_to(hf_config, info, config, precision):
+        key = _trace_key(hf_config, config, precision, cuts_of(info), "-", kind="lines")
+        _LINES_HOLD[key] = batch_size
+        cache.save("lines", key, batch_size)
+
+
 def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Precision,
                  batch_size: int) -> dict[str, TracePeak]:
     """Peak of one micro-step for the whole depth, from traces of 2- and 4-layer cuts.
@@ -234,10 +384,18 @@ def traced_peaks(hf_config, info: ArchInfo, config: TrainConfig, precision: Prec
     trained_layers = info.num_layers
     if config.uses_adapters and config.lora_layers:
         trained_layers = min(config.lora_layers, info.num_layers)
+    held_to = lines_hold_to(hf_config, info, config, precision) if batch_size > 2 else 0
+
+    def cut_at(num_layers: int) -> dict[str, TracePeak]:
+        key = _trace_key(hf_config, config, precision, num_layers, batch_size)
+        if batch_size <= held_to and _cached_cut(key) is None:
+            return cut_lines(hf_config, config, precision, num_layers).at(batch_size)
+        return _trace_cut(hf_config, config, precision, num_layers, batch_size)
+
     if info.num_layers <= long:
-        return _trace_cut(hf_config, config, precision, info.num_layers, batch_size)
-    low = _trace_cut(hf_config, config, precision, short, batch_size)
-    high = _trace_cut(hf_config, config, precision, long, batch_size)
+        return cut_at(info.num_layers)
+    low = cut_at(short)
+    high = cut_at(long)
     extra = (trained_layers - short) / (long - short)
 
     def grow(a: int, b: int) -> int:
@@ -295,11 +453,24 @@ def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, h
 
 @functools.cache
 def cpu_file_pages_bytes() -> int:
-    """Read once per process: the estimate must not drift between the calls of one batch solve."""
+    """Read once per process: the estimate must not drift between the calls of one batch solve.
+
+    The pages are those of a process that imported torch and transformers. One that did not (an estimate made
+    from cached traces) uses the figure the last such process read here, kept in the cache; with none kept, it
+    imports them to read its own."""
     from memfit.system import mapped_file_bytes
 
+    key = cache.digest("file-pages")
+    if not {"torch", "transformers"} <= set(sys.modules):
+        kept = cache.load("file-pages", key)
+        if isinstance(kept, int):
+            return kept
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     own = mapped_file_bytes()
-    return int(CPU_FILE_PAGES_RATIO * (own if own is not None else CPU_FILE_PAGES_FALLBACK_BYTES))
+    figure = int(CPU_FILE_PAGES_RATIO * (own if own is not None else CPU_FILE_PAGES_FALLBACK_BYTES))
+    cache.save("file-pages", key, figure)
+    return figure
 
 
 def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) -> int:
@@ -311,9 +482,21 @@ def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) 
     return CPU_PROCESS_ANON_BYTES + peft + cpu_file_pages_bytes()
 
 
-def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_name: str = "model") -> Estimate:
-    """The per-device breakdown for one configuration (batch size and all) on `hardware`."""
-    precision = resolve_precision(config.dtype, hardware.device)
+def traced_precision(precision: Precision, hardware: Hardware) -> Precision:
+    """The dtypes the step really runs with: DeepSpeed runs a 16-bit model (no autocast copies of fp32 weights),
+    and FSDP computes on gathered 16-bit copies (its param_dtype) with no autocast copies either."""
+    if hardware.zero >= 1 and precision.autocast:
+        return Precision(precision.name, precision.compute, precision.compute, precision.compute)
+    return precision
+
+
+def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_name: str = "model", *,
+                    phases: dict[str, TracePeak] | None = None) -> Estimate:
+    """The per-device breakdown for one configuration (batch size and all) on `hardware`.
+
+    `phases`: the full-depth traced peaks to use at `config.batch_size` (what `PeakLines.at` gives); by default
+    they are traced (or read from the cache) at that batch size."""
+    precision = resolve_dtypes(config.dtype, hardware.device)
     info = arch_info(hf_config)
     notes: list[str] = []
     shards = max(1, hardware.num_gpus)
@@ -371,18 +554,15 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                 weights = ZERO3_GATHERED_LAYERS * info.largest_layer_params * precision.compute_bytes
             notes.append(f"offloaded to CPU RAM (all ranks): {host_offload / GB:.1f} GB")
 
-    # DeepSpeed runs a 16-bit model (no autocast copies of fp32 weights); trace what it really runs.
-    traced_precision = precision
-    # FSDP computes on the gathered 16-bit copies (its param_dtype) with no autocast copies either.
-    if zero >= 1 and precision.autocast:
-        traced_precision = Precision(precision.name, precision.compute_dtype, precision.compute_dtype,
-                                     precision.compute_dtype)
-    # The trace holds unsharded gradients; scale them to what this device really keeps, then take the phase
-    # (forward, loss head, backward) with the highest total.
-    traced_gradient_bytes = trainable * traced_precision.trainable_bytes
+    # Trace what really runs; the trace holds unsharded gradients: scale them to what this device really keeps,
+    # then take the phase (forward, loss head, backward) with the highest total.
+    traced = traced_precision(precision, hardware)
+    traced_gradient_bytes = trainable * traced.trainable_bytes
     gradient_ratio = gradients / traced_gradient_bytes if traced_gradient_bytes else 0.0
-    phases = traced_peaks(hf_config, info, config, traced_precision, config.batch_size)
-    peak = max(phases.values(), key=lambda p: p.activations + p.logits + p.gradients * gradient_ratio)
+    if phases is None:
+        phases = traced_peaks(hf_config, info, config, traced, config.batch_size)
+    peak_phase = max(phases, key=lambda name: phases[name].held + phases[name].gradients * gradient_ratio)
+    peak = phases[peak_phase]
     gradients_at_peak = int(peak.gradients * gradient_ratio)
     if config.grad_accum > 1:
         # Gradients stay allocated across micro-steps; each micro-step's peak comes on top of all of them.
@@ -418,31 +598,95 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
         loading = 0
     return Estimate(model=model_name, config=config, hardware=hardware, precision=precision.name,
                     params=info.params, trainable_params=trainable, breakdown=breakdown,
-                    host_offload_bytes=int(host_offload), notes=notes, load_peak_bytes=int(loading))
+                    host_offload_bytes=int(host_offload), notes=notes, load_peak_bytes=int(loading),
+                    peak_phase=peak_phase)
 
 
 # --- solving and advising -----------------------------------------------------------------------------------------
 
 
-def max_batch_size(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> int:
-    """The largest micro-batch whose estimate fits in `hardware.memory_bytes` (0 if not even 1 fits).
+@dataclass(frozen=True)
+class BatchSolve:
+    batch: int  # the largest micro-batch that fits (0: not even 1)
+    how: str  # "batch 1 does not fit" | "traced" (1 or 2) | "lines, checked" | "traced search"
+    line_evaluations: int = 0  # estimates computed from the lines (arithmetic, no trace)
+    traced_estimates: int = 0  # estimates traced at batch sizes other than 1 and 2 (the check is one), 2 cuts each
 
-    Memory grows linearly in the batch at a fixed sequence length, so two estimates give the slope and the
-    answer; one more estimate at that answer confirms it (and steps down where rounding put it over).
+
+def solve_max_batch(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> BatchSolve:
+    """The largest micro-batch whose estimate fits in `hardware.memory_bytes`, and how it was found.
+
+    Batch 1 and 2 are traced (both cuts). Through them each phase's peak is a line in the batch (PeakLines),
+    kept apart for the forward, loss head and layer backward; the estimate's own arithmetic puts them together
+    with the terms that do not grow with the batch (weights, optimizer states, the gradients a full fine-tune
+    holds at its optimizer step, a loading peak), so the total is flat where those dominate and rises where a
+    phase takes over. The largest batch on that curve comes from memfit.estimate.solve (closed form where the curve
+    is straight, doubling and bisection where it is not), on arithmetic alone. The traced estimate at that answer
+    checks it: when it fits and no phase fell below its line there, the answer stands; otherwise the search goes on
+    over traced estimates, bracketed by what is known (a phase's peak can move to another moment of the step as
+    the batch grows, and the loss head's chunk grows in steps with the tokens).
     """
-    def at(batch: int) -> Estimate:
-        return estimate_memory(hf_config, config.model_copy(update={"batch_size": batch}), hardware)
-
     budget = hardware.memory_bytes
-    one = at(1)
-    if one.total_bytes > budget:
-        return 0
-    # The slope of the training step alone: a loading peak above it is flat in the batch.
-    slope = max(at(2).training_bytes - one.training_bytes, 1)
-    guess = min(limit, 1 + (budget - one.training_bytes) // slope)
-    while guess > 1 and at(guess).total_bytes > budget:
-        guess = max(1, guess - max(1, guess // 50))
-    return int(guess)
+
+    def at(batch: int) -> TrainConfig:
+        return config.model_copy(update={"batch_size": batch})
+
+    def traced_total(batch: int) -> int:
+        return estimate_memory(hf_config, at(batch), hardware).total_bytes
+
+    one = traced_total(1)
+    if one > budget:
+        return BatchSolve(0, "batch 1 does not fit")
+    if limit <= 1:
+        return BatchSolve(1, "traced")
+    precision = traced_precision(resolve_dtypes(config.dtype, hardware.device), hardware)
+    info = arch_info(hf_config)
+    lines = PeakLines(traced_peaks(hf_config, info, at(1), precision, 1),
+                      traced_peaks(hf_config, info, at(2), precision, 2))
+
+    def on_lines(batch: int) -> Estimate:
+        return estimate_memory(hf_config, at(batch), hardware, phases=lines.at(batch))
+
+    solution = largest_fitting(lambda batch: on_lines(batch).total_bytes, budget, limit, known={1: one})
+    answer = solution.batch
+    if answer <= 2:  # the lines at 1 and 2 are the traces
+        return BatchSolve(answer, "traced", solution.evaluations)
+
+    # The check: the traced estimate at the answer (both cuts). One cut is not enough: llama-3.2-1b, full, seq
+    # 2048, no checkpointing, moves its backward peak (from the moment the gradients are all there to one with
+    # more activations) at batch 3 in the 4-layer cut but at batch 4 in the 2-layer cut.
+    checked = estimate_memory(hf_config, at(answer), hardware)
+    if answer > lines_hold_to(hf_config, info, config, precision) and all(
+            _trace_cut(hf_config, at(answer), precision, cut, answer)
+            == cut_lines(hf_config, at(1), precision, cut).at(answer) for cut in cuts_of(info)):
+        _lines_held(hf_config, info, at(answer), precision, answer)  # batches up to here: no trace needed
+    known = {1: one, 2: on_lines(2).total_bytes, answer: checked.total_bytes}  # the lines at 2: its traces
+    if checked.total_bytes > budget:  # a phase rose above its line: search below, on traces
+        found = largest_fitting(traced_total, budget, limit, fits=2, over=answer, known=known)
+        return BatchSolve(found.batch, "traced search", solution.evaluations, found.evaluations + 1)
+    if answer >= limit:
+        return BatchSolve(answer, "lines, checked", solution.evaluations, 1)
+    # The answer fits. The next batch is over on the lines; it stays over unless a phase fell below its line here
+    # (then it may fit): take each phase's shortfall at the answer off its line at the next batch.
+    traced = traced_peaks(hf_config, info, at(answer), precision, answer)
+    full, following = lines.at(answer), lines.at(answer + 1)
+    lowered = {}
+    for phase, peak in following.items():
+        held_gap = min(0, traced[phase].held - full[phase].held)
+        gradient_gap = min(0, traced[phase].gradients - full[phase].gradients)
+        held = max(0, peak.held + held_gap)
+        lowered[phase] = TracePeak(activations=held - min(held, peak.logits), logits=min(held, peak.logits),
+                                   gradients=max(0, peak.gradients + gradient_gap))
+    if estimate_memory(hf_config, at(answer + 1), hardware, phases=lowered).total_bytes > budget:
+        return BatchSolve(answer, "lines, checked", solution.evaluations, 1)
+    found = largest_fitting(traced_total, budget, limit, fits=answer, known=known)
+    return BatchSolve(found.batch, "traced search", solution.evaluations, found.evaluations + 1)
+
+
+def max_batch_size(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> int:
+    """The largest micro-batch whose estimate fits in `hardware.memory_bytes` (0 if not even 1 fits): see
+    `solve_max_batch`."""
+    return solve_max_batch(hf_config, config, hardware, limit).batch
 
 
 def grad_accum_for(target_batch: int, micro_batch: int, num_gpus: int) -> int:

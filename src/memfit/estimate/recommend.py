@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from memfit.config import TrainConfig
+from memfit.estimate.cache import CacheMiss, builtin_config
 from memfit.estimate.memory import Hardware, estimate_memory, max_batch_size
-from memfit.models import ARCHITECTURES
+from memfit.models.registry import ARCHITECTURES
 
 # One architecture per size class, smallest to largest.
 SIZES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-14b", "llama-3.1-70b")
@@ -14,12 +15,21 @@ METHODS = ("full", "lora", "qlora")
 
 
 def recommend(config: TrainConfig, hardware: Hardware) -> dict[str, Any]:
+    """Every size and method: the estimate at the configured batch and the largest batch that fits. From cached
+    traces when they are all there (no torch or transformers import), else traced (and cached)."""
+    try:
+        return _recommend(config, hardware, real=False)
+    except CacheMiss:
+        return _recommend(config, hardware, real=True)
+
+
+def _recommend(config: TrainConfig, hardware: Hardware, real: bool) -> dict[str, Any]:
     rows = []
     largest: dict[str, str | None] = {method: None for method in METHODS}
     precision = None
     for name in SIZES:
         arch = ARCHITECTURES[name]
-        hf_config = arch.to_hf_config()
+        hf_config = builtin_config(arch, real=real)
         row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
         for method in METHODS:
             method_config = config.updated(method=method, quant="4" if method == "qlora" else "none")

@@ -16,25 +16,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from dataclasses import dataclass
-
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memfit.estimate.peaks import PHASES, TracePeak
 
-@dataclass(frozen=True)
-class TracePeak:
-    """Live bytes at the peak of one micro-step, by kind (parameters and optimizer states excluded)."""
-
-    activations: int
-    logits: int  # tensors with a vocab-sized last dimension: logits, their fp32 copy, log-softmax, their grads
-    gradients: int  # parameter gradients alive at the peak
-
-    @property
-    def total(self) -> int:
-        return self.activations + self.logits + self.gradients
+__all__ = ["PHASES", "TracePeak", "fakeify_", "trace_step"]
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -73,7 +62,9 @@ class _LiveBytes(TorchDispatchMode):
                 self.cast_serials.add(self.serial)
             self.live_bytes += storage.nbytes()
             self.live_logits += storage.nbytes() if is_logits else 0
-        for key in [key for key, entry in self.live.items() if entry[0].expired()]:
+        # The keys are the storages' cdata: asking torch directly skips two Python calls per storage and op.
+        expired = torch.UntypedStorage._expired
+        for key in [key for key in self.live if expired(key)]:
             _, nbytes, is_logits, _ = self.live.pop(key)
             self.live_bytes -= nbytes
             self.live_logits -= nbytes if is_logits else 0
@@ -117,9 +108,6 @@ def fakeify_(model: torch.nn.Module, fake_mode) -> None:
             if buffer is not None:
                 with fake_mode:
                     module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device="cpu")
-
-
-PHASES = ("forward", "head", "backward")
 
 
 def trace_step(model: torch.nn.Module, fake_mode, batch_size: int, seq_len: int, vocab_size: int,

@@ -230,6 +230,10 @@ class Guard:
         self.peak_watched_bytes = 0
         self._peak_lock = threading.Lock()  # the thread and end_step both raise the peak
         self._stop = threading.Event()
+        # The same request as a plain attribute, for the trainer's hook at every decoder layer's entry: one
+        # attribute read per layer, no lock, no call (a bool assignment is atomic under the GIL, and a read that
+        # misses it by one layer only stops one layer later).
+        self.stop_now = False
         self._stop_lock = threading.Lock()
         self._stop_reason: str | None = None
         self._background_stop_pending = False
@@ -280,6 +284,7 @@ class Guard:
             if self._stop_reason is None:
                 self._stop_reason = reason
             self._stop.set()
+            self.stop_now = True
 
     def note_step_time(self, seconds: float) -> None:
         self._last_step_s = seconds

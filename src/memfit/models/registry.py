@@ -9,6 +9,7 @@ transformers is imported lazily so that listing models stays fast.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -82,8 +83,10 @@ class Architecture:
                 kw["head_dim"] = self.head_dim
         if self.dtype is not None:
             kw["dtype"] = self.dtype
-        kw.update(self.extra)
-        kw.update(overrides)
+        # Copies: transformers edits nested dicts it is given (rope_scaling gains rope_theta), which would change
+        # the registry (and every key computed from it) after the first config built.
+        kw.update(copy.deepcopy(dict(self.extra)))
+        kw.update(copy.deepcopy(overrides))
         return kw
 
     def to_hf_config(self, num_layers: int | None = None, **overrides: Any) -> PretrainedConfig:
@@ -103,7 +106,11 @@ class Architecture:
 
     @property
     def param_count(self) -> int:
-        """Exact parameters, counted on the meta device (memfit.estimate.arch; cached per config)."""
+        """Exact parameters, counted on the meta device (memfit.estimate.arch; cached per config). A built-in as
+        registered reads its count from COUNTED_PARAMS (`memfit models` lists them without importing torch and
+        transformers); tests/test_models.py counts every one on the meta device against it."""
+        if ARCHITECTURES.get(self.name) == self and self.name in COUNTED_PARAMS:
+            return COUNTED_PARAMS[self.name]
         from memfit.estimate.arch import arch_info
 
         return arch_info(self.to_hf_config()).params
@@ -191,6 +198,26 @@ _ARCHS = [
 ]
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ARCHS}
+
+# Every built-in's parameters as the meta device counts them (Architecture.param_count), recorded so that listing
+# models needs no model code; tests/test_models.py counts them again and compares.
+COUNTED_PARAMS: dict[str, int] = {
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen2.5-14b": 14_770_033_664,
+    "phi-3-mini": 3_821_079_552,
+    "gemma-2-2b": 2_614_341_888,
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "gpt2": 124_439_808,
+    "tinyllama-1.1b": 1_100_048_384,
+    "tiny": 1_049_728,
+}
 
 _ALIASES = [
     Alias("llama-8b", "mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated", "llama-3.1-8b"),

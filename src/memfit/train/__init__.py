@@ -1,5 +1,23 @@
-"""Training: model loading, losses, optimizers, the guarded loop, checkpoints (`from memfit.train import train`)."""
+"""Training: model loading, losses, optimizers, the guarded loop, checkpoints (`from memfit.train import train`).
 
-from memfit.train.loop import TrainJob, TrainResult, train
+The names below are imported on first use (PEP 562): `python -m memfit.train.child`, the trainer of
+`memfit train --supervise`, asks to die with its parent (PR_SET_PDEATHSIG) before torch and transformers load,
+which takes seconds; an eager import here would run first and leave that window open.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memfit.train.loop import TrainJob, TrainResult, train
 
 __all__ = ["TrainJob", "TrainResult", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from memfit.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,14 @@ Layout of `OUTPUT_DIR/checkpoints/step-N/`:
 - `meta.json`               written last: what the run was (config, model, data) and a sha256 per file.
 A directory without a valid `meta.json`, or whose files do not match their checksums, is never resumed from.
 
+Writing: into `.tmp-step-N-PID/`, fsynced, then renamed to `step-N`. A checkpoint of a step that already has one
+(damaged, or of another trajectory after a resume from an earlier step) replaces it in two renames: the old copy to
+`.replaced-step-N-PID/`, then the new one into place. At every instant one complete copy of step N exists: a kill
+between the two renames leaves the old copy and the complete new one, and `recover_replacements` (run before a
+resume looks for checkpoints, and when a trainer starts) finishes the swap, or puts the old copy back when the new
+one does not verify. `.tmp-` directories are unfinished writes and are removed; `.replaced-` ones never are until
+the step has its `step-N` again.
+
 Memory: a checkpoint taken because memory is at the limit must not need much memory itself. safetensors (>= 0.7)
 writes each tensor from its own storage and torch.save streams storages one by one, so neither builds a second copy
 of the state in memory; checksums are computed afterwards by reading the files back in 8 MB chunks.
@@ -22,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,6 +48,8 @@ CHECKPOINTS = "checkpoints"
 ENGINE_DIR = "deepspeed"  # a DeepSpeed run's engine state (each rank's partition), inside its checkpoint
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"  # never listed, resumed or kept: a write that did not finish
+REPLACED_PREFIX = ".replaced-"  # a complete checkpoint moved aside while a new copy of its step takes its name
+_REPLACED = re.compile(r"\.replaced-step-(\d+)-(\d+)")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, past RLIMIT_FSIZE
 
 
@@ -48,6 +59,7 @@ class Checkpoint:
     step: int
     meta: dict[str, Any]
     skipped: tuple[str, ...] = ()  # newer checkpoints passed over because they did not verify (path: why)
+    recovered: tuple[str, ...] = ()  # same-step replacements a killed process left half done, finished first
 
     @property
     def trainer_state(self) -> dict[str, Any]:
@@ -137,15 +149,64 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
                                      "previous checkpoint is intact") from None
         raise
     # A directory of the same name (damaged, or of another trajectory after a resume from an earlier step) is
-    # replaced, and only once the new one is complete: moved aside, the new one renamed in, then removed.
-    replaced = root / f"{TMP_PREFIX}old-step-{step}-{os.getpid()}"
+    # replaced only once the new one is complete: moved aside under a name nothing removes as a partial write, the
+    # new one renamed in, then the old one removed (the module docstring: a kill in between loses neither).
+    replaced = root / f"{REPLACED_PREFIX}step-{step}-{os.getpid()}"
     if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
+        _fsync_dir(root)
+        faults.maybe_pause_rename(step, run_dir)
     os.rename(partial, final)
     _fsync_dir(root)
     shutil.rmtree(replaced, ignore_errors=True)
     prune_checkpoints(run_dir, keep)
     return final
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): os.kill said it exists
+    return stat[stat.rindex(")") + 2:][:1] != "Z"
+
+
+def recover_replacements(run_dir: Path) -> list[str]:
+    """Finish the replacements of same-step checkpoints that a killed process left between its two renames (the
+    module docstring); returns one line per recovered step. A replacement whose process still runs is left alone."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    notes = []
+    for moved in sorted(root.glob(f"{REPLACED_PREFIX}step-*")):
+        match = _REPLACED.fullmatch(moved.name)
+        if match is None:
+            continue
+        step, pid = int(match.group(1)), int(match.group(2))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        final, new = root / f"step-{step}", root / f"{TMP_PREFIX}step-{step}-{pid}"
+        if final.exists():  # killed after the second rename: only the old copy's removal was left
+            shutil.rmtree(moved, ignore_errors=True)
+            continue
+        if new.is_dir() and verify_checkpoint(new) is None:
+            os.rename(new, final)
+            shutil.rmtree(moved, ignore_errors=True)
+            notes.append(f"step-{step}: its new copy was complete when the process writing it was killed between "
+                         "two renames; put in place")
+        else:
+            os.rename(moved, final)
+            notes.append(f"step-{step}: its replacement did not finish; the previous copy put back")
+        _fsync_dir(root)
+    return notes
 
 
 def disk_full_reason(error: BaseException, directory: Path) -> str | None:
@@ -230,8 +291,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path, skipped: list[str] | None = None) -> Checkpoint | None:
-    """The newest checkpoint that verifies; damaged newer ones are reported in `skipped` and passed over."""
+def latest_checkpoint(run_dir: Path, skipped: list[str] | None = None,
+                      recovered: list[str] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported in `skipped` and passed over. A
+    replacement a killed process left half done is finished first (`recover_replacements`; said in `recovered`)."""
+    notes = recover_replacements(run_dir)
+    if recovered is not None:
+        recovered.extend(notes)
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
@@ -244,21 +310,24 @@ def latest_checkpoint(run_dir: Path, skipped: list[str] | None = None) -> Checkp
 
 def open_checkpoint(path: Path) -> Checkpoint:
     """A checkpoint given by the user: verified, or a UserError saying why not."""
+    recovered: list[str] = []
+    if path.parent.name == CHECKPOINTS:  # checkpoints/step-N: it may be moved aside, its replacement cut short
+        recovered = recover_replacements(path.parent.parent)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist", hint="pass a checkpoints/step-N dir or a run dir")
     if (path / CHECKPOINTS).is_dir():  # a run directory: its newest good checkpoint
         skipped: list[str] = []
-        found = latest_checkpoint(path, skipped)
+        found = latest_checkpoint(path, skipped, recovered)
         if found is None:
             raise UserError(f"no usable checkpoint in {path / CHECKPOINTS}",
                             hint="; ".join(skipped) or "train without --resume to start over")
-        return Checkpoint(found.path, found.step, found.meta, tuple(skipped))
+        return Checkpoint(found.path, found.step, found.meta, tuple(skipped), tuple(recovered))
     problem = verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} cannot be resumed: {problem}",
                         hint="resume from an earlier checkpoints/step-N, or the run dir to pick the newest good one")
     meta = load_checkpoint_meta(path)
-    return Checkpoint(path, int(meta["step"]), meta)
+    return Checkpoint(path, int(meta["step"]), meta, recovered=tuple(recovered))
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -267,7 +336,9 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
-    """Leftovers of writes that were killed; returned so the caller can say what it cleaned."""
+    """Leftovers of writes that were killed; returned so the caller can say what it cleaned. A same-step
+    replacement cut between its renames is finished first: its new copy is a `.tmp-` directory too."""
+    recover_replacements(run_dir)
     root = run_dir / CHECKPOINTS
     removed = [path for path in root.glob(f"{TMP_PREFIX}*")] if root.is_dir() else []
     for path in removed:

@@ -7,24 +7,32 @@ unsupervised `memfit train` does, rendered to the terminal it shares with the pa
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 
-def _end_with_parent() -> None:
-    """Linux: SIGTERM when the parent dies, so a killed supervisor leaves no trainer behind (it checkpoints)."""
+def _end_with_parent(parent_pid: int | None) -> bool:
+    """Linux: SIGTERM when the parent dies, so a killed supervisor leaves no trainer behind (it checkpoints).
+    False when the parent is already gone: it died before the request, and nothing will ever send the signal."""
     if not sys.platform.startswith("linux"):
-        return
+        return True
     import ctypes
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
-        pass
+        return True
+    return parent_pid is None or os.getppid() == parent_pid
 
 
 def main(spec_path: str) -> int:
+    # First, before the imports (seconds): until this call a killed supervisor would leave the child running.
+    spec = json.loads(Path(spec_path).read_text())
+    if not _end_with_parent(spec.get("supervisor_pid")):
+        sys.stderr.write("memfit: error: the supervisor ended before the trainer started; not training\n")
+        return 130
     from rich.console import Console
 
     from memfit.cli import _quiet_libraries
@@ -34,9 +42,7 @@ def main(spec_path: str) -> int:
     from memfit.train import TrainJob, train
     from memfit.train.checkpoint import open_checkpoint
 
-    _end_with_parent()
     _quiet_libraries()
-    spec = json.loads(Path(spec_path).read_text())
     fields = dict(spec["job"])
     renderer = TrainRenderer(Console())
     try:

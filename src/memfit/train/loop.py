@@ -2,8 +2,11 @@
 
 One optimizer step takes `batch_size x grad_accum` rows from the data stream (epoch orders back to back), split
 into micro-batches of `batch_size`. Safe points, where a stop (memory limit, SIGINT/SIGTERM) is honoured, are
-before every micro-batch and at every step end; a step cut short is thrown away (its gradients dropped) and the
-checkpoint holds the last finished step, so resuming redoes exactly that step.
+before every micro-batch and at every step end; the memory guard's stop is honoured also inside a micro-batch, at
+the entry of every decoder layer (a forward pre-hook that reads one attribute), so memory rising inside the forward
+pass stops there even with `--grad-accum 1`. A step cut short is thrown away (its gradients dropped, the torch RNG
+put back to where the step began) and the checkpoint holds the last finished step, so resuming redoes exactly that
+step.
 
 Out-of-memory recovery: a step that raises OOM is retried on the same rows with the micro-batch halved (so twice
 as many micro-batches, the same effective batch and, by memfit.train.objective's weighting, the same gradient).
@@ -98,7 +101,8 @@ TrainResult = RunEnded
 
 
 class _StepAborted(Exception):
-    """A stop was requested between micro-batches: the step is dropped, the checkpoint holds the one before."""
+    """A stop was requested between micro-batches, or inside one at a decoder layer's entry (then the message says
+    where): the step is dropped, the checkpoint holds the one before."""
 
 
 class _ShardedOom(Exception):
@@ -112,6 +116,19 @@ class _OomAgreed(Exception):
 # Launchers forward the terminal's Ctrl-C to workers that already got it: a second signal this soon after the first
 # is the same request, not an "abort now".
 REPEATED_SIGNAL_S = 2.0
+
+
+def layer_stop_hook(trainer: "Trainer", guard, index: int, layers: int) -> Callable[..., None]:
+    """The forward pre-hook on decoder layer `index`: the step abort when the guard has asked to stop and a
+    training micro-batch is running (two attribute reads: no lock, no call, no syscall)."""
+
+    def before_layer(module, args) -> None:
+        if guard.stop_now and trainer.in_micro_batch is not None:
+            step, _, micro_batch = trainer.in_micro_batch
+            raise _StepAborted(f"step {step} cut short inside micro-batch {micro_batch}, before decoder layer "
+                               f"{index + 1} of {layers}")
+
+    return before_layer
 
 
 def default_device() -> str:
@@ -157,6 +174,10 @@ def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int
 
 
 class Trainer:
+    # The guard's stop at decoder-layer entries (one process, no sharded engine, no torch.compile). A class
+    # attribute so that benchmarks/guard_stop_overshoot.py can measure the overshoot without it.
+    stop_at_layers = True
+
     def __init__(self, job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
         self.job, self.config = job, config
         self.ranks = current_ranks()
@@ -175,6 +196,10 @@ class Trainer:
         self.pending_steps: list[dict[str, Any]] = []  # finished steps whose loss is still on the device
         self.last_flush = time.perf_counter()
         self.last_checkpoint: Path | None = None  # written by this process
+        # The training micro-batch running now, (step, attempt, micro-batch), 1-based; None outside one (evaluation,
+        # checkpoints). The layer hooks act only inside one.
+        self.in_micro_batch: tuple[int, int, int] | None = None
+        self.layer_count, self.layer_stops = 0, False
 
     def emit(self, event: Event) -> None:
         if not isinstance(event, StepEnd):
@@ -341,6 +366,28 @@ class Trainer:
         else:  # one process, DDP, or DeepSpeed (which returns its engine and optimizer wrapper)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.trainable = [param for param in self.model.parameters() if param.requires_grad]
+        self._install_layer_hooks()
+
+    def _install_layer_hooks(self) -> None:
+        """The guard's stop at each decoder layer's entry, and the fault hooks (memfit.faults) on the same layers.
+
+        The stop hook raises the step abort when the guard has asked to stop: the step in flight is dropped at the
+        next layer instead of running to its end (with one micro-batch per step, the first safe point would be the
+        step end). Only in one process without a sharded engine: elsewhere a rank leaving the forward pass alone
+        would leave the others waiting in a collective, and the stop goes through the ranks' agreement at the safe
+        points. Not under torch.compile: dynamo would trace the attribute read as a constant.
+        """
+        from memfit.estimate.arch import decoder_layers
+
+        layers = decoder_layers(self.accelerator.unwrap_model(self.model))
+        self.layer_count = len(layers)
+        if layers and faults.layer_faults_active():
+            faults.install_layer_faults(layers, lambda: self.in_micro_batch)
+        self.layer_stops = bool(layers) and self.stop_at_layers and not (
+            self.distributed or self.sharded or self.config.compile)
+        if self.layer_stops:
+            for index, layer in enumerate(layers):
+                layer.register_forward_pre_hook(layer_stop_hook(self, self.guard, index, len(layers)))
 
     def _accelerator_kwargs(self) -> dict[str, Any]:
         """One process: none. Several: the engine's plugin (memfit.distributed.engines), and gloo for CPU processes
@@ -405,6 +452,8 @@ class Trainer:
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         config = self.config
+        for note in checkpoint.recovered:
+            self.emit(Notice(f"checkpoint {note}", "warning"))
         for problem in checkpoint.skipped:
             self.emit(Notice(f"skipped {problem}; using the newest checkpoint that verifies", "warning"))
         load_states = None
@@ -488,6 +537,8 @@ class Trainer:
                                        **self.config.model_dump()})
         else:
             self.estimate = data.get("estimate_bytes")
+        if "peak_rss_bytes" in status:  # a resumed run's peak is the highest of its processes'
+            status["peak_rss_bytes"] = max(data.get("peak_rss_bytes") or 0, status["peak_rss_bytes"])
         data.update(status)
         data["peak_watched_bytes"] = max(data.get("peak_watched_bytes") or 0, self.guard.peak_watched_bytes)
         data["oom_recoveries"] = self.recoveries
@@ -557,12 +608,14 @@ class Trainer:
             elif self._should_stop():
                 raise _StepAborted
             try:
-                faults.maybe_oom(self.step + 1, attempt)
+                if not self.layer_count:  # with decoder layers, oom@ fires inside the forward pass (faults.py)
+                    faults.maybe_oom(self.step + 1, attempt, number + 1)
                 faults.maybe_die(self.step + 1, self.job.output_dir)
                 batch = collate(chunk, self.dataset.samples, self.pad_id)
                 scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
                 inputs = self._model_inputs(batch)
                 last = number == len(chunks) - 1
+                self.in_micro_batch = (self.step + 1, attempt, number + 1)
                 if self.sharded:
                     loss = self._sharded_micro_step(inputs, scored, last)
                 else:
@@ -573,7 +626,9 @@ class Trainer:
                         loss = micro_step_loss(self.model, inputs, scored, head=self.head,
                                                compute_dtype=self.precision.compute_dtype)
                         self.accelerator.backward(loss)
+                self.in_micro_batch = None
             except Exception as error:  # noqa: BLE001 - several processes: an OOM goes to the agreement
+                self.in_micro_batch = None
                 if not (self.distributed or self.sharded) or not is_out_of_memory(error):
                     raise
                 failure = " ".join(str(error).split())[:200]
@@ -638,12 +693,16 @@ class Trainer:
         from memfit.guard import is_out_of_memory, release_memory
 
         attempt = 0
+        # The torch RNG as the step began (dropout draws from it): a dropped step puts it back, so the checkpoint
+        # written after it, and a retry after an OOM, start the step from the same state as an uninterrupted run.
+        # Only torch's: nothing in a step draws from Python's or numpy's, whose states cost 7-40x more to copy.
+        rng = self._torch_rng_state()
         while True:
-            failure = None
+            failure, cut_short = None, None
             try:
                 return self._train_step(rows_index, attempt)
-            except _StepAborted:
-                failure = "aborted"
+            except _StepAborted as aborted:
+                failure, cut_short = "aborted", (str(aborted) or None)
             except _OomAgreed as agreed:
                 failure = str(agreed)
             except _ShardedOom as oom:
@@ -660,7 +719,11 @@ class Trainer:
             # Outside the except block: the traceback (and the activations its frames hold) is gone by now.
             self.optimizer.zero_grad(set_to_none=True)
             release_memory()
+            self._set_torch_rng_state(rng)
             if failure == "aborted":
+                if cut_short:
+                    self.emit(Notice(f"{cut_short}: {self.guard.stop_reason or 'stop requested'}; the step is "
+                                     "dropped (the checkpoint holds the one before)", "warning"))
                 return "aborted"
             if self.micro_batch == 1 or self.job.trial:
                 self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}: "
@@ -673,6 +736,17 @@ class Trainer:
             self.emit(OomRecovered(self.step + 1, self.micro_batch, accum, self.recoveries,
                                    f"out of memory at step {self.step + 1}: retrying the same {self.effective_batch} "
                                    f"samples as {accum} micro-batches of {self.micro_batch} ({failure})"))
+
+    def _torch_rng_state(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        cuda = (torch.cuda.get_rng_state_all() if self.device == "cuda" and torch.cuda.is_initialized() else None)
+        return torch.get_rng_state(), cuda
+
+    @staticmethod
+    def _set_torch_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
     # --- checkpoints, evaluation, the end ----------------------------------------------------------------------
 
@@ -996,7 +1070,9 @@ class Trainer:
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                             final_dir=str(final_dir) if final_dir else None, **extra)
+                             final_dir=str(final_dir) if final_dir else None,
+                             # The OS's high-water mark (VmHWM): the true peak, between the guard's readings too.
+                             peak_rss_bytes=ending.peak_rss_bytes, **extra)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)
@@ -1011,14 +1087,23 @@ class Trainer:
 
 def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
     """Train as `config` says; returns how it ended (exit code included). SIGINT/SIGTERM stop it at the next safe
-    point with a checkpoint; a second signal aborts at once (the last complete checkpoint stays resumable)."""
+    point with a checkpoint; a second signal aborts at once (KeyboardInterrupt, after one line saying so: the step
+    in flight and any checkpoint being written are dropped, the last complete checkpoint stays resumable)."""
+    import os
+
     trainer = Trainer(job, config, on_event)
     first_signal_at = [0.0]
+    # A supervised trainer (memfit.train.supervisor) asked for SIGTERM when its supervisor dies (PR_SET_PDEATHSIG).
+    # The kernel sends it again at each reparenting (to another thread of the dying supervisor, then to init): once
+    # the supervisor is gone, a repeated SIGTERM is that, not a user's second signal, and must not abort the stop.
+    supervisor = os.getppid() if job.attempt is not None else None
 
     def on_signal(signum, frame):
         if trainer.interrupted:
             if trainer.distributed and time.monotonic() - first_signal_at[0] < REPEATED_SIGNAL_S:
                 return  # the launcher passing on the Ctrl-C this worker already got from the terminal
+            if supervisor is not None and os.getppid() != supervisor:
+                return  # the parent-death signal again (see above)
             raise KeyboardInterrupt
         trainer.interrupted = signal.Signals(signum).name
         first_signal_at[0] = time.monotonic()
@@ -1034,6 +1119,10 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
         result = trainer.run()
         finished = True
         return result
+    except KeyboardInterrupt:
+        if trainer.interrupted:
+            _say_aborted(trainer)
+        raise
     finally:
         trainer.restore_head()
         guard = getattr(trainer, "guard", None)
@@ -1043,3 +1132,16 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
             signal.signal(signum, handler)
         if finished and trainer.distributed:
             leave_process_group()
+
+
+def _say_aborted(trainer: Trainer) -> None:
+    """The second signal's abort, in one line and in run.json: nothing else is written on the way out."""
+    try:
+        trainer.emit(Notice(f"aborted by a second {trainer.interrupted}: the step in flight and any checkpoint "
+                            "being written are dropped; resume from the newest complete checkpoint with "
+                            f"`memfit train --resume {trainer.job.output_dir}`", "warning"))
+        if hasattr(trainer, "start_step"):  # run.json written (set-up finished): say how it ended there too
+            trainer._write_run_json(status="aborted", exit_code=EXIT_INTERRUPTED, step=trainer.step,
+                                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except Exception:  # noqa: BLE001 - saying so must not hide the abort itself
+        pass

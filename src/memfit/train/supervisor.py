@@ -28,6 +28,7 @@ once (a second Ctrl-C passes a second one: the child then aborts at once, as uns
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def _last_micro_batch(run_dir: Path) -> int | None:
 
 def _newest_checkpoint_step(run_dir: Path) -> int | None:
     """The newest complete checkpoint's step, from its meta.json (the child verifies the checksums when it resumes:
-    hashing a full model's checkpoint here would double the time a restart takes)."""
+    hashing a full model's checkpoint here would double the time a restart takes). A same-step replacement the dead
+    child left between its two renames is finished first (ckpt.recover_replacements)."""
+    ckpt.recover_replacements(run_dir)
     for path in reversed(ckpt.list_checkpoints(run_dir)):
         meta = ckpt.load_checkpoint_meta(path)
         if meta is not None:
@@ -162,7 +165,7 @@ class Supervisor:
                 spec = {"job": {**self.job_fields, "resume": resume, "fresh_restart": fresh and attempt > 0,
                                 "max_micro_batch": max_micro_batch, "reload_after": self.reload_interval,
                                 "attempt": attempt},
-                        "config": self.config_values}
+                        "config": self.config_values, "supervisor_pid": os.getpid()}
                 spec_path = Path(spec_dir) / f"spec-{attempt}.json"
                 spec_path.write_text(json.dumps(spec, default=str))
                 exit_code = self._run_child(spec_path, attempt, resume, max_micro_batch)

@@ -1,0 +1,225 @@
+"""The estimator's measurements on disk, in `$MEMFIT_CACHE/estimate/` (memfit.paths.cache_dir).
+
+What costs time in an estimate is tracing the model code on fake tensors (seconds per cut of the model) and, before
+that, importing torch, transformers and PEFT. Neither result changes while the installed versions and the model's
+config stay the same, so each is kept as a small JSON file:
+
+- `trace/`: the peak of one traced cut (its number of layers, at one batch size) per phase, keyed by the model's
+  config, the training settings the trace reads, the dtypes, and the versions below;
+- `lines/`: the largest batch up to which every traced cut was found on its lines through batch 1 and 2 (so
+  batches up to it need no trace: memfit.estimate.memory.lines_hold_to);
+- `arch/`: the parameter counts and shapes of one config (memfit.estimate.arch.ArchInfo);
+- `model/`: what `--model` resolved to (name, source, the config's values), keyed by every file and registry entry
+  the resolution could read, so a second estimate of the same model needs neither transformers nor torch;
+- `config/`: the transformers config of a built-in architecture, for `memfit recommend`;
+- `file-pages/`: the shared-library pages a process that imported torch and transformers maps (the CPU runtime
+  term), for estimates made without importing them.
+
+Versions: memfit, Python, torch, transformers, PEFT, accelerate, and a digest of the source files whose code the
+trace runs, so editing the estimator or the loss invalidates what it traced. A file that cannot be read is a miss;
+one that cannot be written is skipped.
+
+A `ConfigRecord` stands in for a transformers config read from the cache: the estimator reads its values and its
+JSON (the key of everything above), and raises `CacheMiss` where it would need the real config (a trace that is
+not cached); callers then resolve the model for real and estimate again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from memfit.paths import cache_dir
+
+SCHEMA = 1
+# The code a trace runs, besides the installed libraries: a change to any of these files invalidates the cache.
+_TRACED_SOURCES = ("estimate/memory.py", "estimate/trace.py", "estimate/arch.py", "estimate/peaks.py",
+                   "train/model.py", "train/chunked_loss.py", "train/losses.py", "precision.py")
+_PACKAGES = ("torch", "transformers", "peft", "accelerate")
+
+
+class CacheMiss(Exception):
+    """An estimate from cached measurements needs one that is not cached: estimate again from the real config."""
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import memfit
+
+    found = {"memfit": memfit.__version__, "schema": str(SCHEMA), "python": sys.version.split()[0]}
+    for package in _PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "-"
+    root = Path(memfit.__file__).resolve().parent
+    sources = hashlib.sha256()
+    for name in _TRACED_SOURCES:
+        try:
+            sources.update((root / name).read_bytes())
+        except OSError:
+            sources.update(name.encode())
+    found["sources"] = sources.hexdigest()[:16]
+    return found
+
+
+def digest(*parts: Any) -> str:
+    text = json.dumps([versions(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _path(kind: str, key: str) -> Path:
+    return cache_dir() / "estimate" / kind / f"{key}.json"
+
+
+def load(kind: str, key: str) -> Any | None:
+    try:
+        return json.loads(_path(kind, key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save(kind: str, key: str, data: Any) -> None:
+    path = _path(kind, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(data, default=str))
+        os.replace(partial, path)
+    except OSError:
+        pass  # a read-only or full cache: estimates are computed again next time
+
+
+# --- configs without transformers ---------------------------------------------------------------------------------
+
+
+class ConfigRecord:
+    """A transformers config as recorded in the cache: its values and its `to_json_string(use_diff=False)`."""
+
+    def __init__(self, values: dict[str, Any], json_string: str):
+        self._values = values
+        self._json = json_string
+
+    @classmethod
+    def of(cls, config) -> ConfigRecord:
+        values = json.loads(json.dumps(config.to_dict(), default=str))
+        return cls(values, config.to_json_string(use_diff=False))
+
+    def to_record(self) -> dict[str, Any]:
+        return {"values": self._values, "json": self._json}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> ConfigRecord:
+        return cls(data["values"], data["json"])
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        if use_diff:
+            raise CacheMiss("a config diff needs transformers")
+        return self._json
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._values))
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+def is_record(config: Any) -> bool:
+    return isinstance(config, ConfigRecord)
+
+
+# --- what --model resolves to, without transformers ---------------------------------------------------------------
+
+
+def _file_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def model_fingerprint(spec: str) -> str | None:
+    """A digest of everything `memfit.models.resolve_model(spec)` reads: the local directory's config.json, the
+    HF-cache snapshot (and its config.json) of every id the spec could name, and the registry. The same digest
+    means the same resolution. None when the file system cannot be read."""
+    from memfit.models.registry import ALIASES, ARCHITECTURES
+    from memfit.models.resolve import cached_snapshot, hf_hub_cache
+
+    spec = spec.strip()
+    facts: dict[str, Any] = {"spec": spec}
+    try:
+        path = Path(spec).expanduser()
+        if path.exists():
+            facts["local"] = [os.path.abspath(path), os.path.realpath(path), _file_text(path / "config.json")]
+            return digest("model", facts)
+        low = spec.lower()
+        ids = {spec} if spec.count("/") == 1 else set()
+        for alias in ALIASES.values():
+            if low in (alias.name, alias.hf_id.lower()):
+                ids.add(alias.hf_id)
+        for arch in ARCHITECTURES.values():
+            if arch.hf_id and low in (arch.name, arch.hf_id.lower()):
+                ids.add(arch.hf_id)
+        snapshots = {}
+        for hf_id in sorted(ids):
+            snapshot = cached_snapshot(hf_id)
+            snapshots[hf_id] = None if snapshot is None else [str(snapshot), _file_text(snapshot / "config.json")]
+        facts.update(hub=str(hf_hub_cache()), snapshots=snapshots,
+                     registry=[repr(ARCHITECTURES), repr(ALIASES)])
+    except OSError:
+        return None
+    return digest("model", facts)
+
+
+def cached_resolution(spec: str, key: str | None = None):
+    """The ResolvedModel of `spec` from the cache (its config a ConfigRecord), or None. `key`: its
+    model_fingerprint, when the caller computed it already."""
+    from memfit.models.registry import find_architecture
+    from memfit.models.resolve import ResolvedModel
+
+    key = key or model_fingerprint(spec)
+    data = load("model", key) if key else None
+    if not data:
+        return None
+    try:
+        return ResolvedModel(spec.strip(), data["source"], data["name"], data["hf_id"],
+                             Path(data["path"]) if data["path"] else None, ConfigRecord.from_record(data["config"]),
+                             find_architecture(data["architecture"]) if data["architecture"] else None)
+    except (KeyError, TypeError):
+        return None
+
+
+def remember_resolution(spec: str, resolved, key: str | None = None) -> None:
+    """Keep what `spec` resolved to; `key`: its model_fingerprint taken before resolving (resolving could change
+    what the fingerprint reads)."""
+    key = key or model_fingerprint(spec)
+    if key is None or is_record(resolved.config):
+        return
+    save("model", key, {
+        "source": resolved.source, "name": resolved.name, "hf_id": resolved.hf_id,
+        "path": str(resolved.path) if resolved.path is not None else None,
+        "architecture": resolved.architecture.name if resolved.architecture is not None else None,
+        "config": ConfigRecord.of(resolved.config).to_record(),
+    })
+
+
+def builtin_config(arch, real: bool = False):
+    """A built-in architecture's config: from the cache (a ConfigRecord) unless `real` or not cached yet."""
+    key = digest("config", repr(arch))
+    if not real:
+        data = load("config", key)
+        if data:
+            return ConfigRecord.from_record(data)
+    config = arch.to_hf_config()
+    save("config", key, ConfigRecord.of(config).to_record())
+    return config
