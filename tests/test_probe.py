@@ -363,6 +363,8 @@ def test_ctrl_c_stops_the_probe_at_a_safe_place_not_inside_whatever_runs(monkeyp
     import os
 
     reached = []
+    # What the test process had (a background job of a non-interactive shell starts with SIGINT ignored).
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def setup(self):
         os.kill(os.getpid(), signal.SIGINT)
@@ -383,4 +385,4 @@ def test_ctrl_c_stops_the_probe_at_a_safe_place_not_inside_whatever_runs(monkeyp
     with pytest.raises(KeyboardInterrupt):
         probe(ProbeJob(model="m", data=tmp_path / "d.jsonl"), TrainConfig())
     assert reached == ["setup went on after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
