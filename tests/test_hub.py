@@ -142,17 +142,16 @@ def test_hub_id_fetches_config_into_the_hf_cache_then_works_offline(hub, tmp_pat
     snapshot = repo / "snapshots" / commit / "config.json"
     assert json.loads(snapshot.read_text()) == QWEN3_8B
     assert sorted(p.name for p in (repo / "snapshots" / commit).iterdir()) == ["config.json"]  # no weights
-    # Offline now: the same id comes from the cache, and nothing is asked of the server.
+    # Offline now: the same id comes from the cache, nothing is asked of the server, and the output says where
+    # the config came from.
     before = len(hub.seen)
-    second = estimate_json(_env(tmp_path, hub.url, HF_HUB_OFFLINE="1"), "Qwen/Qwen3-8B")
-    assert second["params"] == QWEN3_8B_PARAMS and second["source"] == "hf-cache"
-    assert second["total_bytes"] == first["total_bytes"]
-    assert len(hub.seen) == before
-    # The text output says where the config came from.
-    text = memfit(_env(tmp_path, None, HF_HUB_OFFLINE="1"), "estimate", "--model", "Qwen/Qwen3-8B", "--method",
+    text = memfit(_env(tmp_path, hub.url, HF_HUB_OFFLINE="1"), "estimate", "--model", "Qwen/Qwen3-8B", "--method",
                   "lora", "--device", "cuda", "--memory-gb", "80")
     assert text.returncode == 0, text.stderr
-    assert "hf-cache" in text.stdout and "config.json of Qwen/Qwen3-8B" in " ".join(text.stdout.split())
+    words = " ".join(text.stdout.split())
+    assert f"of {QWEN3_8B_PARAMS:,}" in words and "hf-cache" in words
+    assert f"config.json of Qwen/Qwen3-8B at commit {commit}" in words
+    assert len(hub.seen) == before
 
 
 def test_hf_hub_cache_wins_and_a_revision_is_fetched_as_asked(hub, tmp_path):
@@ -184,9 +183,14 @@ def test_gated_repo_needs_the_token_and_the_token_is_sent(hub, tmp_path):
 
 
 def test_renamed_repo_follows_the_hubs_redirect(hub, tmp_path):
-    data = estimate_json(_env(tmp_path, hub.url), "old-org/qwen3-8b-renamed")
-    assert data["params"] == QWEN3_8B_PARAMS
-    assert (tmp_path / "hf-home" / "hub" / "models--old-org--qwen3-8b-renamed" / "refs" / "main").is_file()
+    done = memfit(_env(tmp_path, hub.url), "launch-config", "--model", "old-org/qwen3-8b-renamed", "--distributed",
+                  "fsdp", "--num-processes", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "Qwen3DecoderLayer" in done.stdout
+    repo = tmp_path / "hf-home" / "hub" / "models--old-org--qwen3-8b-renamed"
+    commit = (repo / "refs" / "main").read_text()
+    assert json.loads((repo / "snapshots" / commit / "config.json").read_text()) == QWEN3_8B
+    assert any(s.path.startswith("/Qwen/Qwen3-8B/") for s in hub.seen)
 
 
 @pytest.mark.parametrize("model, words", [
@@ -221,19 +225,32 @@ def test_no_network_and_offline_are_one_line_and_fast(tmp_path):
     assert "offline mode is on" in line
 
 
-def test_training_commands_need_the_weights(hub, tmp_path, tiny_model_dir):
+def _fill_cache_with_config(env: dict[str, str], repo_id: str) -> None:
+    """What `hf download ORG/NAME config.json` does, with the same client."""
+    code = f"from huggingface_hub import hf_hub_download; hf_hub_download({repo_id!r}, 'config.json')"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+def test_training_commands_need_the_weights(hub, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
     env = _env(tmp_path, hub.url)
-    estimate_json(env, "Qwen/Qwen3-8B")  # config.json in the cache, no weights
+    _fill_cache_with_config(env, "Qwen/Qwen3-8B")  # config.json in the cache, no weights
     before = len(hub.seen)
     for command in (["train", "--data", str(data), "--output-dir", str(tmp_path / "run")],
                     ["probe", "--data", str(data)],
                     ["eval", "--data", str(data)]):
         line = one_line_error(memfit(env, command[0], "--model", "Qwen/Qwen3-8B", *command[1:]))
         assert "no weight files for Qwen/Qwen3-8B" in line and "`hf download Qwen/Qwen3-8B`" in line, line
-    # Not in the cache at all: the same download, and the estimate that needs no weights.
-    line = one_line_error(memfit(env, "train", "--model", "nobody/elsewhere", "--data", str(data), "--output-dir",
-                                 str(tmp_path / "run2")))
-    assert "`hf download nobody/elsewhere`" in line and "memfit estimate --model nobody/elsewhere" in line
     assert len(hub.seen) == before  # training never fetches
+
+
+def test_training_a_hub_id_not_on_this_machine(hub, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    before = len(hub.seen)
+    line = one_line_error(memfit(_env(tmp_path, hub.url), "train", "--model", "Qwen/Qwen3-8B@v1.0", "--data",
+                                 str(data), "--output-dir", str(tmp_path / "run")))
+    assert "is not on this machine" in line and "`hf download Qwen/Qwen3-8B --revision v1.0`" in line
+    assert "memfit estimate --model Qwen/Qwen3-8B@v1.0" in line
+    assert len(hub.seen) == before
