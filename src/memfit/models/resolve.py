@@ -377,7 +377,14 @@ def _from_hub_id(spec: str, hub: HubSpec, fetch_config: bool) -> ResolvedModel:
     if fetch_config:
         from memfit.models.hub import fetch_config as fetch
 
-        snapshot = fetch(HubSpec(hf_id, hub.revision), hf_hub_cache())
+        try:
+            snapshot = fetch(HubSpec(hf_id, hub.revision), hf_hub_cache())
+        except UserError as error:
+            known = alias_by_id.name if alias_by_id else arch_by_id.name if arch_by_id else None
+            if known is None:
+                raise
+            raise UserError(error.message, f"{error.hint}; or --model {known} estimates memfit's built-in copy of "
+                            "its published shapes, offline") from None
         return ResolvedModel(spec, "hub", hf_id, hf_id, snapshot, load_config(snapshot), arch)
     # Without the network (train, probe, eval need the weights anyway): a known id that is not downloaded still has
     # known shapes, and require_weights names the download.
