@@ -254,3 +254,86 @@ def test_training_a_hub_id_not_on_this_machine(hub, tmp_path):
     assert "is not on this machine" in line and "`hf download Qwen/Qwen3-8B --revision v1.0`" in line
     assert "memfit estimate --model Qwen/Qwen3-8B@v1.0" in line
     assert len(hub.seen) == before
+
+
+# --- in process: parsing, the cache's revisions, what is remembered -------------------------------------------------
+
+
+def test_parse_hub_spec():
+    from memfit.models.hub import HubSpec, parse_hub_spec
+
+    assert parse_hub_spec("Qwen/Qwen3-8B") == HubSpec("Qwen/Qwen3-8B", None)
+    assert parse_hub_spec(" Qwen/Qwen3-8B@v1.0 ") == HubSpec("Qwen/Qwen3-8B", "v1.0")
+    assert parse_hub_spec("org/name@refs/pr/1") == HubSpec("org/name", "refs/pr/1")
+    assert str(parse_hub_spec("org/name@refs/pr/1")) == "org/name@refs/pr/1"
+    for not_an_id in ("qwen3-8b", "a/b/c", "./a/b", "org/name@", "org/na me", "org/a--b", "/abs/path", "org/"):
+        assert parse_hub_spec(not_an_id) is None, not_an_id
+
+
+def test_cached_snapshot_of_a_revision(tmp_path, monkeypatch):
+    from memfit.models import ARCHITECTURES, resolve_model
+    from memfit.models.resolve import cached_snapshot
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--acme--w"
+    for commit, vocab in (("a" * 40, 3000), ("b" * 40, 4000)):
+        ARCHITECTURES["tiny"].to_hf_config(vocab_size=vocab).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    assert cached_snapshot("acme/w") == repo / "snapshots" / ("a" * 40)
+    assert cached_snapshot("acme/w", "v2") == repo / "snapshots" / ("b" * 40)
+    assert cached_snapshot("acme/w", "b" * 40) == repo / "snapshots" / ("b" * 40)
+    assert cached_snapshot("acme/w", "v3") is None
+    model = resolve_model("acme/w@v2")
+    assert (model.source, model.name, model.config.vocab_size) == ("hf-cache", "acme/w", 4000)
+    assert f"at commit {'b' * 40}" in model.origin
+
+
+def test_a_known_id_offline_names_the_builtin_instead_of_using_it_silently(tmp_path, monkeypatch):
+    from memfit.errors import UserError
+    from memfit.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEMFIT_USER_HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as error:
+        resolve_model("Qwen/Qwen2.5-7B", fetch_config=True)
+    line = str(error.value)
+    assert "offline mode is on" in line and "--model qwen2.5-7b" in line and "\n" not in line
+    # Without the fetch (train, probe, eval): the built-in's shapes, and require_weights names the download.
+    model = resolve_model("Qwen/Qwen2.5-7B")
+    assert model.source == "builtin" and "not downloaded" in model.origin
+
+
+def test_user_offline_is_the_users_setting_not_the_clis_default(monkeypatch):
+    from memfit.models.hub import USER_OFFLINE_ENV, user_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what the CLI sets for everything else
+    monkeypatch.setenv(USER_OFFLINE_ENV, "")  # what the user had: nothing
+    assert not user_offline()
+    monkeypatch.setenv(USER_OFFLINE_ENV, "true")
+    assert user_offline()
+    monkeypatch.delenv(USER_OFFLINE_ENV)
+    assert user_offline()  # the library without the CLI: HF_HUB_OFFLINE as set
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert user_offline()
+
+
+def test_a_fetched_resolution_is_not_remembered_under_the_fingerprint_before_it(tmp_path, monkeypatch):
+    from memfit.estimate import cache
+    from memfit.models import ARCHITECTURES
+    from memfit.models.resolve import ResolvedModel
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "memfit"))
+    config = ARCHITECTURES["tiny"].to_hf_config()
+    key = cache.model_fingerprint("acme/x")
+    snapshot = tmp_path / "hub" / "models--acme--x" / "snapshots" / ("c" * 40)
+    cache.remember_resolution("acme/x", ResolvedModel("acme/x", "hub", "acme/x", "acme/x", snapshot, config, None),
+                              key)
+    assert cache.cached_resolution("acme/x", key) is None
+    cache.remember_resolution("acme/x", ResolvedModel("acme/x", "hf-cache", "acme/x", "acme/x", snapshot, config,
+                                                      None), key)
+    again = cache.cached_resolution("acme/x", key)
+    assert again.source == "hf-cache" and again.origin.startswith("config.json of acme/x at commit")
