@@ -174,7 +174,8 @@ def fetch_config(spec: HubSpec, cache_dir: Path) -> Path:
                         "`hf auth login`)") from None
     except RepositoryNotFoundError as error:
         private = "" if _has_token() else "; if it is private, set HF_TOKEN"
-        raise UserError(f"no model repo {spec.repo_id} on {where} ({_status(error)} repository not found)",
+        raise UserError(f"no model repo {spec.repo_id} on {where} ({_status(error)} repository not found), and no "
+                        f"local directory {spec.repo_id}",
                         f"check the id's spelling (ORG/NAME, as on the model's page){private}; "
                         "`memfit models` lists the built-in names") from None
     except RevisionNotFoundError:
