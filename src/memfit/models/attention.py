@@ -90,7 +90,7 @@ def check_attn_implementation(config: Any, requested: str | None) -> None:
 
     model_class = _causal_lm_class(config)
     name = model_class.__name__ if model_class is not None else getattr(config, "model_type", "this model")
-    works = [choice for choice in supported_attn_implementations(config)]
+    works = supported_attn_implementations(config)
     raise UserError(
         f"--attn-implementation {requested}: {name} ({getattr(config, 'model_type', '?')}) has no {requested} "
         f"attention in transformers {__version__}",

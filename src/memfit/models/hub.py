@@ -33,7 +33,6 @@ CONFIG_FILE = "config.json"
 USER_OFFLINE_ENV = "MEMFIT_USER_HF_HUB_OFFLINE"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "ON", "YES", "TRUE"}
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 # Repo names as the Hub allows them (huggingface_hub.utils.validate_repo_id): letters, digits, - _ . (not -- or ..).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -206,7 +205,3 @@ def fetch_config(spec: HubSpec, cache_dir: Path) -> Path:
                         f"{_download_cmd(spec)}; built-in shapes need no network (`memfit models`)") from None
     return Path(path).parent
 
-
-def snapshot_commit(snapshot: Path) -> str | None:
-    """The commit of an HF-cache snapshot directory (its name), when it is one."""
-    return snapshot.name if _COMMIT.fullmatch(snapshot.name) else None
