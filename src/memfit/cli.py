@@ -225,7 +225,8 @@ def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, 
 @training_flags()
 def estimate(
     model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="local dir, HF id in the HF cache, alias or built-in (or -c's model)"),
+                                        help="local dir, Hub id ORG/NAME[@REV] (only its config.json is fetched), "
+                                        "alias or built-in (or -c's model)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="device memory in GB (default: 80% of free)"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices [default: 1]"),
@@ -269,12 +270,14 @@ def estimate(
     except CacheMiss:
         from memfit.models import resolve_model
 
-        resolved = resolve_model(model)
+        resolved = resolve_model(model, fetch_config=True)  # a Hub id not cached: its config.json is fetched
         remember_resolution(model, resolved, fingerprint)
         computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
     result, calibration, largest, micro_batch, grad_accum, advice = computed
+    result.notes.insert(0, f"model config: {resolved.origin}")
     if as_json:
-        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration})
+        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration,
+                            "source": resolved.source, "config_source": resolved.origin})
     _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
 
 
@@ -631,7 +634,7 @@ def launch_config(
         from memfit.models import resolve_model
 
         try:
-            model_config = resolve_model(model).config
+            model_config = resolve_model(model, fetch_config=True).config
         except UserError:
             pass  # the model may be only on the cluster: the layer class is then read from it when training starts
     paths = launch.output_paths(out.resolve()) if out is not None else None
@@ -833,6 +836,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Nothing goes online by accident; the user's own setting is kept for the one fetch they may ask for (a Hub id's
+    # config.json: memfit.models.hub.USER_OFFLINE_ENV).
+    os.environ.setdefault("MEMFIT_USER_HF_HUB_OFFLINE",
+                          os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "peft", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)

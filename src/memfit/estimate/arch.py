@@ -136,6 +136,9 @@ def build_meta_model(config, attn_implementation: str | None = "eager"):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from memfit.models.attention import check_attn_implementation
+
+    check_attn_implementation(config, attn_implementation)  # one line naming what works, not transformers' raise
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     # init_empty_weights leaves tied embeddings untied under transformers 5; tie them as loading would.

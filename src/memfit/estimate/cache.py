@@ -152,18 +152,22 @@ def model_fingerprint(spec: str) -> str | None:
     """A digest of everything `memfit.models.resolve_model(spec)` reads: the local directory's config.json, the
     HF-cache snapshot (and its config.json) of every id the spec could name, and the registry. The same digest
     means the same resolution. None when the file system cannot be read."""
+    from memfit.models.hub import parse_hub_spec
     from memfit.models.registry import ALIASES, ARCHITECTURES
     from memfit.models.resolve import cached_snapshot, hf_hub_cache
 
     spec = spec.strip()
-    facts: dict[str, Any] = {"spec": spec}
+    # "resolution": 2 since a Hub id resolves to its repo's config (fetched), not to a built-in of that name.
+    facts: dict[str, Any] = {"spec": spec, "resolution": 2}
     try:
         path = Path(spec).expanduser()
         if path.exists():
             facts["local"] = [os.path.abspath(path), os.path.realpath(path), _file_text(path / "config.json")]
             return digest("model", facts)
-        low = spec.lower()
-        ids = {spec} if spec.count("/") == 1 else set()
+        hub = parse_hub_spec(spec)
+        low = hub.repo_id.lower() if hub else spec.lower()
+        revision = hub.revision if hub else None
+        ids = {hub.repo_id} if hub else set()
         for alias in ALIASES.values():
             if low in (alias.name, alias.hf_id.lower()):
                 ids.add(alias.hf_id)
@@ -172,7 +176,7 @@ def model_fingerprint(spec: str) -> str | None:
                 ids.add(arch.hf_id)
         snapshots = {}
         for hf_id in sorted(ids):
-            snapshot = cached_snapshot(hf_id)
+            snapshot = cached_snapshot(hf_id, revision)
             snapshots[hf_id] = None if snapshot is None else [str(snapshot), _file_text(snapshot / "config.json")]
         facts.update(hub=str(hf_hub_cache()), snapshots=snapshots,
                      registry=[repr(ARCHITECTURES), repr(ALIASES)])
@@ -194,7 +198,8 @@ def cached_resolution(spec: str, key: str | None = None):
     try:
         return ResolvedModel(spec.strip(), data["source"], data["name"], data["hf_id"],
                              Path(data["path"]) if data["path"] else None, ConfigRecord.from_record(data["config"]),
-                             find_architecture(data["architecture"]) if data["architecture"] else None)
+                             find_architecture(data["architecture"]) if data["architecture"] else None,
+                             data.get("origin"))
     except (KeyError, TypeError):
         return None
 
@@ -203,10 +208,12 @@ def remember_resolution(spec: str, resolved, key: str | None = None) -> None:
     """Keep what `spec` resolved to; `key`: its model_fingerprint taken before resolving (resolving could change
     what the fingerprint reads)."""
     key = key or model_fingerprint(spec)
-    if key is None or is_record(resolved.config):
+    # A config fetched from the Hub just now is in the HF cache: the next resolution finds it there (a new
+    # fingerprint); kept under this one, it would outlive the cached file.
+    if key is None or is_record(resolved.config) or resolved.source == "hub":
         return
     save("model", key, {
-        "source": resolved.source, "name": resolved.name, "hf_id": resolved.hf_id,
+        "source": resolved.source, "name": resolved.name, "hf_id": resolved.hf_id, "origin": resolved.origin,
         "path": str(resolved.path) if resolved.path is not None else None,
         "architecture": resolved.architecture.name if resolved.architecture is not None else None,
         "config": ConfigRecord.of(resolved.config).to_record(),

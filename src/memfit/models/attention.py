@@ -53,3 +53,46 @@ def packing_isolated(model_or_config: Any) -> bool:
         getattr(config, "model_type", None) in ISOLATING_TYPES
         and getattr(config, "_attn_implementation", None) in _CHECKED_IMPLEMENTATIONS
     )
+
+
+def _causal_lm_class(config: Any) -> type | None:
+    """The transformers class `AutoModelForCausalLM.from_config(config)` builds, or None when there is none."""
+    try:
+        from transformers import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        config_class = type(config)
+        if config_class not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            config_class = CONFIG_MAPPING[getattr(config, "model_type", None)]
+        return MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+    except Exception:  # no such model type, no causal-LM class, an older transformers layout: from_config says
+        return None
+
+
+def supported_attn_implementations(config: Any) -> list[str]:
+    """Which of memfit's `--attn-implementation` choices this model's transformers class can run."""
+    model_class = _causal_lm_class(config)
+    choices = ["auto", "eager"]
+    if model_class is None or getattr(model_class, "_supports_sdpa", False):
+        choices.append("sdpa")
+    return choices
+
+
+def check_attn_implementation(config: Any, requested: str | None) -> None:
+    """UserError naming the implementations that work, when transformers cannot build this model with `requested`
+    (None: transformers chooses, which always works). Gemma-2 in transformers 5 is one: its class has no SDPA path
+    (SDPA has no attention-logit soft-capping), and building it with attn_implementation="sdpa" raises."""
+    if requested is None or requested in supported_attn_implementations(config):
+        return
+    from transformers import __version__
+
+    from memfit.errors import UserError
+
+    model_class = _causal_lm_class(config)
+    name = model_class.__name__ if model_class is not None else getattr(config, "model_type", "this model")
+    works = supported_attn_implementations(config)
+    raise UserError(
+        f"--attn-implementation {requested}: {name} ({getattr(config, 'model_type', '?')}) has no {requested} "
+        f"attention in transformers {__version__}",
+        f"use --attn-implementation {' or '.join(works)} (auto picks what the model supports)",
+    )

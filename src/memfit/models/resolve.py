@@ -1,7 +1,10 @@
-"""What `--model` means: a local directory, an HF id in the local HF cache, an alias, or a built-in name.
+"""What `--model` means: a local directory, an HF id in the local HF cache, a Hub id, an alias, or a built-in name.
 
-Resolution never touches the network: estimates must work offline, and a download is always the user's explicit
-choice (the error messages name the exact command).
+Resolution touches the network only where the caller allows it (`fetch_config=True`: estimate, launch-config), and
+then only for a Hub id (`ORG/NAME[@REVISION]`) that is not in the HF cache: its config.json alone is fetched through
+huggingface_hub into the HF cache (memfit.models.hub). A Hub id resolves to that repo's config, never silently to a
+built-in of the same name. Weights are never downloaded: training needs them on this machine, and the error says
+which command gets them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memfit.errors import ModelNotFoundError, UserError, WeightsDamagedError, WeightsMissingError
+from memfit.models.hub import HubSpec, parse_hub_spec
 from memfit.models.registry import (
     ALIASES,
     ARCHITECTURES,
@@ -36,12 +40,18 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 @dataclass
 class ResolvedModel:
     spec: str
-    source: str  # "local" | "hf-cache" | "alias" | "builtin"
+    source: str  # "local" | "hf-cache" | "hub" (config.json fetched just now) | "alias" | "builtin"
     name: str
     hf_id: str | None
     path: Path | None
     config: PretrainedConfig
     architecture: Architecture | None
+    # Where the config came from, in words (shown by estimate); `describe_origin` when not given.
+    origin: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.origin is None:
+            self.origin = describe_origin(self.source, self.name, self.hf_id, self.path, self.architecture)
 
     def has_weights(self) -> bool:
         """Whether `path` holds a complete checkpoint transformers can load (every shard of an index present)."""
@@ -68,7 +78,10 @@ class ResolvedModel:
             return self.path
         where = f"in {self.path}" if self.path is not None else "on this machine"
         if self.hf_id:
-            raise WeightsMissingError(f"no weight files for {self.name} {where}", _download_hint(self.hf_id, self.name))
+            hub = parse_hub_spec(self.spec)
+            revision = hub.revision if hub is not None and hub.repo_id.lower() == self.hf_id.lower() else None
+            raise WeightsMissingError(f"no weight files for {self.name} {where}",
+                                      _download_hint(self.hf_id, self.name, revision))
         if self.source == "builtin":
             raise WeightsMissingError(
                 f"{self.name} is a built-in architecture with no published weights",
@@ -81,17 +94,33 @@ class ResolvedModel:
         )
 
 
-def _download_command(hf_id: str, local: str, modern: bool = True) -> str:
+def describe_origin(source: str, name: str, hf_id: str | None, path: Path | None,
+                    architecture: Architecture | None) -> str:
+    """Where a resolution's config came from, in words."""
+    if source == "local":
+        return f"{path / 'config.json' if path else name}"
+    if source in ("hf-cache", "hub") and path is not None:
+        what = "fetched from the Hub into the HF cache" if source == "hub" else "from the HF cache"
+        return f"config.json of {hf_id} at commit {path.name} ({what}: {path})"
+    if source == "alias":
+        base = architecture.name if architecture is not None else "a built-in"
+        return f"memfit's built-in shapes of {base} with {name}'s changes (not downloaded: {hf_id})"
+    return f"memfit's built-in shapes of {name}" + (f" (published as {hf_id}, not downloaded)" if hf_id else "")
+
+
+def _download_command(hf_id: str, local: str | None = None, modern: bool = True, revision: str | None = None) -> str:
     tool = "hf" if modern else "huggingface-cli"
-    return f"`{tool} download {hf_id} --local-dir {local}`"
+    tail = (f" --revision {revision}" if revision else "") + (f" --local-dir {local}" if local else "")
+    return f"`{tool} download {hf_id}{tail}`"
 
 
-def _download_hint(hf_id: str, name: str) -> str:
-    local = f"models/{name.rsplit('/', 1)[-1]}"
+def _download_hint(hf_id: str, name: str, revision: str | None = None) -> str:
+    """The download of the whole repo into the HF cache, where the same --model then finds it."""
     # huggingface_hub 1.0 replaced `huggingface-cli` with `hf`: name the one that works here first.
     modern = _hub_major() >= 1
-    first, second = _download_command(hf_id, local, modern), _download_command(hf_id, local, not modern)
-    return f"download it: {first} (or {second}), then pass --model {local}"
+    first = _download_command(hf_id, None, modern, revision)
+    second = _download_command(hf_id, None, not modern, revision)
+    return f"download the weights: {first} (or {second}) fills the HF cache, then run this again"
 
 
 def _download_again(hf_id: str, tail: str) -> str:
@@ -175,8 +204,9 @@ def check_weights_early(spec: str) -> None:
         return
     alias = find_alias(spec)
     arch = find_architecture(spec) if alias is None else None
-    hf_id = alias.hf_id if alias else arch.hf_id if arch and arch.hf_id else spec if _looks_like_hf_id(spec) else None
-    snapshot = cached_snapshot(hf_id) if hf_id else None
+    hub = parse_hub_spec(spec)
+    hf_id = alias.hf_id if alias else arch.hf_id if arch and arch.hf_id else hub.repo_id if hub else None
+    snapshot = cached_snapshot(hf_id, hub.revision if hub else None) if hf_id else None
     if snapshot is not None:
         check_weights(snapshot)
 
@@ -219,11 +249,6 @@ def hf_hub_cache() -> Path:
     return base / "huggingface" / "hub"
 
 
-def _looks_like_hf_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
-
-
 def _looks_like_path(spec: str) -> bool:
     return (
         spec.startswith(("/", "./", "../", "~", ".\\", "..\\"))
@@ -234,20 +259,41 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def cached_snapshot(hf_id: str) -> Path | None:
-    """The HF-cache snapshot dir of `hf_id` that has a config.json: the one refs/main names, else the newest."""
+def cached_snapshot(hf_id: str, revision: str | None = None) -> Path | None:
+    """The HF-cache snapshot dir of `hf_id` that has a config.json: for a revision, the commit it names (itself, or
+    what refs/<revision> holds); else the one refs/main names, else the newest."""
     repo = hf_hub_cache() / f"models--{hf_id.replace('/', '--')}"
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None
-    try:
-        ref = (repo / "refs" / "main").read_text().strip()
-    except OSError:
-        ref = ""
+
+    def ref_commit(name: str) -> str:
+        try:
+            return (repo / "refs" / name).read_text().strip()
+        except (OSError, ValueError):
+            return ""
+
+    if revision is not None:
+        for commit in (revision, ref_commit(revision)):
+            if commit and "/" not in commit and (snapshots / commit / "config.json").is_file():
+                return snapshots / commit
+        return None
+    ref = ref_commit("main")
     if ref and (snapshots / ref / "config.json").is_file():
         return snapshots / ref
     candidates = [d for d in snapshots.iterdir() if (d / "config.json").is_file()]
     return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
+
+
+def _unknown_model_type(config_file: Path) -> str | None:
+    """The model_type written in `config_file` when transformers has no config class for it, else None."""
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        from transformers import CONFIG_MAPPING
+
+        return str(model_type) if isinstance(model_type, str) and model_type not in CONFIG_MAPPING else None
+    except Exception:  # unreadable, not JSON, not an object: the caller's message says what failed
+        return None
 
 
 def load_config(directory: Path) -> PretrainedConfig:
@@ -258,6 +304,16 @@ def load_config(directory: Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # json errors, unknown model_type, missing keys: all mean "this file is not usable"
+        model_type = _unknown_model_type(config_file)
+        if model_type is not None:
+            from transformers import __version__
+
+            raise UserError(
+                f"cannot read model config {config_file}: its model_type {model_type!r} is not one that transformers "
+                f"{__version__} knows",
+                "a newer transformers may know it (pip install -U transformers); a repo whose model code is its own "
+                "(auto_map, trust_remote_code) is not run by memfit",
+            ) from None
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(
             f"cannot read model config {config_file}: {detail}",
@@ -302,36 +358,65 @@ def _from_builtin(spec: str, arch: Architecture) -> ResolvedModel:
     return ResolvedModel(spec, "builtin", arch.name, arch.hf_id, None, arch.to_hf_config(), arch)
 
 
-def resolve_model(spec: str) -> ResolvedModel:
-    """Resolve `--model`: local dir, then HF id in the local cache, then alias, then built-in architecture."""
+def _known_by_id(repo_id: str) -> tuple[Alias | None, Architecture | None]:
+    """The alias or built-in published as `repo_id` (any case), if any."""
+    low = repo_id.lower()
+    alias = next((a for a in ALIASES.values() if a.hf_id.lower() == low), None)
+    arch = next((a for a in ARCHITECTURES.values() if a.hf_id and a.hf_id.lower() == low), None)
+    return alias, arch
+
+
+def _from_hub_id(spec: str, hub: HubSpec, fetch_config: bool) -> ResolvedModel:
+    alias_by_id, arch_by_id = _known_by_id(hub.repo_id)
+    arch = find_architecture(alias_by_id.architecture) if alias_by_id else arch_by_id
+    # The cache folder uses the repo's own spelling; known ids may have been typed in another case.
+    hf_id = alias_by_id.hf_id if alias_by_id else arch_by_id.hf_id if arch_by_id and arch_by_id.hf_id else hub.repo_id
+    snapshot = cached_snapshot(hf_id, hub.revision)
+    if snapshot is not None:
+        return ResolvedModel(spec, "hf-cache", hf_id, hf_id, snapshot, load_config(snapshot), arch)
+    if fetch_config:
+        from memfit.models.hub import fetch_config as fetch
+
+        try:
+            snapshot = fetch(HubSpec(hf_id, hub.revision), hf_hub_cache())
+        except UserError as error:
+            known = alias_by_id.name if alias_by_id else arch_by_id.name if arch_by_id else None
+            if known is None:
+                raise
+            raise UserError(error.message, f"{error.hint}; or --model {known} estimates memfit's built-in copy of "
+                            "its published shapes, offline") from None
+        return ResolvedModel(spec, "hub", hf_id, hf_id, snapshot, load_config(snapshot), arch)
+    # Without the network (train, probe, eval need the weights anyway): a known id that is not downloaded still has
+    # known shapes, and require_weights names the download.
+    if hub.revision is None and alias_by_id is not None:
+        return _from_alias(spec, alias_by_id)
+    if hub.revision is None and arch_by_id is not None:
+        return _from_builtin(spec, arch_by_id)
+    cache_dir = hf_hub_cache() / f"models--{hf_id.replace('/', '--')}"
+    at = f" at revision {hub.revision}" if hub.revision else ""
+    raise ModelNotFoundError(
+        f"model {spec!r} is not on this machine: no local directory {spec}, not in the HF cache{at} ({cache_dir}), "
+        "not a built-in",
+        f"{_download_hint(hf_id, hf_id, hub.revision)} (`memfit estimate --model {hub}` needs only its config.json "
+        "and fetches it); or run `memfit models` for built-in names",
+    )
+
+
+def resolve_model(spec: str, fetch_config: bool = False) -> ResolvedModel:
+    """Resolve `--model`: local dir, then a Hub id (`ORG/NAME[@REVISION]`: the HF cache, then, with
+    `fetch_config`, its config.json fetched from the Hub), then alias, then built-in architecture."""
     spec = spec.strip()
     if not spec:
         raise ModelNotFoundError("--model is empty", "pass a local directory, an HF id, or a name from `memfit models`")
     path = Path(spec).expanduser()
     if path.exists():
         return _from_local(spec, path)
+    hub = parse_hub_spec(spec) if not spec.startswith((".", "~", "/")) else None
+    if hub is not None:
+        return _from_hub_id(spec, hub, fetch_config)
     if _looks_like_path(spec):
         raise ModelNotFoundError(
             f"model directory {spec} does not exist", "check the path, or run `memfit models` for built-in names"
-        )
-    if _looks_like_hf_id(spec):
-        alias_by_id = next((a for a in ALIASES.values() if a.hf_id.lower() == spec.lower()), None)
-        arch_by_id = next((a for a in ARCHITECTURES.values() if a.hf_id and a.hf_id.lower() == spec.lower()), None)
-        arch = find_architecture(alias_by_id.architecture) if alias_by_id else arch_by_id
-        # The cache folder uses the repo's own spelling; known ids may have been typed in another case.
-        hf_id = alias_by_id.hf_id if alias_by_id else arch_by_id.hf_id if arch_by_id and arch_by_id.hf_id else spec
-        cached = _from_cache(spec, hf_id, hf_id, arch)
-        if cached is not None:
-            return cached
-        # A known id that is not downloaded still has known shapes.
-        if alias_by_id is not None:
-            return _from_alias(spec, alias_by_id)
-        if arch_by_id is not None:
-            return _from_builtin(spec, arch_by_id)
-        cache_dir = hf_hub_cache() / f"models--{spec.replace('/', '--')}"
-        raise ModelNotFoundError(
-            f"model {spec!r} not found: no local directory {spec}, not in the HF cache ({cache_dir}), not a built-in",
-            f"{_download_hint(spec, spec)}; or run `memfit models` for built-in names",
         )
     alias = find_alias(spec)
     if alias is not None:
@@ -345,5 +430,6 @@ def resolve_model(spec: str) -> ResolvedModel:
         f"unknown model {spec!r}: not a local directory, not an HF id (org/name) in the HF cache ({hf_hub_cache()}), "
         "not a built-in name or alias",
         f"{hint}run `memfit models` to list built-ins and aliases, or download a model: "
-        + _download_command("ORG/NAME", "models/NAME", _hub_major() >= 1),
+        + _download_command("ORG/NAME", None, _hub_major() >= 1)
+        + " (estimate takes ORG/NAME directly: it fetches only config.json)",
     )

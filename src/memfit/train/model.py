@@ -117,6 +117,11 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
 
     transformers_logging.disable_progress_bar()  # its "Loading weights" bar would write to the user's terminal
     quant = quantization_config(config, precision)
+    if attn_implementation(config) is not None:
+        from memfit.models.attention import check_attn_implementation
+        from memfit.models.resolve import load_config
+
+        check_attn_implementation(load_config(Path(model_dir)), attn_implementation(config))
     kwargs = dict(dtype=load_dtype(config, precision), attn_implementation=attn_implementation(config))
     if quant is not None:
         kwargs["quantization_config"] = quant
