@@ -112,10 +112,12 @@ def test_a_cached_second_estimate_equals_the_first(tmp_path, monkeypatch):
     _forget_this_process()
     before = dict(memory.TRACE_STATS)
     first = estimate_memory(hf_config, config, hardware)
-    assert memory.TRACE_STATS["traced"] == before["traced"] + 1  # tiny has 4 layers: traced whole, once
+    cuts = memory.cuts_of(hf_config, memory.arch_info(hf_config))
+    assert cuts == (1, 2)  # tiny has 4 layers of one kind: cuts of 1 and 2 layers, each traced once
+    assert memory.TRACE_STATS["traced"] == before["traced"] + len(cuts)
     _forget_this_process()
     second = estimate_memory(hf_config, config, hardware)
-    assert memory.TRACE_STATS["traced"] == before["traced"] + 1 and memory.TRACE_STATS["from_disk"] > before[
+    assert memory.TRACE_STATS["traced"] == before["traced"] + len(cuts) and memory.TRACE_STATS["from_disk"] > before[
         "from_disk"]
     assert second == first
     # From the recorded config alone (what `memfit estimate` uses for a model estimated before): the same.
@@ -146,7 +148,7 @@ def test_batches_up_to_a_checked_answer_come_from_the_lines_exactly(tmp_path, mo
     assert memory.TRACE_STATS["traced"] == traced
     monkeypatch.setattr(memory, "lines_hold_to", lambda *args: 0)
     assert estimate_memory(hf_config, middle, hardware) == from_lines
-    assert memory.TRACE_STATS["traced"] == traced + 1
+    assert memory.TRACE_STATS["traced"] == traced + len(memory.cuts_of(hf_config, memory.arch_info(hf_config)))
 
 
 def test_the_flat_then_rising_full_fine_tune_solves_in_a_few_traces(tmp_path, monkeypatch):

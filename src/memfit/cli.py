@@ -240,8 +240,10 @@ def estimate(
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
     from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
+    from memfit.estimate import memory as estimator
     from memfit.estimate.memory import to_json
 
+    estimator.ESTIMATE_ONLY_PROCESS = True  # this process never trains: PEFT may skip bitsandbytes
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     file_values = read_config_file(config_file)
     model = _option_value(model, file_values, "model", str)
@@ -368,7 +370,10 @@ def recommend(
     training: dict = None,
 ):
     """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator)."""
+    from memfit.estimate import memory as estimator
     from memfit.estimate.recommend import recommend as compute
+
+    estimator.ESTIMATE_ONLY_PROCESS = True  # this process never trains: PEFT may skip bitsandbytes
 
     training = {"seq_len": 2048, "batch_size": 1, "grad_checkpointing": True, **training}
     config = build_config(training, config_file)

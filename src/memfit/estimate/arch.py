@@ -152,7 +152,7 @@ _CACHE: dict[str, ArchInfo] = {}
 def arch_info(config) -> ArchInfo:
     """Count a config's parameters exactly, by group, on the meta device (cached per config, in this process and
     on disk: memfit.estimate.cache)."""
-    key = config.to_json_string(use_diff=False)
+    key = cache.config_key(config)
     if key not in _CACHE:
         disk_key = cache.digest("arch", key)
         stored = cache.load("arch", disk_key)

@@ -75,6 +75,14 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def config_key(config) -> str:
+    """A config's identity for the caches: its full JSON without `_name_or_path` (where it was read from), so the
+    same config in another directory or cache snapshot is not traced again."""
+    values = json.loads(config.to_json_string(use_diff=False))
+    values.pop("_name_or_path", None)
+    return json.dumps(values, sort_keys=True)
+
+
 def _path(kind: str, key: str) -> Path:
     return cache_dir() / "estimate" / kind / f"{key}.json"
 
