@@ -31,7 +31,6 @@ knobs that no trace reads (batch accumulation, optimizer, sharding, offload, LoR
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,7 +46,7 @@ MAX_COMBINATIONS = 24
 MAX_KNOBS = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (its dicts are not hashable)
 class Knob:
     kind: str  # at most one knob of a kind in a combination
     flags: str
@@ -227,14 +226,15 @@ def _fitting_row(hf_config, config: TrainConfig, hardware: Hardware, current_tot
     why = "; ".join(knob.why for knob in others)
     if len(others) < len(combination):
         effective = config.batch_size * config.grad_accum
-        micro = max(1, solve_max_batch(hf_config, changed, changed_hardware, limit=config.batch_size).batch)
-        accum = math.ceil(effective / micro)
+        largest = max(1, solve_max_batch(hf_config, changed, changed_hardware, limit=config.batch_size).batch)
+        # The largest micro-batch that fits and divides the effective batch, so that it stays exactly the same.
+        micro = max(size for size in range(1, largest + 1) if effective % size == 0)
+        accum = effective // micro
         flags.append(f"--batch-size {micro} --grad-accum {accum}")
         why = "; ".join(filter(None, [why, f"micro-batch {micro} × {accum} accumulation steps (effective batch "
                                            f"{micro * accum})"]))
         changed = changed.updated(batch_size=micro, grad_accum=accum)
         total = estimate_memory(hf_config, changed, changed_hardware).total_bytes
-        largest = micro
     else:
         total = estimate_memory(hf_config, changed, changed_hardware).total_bytes
         largest = solve_max_batch(hf_config, changed, changed_hardware).batch
