@@ -56,7 +56,8 @@ def training_flags(include_guard: bool = False, memory_only: bool = False, defau
             if kind is bool and default is not None:
                 default = flag_name(name) if default else f"--no-{name.replace('_', '-')}"
             default = "none" if default is None else default
-            help_text = f"{field.description} (default: {default})"  # not [..]: rich reads that as markup
+            described = default == "none" and "default" in (field.description or "")  # says it in its own words
+            help_text = field.description if described else f"{field.description} (default: {default})"  # not [..]: rich reads that as markup
             hidden = memory_only and name in NO_MEMORY_FIELDS
             if kind is bool:
                 option = typer.Option(None, f"{flag_name(name)}/--no-{name.replace('_', '-')}", help=help_text,
@@ -485,6 +486,8 @@ def probe(
     min_batch: int = typer.Option(1, "--min-batch", help="with a second axis: the batch its chosen value must fit"),
     trial_timeout: float = typer.Option(600, "--trial-timeout", help="seconds without a finished step = hung"),
     fresh: bool = typer.Option(False, "--fresh", help="measure again instead of reusing this probe's journal"),
+    force: bool = typer.Option(False, "--force", help="start with a --max-memory below the estimated peak of "
+                               "micro-batch 1"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
     as_json: bool = typer.Option(False, "--json", help="print the profile as one JSON object"),
     training: dict = None,
@@ -506,8 +509,11 @@ def probe(
     if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
         raise UserError(f"unknown --search {search!r}: choose batch, batch,rank or batch,seq")
     config = build_config(training, config_file)
+    limit_gb = _option_value(limit_gb, file_values, "max_memory", float)
+    if limit_gb is not None and limit_gb > 0:
+        _check_max_memory(limit_gb, str(model), config, device or file_values.get("device"), force)
     job = ProbeJob(model=str(model), data=Path(data), device=device or file_values.get("device"),
-                   max_memory=limit_gb if limit_gb is not None else file_values.get("max_memory"),
+                   max_memory=limit_gb,
                    steps=steps, margin=margin, search=axes, values=_int_list(values, "--values"),
                    max_batch=max_batch, powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout,
                    fresh=fresh)
@@ -521,6 +527,24 @@ def probe(
         _print_json({"profile_path": result.profile_path, "machine": saved["machine"], "model": saved["model"],
                      **saved["entries"][result.entry_key]})
     raise typer.Exit(result.exit_code)
+
+
+def _check_max_memory(max_memory: Optional[float], model: str, config: TrainConfig, device: Optional[str],
+                      force: bool) -> None:
+    """A --max-memory below the estimated peak of micro-batch 1: one line, exit 2 (unless --force); one above
+    what the machine has: a warning. Several processes (torchrun) each guard their own share: not checked here."""
+    import os
+
+    if max_memory is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from memfit.estimate.limit import check_limit
+
+    if device is None:
+        from memfit.system import detect
+
+        device = detect().default_device()
+    for warning in check_limit(max_memory, model, config, device, force).warnings:
+        Console(stderr=True).print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True, highlight=False)
 
 
 def _check_device(device: Optional[str]) -> None:
@@ -577,7 +601,8 @@ def train(
     resume: Optional[str] = typer.Option(
         None, "--resume", help="continue from a checkpoint: a checkpoints/step-N dir, a run dir, or alone for the "
         "newest good checkpoint of --output-dir; the checkpoint's model, data and config are the defaults"),
-    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed; start with a "
+                               "--max-memory below the estimated peak of micro-batch 1"),
     profile: Optional[str] = typer.Option(
         None, "--profile", help="auto: this machine's `memfit probe` profile for --model; or a profile JSON file. "
         "Its batch size (and rank or seq-len when probed) apply unless given explicitly"),
@@ -619,6 +644,7 @@ def train(
     from memfit.distributed.engines import check_engine
 
     check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
+    _check_max_memory(config.max_memory, str(job_model), config, device, force)
     job_val = pick(val_data, "val_data")
     if config.eval_every and job_val is None:
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
