@@ -182,11 +182,12 @@ RESUME_CEILING = 0.95
 def resume_fix(limit_bytes: int, available_bytes: int, peak_bytes: int, estimate_bytes: int | None,
                micro_batch: int, effective_batch: int, largest_micro_batch: Callable[[int, int], int]) -> str:
     """The flags that let a run stopped by the guard resume and go on: a higher --max-memory where this machine
-    has it (the higher of the estimate and the peak seen, plus room), else a smaller micro-batch that the estimate
+    has it (the highest of the limit, the estimate and the peak seen, plus room), else a smaller micro-batch that the estimate
     fits under the same limit, with the accumulation that keeps the effective batch (a free change on resume);
     "" when neither exists."""
-    needed = int(max(peak_bytes, estimate_bytes or 0) * RESUME_HEADROOM)
-    if limit_bytes < needed <= available_bytes * RESUME_CEILING:
+    # The guard may stop before the limit (a leak it sees coming): the new limit is above the old one regardless.
+    needed = int(max(peak_bytes, estimate_bytes or 0, limit_bytes) * RESUME_HEADROOM)
+    if needed <= available_bytes * RESUME_CEILING:
         return f" --max-memory {math.ceil(needed / 1024**3 * 100) / 100:.2f}"
     if micro_batch > 1:
         largest = largest_micro_batch(limit_bytes, micro_batch)
