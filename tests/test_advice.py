@@ -163,19 +163,27 @@ def test_probe_refuses_a_limit_below_batch_1(capsys, tiny_model_dir):
 
 
 def test_limit_check_warns_above_the_machine_and_force_lets_a_low_one_through(tiny_model_dir):
-    from memfit.estimate.limit import check_limit
+    from memfit.estimate.limit import check_model_limit
     from memfit.errors import UserError
 
     config = TrainConfig(seq_len=64)
-    huge = check_limit(100_000, str(tiny_model_dir), config, "cpu")
+    huge = check_model_limit(100_000, str(tiny_model_dir), config, "cpu")
     assert huge.batch_one_bytes and huge.machine_bytes and huge.machine_bytes < huge.limit_bytes
     assert len(huge.warnings) == 1 and "never stop the run" in huge.warnings[0]
     with pytest.raises(UserError, match="below the estimated peak"):
-        check_limit(0.001, str(tiny_model_dir), config, "cpu")
-    forced = check_limit(0.001, str(tiny_model_dir), config, "cpu", force=True)
+        check_model_limit(0.001, str(tiny_model_dir), config, "cpu")
+    forced = check_model_limit(0.001, str(tiny_model_dir), config, "cpu", force=True)
     assert forced.limit_bytes < forced.batch_one_bytes and not forced.warnings
-    fine = check_limit(forced.batch_one_bytes / GB * 1.5, str(tiny_model_dir), config, "cpu")
+    fine = check_model_limit(forced.batch_one_bytes / GB * 1.5, str(tiny_model_dir), config, "cpu")
     assert fine.limit_bytes > fine.batch_one_bytes and not fine.warnings
+
+
+def test_train_warns_when_the_limit_is_above_the_machine(capsys, tiny_model_dir, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--model", str(tiny_model_dir), "--data", "src/memfit/data/demo.jsonl",
+                             "--output-dir", str(tmp_path / "run"), "--seq-len", "64", "--device", "cpu",
+                             "--max-steps", "1", "--max-memory", "100000")
+    assert code == 0, err
+    assert "is above the" in out and "the guard would never stop the run" in " ".join(out.split())
 
 
 def test_resume_after_a_guard_stop_asks_for_what_can_succeed():

@@ -531,19 +531,19 @@ def probe(
 
 def _check_max_memory(max_memory: Optional[float], model: str, config: TrainConfig, device: Optional[str],
                       force: bool) -> None:
-    """A --max-memory below the estimated peak of micro-batch 1: one line, exit 2 (unless --force); one above
-    what the machine has: a warning. Several processes (torchrun) each guard their own share: not checked here."""
+    """probe: a --max-memory below the estimated peak of micro-batch 1: one line, exit 2 (unless --force); one
+    above what the machine has: a warning. (train checks in its training process: memfit.train.loop.)"""
     import os
 
     if max_memory is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
-    from memfit.estimate.limit import check_limit
+    from memfit.estimate.limit import check_model_limit
 
     if device is None:
         from memfit.system import detect
 
         device = detect().default_device()
-    for warning in check_limit(max_memory, model, config, device, force).warnings:
+    for warning in check_model_limit(max_memory, model, config, device, force).warnings:
         Console(stderr=True).print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True, highlight=False)
 
 
@@ -644,7 +644,6 @@ def train(
     from memfit.distributed.engines import check_engine
 
     check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
-    _check_max_memory(config.max_memory, str(job_model), config, device, force)
     job_val = pick(val_data, "val_data")
     if config.eval_every and job_val is None:
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")

@@ -28,23 +28,20 @@ def batch_one_bytes(model: str, config: TrainConfig, device: str) -> int | None:
     """The estimated peak of one process training `model` at micro-batch 1 on `device`; None when the model
     cannot be resolved (the run itself says why, with its own error)."""
     from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
-    from memfit.estimate.memory import Hardware, estimate_memory
 
-    one = config.updated(batch_size=1, grad_accum=1)
-    hardware = Hardware(device, 0)
     fingerprint = model_fingerprint(model)
     resolved = cached_resolution(model, fingerprint)
     try:
         if resolved is not None:
             try:
-                return estimate_memory(resolved.config, one, hardware, model_name=resolved.name).total_bytes
+                return batch_one_estimate(resolved.config, config, device)
             except CacheMiss:
                 pass
         from memfit.models import resolve_model
 
         resolved = resolve_model(model)
         remember_resolution(model, resolved, fingerprint)
-        return estimate_memory(resolved.config, one, hardware, model_name=resolved.name).total_bytes
+        return batch_one_estimate(resolved.config, config, device)
     except UserError:
         return None
 
@@ -62,21 +59,33 @@ def machine_bytes(device: str) -> int | None:
     return info.ram_total_bytes
 
 
-def check_limit(max_memory_gb: float, model: str, config: TrainConfig, device: str, force: bool = False,
+def check_limit(max_memory_gb: float, needed_bytes: int | None, device: str, force: bool = False,
                 flag: str = "--max-memory") -> LimitCheck:
-    """Refuse (UserError) a limit below the estimated peak of micro-batch 1 unless `force`; warn when the limit is
-    above what the machine has."""
+    """Refuse (UserError) a limit below `needed_bytes` (the estimated peak of micro-batch 1) unless `force`; warn
+    when the limit is above what the machine has."""
     limit = int(max_memory_gb * GB)
-    needed = batch_one_bytes(model, config, device)
-    if needed is not None and limit < needed and not force:
+    if needed_bytes is not None and limit < needed_bytes and not force:
         raise UserError(f"{flag} {max_memory_gb:g} GB is below the estimated peak of micro-batch 1 "
-                        f"({needed / GB:.2f} GB on {device}): the guard would stop the run at its first step",
-                        hint=f"give {flag} {max(needed / GB * 1.1, 0.01):.2f} or more (`memfit estimate` shows what "
-                             "saves memory), or add --force to run anyway")
+                        f"({needed_bytes / GB:.2f} GB on {device}): the guard would stop the run at its first step",
+                        hint=f"give {flag} {max(needed_bytes / GB * 1.1, 0.01):.2f} or more (`memfit estimate` shows "
+                             "what saves memory), or add --force to run anyway")
     total = machine_bytes(device)
     warnings = []
     if total and limit > total:
         warnings.append(f"{flag} {max_memory_gb:g} GB is above the {total / GB:.2f} GB this machine's {device} has: "
                         "the guard would never stop the run (the OS or the device runs out first); leave it out for "
                         "80% of what is available")
-    return LimitCheck(limit, needed, total, tuple(warnings))
+    return LimitCheck(limit, needed_bytes, total, tuple(warnings))
+
+
+def check_model_limit(max_memory_gb: float, model: str, config: TrainConfig, device: str,
+                      force: bool = False) -> LimitCheck:
+    """check_limit for `model` trained as `config` on `device` (estimated through the cache)."""
+    return check_limit(max_memory_gb, batch_one_bytes(model, config, device), device, force)
+
+
+def batch_one_estimate(hf_config, config: TrainConfig, device: str) -> int:
+    """The estimated peak of one process at micro-batch 1, from a resolved model's config."""
+    from memfit.estimate.memory import Hardware, estimate_memory
+
+    return estimate_memory(hf_config, config.updated(batch_size=1, grad_accum=1), Hardware(device, 0)).total_bytes

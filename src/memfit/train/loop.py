@@ -269,6 +269,8 @@ class Trainer:
                                 f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
         self.precision = resolve_precision(config.dtype, self.device)
         self.resolved = resolve_model(job.model)
+        if config.max_memory is not None and not self.distributed and not job.trial:
+            self._check_limit()
         # A local dir is recorded absolute, so `--resume` and `-c config.yaml` work from any directory.
         self.model_spec = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
         model_dir = self.resolved.require_weights()
@@ -531,6 +533,22 @@ class Trainer:
             return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
         except Exception:  # the estimate is context for the report; training does not depend on it
             return None
+
+    def _check_limit(self) -> None:
+        """--max-memory below the estimated peak of micro-batch 1: refused before anything loads or is written
+        (unless --force); above all the memory the device has: a warning (the guard would never trigger). Here,
+        in the training process (which imports torch anyway), not in a supervisor that lives as long as the run.
+        A probe's trial is checked by its parent; ranks of a launch each guard their own share."""
+        from memfit.estimate.limit import batch_one_estimate, check_limit
+
+        try:
+            needed = batch_one_estimate(self.resolved.config, self.config, self.device)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - the estimator cannot read this model: the run goes on unchecked
+            needed = None
+        for warning in check_limit(self.config.max_memory, needed, self.device, self.job.force).warnings:
+            self.emit(Notice(warning, "warning"))
 
     def _resume_flags(self, status: str) -> str:
         """After a guard stop: what makes the resume fit (from the estimate and the peak seen), else nothing."""
