@@ -77,12 +77,15 @@ def test_estimate_json_llama_8b_qlora(capsys):
 def test_estimate_target_batch_sets_grad_accum(capsys):
     code, out, _ = run_cli(capsys, "estimate", "--model", "tiny", "--device", "cpu", "--memory-gb", "4",
                            "--batch-size", "4", "--target-batch", "32", "--json")
-    assert code == 0 and json.loads(out)["grad_accum"] == 8
+    data = json.loads(out)
+    # The largest micro-batch that fits (up to the target), and the accumulation that makes up the rest.
+    micro = min(data["max_batch_size"], 32)
+    assert code == 0 and data["micro_batch_size"] == micro and data["grad_accum"] == -(-32 // micro)
 
 
 def test_estimate_human_output(capsys):
     code, out, _ = run_cli(capsys, "estimate", "--model", "llama-3.1-8b", "--seq-len", "2048", "--device", "cuda",
-                           "--memory-gb", "16")
+                           "--memory-gb", "16", "--no-grad-checkpointing")
     assert code == 0
     assert "does not fit" in out and "what to change" in out and "--grad-checkpointing" in out
 

@@ -8,9 +8,9 @@ from memfit.estimate.measure import measure_in_child
 from memfit.estimate.memory import GB, Hardware, estimate_memory
 
 CASES = [
-    ("tiny_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256)),
-    ("smol_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256)),
-    ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256)),
+    ("tiny_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False)),
+    ("smol_model_dir", dict(method="full", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False)),
+    ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=False)),
     ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True)),
 ]
 

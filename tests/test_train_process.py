@@ -48,7 +48,9 @@ def test_memory_limit_stops_with_checkpoint_report_and_resume_command(tiny_model
     assert "Memory Usage Report" in text and "OVER THRESHOLD" in text and "stopped by the memory guard" in text
     assert f"Memory limit: {limit_gb:.2f} GB" in text
     resume_line = next(line for line in text.splitlines() if line.startswith("resume with: "))
-    checkpoint = Path(resume_line.split("--resume ", 1)[1])
+    checkpoint = Path(resume_line.split("--resume ", 1)[1].split(" --")[0])
+    # A resume that can succeed: a higher limit than the one that stopped it (this machine has the room).
+    assert float(resume_line.split("--max-memory ", 1)[1].split()[0]) > limit_gb
     step = open_checkpoint(checkpoint).step  # verifies every checksum
     assert 0 < step < 40 and _steps(out)[-1] == step
     run = json.loads((out / "run.json").read_text())

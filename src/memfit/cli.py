@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memfit.config import GUARD_FIELDS, TrainConfig, flag_name, load_yaml, make_config
+from memfit.config import GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name, load_yaml, make_config
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,9 +39,11 @@ def _flag_type(annotation: Any) -> type:
     return annotation if annotation in (int, float, bool, str) else str
 
 
-def training_flags(include_guard: bool = False):
+def training_flags(include_guard: bool = False, memory_only: bool = False, defaults: Optional[dict] = None):
     """Add every TrainConfig field as a `--flag` to a command; the command receives them as `training: dict`
-    holding only the flags the user gave (so a -c config file supplies the rest)."""
+    holding only the flags the user gave (so a -c config file supplies the rest). `memory_only` (the read
+    commands): the flags that change no memory (NO_MEMORY_FIELDS) are accepted but left out of --help.
+    `defaults`: the command's own defaults where they differ from TrainConfig's (the demo), shown in --help."""
 
     def decorate(command):
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "training"]
@@ -50,13 +52,18 @@ def training_flags(include_guard: bool = False):
             if name in GUARD_FIELDS and not include_guard:
                 continue
             kind = _flag_type(field.annotation)
-            default = field.default if field.default is not None else "none"
-            help_text = f"{field.description} [default: {default}]"
+            default = (defaults or {}).get(name, field.default)
+            if kind is bool and default is not None:
+                default = flag_name(name) if default else f"--no-{name.replace('_', '-')}"
+            default = "none" if default is None else default
+            described = default == "none" and "default" in (field.description or "")  # says it in its own words
+            help_text = field.description if described else f"{field.description} (default: {default})"  # not [..]: rich reads that as markup
+            hidden = memory_only and name in NO_MEMORY_FIELDS
             if kind is bool:
                 option = typer.Option(None, f"{flag_name(name)}/--no-{name.replace('_', '-')}", help=help_text,
-                                      show_default=False, rich_help_panel="Training")
+                                      show_default=False, rich_help_panel="Training", hidden=hidden)
             else:
-                option = typer.Option(None, flag_name(name), help=help_text, show_default=False,
+                option = typer.Option(None, flag_name(name), help=help_text, show_default=False, hidden=hidden,
                                       rich_help_panel="Guard" if name in GUARD_FIELDS else "Training")
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=Optional[kind]))
@@ -222,18 +229,20 @@ def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, 
 
 
 @app.command()
-@training_flags()
+@training_flags(memory_only=True)
 def estimate(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="local dir, Hub id ORG/NAME[@REV] (only its config.json is fetched), "
                                         "alias or built-in (or -c's model)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="device memory in GB (default: 80% of free)"),
-    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices [default: 1]"),
-    zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3 [default: 0]"),
-    target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach with grad-accum"),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices (default: 1)"),
+    zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3 (default: 0)"),
+    target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach: the largest micro-batch that fits, and the grad-accum that makes up the rest (default: none)"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="scale by this machine's `memfit probe` measurements when there are some"),
+    check: bool = typer.Option(False, "--check", help="exit 0 when it fits, 1 when it does not (2: bad input), "
+                               "for launch scripts"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     training: dict = None,
@@ -277,15 +286,30 @@ def estimate(
         computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
     result, calibration, largest, micro_batch, grad_accum, advice = computed
     result.notes.insert(0, f"model config: {resolved.origin}")
+    planned_for_cpu = None
+    if device is None and hardware.device == "cpu":
+        planned_for_cpu = ("planning for this machine's CPU (no GPU here; memory is process RSS): for a GPU, pass "
+                           "--device cuda --memory-gb 24 (its memory in GB)")
     if as_json:
-        return _print_json({**to_json(result, largest, grad_accum, advice), "calibration": calibration,
-                            "source": resolved.source, "config_source": resolved.origin})
-    _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
+        data = {**to_json(result, largest, grad_accum, advice), "micro_batch_size": micro_batch,
+                "calibration": calibration, "source": resolved.source, "config_source": resolved.origin}
+        if target_batch:
+            data["target_batch"] = target_batch
+        if planned_for_cpu:
+            data["notes"] = [planned_for_cpu, *data["notes"]]
+        _print_json(data)
+    else:
+        if planned_for_cpu:
+            console.print(planned_for_cpu, soft_wrap=True, highlight=False)
+        _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
+    if check and not result.fits:
+        raise typer.Exit(1)
 
 
 def _estimate_of(resolved, config: TrainConfig, hardware, calibrate: bool, target_batch: Optional[int]):
     """The estimate command's numbers: (estimate, calibration, largest batch, micro-batch, grad-accum, advice)."""
-    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size, suggestions
+    from memfit.estimate.advice import suggestions
+    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size
 
     result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
     calibration = _calibration(resolved, config, hardware) if calibrate else None
@@ -301,7 +325,8 @@ def _estimate_of(resolved, config: TrainConfig, hardware, calibrate: bool, targe
     largest = max_batch_size(resolved.config, config, solve_for)
     micro_batch, grad_accum = config.batch_size, config.grad_accum
     if target_batch:
-        micro_batch = min(largest or 1, config.batch_size)
+        # The largest micro-batch that fits (not more than the target needs); accumulation makes up the rest.
+        micro_batch = max(1, min(largest, target_batch))
         grad_accum = grad_accum_for(target_batch, micro_batch, hardware.num_gpus)
     advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
     return result, calibration, largest, micro_batch, grad_accum, advice
@@ -342,43 +367,68 @@ def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_
     console.print(table)
     console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-    console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; largest batch that fits: {largest}")
+    largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
+    console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; {largest_text}")
     if target_batch:
+        why = (f"the largest micro-batch that fits is {largest}" if largest
+               else "not even batch 1 fits: see what to change")
         console.print(f"target batch {target_batch}: --batch-size {micro_batch} --grad-accum {grad_accum}"
-                      f" × {hardware.num_gpus} device(s)")
+                      f" × {hardware.num_gpus} device(s) = {micro_batch * grad_accum * hardware.num_gpus} ({why})",
+                      highlight=False)
     if result.host_offload_bytes:
         console.print(f"CPU RAM for offloaded states: {_gb(result.host_offload_bytes)}")
     for note in result.notes:
         console.print(f"[dim]note: {note}[/dim]")
     if advice:
-        table = Table(title="what to change")
-        for column in ("change", "why", "saves", "total", "fits"):
+        best = advice[0]
+        if best.fits:
+            console.print(f"[bold]cheapest change that fits:[/bold] {escape(best.change)} → {_gb(best.total_bytes)}, "
+                          f"batch up to {best.max_batch_size}", soft_wrap=True, highlight=False)
+        else:
+            console.print("no change or combination of up to three changes fits: the single changes below save "
+                          "the most", soft_wrap=True, highlight=False)
+        table = Table(title="what to change (cheapest first: changes that keep the math before those that alter "
+                            "the training)")
+        for column in ("change", "why", "saves", "total", "fits", "batch up to"):
             table.add_column(column)
         for item in advice:
-            table.add_row(item.change, item.why, _gb(item.saving_bytes), _gb(item.total_bytes),
-                          "yes" if item.total_bytes <= hardware.memory_bytes else "no")
+            table.add_row(escape(item.change), item.why, _gb(item.saving_bytes), _gb(item.total_bytes),
+                          "[green]yes[/green]" if item.fits else "no", str(item.max_batch_size) if item.fits else "-")
         console.print(table)
 
 
 @app.command()
-@training_flags()
+@training_flags(memory_only=True)
 def recommend(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="memory in GB (default: this machine)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     training: dict = None,
 ):
-    """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator)."""
+    """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator, with the same defaults
+    as estimate, probe and train). --method (and --quant with lora/qlora) keeps only that method's column."""
     from memfit.estimate import memory as estimator
+    from memfit.estimate.recommend import METHODS
     from memfit.estimate.recommend import recommend as compute
 
     estimator.ESTIMATE_ONLY_PROCESS = True  # this process never trains: PEFT may skip bitsandbytes
 
-    training = {"seq_len": 2048, "batch_size": 1, "grad_checkpointing": True, **training}
+    file_values = {key: value for key, value in read_config_file(config_file).items()
+                   if key in TrainConfig.model_fields}
+    given = {**file_values, **training}
+    # recommend plans one device: what shards across several is estimate's (--num-gpus, --zero, --offload).
+    for name in ("distributed", "offload"):
+        if name in given and given[name] not in ("auto", "none"):
+            raise UserError(f"recommend plans one device and does not take {flag_name(name)} {given[name]}",
+                            hint="use memfit estimate --model M --num-gpus N --zero 3 [--offload cpu]")
+    if "quant" in given and given["quant"] != "none" and given.get("method") not in ("lora", "qlora"):
+        raise UserError(f"--quant {given['quant']} needs --method lora or qlora in recommend (it picks that column)",
+                        hint="e.g. memfit recommend --method lora --quant 8")
     config = build_config(training, config_file)
+    methods = (config.method,) if "method" in given else METHODS
     hardware = _hardware(device, memory_gb, 1, 0, "none")
-    result = compute(config, hardware)
+    result = compute(config, hardware, methods=methods)
     if as_json:
         return _print_json(result)
     table = Table(title=f"what fits in {_gb(hardware.memory_bytes)} on {hardware.device} "
@@ -443,6 +493,8 @@ def probe(
     min_batch: int = typer.Option(1, "--min-batch", help="with a second axis: the batch its chosen value must fit"),
     trial_timeout: float = typer.Option(600, "--trial-timeout", help="seconds without a finished step = hung"),
     fresh: bool = typer.Option(False, "--fresh", help="measure again instead of reusing this probe's journal"),
+    force: bool = typer.Option(False, "--force", help="start with a --max-memory below the estimated peak of "
+                               "micro-batch 1"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
     as_json: bool = typer.Option(False, "--json", help="print the profile as one JSON object"),
     training: dict = None,
@@ -464,8 +516,11 @@ def probe(
     if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
         raise UserError(f"unknown --search {search!r}: choose batch, batch,rank or batch,seq")
     config = build_config(training, config_file)
+    limit_gb = _option_value(limit_gb, file_values, "max_memory", float)
+    if limit_gb is not None and limit_gb > 0:
+        _check_max_memory(limit_gb, str(model), config, device or file_values.get("device"), force)
     job = ProbeJob(model=str(model), data=Path(data), device=device or file_values.get("device"),
-                   max_memory=limit_gb if limit_gb is not None else file_values.get("max_memory"),
+                   max_memory=limit_gb,
                    steps=steps, margin=margin, search=axes, values=_int_list(values, "--values"),
                    max_batch=max_batch, powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout,
                    fresh=fresh)
@@ -479,6 +534,24 @@ def probe(
         _print_json({"profile_path": result.profile_path, "machine": saved["machine"], "model": saved["model"],
                      **saved["entries"][result.entry_key]})
     raise typer.Exit(result.exit_code)
+
+
+def _check_max_memory(max_memory: Optional[float], model: str, config: TrainConfig, device: Optional[str],
+                      force: bool) -> None:
+    """probe: a --max-memory below the estimated peak of micro-batch 1: one line, exit 2 (unless --force); one
+    above what the machine has: a warning. (train checks in its training process: memfit.train.loop.)"""
+    import os
+
+    if max_memory is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from memfit.estimate.limit import check_model_limit
+
+    if device is None:
+        from memfit.system import detect
+
+        device = detect().default_device()
+    for warning in check_model_limit(max_memory, model, config, device, force).warnings:
+        Console(stderr=True).print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True, highlight=False)
 
 
 def _check_device(device: Optional[str]) -> None:
@@ -535,7 +608,8 @@ def train(
     resume: Optional[str] = typer.Option(
         None, "--resume", help="continue from a checkpoint: a checkpoints/step-N dir, a run dir, or alone for the "
         "newest good checkpoint of --output-dir; the checkpoint's model, data and config are the defaults"),
-    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed; start with a "
+                               "--max-memory below the estimated peak of micro-batch 1"),
     profile: Optional[str] = typer.Option(
         None, "--profile", help="auto: this machine's `memfit probe` profile for --model; or a profile JSON file. "
         "Its batch size (and rank or seq-len when probed) apply unless given explicitly"),
@@ -659,14 +733,15 @@ def launch_config(
 # 2 CPU cores. Not LoRA: a random-init base's frozen tied head (std 0.02 over 128 dims, after a unit RMS norm) caps
 # its logits near +-2.6, so adapters alone barely move the loss; benchmarks/demo_learning.py measures both
 # (docs/benchmarks.md, "Does the demo learn?").
+# Gradient checkpointing off: a 1M-weight model's activations are small, and the demo is about a minute.
 DEMO_DEFAULTS = dict(method="full", seq_len=128, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5,
-                     max_steps=400, memory_report_interval=200, save_every=100, seed=0)
+                     max_steps=400, memory_report_interval=200, save_every=100, seed=0, grad_checkpointing=False)
 # A sentence the built-in data has (demo.jsonl line 2): after training the model should go on with its words.
 DEMO_PROMPT = "A prime number is"
 
 
 @app.command()
-@training_flags(include_guard=True)
+@training_flags(include_guard=True, defaults=DEMO_DEFAULTS)
 def demo(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="run dir (default runs/demo-<time>)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),

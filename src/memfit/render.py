@@ -130,7 +130,8 @@ class TrainRenderer(ProgressRenderer):
             self._print(f"adapter/model and tokenizer: {event.final_dir}")
         if event.resume_command:
             self._print(f"resume with: {event.resume_command}", "bold")
-        if event.status in ("guard_stop", "oom"):
+        if event.status == "oom" or (event.status == "guard_stop" and event.resume_command
+                                     and event.resume_command.endswith(str(event.checkpoint))):
             self._print("to fit, add a higher --max-memory, or --batch-size B --grad-accum A with the same B x A "
                         "(the effective batch, which keeps the resume exact); `memfit estimate` shows what else saves "
                         "memory")

@@ -28,7 +28,7 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from memfit.config import TrainConfig
@@ -733,59 +733,14 @@ def grad_accum_for(target_batch: int, micro_batch: int, num_gpus: int) -> int:
     return max(1, math.ceil(target_batch / max(1, micro_batch * num_gpus)))
 
 
-@dataclass(frozen=True)
-class Suggestion:
-    change: str  # the flags to use
-    why: str
-    total_bytes: int  # per device with that change
-    saving_bytes: int
+def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_total: int):
+    """memfit.estimate.advice.suggestions (the advice lives there; kept here for callers of the old name)."""
+    from memfit.estimate.advice import suggestions as advise
+
+    return advise(hf_config, config, hardware, current_total)
 
 
-def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_total: int) -> list[Suggestion]:
-    """What to change when a configuration does not fit, each with what it saves (largest saving first)."""
-    info = arch_info(hf_config)
-    options: list[tuple[str, str, dict[str, Any], Hardware]] = []
-    if not config.grad_checkpointing:
-        options.append(("--grad-checkpointing", "recompute activations in backward", {"grad_checkpointing": True},
-                        hardware))
-    if config.method == "full":
-        options.append(("--method lora", "train adapters, freeze the base", {"method": "lora"}, hardware))
-    if config.method != "qlora":
-        options.append(("--method qlora", "4-bit base weights + LoRA", {"method": "qlora", "quant": "4"}, hardware))
-    if config.uses_adapters and config.lora_rank > 4:
-        options.append((f"--lora-rank {config.lora_rank // 2}", "smaller adapters",
-                        {"lora_rank": config.lora_rank // 2}, hardware))
-    layers = config.lora_layers or info.num_layers
-    if config.uses_adapters and layers > 2:
-        options.append((f"--lora-layers {layers // 2}", "adapt only the last layers (no activations kept below)",
-                        {"lora_layers": layers // 2}, hardware))
-    if config.optimizer == "adamw" and config.method == "full":
-        options.append(("--optimizer adamw8bit", "8-bit optimizer states", {"optimizer": "adamw8bit"}, hardware))
-    if hardware.num_gpus > 1 and hardware.zero < 3:
-        options.append((f"--zero {hardware.zero + 1}", "partition more model states across GPUs", {},
-                        Hardware(hardware.device, hardware.memory_bytes, hardware.num_gpus, hardware.zero + 1,
-                                 hardware.offload)))
-    if hardware.zero >= 1 and hardware.offload == "none":
-        options.append(("--offload cpu", "optimizer states (and ZeRO-3 weights) in CPU RAM", {},
-                        replace(hardware, offload="cpu")))
-    if config.seq_len > 256:
-        options.append((f"--seq-len {config.seq_len // 2}", "shorter sequences", {"seq_len": config.seq_len // 2},
-                        hardware))
-    if config.batch_size > 1:
-        options.append(("--batch-size 1 --grad-accum " + str(config.batch_size * config.grad_accum),
-                        "same effective batch, smaller micro-batch",
-                        {"batch_size": 1, "grad_accum": config.batch_size * config.grad_accum}, hardware))
-    result = []
-    for change, why, update, option_hardware in options:
-        try:
-            total = estimate_memory(hf_config, config.updated(**update), option_hardware).total_bytes
-        except (ValueError, UserError):  # an option that does not apply to this model or config
-            continue
-        result.append(Suggestion(change, why, total, current_total - total))
-    return sorted((item for item in result if item.saving_bytes > 0), key=lambda item: -item.saving_bytes)
-
-
-def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list[Suggestion]) -> dict[str, Any]:
+def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -> dict[str, Any]:
     """The `memfit estimate --json` object (fields named in DESIGN.md, plus context)."""
     return {
         "model": estimate.model,
@@ -804,13 +759,10 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list[Su
         "device_memory_bytes": estimate.hardware.memory_bytes,
         "fits": estimate.fits,
         "max_batch_size": max_batch,
+        "batch_1_fits": max_batch >= 1,
         "grad_accum": grad_accum,
         "host_offload_bytes": estimate.host_offload_bytes,
-        "suggestions": [
-            {"change": item.change, "why": item.why, "total_bytes": item.total_bytes,
-             "saving_bytes": item.saving_bytes}
-            for item in advice
-        ],
+        "suggestions": [item.to_json() for item in advice],  # memfit.estimate.advice.Suggestion
         "notes": list(estimate.notes),
         "config": estimate.config.model_dump(),
     }

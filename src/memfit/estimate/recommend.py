@@ -14,25 +14,28 @@ SIZES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-14b", "llama-3
 METHODS = ("full", "lora", "qlora")
 
 
-def recommend(config: TrainConfig, hardware: Hardware) -> dict[str, Any]:
-    """Every size and method: the estimate at the configured batch and the largest batch that fits. From cached
-    traces when they are all there (no torch or transformers import), else traced (and cached)."""
+def recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Every size and each of `methods`: the estimate at the configured batch and the largest batch that fits.
+    The method asked for keeps its --quant (lora with --quant 8); the others take theirs (qlora 4-bit, else
+    none). From cached traces when they are all there (no torch or transformers import), else traced (and
+    cached)."""
     try:
-        return _recommend(config, hardware, real=False)
+        return _recommend(config, hardware, methods, real=False)
     except CacheMiss:
-        return _recommend(config, hardware, real=True)
+        return _recommend(config, hardware, methods, real=True)
 
 
-def _recommend(config: TrainConfig, hardware: Hardware, real: bool) -> dict[str, Any]:
+def _recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...], real: bool) -> dict[str, Any]:
     rows = []
-    largest: dict[str, str | None] = {method: None for method in METHODS}
+    largest: dict[str, str | None] = {method: None for method in methods}
     precision = None
     for name in SIZES:
         arch = ARCHITECTURES[name]
         hf_config = builtin_config(arch, real=real)
         row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
-        for method in METHODS:
-            method_config = config.updated(method=method, quant="4" if method == "qlora" else "none")
+        for method in methods:
+            quant = config.quant if method == config.method else ("4" if method == "qlora" else "none")
+            method_config = config.updated(method=method, quant=quant)
             result = estimate_memory(hf_config, method_config, hardware, model_name=name)
             precision = result.precision
             fits = result.fits
@@ -45,4 +48,5 @@ def _recommend(config: TrainConfig, hardware: Hardware, real: bool) -> dict[str,
                 largest[method] = name
         rows.append(row)
     return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": precision,
-            "seq_len": config.seq_len, "methods": list(METHODS), "models": rows, "largest": largest}
+            "seq_len": config.seq_len, "batch_size": config.batch_size,
+            "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": rows, "largest": largest}

@@ -322,6 +322,13 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise UserError(f"no usable checkpoint in {path / CHECKPOINTS}",
                             hint="; ".join(skipped) or "train without --resume to start over")
         return Checkpoint(found.path, found.step, found.meta, tuple(skipped), tuple(recovered))
+    if not (path / "meta.json").exists() and path.parent.name != CHECKPOINTS and not path.name.startswith("step-"):
+        if (path / "run.json").is_file():
+            raise UserError(f"run {path} has no checkpoint to resume (it stopped before its first save)",
+                            hint="train it again without --resume")
+        # Neither a run directory nor a checkpoint: nothing was ever written here by `memfit train`.
+        raise UserError(f"{path} is not a memfit run or checkpoint (it has no {CHECKPOINTS}/ and no meta.json)",
+                        hint="pass the --output-dir of a run, or one of its checkpoints/step-N")
     problem = verify_checkpoint(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} cannot be resumed: {problem}",

@@ -173,6 +173,30 @@ def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int
     return changed
 
 
+# A resume's limit leaves this much room above the higher of the estimate and the peak the guard saw.
+RESUME_HEADROOM = 1.25
+# ... and stays under this share of what was available when the run started (the OS and others keep the rest).
+RESUME_CEILING = 0.95
+
+
+def resume_fix(limit_bytes: int, available_bytes: int, peak_bytes: int, estimate_bytes: int | None,
+               micro_batch: int, effective_batch: int, largest_micro_batch: Callable[[int, int], int]) -> str:
+    """The flags that let a run stopped by the guard resume and go on: a higher --max-memory where this machine
+    has it (the highest of the limit, the estimate and the peak seen, plus room), else a smaller micro-batch that the estimate
+    fits under the same limit, with the accumulation that keeps the effective batch (a free change on resume);
+    "" when neither exists."""
+    # The guard may stop before the limit (a leak it sees coming): the new limit is above the old one regardless.
+    needed = int(max(peak_bytes, estimate_bytes or 0, limit_bytes) * RESUME_HEADROOM)
+    if needed <= available_bytes * RESUME_CEILING:
+        return f" --max-memory {math.ceil(needed / 1024**3 * 100) / 100:.2f}"
+    if micro_batch > 1:
+        largest = largest_micro_batch(limit_bytes, micro_batch)
+        if largest >= 1:
+            micro = max(size for size in range(1, min(largest, micro_batch - 1) + 1) if effective_batch % size == 0)
+            return f" --batch-size {micro} --grad-accum {effective_batch // micro}"
+    return ""
+
+
 class Trainer:
     # The guard's stop at decoder-layer entries (one process, no sharded engine, no torch.compile). A class
     # attribute so that benchmarks/guard_stop_overshoot.py can measure the overshoot without it.
@@ -245,6 +269,8 @@ class Trainer:
                                 f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
         self.precision = resolve_precision(config.dtype, self.device)
         self.resolved = resolve_model(job.model)
+        if config.max_memory is not None and not self.distributed and not job.trial:
+            self._check_limit()
         # A local dir is recorded absolute, so `--resume` and `-c config.yaml` work from any directory.
         self.model_spec = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
         model_dir = self.resolved.require_weights()
@@ -507,6 +533,39 @@ class Trainer:
             return estimate_memory(self.resolved.config, self.config, hardware, self.resolved.name).total_bytes
         except Exception:  # the estimate is context for the report; training does not depend on it
             return None
+
+    def _check_limit(self) -> None:
+        """--max-memory below the estimated peak of micro-batch 1: refused before anything loads or is written
+        (unless --force); above all the memory the device has: a warning (the guard would never trigger). Here,
+        in the training process (which imports torch anyway), not in a supervisor that lives as long as the run.
+        A probe's trial is checked by its parent; ranks of a launch each guard their own share."""
+        from memfit.estimate.limit import batch_one_estimate, check_limit
+
+        try:
+            needed = batch_one_estimate(self.resolved.config, self.config, self.device)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - the estimator cannot read this model: the run goes on unchecked
+            needed = None
+        for warning in check_limit(self.config.max_memory, needed, self.device, self.job.force).warnings:
+            self.emit(Notice(warning, "warning"))
+
+    def _resume_flags(self, status: str) -> str:
+        """After a guard stop: what makes the resume fit (from the estimate and the peak seen), else nothing."""
+        if status != "guard_stop" or self.distributed:
+            return ""
+        try:
+            return resume_fix(self.limit.limit_bytes, self.limit.available_bytes, self.guard.peak_watched_bytes,
+                              self.estimate, self.micro_batch, self.effective_batch, self._largest_micro_batch)
+        except Exception:  # noqa: BLE001 - advice for the printed command; the stop and its checkpoint stand
+            return ""
+
+    def _largest_micro_batch(self, limit_bytes: int, below: int) -> int:
+        """The largest micro-batch under `below` whose estimate fits in `limit_bytes` (0: not even 1)."""
+        from memfit.estimate.memory import Hardware, solve_max_batch
+
+        hardware = Hardware(self.device, limit_bytes)
+        return solve_max_batch(self.resolved.config, self.config, hardware, limit=max(1, below - 1)).batch
 
     def _write_run_json(self, **status: Any) -> None:
         from memfit.system import detect
@@ -1045,7 +1104,7 @@ class Trainer:
         exit_code = {"done": EXIT_OK, "guard_stop": EXIT_GUARD_STOP, "oom": EXIT_OOM,
                      "interrupted": EXIT_INTERRUPTED, "reload": EXIT_RELOAD}[status]
         resume = (None if status in ("done", "reload") or self.job.trial
-                  else f"memfit train --resume {self.last_checkpoint}")
+                  else f"memfit train --resume {self.last_checkpoint}{self._resume_flags(status)}")
         stop_reason, signal_name = self.guard.stop_reason, self.interrupted
         per_rank = None
         if self.distributed:
