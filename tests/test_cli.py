@@ -114,6 +114,7 @@ def test_system_and_models_json(capsys):
 
 
 def test_recommend_json_small_memory(capsys):
+    """Slow (15-45 s): a cold `recommend` traces every built-in size and method once (the cache is empty in a test)."""
     code, out, _ = run_cli(capsys, "recommend", "--memory-gb", "16", "--device", "cuda", "--json")
     data = json.loads(out)
     assert code == 0

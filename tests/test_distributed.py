@@ -155,7 +155,8 @@ def test_oom_on_one_rank_both_recover_with_the_same_losses(ddp_run, tiny_model_d
 
 def test_limit_on_one_rank_stops_both_with_one_checkpoint_then_resume(tiny_model_dir, tmp_path):
     """Rank 1 leaks 100 MB a step against a limit 0.3 GB above the run's peak: rank 1's guard stops it, rank 0 saves,
-    both exit 3. A 1-process resume is refused (world size); a 2-rank resume finishes."""
+    both exit 3. A 1-process resume is refused (world size); a 2-rank resume finishes. Slow (30-60 s): three launches of
+    2 real ranks (gloo) each: the stop, the refused 1-process resume, the resume."""
     out = tmp_path / "run"
     limit_gb = 1.0  # the tiny model's ranks peak at ~0.55 GB (run.json of ddp_run); rank 0 stays far below
     launch = Launch(tmp_path, _train_flags(tiny_model_dir, out, "--batch-size", "2", "--max-steps", "30",

@@ -17,6 +17,7 @@ CASES = [
 
 @pytest.mark.parametrize("fixture, case", CASES)
 def test_estimate_within_15_percent_of_measured_peak(request, fixture, case):
+    """Slow (20-55 s a case): each case trains the model for real in a fresh child to measure its peak RSS."""
     model_dir = request.getfixturevalue(fixture)
     measured = measure_in_child(model_dir, case, steps=3)["peak_rss_bytes"]
     estimate = estimate_memory(AutoConfig.from_pretrained(model_dir), TrainConfig(**case), Hardware("cpu", 16 * GB))

@@ -35,7 +35,8 @@ def one_process(tiny_model_dir, tmp_path_factory):
 def test_guard_stop_on_one_rank_then_resume_matches_one_process(one_process, tiny_model_dir, tmp_path):
     """Rank 1 leaks 150 MB a step against a 1 GB limit (the tiny model's FSDP ranks peak at ~0.55 GB): its guard
     stops both ranks at an agreed safe point with exit 3 and one checkpoint that verifies; a 2-rank resume finishes.
-    Both halves together give the one-process losses step for step, and the same adapter in final/."""
+    Both halves together give the one-process losses step for step, and the same adapter in final/. Slow (30-60 s): FSDP
+    runs of 2 real ranks (stop, resume) and a 1-process reference run."""
     out = tmp_path / "run"
     flags = ["--batch-size", "2", "--max-steps", str(STEPS), "--distributed", "fsdp"]
     stopped = Launch(tmp_path, _train_flags(tiny_model_dir, out, *flags, "--max-memory", "1.0"),
@@ -73,7 +74,8 @@ def test_guard_stop_on_one_rank_then_resume_matches_one_process(one_process, tin
 
 def test_full_fine_tune_with_accumulation_matches_one_process(tiny_model_dir, tmp_path):
     """--method full, 2 micro-batches a step: every weight sharded, gradients reduce-scattered per micro-batch and
-    summed; final/ is the gathered model, the tied head written once, as one process writes it."""
+    summed; final/ is the gathered model, the tied head written once, as one process writes it. Slow (30-45 s): a 2-rank
+    FSDP full fine-tune and a 1-process reference run, compared tensor by tensor."""
     from safetensors.torch import load_file
 
     flags = ["--method", "full", "--grad-accum", "2", "--max-steps", "2"]

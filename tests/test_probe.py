@@ -295,6 +295,7 @@ def test_runner_picks_the_largest_usable_batch_and_saves_the_profile(tiny_model_
 
 
 def test_runner_searches_the_rank_axis_with_monotone_bounds(tiny_model_dir, monkeypatch):
+    """Slow (15-40 s): the runner estimates every (batch, rank) it considers, and each new rank is a new trace."""
     machine = FakeMachine(per_row=4 * MB)
     monkeypatch.setattr(probe_runner, "run_trial", machine)
     job = _probe_job(tiny_model_dir, search=("batch", "rank"), values=(16, 32, 64, 4096))

@@ -49,6 +49,8 @@ def _estimate_gb(model_dir, batch):
 
 
 def test_probe_picks_the_largest_batch_under_the_limit_and_train_uses_it(tiny_model_dir, cache, tmp_path):
+    """Slow (about a minute on 2 idle cores): 4-6 probe trials, each a fresh process that imports torch, loads the model
+    and trains 4 steps, then a real `memfit train --profile auto`: the promise is about real processes."""
     # A limit between the estimates of batch 12 and 24: only a middle batch fits. The margin is the smallest that
     # covers run-to-run noise: the same batches in a fresh process peak up to 3.5% apart (tiny model, batch 24: 601
     # to 622 MB), and the train run below must not stop at the limit.
@@ -100,6 +102,8 @@ def test_probe_picks_the_largest_batch_under_the_limit_and_train_uses_it(tiny_mo
 
 
 def test_a_trial_killed_by_sigkill_is_recorded_and_the_probe_goes_on(tiny_model_dir, cache):
+    """Slow (about a minute on 2 idle cores): the probe's search runs real trial processes up to the batch whose RSS
+    crosses the kill threshold and past it; the SIGKILL must come from RSS really rising."""
     # MEMFIT_FAULTS=oomkill@MB: a child whose RSS passes MB kills itself with SIGKILL, as the kernel's OOM killer
     # would on a machine that small. The limit itself is far away.
     kill_mb = int(_estimate_gb(tiny_model_dir, 16) * 1024)
@@ -135,6 +139,7 @@ def test_a_missing_or_broken_model_is_an_error_not_an_oom(tiny_model_dir, cache,
 
 
 def test_interrupted_probe_reruns_only_unfinished_trials(tiny_model_dir, cache):
+    """Slow (30-60 s): a real probe interrupted by SIGINT after its first finished trial, then run again to its end."""
     flags = ("--max-memory", "2", "--max-batch", "48")
     process = subprocess.Popen(_probe_command(tiny_model_dir, *flags), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=_env(cache))

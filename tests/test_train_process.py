@@ -35,7 +35,9 @@ def _steps(out):
 
 
 def test_memory_limit_stops_with_checkpoint_report_and_resume_command(tiny_model_dir, tmp_path):
-    """A leak (100 MB a step) against a limit ~0.4 GB above what the run needs: exit 3, then resume goes on."""
+    """A leak (100 MB a step) against a limit ~0.4 GB above what the run needs: exit 3, then resume goes on. Slow (30-70
+    s): two real training processes (the stopped run and its resume), with the leak growing to the limit step by
+    step."""
     out = tmp_path / "run"
     baseline = _run(_command(tiny_model_dir, tmp_path / "probe", "--max-steps", "2"))
     assert baseline.returncode == 0, baseline.stderr
