@@ -37,12 +37,19 @@ test-all: $(STAMP)
 examples: $(STAMP)
 	$(BIN)/python examples/regenerate.py
 
+# Every section of docs/benchmarks.md, each with the command its header names (hours on 2 cores; CPU only).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py
+	$(BIN)/python benchmarks/estimate_speed.py
+	$(BIN)/python benchmarks/trace_cuts.py --write
 	$(BIN)/python benchmarks/guard_overhead.py --write
+	$(BIN)/python benchmarks/guard_stop_overshoot.py --runs 5 --leak-mb 100 --blocks 10 --write
 	$(BIN)/python benchmarks/train_cpu.py --write
 	$(BIN)/python benchmarks/probe_vs_bisection.py --write
-	$(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --only memfit,memfit-no-chunked,hf,hf-gbl --write
+	$(BIN)/python benchmarks/demo_learning.py --write
+	$(BIN)/python benchmarks/summation_order.py --write
+	$(BIN)/python benchmarks/figures.py all --write
+	$(BIN)/python benchmarks/train_vs_hf.py --steps 12 --models smol,qwen --only memfit,memfit-no-gbl,memfit-no-chunked,hf,hf-gbl,trl --write
 	$(BIN)/python benchmarks/distributed_cpu.py --write
 
 # The newest versions pyproject.toml's ranges allow, in their own venv (the locked .venv is left alone): prints what
