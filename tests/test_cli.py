@@ -90,6 +90,8 @@ def test_estimate_human_output(capsys):
     assert "does not fit" in out and "what to change" in out and "--grad-checkpointing" in out
 
 
+@pytest.mark.slow  # make test-all: 35 s (a cold CPU estimate); the loading peak itself is checked against a
+# measured one in test_estimate_accuracy.py::test_loading_peak_of_a_converted_checkpoint
 def test_estimate_shows_the_loading_peak_of_a_converted_checkpoint(capsys):
     args = ("estimate", "--model", "qwen2.5-0.5b", "--method", "lora", "--dtype", "fp32", "--seq-len", "128",
             "--device", "cpu", "--memory-gb", "64")

@@ -101,6 +101,8 @@ def test_probe_picks_the_largest_batch_under_the_limit_and_train_uses_it(tiny_mo
     assert "calibration" in calibrated["breakdown"] and any("calibrated" in note for note in calibrated["notes"])
 
 
+@pytest.mark.slow  # make test-all: 105 s in a full run; test_probe.py's classification table covers a SIGKILLed
+# trial ("oom", OOM killer) and tests/faults/test_fault_supervisor.py a real kernel OOM kill of a trainer
 def test_a_trial_killed_by_sigkill_is_recorded_and_the_probe_goes_on(tiny_model_dir, cache):
     """Slow (about a minute on 2 idle cores): the probe's search runs real trial processes up to the batch whose RSS
     crosses the kill threshold and past it; the SIGKILL must come from RSS really rising."""
