@@ -274,6 +274,12 @@ def _probe_job(model_dir, **changes):
 
 
 def test_runner_picks_the_largest_usable_batch_and_saves_the_profile(tiny_model_dir, monkeypatch):
+    # The search starts from the real estimator's guess. On CPU that reads this process's file-backed pages, which
+    # depend on what the test process ran before (a full suite run guessed 69, then took 5 trials): pin that term,
+    # so the path of the search is this test's, not the test order's.
+    from memfit.estimate import memory
+
+    monkeypatch.setattr(memory, "cpu_file_pages_bytes", lambda: memory.CPU_FILE_PAGES_FALLBACK_BYTES)
     machine = FakeMachine()
     monkeypatch.setattr(probe_runner, "run_trial", machine)
     events = []
@@ -281,7 +287,9 @@ def test_runner_picks_the_largest_usable_batch_and_saves_the_profile(tiny_model_
     assert result.exit_code == 0
     expected = int((int(0.7 * GB) / 1.15 - 450 * MB) // (8 * MB))
     assert result.chosen["batch_size"] == expected == 21
-    assert 2 <= len(machine.calls) <= 4
+    # Fewer trials than a bisection of 1..the first guess (97 here: 7 trials); the trials after the guess follow
+    # lines through the measured peaks, and the last is the neighbour that proves the answer.
+    assert 2 <= len(machine.calls) <= 5
     assert [t["settings"]["batch_size"] for t in result.trials] == [c["batch_size"] for c in machine.calls]
     assert all(c["batch_size"] <= 21 or not t["usable"] for c, t in zip(machine.calls, result.trials))
     assert all(t["estimate_bytes"] for t in result.trials)  # the estimator's prediction for every trial
