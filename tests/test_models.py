@@ -29,7 +29,8 @@ from memfit.models import (
 init_model_module = importlib.import_module("memfit.models.init_model")
 tokenizer_module = importlib.import_module("memfit.models.tokenizer")
 
-# Published parameter totals (model cards / safetensors metadata of the HF repos).
+# Published parameter totals (model cards / safetensors metadata of the HF repos: the Hub API's safetensors
+# "total", the sum of the checkpoint's tensor sizes; the same number GGUF conversions record as parameter_count).
 PUBLISHED_PARAMS = {
     "llama-3.1-8b": 8_030_261_248,
     "llama-3.1-70b": 70_553_706_496,
@@ -45,7 +46,30 @@ PUBLISHED_PARAMS = {
     "smollm2-360m": 361_821_120,
     "gpt2": 124_439_808,
     "tinyllama-1.1b": 1_100_048_384,
+    "qwen3-8b": 8_190_735_360,  # Qwen/Qwen3-8B (8.19B; the card's 6.95B leaves out embedding and head)
+    "qwen3-32b": 32_762_123_264,  # Qwen/Qwen3-32B (32.8B)
+    "mistral-nemo-12b": 12_247_782_400,  # mistralai/Mistral-Nemo-Base-2407 (12.2B; Instruct-2407 the same)
+    "phi-4": 14_659_507_200,  # microsoft/phi-4 (14.7B)
+    "llama-3.3-70b": 70_553_706_496,  # meta-llama/Llama-3.3-70B-Instruct (70.6B, as Llama-3.1-70B)
+    # Mixtures of experts: every expert counts.
+    "mixtral-8x7b": 46_702_792_704,  # mistralai/Mixtral-8x7B-v0.1 (46.7B)
+    "qwen3-30b-a3b": 30_532_122_624,  # Qwen/Qwen3-30B-A3B (30.5B)
+    "olmoe-1b-7b": 6_919_161_856,  # allenai/OLMoE-1B-7B-0924 (6.92B)
 }
+
+# Gemma 3 4B/12B/27B are published as image-text checkpoints (Gemma3ForConditionalGeneration); their totals
+# (google/gemma-3-{4b,12b,27b}-pt and -it, same tensors) include the SigLIP vision tower and the projector. The
+# built-ins are the text models, so the test builds the whole published model and checks both the total and that
+# the rest is exactly the built-in's count.
+GEMMA3_PUBLISHED_PARAMS = {
+    "gemma-3-4b": 4_300_079_472,
+    "gemma-3-12b": 12_187_325_040,
+    "gemma-3-27b": 27_432_406_640,
+}
+# The published config.json's vision_config (the same for all three sizes).
+GEMMA3_VISION_CONFIG = dict(model_type="siglip_vision_model", hidden_size=1152, image_size=896,
+                            intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27, patch_size=14,
+                            vision_use_head=False)
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +116,8 @@ def test_meta_param_count_matches_published(name):
 
 def test_param_count_matches_meta_for_every_builtin_and_alias():
     for arch in ARCHITECTURES.values():
+        if arch.name in PUBLISHED_PARAMS:
+            continue  # counted on the meta device, against the published total, above
         assert arch.param_count == _meta_count_plain(arch.to_hf_config()), arch.name
     # dolphin adds two ChatML rows to embed_tokens and lm_head (untied).
     dolphin = _meta_count_plain(ALIASES["dolphin-8b"].to_hf_config())
@@ -126,6 +152,85 @@ def test_gemma2_specials_and_size_labels():
                                                        "llama-3.2-1b", "smollm2-135m", "qwen2.5-0.5b")}
     assert labels == {"llama-3.1-8b": "8B", "llama-3.1-70b": "70B", "qwen2.5-14b": "14B",
                       "llama-3.2-1b": "1.2B", "smollm2-135m": "135M", "qwen2.5-0.5b": "494M"}
+
+
+@pytest.mark.parametrize("name", list(GEMMA3_PUBLISHED_PARAMS))
+def test_gemma3_text_plus_vision_tower_is_the_published_total(name):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    arch = ARCHITECTURES[name]
+    text = arch.to_hf_config()
+    # The published config.json: its text_config (what the built-in holds) and vision_config.
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=GEMMA3_VISION_CONFIG, mm_tokens_per_image=256)
+    with init_empty_weights():
+        model = Gemma3ForConditionalGeneration(config)
+    model.tie_weights()
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert total == GEMMA3_PUBLISHED_PARAMS[name]
+    assert vision == 416_866_032  # SigLIP so400m at 896 px, in every size
+    assert total - vision - projector == arch.param_count == _meta_count_plain(text)
+
+
+def test_gemma3_text_config_facts():
+    configs = {name: ARCHITECTURES[name].to_hf_config() for name in GEMMA3_PUBLISHED_PARAMS}
+    for name, config in configs.items():
+        assert config.model_type == "gemma3_text" and config.vocab_size == 262208 and config.tie_word_embeddings
+        assert config.sliding_window == 1024 and config.max_position_embeddings == 131072
+        # Five local (sliding-window) layers, then a global one.
+        assert config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"], name
+        assert config.layer_types.count("full_attention") == config.num_hidden_layers // 6
+        assert config.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0,
+                                                            "rope_theta": 1000000.0}
+        assert config.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert (configs["gemma-3-4b"].head_dim, configs["gemma-3-4b"].query_pre_attn_scalar) == (256, 256)
+    assert (configs["gemma-3-27b"].head_dim, configs["gemma-3-27b"].query_pre_attn_scalar) == (128, 168)
+    # A cut-down copy keeps the pattern rather than a list of the wrong length.
+    assert ARCHITECTURES["gemma-3-4b"].to_hf_config(num_layers=7).layer_types[5:] == ["full_attention",
+                                                                                      "sliding_attention"]
+
+
+def test_new_dense_config_facts():
+    qwen3 = ARCHITECTURES["qwen3-8b"].to_hf_config()
+    assert (qwen3.model_type, qwen3.head_dim, qwen3.max_position_embeddings) == ("qwen3", 128, 40960)
+    assert qwen3.hidden_size // qwen3.num_attention_heads == 128 and ARCHITECTURES["qwen3-32b"].head_dim == 128
+    nemo = ARCHITECTURES["mistral-nemo-12b"].to_hf_config()
+    assert nemo.head_dim == 128 != nemo.hidden_size // nemo.num_attention_heads  # 160
+    assert (nemo.vocab_size, nemo.sliding_window) == (131072, None)
+    phi4 = ARCHITECTURES["phi-4"].to_hf_config()
+    assert (phi4.model_type, phi4.num_key_value_heads, phi4.vocab_size) == ("phi3", 10, 100352)
+    assert phi4.rope_parameters["rope_theta"] == 250000.0
+    llama33 = ARCHITECTURES["llama-3.3-70b"]
+    assert llama33.to_hf_config().eos_token_id == [128001, 128008, 128009]
+    assert llama33.param_count == ARCHITECTURES["llama-3.1-70b"].param_count
+
+
+def test_moe_config_facts_and_expert_counts():
+    mixtral = ARCHITECTURES["mixtral-8x7b"]
+    config = mixtral.to_hf_config()
+    assert (config.model_type, config.num_local_experts, config.num_experts_per_tok) == ("mixtral", 8, 2)
+    assert config.intermediate_size == 14336 and config.router_aux_loss_coef == 0.02
+    qwen = ARCHITECTURES["qwen3-30b-a3b"].to_hf_config()
+    assert (qwen.model_type, qwen.num_experts, qwen.num_experts_per_tok) == ("qwen3_moe", 128, 8)
+    assert (qwen.moe_intermediate_size, qwen.decoder_sparse_step, qwen.mlp_only_layers) == (768, 1, [])
+    assert qwen.norm_topk_prob is True and qwen.head_dim == 128
+    olmoe = ARCHITECTURES["olmoe-1b-7b"].to_hf_config()
+    assert (olmoe.model_type, olmoe.num_experts, olmoe.num_experts_per_tok) == ("olmoe", 64, 8)
+    assert olmoe.norm_topk_prob is False and olmoe.intermediate_size == 1024
+    experts = {name: (a.num_experts, a.experts_per_token, a.experts_label) for name, a in ARCHITECTURES.items()}
+    assert experts["mixtral-8x7b"] == (8, 2, "8×top2")
+    assert experts["qwen3-30b-a3b"] == (128, 8, "128×top8")
+    assert experts["olmoe-1b-7b"] == (64, 8, "64×top8")
+    moe = {"mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"}
+    assert all(experts[name] == (None, None, "") for name in ARCHITECTURES if name not in moe)
+    # All 8 experts' weights are in the count: 32 layers x 8 experts x 3 x 4096 x 14336, plus embedding and head,
+    # attention (q, o 4096x4096; k, v 1024x4096), the router (8x4096) and the norms.
+    assert mixtral.param_count == (32 * 8 * 3 * 4096 * 14336 + 2 * 32000 * 4096
+                                   + 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096) + 4096)
+    # A cut-down copy keeps its experts.
+    small = mixtral.with_layers(2)
+    assert (small.num_experts, small.to_hf_config().num_hidden_layers) == (8, 2)
 
 
 def test_get_architecture_unknown_suggests_close_match():

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 SMALL_PRESET_MAX_PARAMS = 600_000_000
 
 
+# The config.json names of an MoE's expert count and top-k: mixtral/phimoe/jamba, qwen*_moe/olmoe/granitemoe,
+# deepseek; num_experts_per_tok everywhere but gpt-oss (experts_per_token).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "experts_per_token")
+
+
 def _frozen(d: Mapping[str, Any] | None = None, **kw: Any) -> Mapping[str, Any]:
     return MappingProxyType({**(d or {}), **kw})
 
@@ -53,6 +59,32 @@ class Architecture:
     @property
     def effective_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def num_experts(self) -> int | None:
+        """Routed experts per MoE layer (None for a dense model), under whichever name its model_type uses."""
+        for key in _EXPERT_COUNT_KEYS:
+            if self.extra.get(key):
+                return int(self.extra[key])
+        return None
+
+    @property
+    def experts_per_token(self) -> int | None:
+        """Experts each token is routed to (top-k); None for a dense model."""
+        if self.num_experts is None:
+            return None
+        for key in _EXPERTS_PER_TOKEN_KEYS:
+            if self.extra.get(key):
+                return int(self.extra[key])
+        return None
+
+    @property
+    def experts_label(self) -> str:
+        """The expert layout, "8×top2" (8 experts, 2 per token) for a mixture of experts; "" for a dense model."""
+        if self.num_experts is None:
+            return ""
+        k = self.experts_per_token
+        return f"{self.num_experts}×top{k}" if k else f"{self.num_experts} experts"
 
     def hf_config_kwargs(self, num_layers: int | None = None, **overrides: Any) -> dict[str, Any]:
         """The keyword arguments of `AutoConfig.for_model`, in the names that model_type uses."""
@@ -148,6 +180,14 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
 _LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
 _LLAMA3 = dict(rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False, mlp_bias=False,
                bos_token_id=128000, eos_token_id=128001)
+_QWEN3 = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, sliding_window=None,
+              use_sliding_window=False, rope_scaling=None, bos_token_id=151643, eos_token_id=151645)
+# What the published Gemma 3 text_config sets besides the sizes (the rest are Gemma3TextConfig's defaults, spelled
+# out here so that a transformers release with other defaults does not change the built-in).
+_GEMMA3 = dict(rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling={"factor": 8.0, "rope_type": "linear"},
+               sliding_window=1024, sliding_window_pattern=6, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+               attention_bias=False, final_logit_softcapping=None, attn_logit_softcapping=None, bos_token_id=2,
+               eos_token_id=1, pad_token_id=0)
 _QWEN25 = dict(rope_theta=1000000.0, hidden_act="silu", use_sliding_window=False, bos_token_id=151643,
                eos_token_id=151643)
 
@@ -192,6 +232,61 @@ _ARCHS = [
                  5632, 22, 32, 4, False, 2048,
                  extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1,
                                eos_token_id=2)),
+    # --- newer dense models -------------------------------------------------------------------------------------
+    # Qwen3: qk-norm llama-like; head_dim 128 is not hidden_size / heads. (huggingface.co/Qwen/Qwen3-8B, -32B:
+    # config.json, transformers 4.51.0)
+    Architecture("qwen3-8b", "qwen3", "Qwen/Qwen3-8B", 151936, 4096, 12288, 36, 32, 8, False, 40960, head_dim=128,
+                 extra=_frozen(_QWEN3, max_window_layers=36), dtype="bfloat16"),
+    Architecture("qwen3-32b", "qwen3", "Qwen/Qwen3-32B", 151936, 5120, 25600, 64, 64, 8, False, 40960, head_dim=128,
+                 extra=_frozen(_QWEN3, max_window_layers=64), dtype="bfloat16"),
+    # Gemma 3 4B/12B/27B are published as image-text models (model_type gemma3); these are their text_config
+    # (gemma3_text, what Gemma3ForCausalLM builds): the published text_config sets only the values below, the
+    # rest are Gemma3TextConfig's defaults (vocab 262,208, rope 1e6 global / 1e4 local, a global layer every 6th,
+    # tied embeddings, 131,072 positions). The vision tower (SigLIP, 416,866,032 params) and projector are not
+    # counted: tests/test_models.py checks text + vision + projector against the published totals.
+    Architecture("gemma-3-4b", "gemma3_text", "google/gemma-3-4b-pt", 262208, 2560, 10240, 34, 8, 4, True, 131072,
+                 head_dim=256, extra=_frozen(_GEMMA3, query_pre_attn_scalar=256), dtype="bfloat16"),
+    Architecture("gemma-3-12b", "gemma3_text", "google/gemma-3-12b-pt", 262208, 3840, 15360, 48, 16, 8, True,
+                 131072, head_dim=256, extra=_frozen(_GEMMA3, query_pre_attn_scalar=256), dtype="bfloat16"),
+    # 27B: head_dim 128 and query_pre_attn_scalar 168 (= hidden_size / heads), the one size where they differ.
+    Architecture("gemma-3-27b", "gemma3_text", "google/gemma-3-27b-pt", 262208, 5376, 21504, 62, 32, 16, True,
+                 131072, head_dim=128, extra=_frozen(_GEMMA3, query_pre_attn_scalar=168), dtype="bfloat16"),
+    # Mistral NeMo 12B: head_dim 128 (hidden_size / heads would be 160), a 131,072-token Tekken vocab.
+    Architecture("mistral-nemo-12b", "mistral", "mistralai/Mistral-Nemo-Base-2407", 131072, 5120, 14336, 40, 32, 8,
+                 False, 1024000, head_dim=128,
+                 extra=_frozen(rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None, hidden_act="silu",
+                               bos_token_id=1, eos_token_id=2), dtype="bfloat16"),
+    # phi-4 is a phi3 model (fused qkv_proj and gate_up_proj), GQA 40/10. Its config.json as first published
+    # (transformers 4.47.0); later edits changed only the special-token ids.
+    Architecture("phi-4", "phi3", "microsoft/phi-4", 100352, 5120, 17920, 40, 40, 10, False, 16384,
+                 extra=_frozen(rope_theta=250000.0, rms_norm_eps=1e-5, sliding_window=None, hidden_act="silu",
+                               original_max_position_embeddings=16384, rope_scaling=None, bos_token_id=100257,
+                               eos_token_id=100257, pad_token_id=100257), dtype="bfloat16"),
+    # The 3.1-70B shapes; the Instruct repo's config.json ends generation on any of three tokens.
+    Architecture("llama-3.3-70b", "llama", "meta-llama/Llama-3.3-70B-Instruct", 128256, 8192, 28672, 80, 64, 8,
+                 False, 131072, extra=_frozen(_LLAMA3, rope_scaling=_LLAMA31_ROPE,
+                                              eos_token_id=[128001, 128008, 128009]), dtype="bfloat16"),
+    # --- mixture of experts: every expert's weights count in params; experts_per_token of them run per token ---
+    # Mixtral 8x7B: 8 experts of the Mistral-7B MLP shape (intermediate_size is one expert's), top-2.
+    Architecture("mixtral-8x7b", "mixtral", "mistralai/Mixtral-8x7B-v0.1", 32000, 4096, 14336, 32, 32, 8, False,
+                 32768, extra=_frozen(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                                      router_jitter_noise=0.0, output_router_logits=False, rope_theta=1000000.0,
+                                      rms_norm_eps=1e-5, sliding_window=None, hidden_act="silu", bos_token_id=1,
+                                      eos_token_id=2), dtype="bfloat16"),
+    # Qwen3-30B-A3B: 128 experts of moe_intermediate_size 768, top-8, every layer sparse (decoder_sparse_step 1,
+    # no mlp_only_layers): intermediate_size 6144 is the dense MLP size, which no layer uses.
+    Architecture("qwen3-30b-a3b", "qwen3_moe", "Qwen/Qwen3-30B-A3B", 151936, 2048, 6144, 48, 32, 4, False, 40960,
+                 head_dim=128,
+                 extra=_frozen(_QWEN3, max_window_layers=48, num_experts=128, num_experts_per_tok=8,
+                               moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[],
+                               norm_topk_prob=True, router_aux_loss_coef=0.001, output_router_logits=False),
+                 dtype="bfloat16"),
+    # OLMoE-1B-7B (0924): 64 experts of intermediate_size 1024, top-8, qk-norm, no tied embeddings.
+    Architecture("olmoe-1b-7b", "olmoe", "allenai/OLMoE-1B-7B-0924", 50304, 2048, 1024, 16, 16, 16, False, 4096,
+                 extra=_frozen(num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, router_aux_loss_coef=0.01,
+                               output_router_logits=False, clip_qkv=None, rope_theta=10000.0, rms_norm_eps=1e-5,
+                               hidden_act="silu", attention_bias=False, eos_token_id=50279, pad_token_id=1),
+                 dtype="bfloat16"),
     # Not a published model: a few-MB llama for tests and the demo (`memfit init-model --preset tiny`).
     Architecture("tiny", "llama", None, 2048, 128, 384, 4, 4, 2, True, 2048,
                  extra=_frozen(rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu")),
@@ -216,6 +311,17 @@ COUNTED_PARAMS: dict[str, int] = {
     "smollm2-360m": 361_821_120,
     "gpt2": 124_439_808,
     "tinyllama-1.1b": 1_100_048_384,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-32b": 32_762_123_264,
+    "gemma-3-4b": 3_880_263_168,
+    "gemma-3-12b": 11_766_034_176,
+    "gemma-3-27b": 27_009_346_304,
+    "mistral-nemo-12b": 12_247_782_400,
+    "phi-4": 14_659_507_200,
+    "llama-3.3-70b": 70_553_706_496,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "olmoe-1b-7b": 6_919_161_856,
     "tiny": 1_049_728,
 }
 
