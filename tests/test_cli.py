@@ -1,12 +1,20 @@
 """The CLI contract: JSON on stdout, one-line errors with exit 2, no traceback."""
 
+import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from memfit import cli
 from memfit.cli import main
+from memfit.models import ALIASES, ARCHITECTURES
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def run_cli(capsys, *argv):
@@ -113,6 +121,51 @@ def test_system_and_models_json(capsys):
     names = {arch["name"] for arch in data["architectures"]}
     assert {"llama-3.1-8b", "tiny", "gpt2", "gemma-2-2b"} <= names
     assert {"hermes-3-8b", "llama-8b", "r1-distill-14b"} <= {alias["name"] for alias in data["aliases"]}
+    rows = {arch["name"]: arch for arch in data["architectures"]}
+    assert (rows["mixtral-8x7b"]["num_experts"], rows["mixtral-8x7b"]["experts_per_token"]) == (8, 2)
+    assert (rows["qwen3-30b-a3b"]["num_experts"], rows["qwen3-30b-a3b"]["experts_per_token"]) == (128, 8)
+    assert rows["mixtral-8x7b"]["params"] == 46_702_792_704
+    assert (rows["llama-3.1-8b"]["num_experts"], rows["llama-3.1-8b"]["experts_per_token"]) == (None, None)
+
+
+def _assert_full_models_listing(out: str) -> None:
+    """Every built-in and alias name and repo id appears whole, on one line with what it belongs to."""
+    assert "…" not in out and "..." not in out
+    lines = out.splitlines()
+    for arch in ARCHITECTURES.values():
+        line = next(line for line in lines if line.split()[:1] == [arch.name])
+        assert (arch.hf_id or "-") in line.split() and arch.model_type in line.split(), line
+        if arch.num_experts:
+            assert arch.experts_label in line.split(), line
+    for alias in ALIASES.values():
+        line = next(line for line in lines if line.split()[:1] == [alias.name])
+        assert line.split()[1:] == [alias.hf_id, alias.architecture], line
+    assert "mixtral-8x7b" in out and "8×top2" in out and "128×top8" in out
+
+
+def test_models_piped_at_width_60_prints_full_names():
+    """`COLUMNS=60 memfit models | cat`: a pipe gets the plain layout, whatever the width."""
+    env = {**os.environ, "COLUMNS": "60", "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "memfit", "models"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "┃" not in done.stdout  # no box drawing in a pipe
+    _assert_full_models_listing(done.stdout)
+
+
+@pytest.mark.parametrize("width, table", [(60, False), (100, False), (200, True)])
+def test_models_on_a_terminal_is_a_table_only_when_it_fits(monkeypatch, width, table):
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=buffer, width=width, force_terminal=True, color_system=None))
+    assert main(["models"]) == 0
+    out = buffer.getvalue()
+    assert ("┃" in out) is table
+    if table:
+        assert "…" not in out and all(arch.name in out and (arch.hf_id or "-") in out
+                                      for arch in ARCHITECTURES.values())
+        assert all(alias.hf_id in out for alias in ALIASES.values())
+    else:
+        _assert_full_models_listing(out)
 
 
 def test_recommend_json_small_memory(capsys):

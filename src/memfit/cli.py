@@ -165,9 +165,50 @@ def system(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     console.print(table)
 
 
+def _models_rows() -> tuple[list[tuple[str, list[str], list[list[str]]]], str]:
+    """`memfit models`'s two tables as plain strings: (title, columns, rows) each, and the HF cache line."""
+    from memfit.models import ALIASES, ARCHITECTURES
+    from memfit.models.resolve import hf_hub_cache
+
+    architectures = ("built-in architectures (--model NAME)",
+                     ["name", "size", "type", "experts", "vocab", "hidden", "inter", "layers", "heads/kv", "tied",
+                      "HF id"],
+                     [[a.name, a.size_label, a.model_type, a.experts_label or "-", f"{a.vocab_size:,}",
+                       str(a.hidden_size), str(a.intermediate_size), str(a.num_layers),
+                       f"{a.num_heads}/{a.num_kv_heads}", "yes" if a.tie_embeddings else "no", a.hf_id or "-"]
+                      for a in ARCHITECTURES.values()])
+    aliases = ("aliases (--model ALIAS: the fine-tune in the HF repo, its architecture's shapes until downloaded)",
+               ["alias", "HF id", "architecture"],
+               [[alias.name, alias.hf_id, alias.architecture] for alias in ALIASES.values()])
+    return [architectures, aliases], f"HF cache searched for HF ids: {hf_hub_cache()}"
+
+
+def _rich_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        # Names and repo ids are what a user copies: never cut (the plain layout is used when they do not fit).
+        identifier = column in ("name", "alias", "HF id", "architecture")
+        table.add_column(column, no_wrap=identifier, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _plain_table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, nothing cut: the layout for pipes and narrow terminals."""
+    widths = [max(len(cell) for cell in column) for column in zip(columns, *rows)]
+    lines = [title]
+    for cells in (columns, *rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+    return lines
+
+
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
-    """Built-in architectures and aliases that --model accepts (besides local dirs and the HF cache)."""
+    """Built-in architectures and aliases that --model accepts (besides local dirs, the HF cache and Hub ids).
+    Off a terminal, or on one too narrow for the table, a plain layout that never cuts a name or repo id."""
+    from rich.measure import Measurement
+
     from memfit.models import ALIASES, ARCHITECTURES
     from memfit.models.resolve import hf_hub_cache
 
@@ -177,26 +218,29 @@ def models(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
                 {"name": a.name, "hf_id": a.hf_id, "model_type": a.model_type, "params": a.param_count,
                  "size": a.size_label, "vocab_size": a.vocab_size, "hidden_size": a.hidden_size,
                  "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
-                 "num_kv_heads": a.num_kv_heads, "tie_embeddings": a.tie_embeddings}
+                 "num_kv_heads": a.num_kv_heads, "tie_embeddings": a.tie_embeddings,
+                 "num_experts": a.num_experts, "experts_per_token": a.experts_per_token}
                 for a in ARCHITECTURES.values()],
             "aliases": [{"name": a.name, "hf_id": a.hf_id, "architecture": a.architecture} for a in ALIASES.values()],
             "hf_cache": str(hf_hub_cache()),
         })
-    table = Table(title="built-in architectures")
-    for column in ("name", "size", "type", "vocab", "hidden", "inter", "layers", "heads/kv", "tied", "HF id"):
-        table.add_column(column)
-    for a in ARCHITECTURES.values():
-        table.add_row(a.name, a.size_label, a.model_type, f"{a.vocab_size:,}", str(a.hidden_size),
-                      str(a.intermediate_size), str(a.num_layers), f"{a.num_heads}/{a.num_kv_heads}",
-                      "yes" if a.tie_embeddings else "no", a.hf_id or "-")
-    console.print(table)
-    aliases = Table(title="aliases")
-    for column in ("alias", "HF id", "architecture"):
-        aliases.add_column(column)
-    for alias in ALIASES.values():
-        aliases.add_row(alias.name, alias.hf_id, alias.architecture)
-    console.print(aliases)
-    console.print(f"HF cache searched for HF ids: {hf_hub_cache()}")
+    tables, cache_line = _models_rows()
+    rich_tables = [_rich_table(*table) for table in tables]
+    unbounded = console.options.update_width(10_000)
+    fits = console.is_terminal and all(
+        Measurement.get(console, unbounded, table).maximum <= console.width for table in rich_tables)
+    if fits:
+        for table in rich_tables:
+            console.print(table)
+        console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
+        return
+    for number, table in enumerate(tables):
+        if number:
+            console.print("", soft_wrap=True)
+        for line in _plain_table(*table):
+            console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
+    console.print("", soft_wrap=True)
+    console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
 
 
 def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, zero: int, offload: str):
