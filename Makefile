@@ -40,6 +40,7 @@ examples: $(STAMP)
 # Every section of docs/benchmarks.md, each with the command its header names (hours on 2 cores; CPU only).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py
+	$(BIN)/python benchmarks/estimate_accuracy.py --moe
 	$(BIN)/python benchmarks/estimate_speed.py
 	$(BIN)/python benchmarks/trace_cuts.py --write
 	$(BIN)/python benchmarks/guard_overhead.py --write

@@ -4,7 +4,7 @@ For each case: build a random-init model of a real architecture (cut down in lay
 training steps in a fresh child (memfit.estimate.measure: peak RSS = the child's own VmHWM; on CUDA max_memory_reserved),
 and compare with `estimate_memory` for the same configuration. Writes the table into docs/benchmarks.md.
 
-    python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick] [--out docs/benchmarks.md]
+    python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick | --moe] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -42,7 +42,26 @@ BF16_STORED_CASES = [
 ]
 
 
-def run(device: str, quick: bool) -> list[dict]:
+# Mixture of experts: Mixtral and Qwen3-MoE cut to 2 layers and a quarter of their width (experts 8 and 32), big
+# enough that the experts, not the process baseline, make most of the peak. Their checkpoints store one tensor per
+# expert, as the published ones do, so transformers fuses them while loading.
+MOE_CUTS = {
+    "mixtral-8x7b": dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2,
+                         num_local_experts=8, vocab_size=2048, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=32,
+                          num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=2048,
+                          tie_word_embeddings=False),
+}
+MOE_CASES = [
+    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256),
+    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, lora_targets="q_proj,v_proj,experts"),
+    dict(method="qlora", dtype="fp32", batch_size=4, seq_len=512, grad_checkpointing=False),
+    dict(method="qlora", dtype="fp32", batch_size=2, seq_len=256),
+    dict(method="full", dtype="fp32", batch_size=2, seq_len=256),
+]
+
+
+def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
@@ -52,11 +71,15 @@ def run(device: str, quick: bool) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        builds = [(preset, layers, "fp32", CASES[:3] if quick else CASES) for preset, layers in ARCHITECTURES.items()]
-        builds += [(preset, layers, "bf16", BF16_STORED_CASES) for preset, layers in BF16_STORED.items() if not quick]
-        for preset, layers, stored, cases in builds:
+        builds = [(preset, layers, "fp32", CASES[:3] if quick else CASES, None)
+                  for preset, layers in ARCHITECTURES.items()]
+        builds += [(preset, layers, "bf16", BF16_STORED_CASES, None)
+                   for preset, layers in BF16_STORED.items() if not quick]
+        if moe:
+            builds = [(preset, 2, "fp32", MOE_CASES, overrides) for preset, overrides in MOE_CUTS.items()]
+        for preset, layers, stored, cases, overrides in builds:
             model_dir = Path(scratch) / f"{preset}-{stored}"
-            init_model(preset, model_dir, dtype=stored, num_layers=layers)
+            init_model(preset, model_dir, dtype=stored, num_layers=layers, overrides=overrides)
             hf_config = AutoConfig.from_pretrained(model_dir)
             for case in cases:
                 config = TrainConfig(**case)
@@ -65,7 +88,8 @@ def run(device: str, quick: bool) -> list[dict]:
                 measured = measure_in_child(model_dir, case, steps=3, device=device)
                 peak = measured["max_memory_reserved_bytes"] if device == "cuda" else measured["peak_rss_bytes"]
                 in_load = device != "cuda" and measured["load_peak_rss_bytes"] >= measured["peak_rss_bytes"]
-                shape = ", ".join(([f"{layers} layers"] if layers else []) + (["bf16 file"] if stored != "fp32" else []))
+                shape = ", ".join(([f"{layers} layers"] if layers else []) + (["bf16 file"] if stored != "fp32" else [])
+                                  + ([f"hidden {overrides['hidden_size']}, {hf_config.num_local_experts if preset.startswith('mixtral') else hf_config.num_experts} experts"] if overrides else []))
                 rows.append(dict(model=preset + (f" ({shape})" if shape else ""), case=case,
                                  estimate=predicted, measured=peak, error=(predicted - peak) / peak * 100,
                                  phase="load" if in_load else "step",
@@ -75,15 +99,16 @@ def run(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], device: str) -> str:
+def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
     import torch
     import transformers
 
     worst = max(abs(row["error"]) for row in rows)
     lines = [
-        f"### Estimator accuracy on {device} ({len(rows)} cases, worst error {worst:.1f}%)",
+        f"### Estimator accuracy on {device}{', mixture of experts' if moe else ''} ({len(rows)} cases, worst error "
+        f"{worst:.1f}%)",
         "",
-        f"Measured with `python benchmarks/estimate_accuracy.py --device {device}` on {platform.machine()} "
+        f"Measured with `python benchmarks/estimate_accuracy.py --device {device}{' --moe' if moe else ''}` on {platform.machine()} "
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Each case: 3 training steps (AdamW) in a fresh child process on "
         "random full-length sequences; measured = the child's peak RSS (`VmHWM`; peak in: loading the model or a "
@@ -95,7 +120,7 @@ def markdown(rows: list[dict], device: str) -> str:
     ]
     for row in rows:
         case = row["case"]
-        extra = " ".join(f"{key}={case[key]}" for key in ("lora_layers", "chunked_loss") if key in case)
+        extra = " ".join(f"{key}={case[key]}" for key in ("lora_layers", "chunked_loss", "lora_targets") if key in case)
         lines.append(f"| {row['model']} | {case['method']} | {case['dtype']} | {case['batch_size']} × "
                      f"{case['seq_len']} | {'on' if case.get('grad_checkpointing') else 'off'} | {extra} | "
                      f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['phase']} | {row['error']:+.1f}% |")
@@ -128,10 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="3 cases per architecture")
+    parser.add_argument("--moe", action="store_true", help="the mixture-of-experts cuts only (their own section)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
     args = parser.parse_args()
-    rows = run(args.device, args.quick)
-    write_section(Path(args.out), f"estimate-accuracy-{args.device}", markdown(rows, args.device))
+    rows = run(args.device, args.quick, args.moe)
+    marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"
+    write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe))
     print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
     sys.exit(0)
 

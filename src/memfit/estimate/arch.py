@@ -30,8 +30,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = {}
     for name, module in model.named_modules():
         index = decoder_layer_index(name)
+        # The first match is the layer itself (named_modules goes parents first); a deeper module whose name ends
+        # in the same number (a parametrization list's `.0`) is not.
         if index is not None and name.endswith(f".{index}"):
-            layers[index] = module
+            layers.setdefault(index, module)
     return [layers[index] for index in sorted(layers)]
 
 
@@ -66,6 +68,22 @@ class LinearInfo:
 
 
 @dataclass(frozen=True)
+class ExpertWeightInfo:
+    """One fused mixture-of-experts weight: transformers 5 keeps a layer's experts as 3-D parameters
+    (experts x out x in, e.g. `mlp.experts.gate_up_proj`); see memfit.train.experts."""
+
+    name: str
+    layer: int
+    num_experts: int
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.num_experts * self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
 class ArchInfo:
     """Parameter counts and shapes of one architecture."""
 
@@ -86,6 +104,32 @@ class ArchInfo:
     num_kv_heads: int = 0
     head_dim: int = 0
     tie_embeddings: bool = False
+    experts: tuple[ExpertWeightInfo, ...] = field(repr=False, default=())
+    experts_per_token: int = 0  # top-k of the router; 0 for a dense model
+    # Checkpoints of this model type store one tensor per expert, which transformers fuses while loading (its
+    # conversion mapping): the fused weights are new memory next to the mapped file.
+    experts_fused_at_load: bool = False
+
+    @property
+    def expert_params(self) -> int:
+        return sum(weight.params for weight in self.experts)
+
+    @property
+    def num_experts(self) -> int:
+        return max((weight.num_experts for weight in self.experts), default=0)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: all but the experts it is not routed to (top-k of each layer's)."""
+        if not self.experts:
+            return self.params
+        unused = sum(w.params * (w.num_experts - min(self.experts_per_token, w.num_experts)) // w.num_experts
+                     for w in self.experts)
+        return self.params - unused
+
+    def expert_targets(self, last_layers: int | None = None) -> list[ExpertWeightInfo]:
+        first = self.num_layers - last_layers if last_layers else 0
+        return [weight for weight in self.experts if weight.layer >= first]
 
     @property
     def largest_layer_params(self) -> int:
@@ -116,6 +160,7 @@ class ArchInfo:
         values["layer_params"] = tuple(values["layer_params"])
         values["linears"] = tuple(LinearInfo(**linear) for linear in values["linears"])
         values["param_shapes"] = tuple(tuple(shape) for shape in values["param_shapes"])
+        values["experts"] = tuple(ExpertWeightInfo(**weight) for weight in values.get("experts", ()))
         return cls(**values)
 
 
@@ -169,6 +214,14 @@ def arch_info(config) -> ArchInfo:
     return _CACHE[key]
 
 
+def _fused_at_load(model_type: str) -> bool:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a transformers without conversion mappings loads the stored layout as it is
+        return False
+    return bool(get_checkpoint_conversion_mapping(model_type))
+
+
 def _count(config) -> ArchInfo:
     model = build_meta_model(config)
     text = _text_config(model.config)
@@ -205,6 +258,12 @@ def _count(config) -> ArchInfo:
         in_features, out_features = linear_shape(module)
         linears.append(LinearInfo(name, layer, in_features, out_features, module.bias is not None))
 
+    experts = []
+    for name, param in model.named_parameters():
+        layer = decoder_layer_index(name)
+        if layer is not None and param.dim() == 3:  # fused experts; which dim is in/out does not change a count
+            experts.append(ExpertWeightInfo(name, layer, param.shape[0], param.shape[1], param.shape[2]))
+
     hidden = _attr(text, "hidden_size", "n_embd")
     heads = _attr(text, "num_attention_heads", "n_head")
     return ArchInfo(
@@ -225,4 +284,7 @@ def _count(config) -> ArchInfo:
         num_kv_heads=_attr(text, "num_key_value_heads", default=heads),
         head_dim=_attr(text, "head_dim", default=hidden // max(heads, 1)),
         tie_embeddings=tied,
+        experts=tuple(experts),
+        experts_fused_at_load=bool(experts) and _fused_at_load(text.model_type),
+        experts_per_token=_attr(text, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k") if experts else 0,
     )

@@ -91,6 +91,10 @@ class Estimate:
     load_peak_bytes: int = 0
     # The traced phase (forward, head, backward) whose peak sets the activations and logits.
     peak_phase: str = ""
+    # Mixture of experts: the parameters one token runs through (top-k experts), the experts per layer, top-k.
+    active_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @property
     def training_bytes(self) -> int:
@@ -192,15 +196,29 @@ def weight_bytes(info: ArchInfo, config: TrainConfig, precision: Precision) -> i
     rows = sum(linear.out_features for linear in info.linears)
     quantized = _nf4_bytes(info.linear_weight_params) if config.quant == "4" else _int8_bytes(
         info.linear_weight_params, rows)
-    # prepare_model_for_kbit_training casts everything that is not quantized (embeddings, norms, head) to fp32.
-    return int(quantized + (info.params - info.linear_weight_params) * 4)
+    # Fused experts: nf4 with --quant 4, left in the frozen dtype with --quant 8 (memfit.train.experts).
+    experts = _nf4_bytes(info.expert_params) if config.quant == "4" else info.expert_params * precision.frozen_bytes
+    # prepare_model_for_kbit_training casts everything else (embeddings, norms, head, routers) to fp32.
+    return int(quantized + experts + (info.params - info.linear_weight_params - info.expert_params) * 4)
 
 
 def trainable_shapes(info: ArchInfo, config: TrainConfig) -> list[tuple[int, ...]]:
     if config.method == "full":
         return list(info.param_shapes)
+    from memfit.train.experts import EXPERTS_TARGET, experts_targeted
+
     shapes: list[tuple[int, ...]] = []
-    for linear in info.lora_targets(config.lora_targets, config.lora_layers):
+    linear_targets = config.lora_targets
+    if experts_targeted(config.lora_targets):
+        # PEFT's target_parameters: A (r x experts, in) and B (out, r x experts) per fused expert weight.
+        for weight in info.expert_targets(config.lora_layers):
+            rank = config.lora_rank * weight.num_experts
+            shapes += [(rank, weight.in_features), (weight.out_features, rank)]
+        named = [t.strip() for t in config.lora_targets.split(",") if t.strip() and t.strip() != EXPERTS_TARGET]
+        if not named:
+            return shapes
+        linear_targets = ",".join(named)
+    for linear in info.lora_targets(linear_targets, config.lora_layers):
         shapes += [(config.lora_rank, linear.in_features), (linear.out_features, config.lora_rank)]
     return shapes
 
@@ -332,6 +350,8 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
             for name, param in model.named_parameters():
                 if param.dim() < 2 or "embed" in name or "lm_head" in name or "wte" in name or "wpe" in name:
                     param.data = param.data.to(torch.float32)
+            if config.quant == "4":
+                _dequantized_on_access(model)
     for param in model.parameters():
         param.requires_grad_(config.method == "full")
     head = model.get_output_embeddings()
@@ -355,6 +375,24 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
     chunked = config.chunked_loss and chunked_loss_blocker(model) is None
     return trace_step(model, fake_mode, batch_size, config.seq_len, text.vocab_size, precision.compute_dtype,
                       precision.autocast, head=head, last_layer=last_layer, chunked_loss=chunked)
+
+
+def _dequantized_on_access(model) -> None:
+    """4-bit fused experts (memfit.train.experts) are a bitsandbytes parametrization: each time the experts run,
+    their weights are dequantized into a new 16-bit tensor, which the expert matmul keeps for backward. Make the
+    traced model do the same (a copy per access, of the frozen dtype), so the trace counts those copies."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from memfit.train.experts import fused_expert_weights
+
+    class Dequantize(torch.nn.Module):
+        def forward(self, stored):
+            with torch.no_grad():
+                return stored.clone()
+
+    for weight in fused_expert_weights(model):
+        parametrize.register_parametrization(weight.module, weight.param_name, Dequantize(), unsafe=True)
 
 
 def layer_period(hf_config) -> int:
@@ -478,14 +516,30 @@ def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, h
     memory.
     """
     if hardware.device != "cpu":
+        if config.quant == "4" and info.expert_params:
+            # The fused experts arrive on the device in the frozen dtype, all of them, before memfit quantizes
+            # them one by one (memfit.train.experts): the device holds the 16-bit experts at the end of loading.
+            return (weight_bytes(info, config, precision) + _runtime_bytes(hardware, config, 0)
+                    + info.expert_params * precision.frozen_bytes - int(_nf4_bytes(info.expert_params)))
         return 0
     stored_bytes = checkpoint_dtype_bytes(hf_config)
     wanted_bytes = precision.trainable_bytes if config.method == "full" else precision.frozen_bytes
-    if stored_bytes is None or stored_bytes == wanted_bytes:
+    if not info.experts_fused_at_load and (stored_bytes is None or stored_bytes == wanted_bytes):
         return 0  # QLoRA too: bitsandbytes quantizes tensor by tensor from the mapping (fp32 file, fp32: no peak)
-    checkpoint = info.params * stored_bytes
+    checkpoint = info.params * (stored_bytes or wanted_bytes)
     loaded = weight_bytes(info, config, precision)
-    return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes() + checkpoint + loaded
+    if config.quant == "4":  # the fused experts are quantized after loading, from a copy in the frozen dtype
+        loaded += info.expert_params * precision.frozen_bytes - _nf4_bytes(info.expert_params)
+    return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes() + checkpoint + int(loaded)
+
+
+def mapped_expert_file_bytes(info: ArchInfo, hardware: Hardware, hf_config, precision: Precision) -> int:
+    """CPU: the file pages of per-expert checkpoint tensors that transformers fused into new tensors while loading.
+    They stay resident after loading, since the other tensors are views of the same mapping (measured on tiny
+    Mixtral and Qwen3-MoE shapes: benchmarks/estimate_accuracy.py)."""
+    if hardware.device != "cpu" or not info.experts_fused_at_load:
+        return 0
+    return info.expert_params * (checkpoint_dtype_bytes(hf_config) or precision.frozen_bytes)
 
 
 # --- putting it together ------------------------------------------------------------------------------------------
@@ -615,6 +669,11 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     activations = int(peak.activations * scale)
     logits = int(peak.logits * scale)
     runtime = _runtime_bytes(hardware, config, activations + logits)
+    expert_pages = mapped_expert_file_bytes(info, hardware, hf_config, precision)
+    if expert_pages:
+        runtime += expert_pages
+        notes.append(f"CPU: the checkpoint's per-expert tensors stay mapped after transformers fuses them "
+                     f"({expert_pages / GB:.2f} GB of file pages in the runtime)")
     if shards > 1 and zero == 0:
         runtime += gradients  # DDP's flat gradient buckets are a second copy of the gradients
         notes.append("DDP keeps a second copy of the gradients in its communication buckets")
@@ -630,7 +689,10 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=activations, logits=logits, runtime=int(runtime))
     loading = load_peak_bytes(info, config, precision, hardware, hf_config)
-    if loading > sum(breakdown.values()):
+    if loading > sum(breakdown.values()) and hardware.device != "cpu":
+        notes.append(f"the peak is loading ({loading / GB:.2f} GB): the fused experts arrive in "
+                     f"{precision.frozen_bytes * 8}-bit on the device before memfit quantizes them to 4-bit")
+    elif loading > sum(breakdown.values()):
         notes.append(f"the peak is loading the checkpoint ({loading / GB:.2f} GB): its weights change dtype on the "
                      "way in, so the mapped file and the converted copy are both resident; a checkpoint saved in "
                      "the training dtype loads without it")
@@ -639,7 +701,8 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     return Estimate(model=model_name, config=config, hardware=hardware, precision=precision.name,
                     params=info.params, trainable_params=trainable, breakdown=breakdown,
                     host_offload_bytes=int(host_offload), notes=notes, load_peak_bytes=int(loading),
-                    peak_phase=peak_phase)
+                    peak_phase=peak_phase, active_params=info.active_params, num_experts=info.num_experts,
+                    experts_per_token=info.experts_per_token)
 
 
 # --- solving and advising -----------------------------------------------------------------------------------------
@@ -751,6 +814,9 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -
         "engine": estimate.hardware.engine,
         "precision": estimate.precision,
         "params": estimate.params,
+        "active_params": estimate.active_params,  # = params for a dense model
+        "num_experts": estimate.num_experts or None,
+        "experts_per_token": estimate.experts_per_token or None,
         "trainable_params": estimate.trainable_params,
         "breakdown": dict(estimate.breakdown),
         "total_bytes": estimate.total_bytes,

@@ -45,7 +45,10 @@ class _LiveBytes(TorchDispatchMode):
         self.peaks: dict[str, tuple[int, int, dict[int, int]]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._grouped_mm.default:
+            out = _grouped_mm_any_dtype(func, args, kwargs or {})
+        else:
+            out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.add.Tensor and self.phase != "forward":
             self._accumulate_in_place(args)
         for tensor in tree_flatten(out)[0]:
@@ -90,6 +93,18 @@ class _LiveBytes(TorchDispatchMode):
             self.live[key] = (ref, 0, is_logits, serial)
             self.live_bytes -= nbytes
             self.live_logits -= nbytes if is_logits else 0
+
+
+def _grouped_mm_any_dtype(func, args, kwargs):
+    """The mixture-of-experts matmul (transformers' "grouped_mm" experts) on fake tensors of any dtype. torch's meta
+    kernel takes bf16 only (the CUDA kernel's rule) while the CPU kernel that fp32 training on CPU runs takes fp32
+    too: shape the call in bf16, then make the output in the dtype the real kernel returns. The bf16 copies are
+    the trace's own, so they are made below this mode and never counted."""
+    mat_a, mat_b = args[0], args[1]
+    if mat_a.dtype == torch.bfloat16 and mat_b.dtype == torch.bfloat16:
+        return func(*args, **kwargs)
+    shaped = func(mat_a.to(torch.bfloat16), mat_b.to(torch.bfloat16), *args[2:], **kwargs)
+    return torch.empty(shaped.shape, dtype=kwargs.get("out_dtype") or mat_a.dtype, device=shaped.device)
 
 
 def fakeify_(model: torch.nn.Module, fake_mode) -> None:

@@ -45,8 +45,10 @@ def init_model(
     force: bool = False,
     num_layers: int | None = None,
     seed: int = 0,
+    overrides: dict | None = None,
 ) -> Path:
-    """Write a random-init `preset` model (config, safetensors, tokenizer, generation config) to `out_dir`."""
+    """Write a random-init `preset` model (config, safetensors, tokenizer, generation config) to `out_dir`.
+    `overrides`: config.json values to change (a smaller hidden size, fewer experts) for test and benchmark cuts."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -58,13 +60,15 @@ def init_model(
     arch = get_architecture(preset)
     _check_out_dir(out_dir)
 
-    tokenizer = train_tokenizer(arch.vocab_size)
+    overrides = dict(overrides or {})
+    tokenizer = train_tokenizer(overrides.get("vocab_size", arch.vocab_size))
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = arch.to_hf_config(
         num_layers,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
     torch_name, bytes_per_param = DTYPES[dtype]
 
@@ -103,7 +107,7 @@ def init_model(
         tokenizer.model_max_length = arch.max_position_embeddings
         tokenizer.save_pretrained(tmp)
         marker = {"preset": arch.name, "dtype": dtype, "num_layers": config.num_hidden_layers, "seed": seed,
-                  "params": params, "random_init": True}
+                  "params": params, "random_init": True, **({"overrides": overrides} if overrides else {})}
         (tmp / INIT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform

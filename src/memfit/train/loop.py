@@ -513,7 +513,8 @@ class Trainer:
 
         failure = None
         try:
-            return load_model(model_dir, self.config, self.precision, self.device)
+            return load_model(model_dir, self.config, self.precision, self.device,
+                              notify=lambda line: self.emit(Notice(line)))
         except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a message
             if not is_out_of_memory(error):
                 raise

@@ -5,12 +5,15 @@ Memory options, next to the code that implements them:
   copy); LoRA loads the frozen base in the 16-bit compute dtype and keeps adapters fp32 (PEFT's default).
 - `--method qlora`: bitsandbytes nf4 with double quantization (or 8-bit with `--quant 8`);
   `prepare_model_for_kbit_training` then casts the non-quantized params (embeddings, norms, lm_head) to fp32.
+- Mixture-of-experts weights (fused 3-D parameters): quantized by memfit, adapted only when named; see
+  memfit.train.experts.
 - `--lora-layers N`: adapters only on the last N decoder layers (earlier layers need no activation gradients).
 - `--grad-checkpointing`: non-reentrant checkpointing of each decoder layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,14 +52,16 @@ def load_dtype(config: TrainConfig, precision: Precision) -> torch.dtype:
     return precision.trainable_dtype if config.method == "full" else precision.frozen_dtype
 
 
-def lora_target_modules(model: torch.nn.Module, config: TrainConfig) -> list[str]:
+def lora_target_modules(model: torch.nn.Module, config: TrainConfig, allow_none: bool = False) -> list[str]:
     """Names of the linear modules to adapt: all linear layers of the decoder (never lm_head), or the listed ones,
-    restricted to the last `lora_layers` decoder layers."""
+    restricted to the last `lora_layers` decoder layers. `allow_none`: the experts are targeted, so no linear
+    layer is fine."""
     from memfit.estimate.arch import decoder_layer_index, is_adaptable_linear
+    from memfit.train.experts import EXPERTS_TARGET
 
     wanted = None
     if config.lora_targets != "all-linear":
-        wanted = {name.strip() for name in config.lora_targets.split(",") if name.strip()}
+        wanted = {name.strip() for name in config.lora_targets.split(",") if name.strip()} - {EXPERTS_TARGET}
     num_layers = model.config.get_text_config().num_hidden_layers
     first_layer = num_layers - config.lora_layers if config.lora_layers else 0
     targets = []
@@ -67,7 +72,7 @@ def lora_target_modules(model: torch.nn.Module, config: TrainConfig) -> list[str
         if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
             continue
         targets.append(name)
-    if not targets:
+    if not targets and not allow_none:
         known = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_adaptable_linear(module)})
         raise UserError(
             f"--lora-targets {config.lora_targets!r} matches no linear layer of this model",
@@ -79,11 +84,17 @@ def lora_target_modules(model: torch.nn.Module, config: TrainConfig) -> list[str
 def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    from memfit.train.experts import expert_lora_parameters
+
+    num_layers = model.config.get_text_config().num_hidden_layers
+    first_layer = num_layers - config.lora_layers if config.lora_layers else 0
+    expert_params = expert_lora_parameters(model, config.lora_targets, config.quant, first_layer)
     lora_config = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.effective_lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=lora_target_modules(model, config),
+        target_modules=lora_target_modules(model, config, allow_none=bool(expert_params)),
+        target_parameters=expert_params or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -110,8 +121,10 @@ def load_pretrained(model_class, model_dir: Path, **kwargs):
         raise damaged from None
 
 
-def load_model(model_dir: Path, config: TrainConfig, precision: Precision, device: str = "cpu"):
-    """The model ready to train: weights on `device`, adapters attached, checkpointing on when asked."""
+def load_model(model_dir: Path, config: TrainConfig, precision: Precision, device: str = "cpu",
+               notify: Callable[[str], None] | None = None):
+    """The model ready to train: weights on `device`, adapters attached, checkpointing on when asked. `notify`
+    gets one line for what was done that the user would not guess (mixture-of-experts weights)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -133,12 +146,33 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
+        from memfit.train.experts import fused_expert_weights, kept_out_of_kbit_cast, quantize_experts_4bit
+
+        experts = fused_expert_weights(model)
+        if experts and config.quant == "4":
+            count = quantize_experts_4bit(model, device if device != "cuda" else torch.cuda.current_device())
+            _say(notify, f"experts: {count:,} parameters in {len(experts)} fused weights quantized to nf4 "
+                         "(bitsandbytes parametrization), frozen")
+        elif experts:
+            _say(notify, f"experts: {len(experts)} fused weights kept {precision.frozen_dtype} and frozen "
+                         "(bitsandbytes has no 8-bit form for them)")
+        with kept_out_of_kbit_cast(model):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
     if config.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.uses_adapters:
         model = apply_lora(model, config, precision)
+        from memfit.train.experts import experts_targeted
+
+        if experts_targeted(config.lora_targets):
+            _say(notify, f"experts: LoRA rank {config.lora_rank} on every expert of the fused expert weights "
+                         "(PEFT target_parameters)")
     elif config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
     return model
+
+
+def _say(notify: Callable[[str], None] | None, line: str) -> None:
+    if notify is not None:
+        notify(line)
