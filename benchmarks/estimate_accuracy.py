@@ -101,6 +101,8 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
 
 def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
     import torch
+
+    from memfit.config import TrainConfig
     import transformers
 
     worst = max(abs(row["error"]) for row in rows)
@@ -122,7 +124,7 @@ def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
         case = row["case"]
         extra = " ".join(f"{key}={case[key]}" for key in ("lora_layers", "chunked_loss", "lora_targets") if key in case)
         lines.append(f"| {row['model']} | {case['method']} | {case['dtype']} | {case['batch_size']} × "
-                     f"{case['seq_len']} | {'on' if case.get('grad_checkpointing') else 'off'} | {extra} | "
+                     f"{case['seq_len']} | {'on' if TrainConfig(**case).grad_checkpointing else 'off'} | {extra} | "
                      f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['phase']} | {row['error']:+.1f}% |")
     return "\n".join(lines) + "\n"
 

@@ -480,7 +480,8 @@ def fig_report(args) -> str:
 _ANON = ("import sys, json, torch, transformers\n"
          "from transformers import AutoModelForCausalLM\n"
          "import transformers.models.llama.modeling_llama\n"
-         "if sys.argv[1] == 'peft':\n    import peft\n"
+         "if sys.argv[1] == 'peft-hidden':\n    from memfit import libraries; libraries.hide_bitsandbytes_from_peft()\n"
+         "if sys.argv[1] != 'plain':\n    from memfit.libraries import import_peft; import_peft()\n"
          "x = torch.randn(64, 64, requires_grad=True); (x @ x).sum().backward()\n"
          "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
          "print(json.dumps({k: int(status[k].split()[0]) * 1024 for k in ('RssAnon', 'RssFile', 'VmHWM')}))\n")
@@ -491,18 +492,23 @@ def fig_runtime(args) -> str:
 
     load0 = loadavg()
     readings = {kind: [json.loads(timed([PY, "-c", _ANON, kind])["stdout"]) for _ in range(args.repeats)]
-                for kind in ("plain", "peft")}
+                for kind in ("plain", "peft", "peft-hidden")}
     anon = {kind: statistics.median(r["RssAnon"] for r in rs) for kind, rs in readings.items()}
     files = {kind: statistics.median(r["RssFile"] for r in rs) for kind, rs in readings.items()}
     lines = header("The estimator's CPU process baseline", "runtime", load0,
                    "A fresh process imports torch, transformers and the llama model code and runs a tiny backward "
-                   "pass; the second also imports peft. Anonymous and file-backed RSS from /proc/self/status, "
-                   f"median of {args.repeats}.")
+                   "pass; the second also imports peft (which imports bitsandbytes), the third imports peft with "
+                   "bitsandbytes hidden, as a --quant none process does (memfit.libraries). Anonymous and "
+                   f"file-backed RSS from /proc/self/status, median of {args.repeats}.")
     lines += ["| process | RssAnon MB | RssFile MB | estimator's constant |", "|---|---:|---:|---|",
               f"| Python + torch + transformers | {anon['plain'] / MB:,.0f} | {files['plain'] / MB:,.0f} | "
               f"`CPU_PROCESS_ANON_BYTES` = {memory.CPU_PROCESS_ANON_BYTES / MB:,.0f} MB |",
               f"| + peft | {anon['peft'] / MB:,.0f} (+{(anon['peft'] - anon['plain']) / MB:,.0f}) | "
-              f"{files['peft'] / MB:,.0f} | `CPU_PEFT_IMPORT_BYTES` = +{memory.CPU_PEFT_IMPORT_BYTES / MB:,.0f} MB |"]
+              f"{files['peft'] / MB:,.0f} | `CPU_PEFT_IMPORT_BYTES` = +{memory.CPU_PEFT_IMPORT_BYTES / MB:,.0f} MB |",
+              f"| + peft, bitsandbytes hidden | {anon['peft-hidden'] / MB:,.0f} "
+              f"(+{(anon['peft-hidden'] - anon['plain']) / MB:,.0f}) | {files['peft-hidden'] / MB:,.0f} | "
+              f"`CPU_BITSANDBYTES_IMPORT_BYTES` = {memory.CPU_BITSANDBYTES_IMPORT_BYTES / MB:,.0f} MB less (the "
+              f"difference of the two peft rows: {(anon['peft'] - anon['peft-hidden']) / MB:,.0f} MB) |"]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from memfit.config import GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name, load_yaml, make_config
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
+from memfit.libraries import hide_bitsandbytes_from_peft
+from memfit.libraries import quiet as quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
@@ -293,10 +295,9 @@ def estimate(
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
     from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
-    from memfit.estimate import memory as estimator
     from memfit.estimate.memory import to_json
 
-    estimator.ESTIMATE_ONLY_PROCESS = True  # this process never trains: PEFT may skip bitsandbytes
+    hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     file_values = read_config_file(config_file)
     model = _option_value(model, file_values, "model", str)
@@ -452,11 +453,10 @@ def recommend(
 ):
     """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator, with the same defaults
     as estimate, probe and train). --method (and --quant with lora/qlora) keeps only that method's column."""
-    from memfit.estimate import memory as estimator
     from memfit.estimate.recommend import METHODS
     from memfit.estimate.recommend import recommend as compute
 
-    estimator.ESTIMATE_ONLY_PROCESS = True  # this process never trains: PEFT may skip bitsandbytes
+    hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
 
     file_values = {key: value for key, value in read_config_file(config_file).items()
                    if key in TrainConfig.model_fields}
@@ -897,7 +897,7 @@ def _expand_bare_resume(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
-    _quiet_libraries()
+    quiet_libraries()
     argv = _expand_bare_resume(list(sys.argv[1:] if argv is None else argv))
     try:
         # standalone_mode=False: click returns a command's typer.Exit code instead of raising it.
@@ -949,27 +949,6 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (deprecation notices, optional-kernel probes) is not for memfit's users."""
-    import logging
-    import os
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # Nothing goes online by accident; the user's own setting is kept for the one fetch they may ask for (a Hub id's
-    # config.json: memfit.models.hub.USER_OFFLINE_ENV).
-    os.environ.setdefault("MEMFIT_USER_HF_HUB_OFFLINE",
-                          os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("bitsandbytes", "transformers", "accelerate", "peft", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # DeepSpeed (imported by transformers whenever it is installed) resets its logger's level when it creates it,
-    # then warns on every CPU-only import: a filter on the logger outlives that.
-    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def run() -> None:

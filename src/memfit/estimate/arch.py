@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memfit.errors import MemfitError, UserError
 from memfit.estimate import cache
 
 if TYPE_CHECKING:
@@ -208,7 +209,20 @@ def arch_info(config) -> ArchInfo:
         if info is None:
             if cache.is_record(config):
                 raise cache.CacheMiss("no cached parameter count")
-            info = _count(config)
+            try:
+                info = _count(config)
+            except (MemfitError, KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as error:  # noqa: BLE001 - the model's own code failing on the meta device
+                import transformers
+
+                first = " ".join(str(error).split())[:160] or type(error).__name__
+                raise UserError(
+                    f"cannot estimate model_type {getattr(_text_config(config), 'model_type', '?')!r}: "
+                    f"AutoModelForCausalLM.from_config cannot build it on the meta device with transformers "
+                    f"{transformers.__version__} ({type(error).__name__}: {first})",
+                    hint="`memfit probe` measures what fits by running real steps",
+                ) from None
             cache.save("arch", disk_key, info.to_json())
         _CACHE[key] = info
     return _CACHE[key]

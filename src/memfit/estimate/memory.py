@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memfit.config import TrainConfig
-from memfit.errors import UserError
+from memfit.errors import MemfitError, UserError
 from memfit.estimate import cache
 from memfit.estimate.arch import ArchInfo, arch_info
 from memfit.estimate.peaks import PeakLines, TracePeak, peaks_from_json, peaks_to_json
+from memfit.libraries import import_peft
 from memfit.estimate.solve import largest_fitting
 
 GB = 1024**3
@@ -46,6 +47,9 @@ MB = 1024**2
 # imported and one step run, before any model memory. PEFT's import (and the bitsandbytes it loads) adds to it.
 CPU_PROCESS_ANON_BYTES = 244 * MB
 CPU_PEFT_IMPORT_BYTES = 82 * MB
+# A process with --quant none imports PEFT without bitsandbytes (memfit.libraries): this much less anonymous memory
+# (`python benchmarks/figures.py runtime`: the import adds 51 MB with bitsandbytes, 8 MB without; docs/benchmarks.md).
+CPU_BITSANDBYTES_IMPORT_BYTES = 43 * MB
 # File-backed pages vary with the page cache (more right after an install), so they are read from this process,
 # which maps the same libraries; a training process touches more of them: 1.33x (measured in a fresh and an aged
 # venv: this process 97 vs 145 MB, the training child +64 MB). Where /proc is absent, the aged-venv reading.
@@ -58,8 +62,6 @@ MPS_RUNTIME_BYTES = 256 * MB
 CUDA_ALLOCATOR_SLACK = 0.05
 # DeepSpeed ZeRO-3 keeps the layer being computed and the prefetched next one gathered.
 ZERO3_GATHERED_LAYERS = 2
-# Set by a process that only estimates (the estimate/recommend/launch-config commands): see `_import_peft`.
-ESTIMATE_ONLY_PROCESS = False
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,10 @@ def _cut_config(hf_config, num_layers: int):
     for name in ("layer_types",):  # per-layer lists (gemma-2 sliding/global) must match the new depth
         value = getattr(text, name, None)
         if isinstance(value, list) and value:
-            setattr(text, name, [value[i % len(value)] for i in range(num_layers)])
+            try:
+                setattr(text, name, [value[i % len(value)] for i in range(num_layers)])
+            except AttributeError:  # a read-only property computed from the depth (mamba): already cut
+                pass
     return cut
 
 
@@ -303,27 +308,30 @@ def _trace_cut(hf_config, config: TrainConfig, precision: Precision, num_layers:
         # Building the cut (weight init, LoRA init) draws from the global RNG, and only on a cache miss: keep it
         # off the caller's stream, or a training run's dropout masks would depend on what was estimated before.
         with torch.random.fork_rng(devices=[]):
-            _TRACE_CACHE[key] = _trace_cut_uncached(hf_config, config, precision.torch(), num_layers, batch_size)
+            try:
+                _TRACE_CACHE[key] = _trace_cut_uncached(hf_config, config, precision.torch(), num_layers,
+                                                        batch_size)
+            except (MemfitError, cache.CacheMiss, KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as error:  # noqa: BLE001 - the model's own code failing on fake tensors
+                raise _untraceable(hf_config, error) from None
         TRACE_STATS["traced"] += 1
         cache.save("trace", key, peaks_to_json(_TRACE_CACHE[key]))
     return _TRACE_CACHE[key]
 
 
-def _import_peft() -> None:
-    """Import PEFT without bitsandbytes in a process that only estimates. PEFT imports bitsandbytes when it is
-    installed (for its quantized LoRA layers), which costs 1-3 s; the trace never uses it (a k-bit base is emulated
-    below). A process that may train keeps the normal import: PEFT decides once whether bitsandbytes exists."""
-    import sys
+def _untraceable(hf_config, error: Exception) -> UserError:
+    """One line for a model whose training step cannot run on fake tensors (the estimate needs that trace)."""
+    import transformers
 
-    if not ESTIMATE_ONLY_PROCESS or "peft" in sys.modules or "bitsandbytes" in sys.modules:
-        return
-    sys.modules["bitsandbytes"] = None  # importlib.util.find_spec answers None: PEFT sees no bitsandbytes
-    try:
-        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-
-        is_bnb_available(), is_bnb_4bit_available()  # cached (lru_cache) as False: LoRA's dispatch imports no bnb
-    finally:
-        del sys.modules["bitsandbytes"]
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    first = " ".join(str(error).split())[:160] or type(error).__name__
+    return UserError(
+        f"cannot estimate model_type {getattr(text, 'model_type', '?')!r}: its training step does not run on fake "
+        f"tensors with transformers {transformers.__version__} ({type(error).__name__}: {first})",
+        hint="`memfit probe` measures what fits by running real steps; docs/benchmarks.md lists the architectures "
+             "estimated (python benchmarks/architecture_sweep.py)",
+    )
 
 
 def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: int,
@@ -361,7 +369,7 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
         if config.uses_adapters:
             model.enable_input_require_grads()
     if config.uses_adapters:
-        _import_peft()
+        import_peft()
         from memfit.train.model import apply_lora
 
         adapted = config.model_copy(update={"lora_layers": None})
@@ -572,7 +580,9 @@ def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) 
         return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
     if hardware.device == "mps":
         return MPS_RUNTIME_BYTES
-    peft = CPU_PEFT_IMPORT_BYTES if config.uses_adapters else 0
+    peft = 0
+    if config.uses_adapters:
+        peft = CPU_PEFT_IMPORT_BYTES - (CPU_BITSANDBYTES_IMPORT_BYTES if config.quant == "none" else 0)
     return CPU_PROCESS_ANON_BYTES + peft + cpu_file_pages_bytes()
 
 

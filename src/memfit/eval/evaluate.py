@@ -129,6 +129,11 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str,
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = load_pretrained(AutoModelForCausalLM, model_dir, **kwargs)
     if adapter is not None:
+        from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
+
+        if quantization is None:
+            hide_bitsandbytes_from_peft()  # a 16-bit base: PEFT need not import bitsandbytes
+        import_peft()
         from peft import PeftModel
 
         try:

@@ -265,13 +265,14 @@ def failed_on_input(trial: Trial) -> bool:
 def child_main(spec_path: str, run_dir: str) -> int:
     from rich.console import Console
 
-    from memfit.cli import _quiet_libraries
     from memfit.config import TrainConfig
     from memfit.errors import MemfitError, error_line
     from memfit.render import TrainRenderer
     from memfit.train import TrainJob, train
 
-    _quiet_libraries()
+    from memfit.libraries import quiet
+
+    quiet()
     spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
     # Rendered as `memfit train` renders, to nowhere: the trial is to hold what the run it stands for will hold.
     renderer = TrainRenderer(Console(file=open(os.devnull, "w")))

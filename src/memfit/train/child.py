@@ -35,14 +35,15 @@ def main(spec_path: str) -> int:
         return 130
     from rich.console import Console
 
-    from memfit.cli import _quiet_libraries
     from memfit.config import TrainConfig
     from memfit.errors import MemfitError, error_line
     from memfit.render import TrainRenderer
     from memfit.train import TrainJob, train
     from memfit.train.checkpoint import open_checkpoint
 
-    _quiet_libraries()
+    from memfit.libraries import quiet
+
+    quiet()
     fields = dict(spec["job"])
     renderer = TrainRenderer(Console())
     try:

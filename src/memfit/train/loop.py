@@ -241,6 +241,10 @@ class Trainer:
         from memfit.precision import resolve_precision
 
         job, config = self.job, self.config
+        if config.quant == "none":
+            from memfit.libraries import hide_bitsandbytes_from_peft
+
+            hide_bitsandbytes_from_peft()  # no 4/8-bit layer in this process: PEFT need not import bitsandbytes
         self.device = job.device or default_device()
         if self.distributed:
             self._check_distributed()

@@ -82,6 +82,9 @@ def lora_target_modules(model: torch.nn.Module, config: TrainConfig, allow_none:
 
 
 def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision) -> torch.nn.Module:
+    from memfit.libraries import import_peft
+
+    import_peft()  # first, where this process said it needs no bitsandbytes (memfit.libraries)
     from peft import LoraConfig, get_peft_model
 
     from memfit.train.experts import expert_lora_parameters

@@ -1,0 +1,106 @@
+"""Every causal-LM architecture transformers ships, estimated: which ones memfit estimates and what the rest say.
+
+For each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, the config class's defaults (for most, the published
+base model's shapes) are written to a config.json, and `memfit estimate --model DIR --method lora --device cuda
+--memory-gb 80 --json` runs on it in a fresh process. A row is "estimated" when it exits 0 with a breakdown, and
+otherwise shows the one line memfit printed (exit 2) — or "traceback" when it crashed, which is a bug.
+
+    python benchmarks/architecture_sweep.py [--only TYPE,...] [--timeout 300] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB = 1024**3
+
+
+def sweep(types: list[str], timeout: float) -> list[dict]:
+    from transformers import AutoConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        env = dict(os.environ, MEMFIT_CACHE=str(Path(scratch) / "cache"), COLUMNS="200")
+        for model_type in types:
+            row = {"model_type": model_type}
+            model_dir = Path(scratch) / model_type
+            try:
+                config = AutoConfig.for_model(model_type)
+                model_dir.mkdir()
+                config.save_pretrained(model_dir)
+            except Exception as error:  # noqa: BLE001 - a config class that cannot be built with its defaults
+                rows.append({**row, "outcome": "no default config", "detail": f"{type(error).__name__}: {error}"[:160]})
+                print(rows[-1], flush=True)
+                continue
+            started = time.time()
+            try:
+                done = subprocess.run([sys.executable, "-m", "memfit", "estimate", "--model", str(model_dir),
+                                       "--method", "lora", "--device", "cuda", "--memory-gb", "80", "--json"],
+                                      capture_output=True, text=True, timeout=timeout, env=env)
+            except subprocess.TimeoutExpired:
+                rows.append({**row, "outcome": "timeout", "detail": f"over {timeout:.0f} s", "seconds": timeout})
+                print(rows[-1], flush=True)
+                continue
+            row["seconds"] = round(time.time() - started, 1)
+            if done.returncode == 0:
+                data = json.loads(done.stdout)
+                row.update(outcome="estimated", params=data["params"], total_gb=data["total_bytes"] / GB,
+                           experts=data.get("num_experts"))
+            elif "Traceback" in done.stderr:
+                row.update(outcome="traceback", detail=done.stderr.strip().splitlines()[-1][:160])
+            else:
+                row.update(outcome=f"exit {done.returncode}", detail=" ".join(done.stderr.split())[:200])
+            rows.append(row)
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    import transformers
+
+    estimated = [row for row in rows if row["outcome"] == "estimated"]
+    crashed = [row for row in rows if row["outcome"] in ("traceback", "timeout")]
+    lines = [f"### Every causal-LM architecture in transformers {transformers.__version__}: {len(estimated)} of "
+             f"{len(rows)} estimated, {len(crashed)} crashed or timed out", "",
+             f"Measured with `{command}`: each model type's default config, `memfit estimate --method lora "
+             "--device cuda --memory-gb 80 --json` in a fresh process (2 CPU cores).", "",
+             "| model type | outcome | params | total GB (LoRA, batch 1 × 2048) | s | detail |",
+             "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        params = f"{row['params'] / 1e9:.2f}B" if "params" in row else ""
+        total = f"{row['total_gb']:.1f}" if "total_gb" in row else ""
+        detail = row.get("detail", "") + (f"{row['experts']} experts" if row.get("experts") else "")
+        lines.append(f"| {row['model_type']} | {row['outcome']} | {params} | {total} | {row.get('seconds', '')} | "
+                     f"{detail.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model types")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = parser.parse_args()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    rows = sweep(types, args.timeout)
+    body = markdown(rows, "python benchmarks/architecture_sweep.py" + (" --write" if args.write else ""))
+    print(body)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from estimate_accuracy import write_section
+
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "architecture-sweep", body)
+    sys.exit(1 if any(row["outcome"] in ("traceback", "timeout") for row in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
