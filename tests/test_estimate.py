@@ -12,9 +12,9 @@ from memfit.estimate.memory import (
     grad_accum_for,
     max_batch_size,
     optimizer_state_bytes,
-    suggestions,
     to_json,
 )
+from memfit.estimate.advice import suggestions
 from memfit.models import ARCHITECTURES, resolve_model
 from memfit.train.chunked_loss import MIN_CHUNK_TOKENS
 
@@ -150,7 +150,7 @@ def test_grad_accum_for_target_batch():
 
 
 def test_suggestions_when_it_does_not_fit():
-    """memory.suggestions is memfit.estimate.advice's (tests/test_advice.py has the search itself): the cheapest
+    """memfit.estimate.advice.suggestions (tests/test_advice.py has the search itself): the cheapest
     change that fits first, then the single changes that do not fit alone, largest saving first."""
     hardware = Hardware("cuda", 16 * GB)
     config = TrainConfig(method="lora", dtype="bf16", seq_len=2048, grad_checkpointing=False)

@@ -20,11 +20,11 @@ from memfit.config import GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 from memfit.libraries import hide_bitsandbytes_from_peft
 from memfit.libraries import quiet as quiet_libraries
+from memfit.units import GB
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
 console = Console()
-GB = 1024**3
 
 
 # --- training flags, generated from TrainConfig ------------------------------------------------------------------
@@ -801,7 +801,7 @@ def demo(
     from memfit.models import init_model
     from memfit.paths import cache_dir
     from memfit.train import TrainJob
-    from memfit.train.loop import default_device
+    from memfit.devices import default_device
     from memfit.train.rundir import FINAL
 
     _check_device(device)

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
+from memfit.units import GB
 
-GB = 1024**3
 
 
 def _eta(seconds: float) -> str:

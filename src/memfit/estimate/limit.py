@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from memfit.config import TrainConfig
 from memfit.errors import UserError
 
-GB = 1024**3
+from memfit.units import GB
 
 
 @dataclass(frozen=True)

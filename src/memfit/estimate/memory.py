@@ -39,8 +39,7 @@ from memfit.estimate.peaks import PeakLines, TracePeak, peaks_from_json, peaks_t
 from memfit.libraries import import_peft
 from memfit.estimate.solve import largest_fitting
 
-GB = 1024**3
-MB = 1024**2
+from memfit.units import GB, MB
 
 # CPU runtime = a process's anonymous baseline + its file-backed pages (libraries), measured on Linux x86_64, torch
 # 2.13 CPU, transformers 5.23 (docs/benchmarks.md). Anonymous: Python, torch, transformers and the model code
@@ -804,13 +803,6 @@ def max_batch_size(hf_config, config: TrainConfig, hardware: Hardware, limit: in
 
 def grad_accum_for(target_batch: int, micro_batch: int, num_gpus: int) -> int:
     return max(1, math.ceil(target_batch / max(1, micro_batch * num_gpus)))
-
-
-def suggestions(hf_config, config: TrainConfig, hardware: Hardware, current_total: int):
-    """memfit.estimate.advice.suggestions (the advice lives there; kept here for callers of the old name)."""
-    from memfit.estimate.advice import suggestions as advise
-
-    return advise(hf_config, config, hardware, current_total)
 
 
 def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -> dict[str, Any]:

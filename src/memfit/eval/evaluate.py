@@ -159,7 +159,7 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
     from memfit.models import resolve_model
     from memfit.precision import resolve_precision
-    from memfit.train.loop import default_device
+    from memfit.devices import default_device
 
     emit = on_event or (lambda event: None)
     check_job(job)

@@ -9,7 +9,7 @@ from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.render import ProgressRenderer
 from memfit.train.events import GuardNotice
 
-GB = 1024**3
+from memfit.units import GB
 _STYLES = {"passed": "green", "failed": "red", "error": "red", "timeout": "yellow", "memory": "yellow",
            "killed": "yellow"}
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from memfit.errors import UserError
 
-MB = 1024**2
+from memfit.units import MB
 NOBODY = 65534
 SETUP_FAILED = 125  # memfit/eval/_jail.py's exit code when the program never started
 JAIL = Path(__file__).with_name("_jail.py")

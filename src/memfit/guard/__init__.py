@@ -12,7 +12,8 @@ from memfit.guard.policy import (
     fit_leak,
     release_memory,
 )
-from memfit.guard.report import format_gb, memory_report
+from memfit.guard.report import memory_report
+from memfit.units import format_gb
 from memfit.guard.sampler import MemorySample, MemorySampler, read_memory
 
 __all__ = [

@@ -25,11 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from memfit import faults
-from memfit.guard.report import format_gb
 from memfit.guard.sampler import MemorySample, MemorySampler, read_memory, slope_per_second
 
-MB = 1024**2
-GB = 1024**3
+from memfit.units import GB, MB, format_gb
 
 
 # --- the limit ------------------------------------------------------------------------------------------------

@@ -11,14 +11,9 @@ if TYPE_CHECKING:
     from memfit.guard.policy import MemoryLimit
     from memfit.guard.sampler import MemorySample
 
-GB = 1024**3
+from memfit.units import GB, format_gb
 RULE = "━" * 60
 _LABEL_WIDTH = 19  # "System Available:  " — the longest label and its gap
-
-
-def format_gb(nbytes: float) -> str:
-    """Bytes as GiB with two decimals, the unit every memfit output uses ("1.23 GB")."""
-    return f"{nbytes / GB:.2f} GB"
 
 
 def memory_report(sample: MemorySample, limit: MemoryLimit, threshold: float,

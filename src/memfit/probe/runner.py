@@ -30,8 +30,8 @@ from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStart
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
 from memfit.train.events import Event, Notice
+from memfit.units import GB
 
-GB = 1024**3
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 JOURNAL_FORMAT = 1

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-GB = 1024**3
+from memfit.units import GB
 MAX_POINTS = 2000
 
 # One palette for the page and the plots (the CSS uses the same colours).

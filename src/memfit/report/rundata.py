@@ -17,8 +17,7 @@ import yaml
 
 from memfit.errors import UserError
 from memfit.train.checkpoint import list_checkpoints, load_checkpoint_meta
-from memfit.train.rundir import CONFIG_YAML, EVENTS, FINAL, METRICS, RUN_JSON
-from memfit.train.supervisor import SUPERVISOR_LOG
+from memfit.train.rundir import CONFIG_YAML, EVENTS, FINAL, METRICS, RUN_JSON, SUPERVISOR_LOG
 
 # How each status reads on the page, and the exit code it has when run.json does not say.
 STATUS_TEXT = {"done": "finished", "guard_stop": "stopped by the memory guard", "oom": "out of memory",

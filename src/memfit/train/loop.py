@@ -49,6 +49,7 @@ import torch
 from memfit import faults
 from memfit.allocator import fix_mmap_threshold
 from memfit.config import GUARD_FIELDS, TrainConfig
+from memfit.devices import default_device
 from memfit.distributed.collective import Agreement, Decision, all_reduce_sum, gradients
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.ranks import current as current_ranks
@@ -129,14 +130,6 @@ def layer_stop_hook(trainer: "Trainer", guard, index: int, layers: int) -> Calla
                                f"{index + 1} of {layers}")
 
     return before_layer
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _single_process_rendezvous() -> None:

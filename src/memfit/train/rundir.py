@@ -22,6 +22,7 @@ RUN_JSON = "run.json"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
+SUPERVISOR_LOG = "supervisor.jsonl"  # memfit.train.supervisor's restarts, one JSON line each
 FINAL = "final"
 
 

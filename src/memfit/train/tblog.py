@@ -13,7 +13,7 @@ from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, O
                                  StepEnd)
 
 TENSORBOARD_DIR = "tensorboard"
-GB = 1024**3
+from memfit.units import GB
 # metrics.jsonl's memory fields and the scalar names they get (in GB).
 MEMORY_SCALARS = {"watched_bytes": "memory/watched_gb", "rss_bytes": "memory/rss_gb",
                   "peak_rss_bytes": "memory/peak_rss_gb", "system_available_bytes": "memory/system_available_gb",
