@@ -1,9 +1,10 @@
 """Every causal-LM architecture transformers ships, estimated: which ones memfit estimates and what the rest say.
 
 For each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, the config class's defaults (for most, the published
-base model's shapes) are written to a config.json, and `memfit estimate --model DIR --method lora --device cuda
---memory-gb 80 --json` runs on it in a fresh process. A row is "estimated" when it exits 0 with a breakdown, and
-otherwise shows the one line memfit printed (exit 2) — or "traceback" when it crashed, which is a bug.
+base model's shapes) are written to a config.json, and a fresh process estimates one LoRA step on it (CUDA, bf16,
+batch 1 x 512: `estimate_memory`, what `memfit estimate` computes first, without its batch search). A row is
+"estimated" when that gives a breakdown, "exit 2" with the one line memfit prints for it (as the CLI does), or
+"traceback" when it crashed, which is a bug.
 
     python benchmarks/architecture_sweep.py [--only TYPE,...] [--timeout 300] [--write]
 """
@@ -20,6 +21,25 @@ import time
 from pathlib import Path
 
 GB = 1024**3
+CHILD = """
+import json, sys
+from memfit.libraries import hide_bitsandbytes_from_peft, quiet
+quiet()
+hide_bitsandbytes_from_peft()
+from memfit.config import TrainConfig
+from memfit.errors import MemfitError, error_line
+from memfit.estimate.memory import Hardware, estimate_memory
+from memfit.models import resolve_model
+try:
+    resolved = resolve_model(sys.argv[1])
+    estimate = estimate_memory(resolved.config, TrainConfig(method="lora", dtype="bf16", seq_len=512),
+                               Hardware("cuda", 80 * 1024**3))
+except MemfitError as error:
+    sys.stderr.write(f"memfit: error: {error_line(error)}\\n")
+    sys.exit(2)
+print(json.dumps({"params": estimate.params, "total_bytes": estimate.total_bytes,
+                  "num_experts": estimate.num_experts}))
+"""
 
 
 def sweep(types: list[str], timeout: float) -> list[dict]:
@@ -41,16 +61,15 @@ def sweep(types: list[str], timeout: float) -> list[dict]:
                 continue
             started = time.time()
             try:
-                done = subprocess.run([sys.executable, "-m", "memfit", "estimate", "--model", str(model_dir),
-                                       "--method", "lora", "--device", "cuda", "--memory-gb", "80", "--json"],
-                                      capture_output=True, text=True, timeout=timeout, env=env)
+                done = subprocess.run([sys.executable, "-c", CHILD, str(model_dir)], capture_output=True, text=True,
+                                      timeout=timeout, env=env)
             except subprocess.TimeoutExpired:
                 rows.append({**row, "outcome": "timeout", "detail": f"over {timeout:.0f} s", "seconds": timeout})
                 print(rows[-1], flush=True)
                 continue
             row["seconds"] = round(time.time() - started, 1)
             if done.returncode == 0:
-                data = json.loads(done.stdout)
+                data = json.loads(done.stdout.strip().splitlines()[-1])
                 row.update(outcome="estimated", params=data["params"], total_gb=data["total_bytes"] / GB,
                            experts=data.get("num_experts"))
             elif "Traceback" in done.stderr:
@@ -69,9 +88,9 @@ def markdown(rows: list[dict], command: str) -> str:
     crashed = [row for row in rows if row["outcome"] in ("traceback", "timeout")]
     lines = [f"### Every causal-LM architecture in transformers {transformers.__version__}: {len(estimated)} of "
              f"{len(rows)} estimated, {len(crashed)} crashed or timed out", "",
-             f"Measured with `{command}`: each model type's default config, `memfit estimate --method lora "
-             "--device cuda --memory-gb 80 --json` in a fresh process (2 CPU cores).", "",
-             "| model type | outcome | params | total GB (LoRA, batch 1 × 2048) | s | detail |",
+             f"Measured with `{command}`: each model type's default config, one LoRA step estimated (CUDA, bf16, "
+             "batch 1 × 512) in a fresh process (2 CPU cores, shared with other work).", "",
+             "| model type | outcome | params | total GB (LoRA, bf16, batch 1 × 512) | s | detail |",
              "|---|---|---:|---:|---:|---|"]
     for row in rows:
         params = f"{row['params'] / 1e9:.2f}B" if "params" in row else ""

@@ -17,7 +17,8 @@ from memfit.estimate import cache
 if TYPE_CHECKING:
     import torch
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
+# model.layers.3 (most), transformer.h.3 (GPT-2), encoder.layer.3 (BERT-style decoders), blocks.3
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 def decoder_layer_index(module_name: str) -> int | None:
@@ -36,6 +37,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         if index is not None and name.endswith(f".{index}"):
             layers.setdefault(index, module)
     return [layers[index] for index in sorted(layers)]
+
+
+def fused_expert_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """A mixture-of-experts module's fused weights (transformers 5: `experts.gate_up_proj` and `down_proj`, experts
+    x out x in): its own 3-D parameters whose first dimension is its `num_experts`. Other 3-D parameters (a
+    convolution's, mamba's) are not experts."""
+    experts = getattr(module, "num_experts", None)
+    if not isinstance(experts, int) or "expert" not in type(module).__name__.lower():
+        return []
+    return [(name, param) for name, param in module.named_parameters(recurse=False)
+            if param.dim() == 3 and param.shape[0] == experts]
 
 
 def is_adaptable_linear(module: torch.nn.Module) -> bool:
@@ -273,10 +285,11 @@ def _count(config) -> ArchInfo:
         linears.append(LinearInfo(name, layer, in_features, out_features, module.bias is not None))
 
     experts = []
-    for name, param in model.named_parameters():
-        layer = decoder_layer_index(name)
-        if layer is not None and param.dim() == 3:  # fused experts; which dim is in/out does not change a count
-            experts.append(ExpertWeightInfo(name, layer, param.shape[0], param.shape[1], param.shape[2]))
+    for module_name, module in model.named_modules():
+        layer = decoder_layer_index(module_name)
+        for name, param in fused_expert_params(module) if layer is not None else ():
+            # Which of the last two dimensions is in and which out does not change a count.
+            experts.append(ExpertWeightInfo(f"{module_name}.{name}", layer, *param.shape))
 
     hidden = _attr(text, "hidden_size", "n_embd")
     heads = _attr(text, "num_attention_heads", "n_head")

@@ -535,8 +535,12 @@ def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, h
         return 0  # QLoRA too: bitsandbytes quantizes tensor by tensor from the mapping (fp32 file, fp32: no peak)
     checkpoint = info.params * (stored_bytes or wanted_bytes)
     loaded = weight_bytes(info, config, precision)
-    if config.quant == "4":  # the fused experts are quantized after loading, from a copy in the frozen dtype
+    if config.quant == "4" and info.experts:
+        # The fused experts are quantized after loading, from a copy in the frozen dtype, one weight at a time;
+        # bitsandbytes' CPU kernel holds the weight's fp32 scaled copy, its int32 bucket indices and their uint8
+        # form at once (bitsandbytes/backends/default/ops.py quantize_4bit): 9 bytes a weight of the largest.
         loaded += info.expert_params * precision.frozen_bytes - _nf4_bytes(info.expert_params)
+        loaded += 9 * max(weight.params for weight in info.experts)
     return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes() + checkpoint + int(loaded)
 
 

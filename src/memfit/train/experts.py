@@ -39,12 +39,13 @@ class FusedExpertWeight:
 
 
 def fused_expert_weights(model: torch.nn.Module) -> list[FusedExpertWeight]:
-    """The 3-D parameters of decoder layers (one slice per expert), not yet quantized."""
-    from memfit.estimate.arch import decoder_layer_index
+    """The fused expert weights of the decoder layers (memfit.estimate.arch.fused_expert_params), not yet
+    quantized."""
+    from memfit.estimate.arch import decoder_layer_index, fused_expert_params
 
     return [FusedExpertWeight(module_name, name, module)
             for module_name, module in model.named_modules() if decoder_layer_index(module_name) is not None
-            for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
+            for name, _ in fused_expert_params(module)]
 
 
 def experts_targeted(lora_targets: str) -> bool:
@@ -52,9 +53,10 @@ def experts_targeted(lora_targets: str) -> bool:
 
 
 def quantize_experts_4bit(model: torch.nn.Module, device: str) -> int:
-    """Quantize every fused expert weight to nf4 (double-quantized absmax, as the linear layers), one weight at a
-    time on `device` so that a device never holds more than one 16-bit expert weight next to the 4-bit ones.
-    Returns the number of expert parameters quantized."""
+    """Quantize every fused expert weight to nf4 (double-quantized absmax, as the linear layers) on `device`, one
+    weight at a time, so the quantizer's temporaries are those of one weight. The weights arrive there in 16-bit,
+    all of them: the loading peak that memfit.estimate.memory.load_peak_bytes counts. Returns the number of expert
+    parameters quantized."""
     import torch
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 

@@ -157,7 +157,8 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
             _say(notify, f"experts: {count:,} parameters in {len(experts)} fused weights quantized to nf4 "
                          "(bitsandbytes parametrization), frozen")
         elif experts:
-            _say(notify, f"experts: {len(experts)} fused weights kept {precision.frozen_dtype} and frozen "
+            frozen = str(precision.frozen_dtype).removeprefix("torch.")
+            _say(notify, f"experts: {len(experts)} fused weights kept in {frozen} and frozen "
                          "(bitsandbytes has no 8-bit form for them)")
         with kept_out_of_kbit_cast(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
