@@ -7,6 +7,9 @@ batch 1 x 512: `estimate_memory`, what `memfit estimate` computes first, without
 "traceback" when it crashed, which is a bug.
 
     python benchmarks/architecture_sweep.py [--only TYPE,...] [--timeout 300] [--write]
+
+--write also keeps the rows in docs/architecture_sweep.json; with --only, the listed types' rows replace theirs
+there (a re-run after a fix), and the table is written from all of them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 GB = 1024**3
+ROWS_FILE = Path(__file__).resolve().parents[1] / "docs" / "architecture_sweep.json"
 CHILD = """
 import json, sys
 from memfit.libraries import hide_bitsandbytes_from_peft, quiet
@@ -111,9 +115,16 @@ def main() -> None:
 
     types = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     rows = sweep(types, args.timeout)
-    body = markdown(rows, "python benchmarks/architecture_sweep.py" + (" --write" if args.write else ""))
+    kept = ROWS_FILE.exists() and args.only and args.write
+    if kept:  # the other types' rows from the last full run
+        by_type = {row["model_type"]: row for row in json.loads(ROWS_FILE.read_text())}
+        by_type.update({row["model_type"]: row for row in rows})
+        rows = [by_type[name] for name in sorted(by_type)]
+    body = markdown(rows, "python benchmarks/architecture_sweep.py --write"
+                    + (f" (then --only for the types fixed since: {args.only})" if kept else ""))
     print(body)
     if args.write:
+        ROWS_FILE.write_text(json.dumps(rows, indent=1) + "\n")
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from estimate_accuracy import write_section
 

@@ -26,6 +26,8 @@ def quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("bitsandbytes", "transformers", "accelerate", "peft", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # PEFT warns (RuntimeWarning) about rank patterns and targets it adapts its own way: chatter, not advice.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"peft\.")
     # DeepSpeed (imported by transformers whenever it is installed) resets its logger's level when it creates it,
     # then warns on every CPU-only import: a filter on the logger outlives that.
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)

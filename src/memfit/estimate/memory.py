@@ -265,10 +265,15 @@ NOT_TRACED = frozenset({
 def _cut_config(hf_config, num_layers: int):
     cut = copy.deepcopy(hf_config)
     text = cut.get_text_config() if hasattr(cut, "get_text_config") else cut
+    depth = _attr_depth(text)
     for name in ("num_hidden_layers", "n_layer"):
         if hasattr(text, name):
             setattr(text, name, num_layers)
-    for name in ("layer_types",):  # per-layer lists (gemma-2 sliding/global) must match the new depth
+    # Per-layer lists (gemma-2's sliding/global `layer_types`, deepseek-v4's `mlp_layer_types`, ...) must match the
+    # new depth: any list as long as the model is deep.
+    per_layer = [name for name, value in vars(text).items() if isinstance(value, list) and depth > 1
+                 and len(value) == depth]
+    for name in dict.fromkeys(["layer_types", *per_layer]):
         value = getattr(text, name, None)
         if isinstance(value, list) and value:
             try:
@@ -276,6 +281,13 @@ def _cut_config(hf_config, num_layers: int):
             except AttributeError:  # a read-only property computed from the depth (mamba): already cut
                 pass
     return cut
+
+
+def _attr_depth(text_config) -> int:
+    for name in ("num_hidden_layers", "n_layer"):
+        if isinstance(getattr(text_config, name, None), int):
+            return getattr(text_config, name)
+    return 0
 
 
 def _trace_key(hf_config, config: TrainConfig, precision: Precision, num_layers: int | tuple[int, ...],
@@ -325,6 +337,9 @@ def _untraceable(hf_config, error: Exception) -> UserError:
 
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     first = " ".join(str(error).split())[:160] or type(error).__name__
+    if "does not support gradient checkpointing" in first or "does not support activation checkpointing" in first:
+        return UserError(f"model_type {getattr(text, 'model_type', '?')!r} does not support gradient checkpointing "
+                         f"in transformers {transformers.__version__}", hint="pass --no-grad-checkpointing")
     return UserError(
         f"cannot estimate model_type {getattr(text, 'model_type', '?')!r}: its training step does not run on fake "
         f"tensors with transformers {transformers.__version__} ({type(error).__name__}: {first})",
@@ -336,8 +351,14 @@ def _untraceable(hf_config, error: Exception) -> UserError:
 def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: int,
                         batch_size: int) -> dict[str, TracePeak]:
     """`precision`: memfit.precision.Precision (torch dtypes)."""
+    import logging
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # A step that cannot run on fake tensors becomes one line (`_untraceable`); torch would first log the failing
+    # meta kernel's traceback. Set here: importing torch resets its loggers' levels.
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
     from memfit.estimate.arch import build_meta_model, decoder_layers
     from memfit.estimate.trace import fakeify_, trace_step
