@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/estimate_accuracy.py --moe
 	$(BIN)/python benchmarks/estimate_speed.py
 	$(BIN)/python benchmarks/trace_cuts.py --write
+	$(BIN)/python benchmarks/architecture_sweep.py --write
 	$(BIN)/python benchmarks/guard_overhead.py --write
 	$(BIN)/python benchmarks/guard_stop_overshoot.py --runs 5 --leak-mb 100 --blocks 10 --write
 	$(BIN)/python benchmarks/train_cpu.py --write

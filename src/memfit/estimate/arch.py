@@ -55,7 +55,9 @@ def is_adaptable_linear(module: torch.nn.Module) -> bool:
     import torch
 
     if isinstance(module, torch.nn.Linear):
-        return True
+        # A mixture-of-experts router that subclasses nn.Linear (llama-4, phimoe) returns routing scores, not one
+        # tensor: LoRA cannot wrap it, and adapting the routing is not what "all linear layers" means.
+        return "router" not in type(module).__name__.lower()
     kind = type(module).__name__
     return kind in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
@@ -183,7 +185,10 @@ def _text_config(config):
 
 def _attr(config, *names, default=0):
     for name in names:
-        value = getattr(config, name, None)
+        try:
+            value = getattr(config, name, None)
+        except Exception:  # noqa: BLE001 - e.g. gemma-4's head_dim, per layer: no single value to read
+            value = None
         if value is not None:
             return value
     return default
@@ -230,7 +235,7 @@ def arch_info(config) -> ArchInfo:
 
                 first = " ".join(str(error).split())[:160] or type(error).__name__
                 raise UserError(
-                    f"cannot estimate model_type {getattr(_text_config(config), 'model_type', '?')!r}: "
+                    f"cannot estimate model_type {getattr(config, 'model_type', '?')!r}: "
                     f"AutoModelForCausalLM.from_config cannot build it on the meta device with transformers "
                     f"{transformers.__version__} ({type(error).__name__}: {first})",
                     hint="`memfit probe` measures what fits by running real steps",
