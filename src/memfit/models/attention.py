@@ -38,7 +38,7 @@ ISOLATING_TYPES = frozenset({
     "llama", "mistral", "qwen2", "phi3", "gemma2", "gpt2",
     # other decoders people fine-tune, checked the same way
     "cohere", "gemma", "gemma3_text", "gpt_neox", "granite", "ministral", "mixtral", "olmo", "olmo2", "phi",
-    "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "stablelm", "starcoder2",
+    "olmoe", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "stablelm", "starcoder2",
 })
 
 # None: not chosen yet; transformers then picks sdpa where the model has it, else eager.
