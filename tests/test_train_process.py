@@ -57,7 +57,10 @@ def test_memory_limit_stops_with_checkpoint_report_and_resume_command(tiny_model
     assert 0 < step < 40 and _steps(out)[-1] == step
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "guard_stop" and run["exit_code"] == 3
-    assert run["peak_watched_bytes"] <= limit_gb * GB * 1.10  # stopped close to the limit, not far past it
+    # Stopped close to the limit, not far past it: at most one step's leak (100 MB, taken at once, so a reading
+    # can come only after it) and 5% of sampling noise above. (At most 10% above, as this was, is less than one
+    # leak at this ~0.85 GB limit: it failed when the leak landed just before a reading.)
+    assert run["peak_watched_bytes"] <= limit_gb * GB * 1.05 + 100 * 2**20
 
     resumed = _run([sys.executable, "-m", "memfit", "train", "--resume", str(checkpoint), "--max-memory", "16"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

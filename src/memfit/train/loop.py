@@ -235,9 +235,12 @@ class Trainer:
 
         job, config = self.job, self.config
         if config.quant == "none":
-            from memfit.libraries import hide_bitsandbytes_from_peft
+            from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
 
-            hide_bitsandbytes_from_peft()  # no 4/8-bit layer in this process: PEFT need not import bitsandbytes
+            # No 4/8-bit layer in this process: PEFT need not import bitsandbytes. Imported now, since transformers
+            # imports PEFT itself on the way to the LR schedule (transformers.trainer_utils).
+            hide_bitsandbytes_from_peft()
+            import_peft()
         self.device = job.device or default_device()
         if self.distributed:
             self._check_distributed()
