@@ -52,7 +52,13 @@ COMMANDS = [
     ("--help", ["--help"], False),
     ("usage error (estimate --bogus)", ["estimate", "--bogus"], False),
 ]
-QUICK = {"estimate 8B LoRA, 24 GB", "models", "--help", "usage error (estimate --bogus)"}
+# What any traced estimate must import before it can build a model on fake tensors, without memfit: the floor
+# under a cold estimate (transformers' modeling_utils pulls in torch.distributed.tensor, torch._dynamo, sympy...).
+IMPORT_FLOOR = ("import floor: torch, fake tensors, transformers' model code (no memfit)",
+                ["-c", "import torch, transformers; from torch._subclasses.fake_tensor import FakeTensorMode; "
+                       "from transformers import modeling_utils"], False)
+COMMANDS.append(IMPORT_FLOOR)
+QUICK = {"estimate 8B LoRA, 24 GB", "models", "--help", "usage error (estimate --bogus)", IMPORT_FLOOR[0]}
 
 
 def _children_cpu() -> float:
@@ -65,7 +71,8 @@ def run_once(args: list[str], cache: Path) -> tuple[float, float, int]:
     env = {**os.environ, "MEMFIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     cpu = _children_cpu()
     start = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", "memfit", *args], env=env, stdout=subprocess.DEVNULL,
+    command = [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", "memfit", *args]
+    completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     return wall, _children_cpu() - cpu, completed.returncode
@@ -89,7 +96,8 @@ def measure(repeats: int, cold_repeats: int, quick: bool) -> list[dict]:
         if quick and label not in QUICK:
             continue
         load = os.getloadavg()[0]
-        row = {"label": label, "command": "memfit " + " ".join(args), "load": load, "cold": [], "cold_cpu": [],
+        shown = f"python -c \"{args[1]}\"" if args[0] == "-c" else "memfit " + " ".join(args)
+        row = {"label": label, "command": shown, "load": load, "cold": [], "cold_cpu": [],
                "warm": [], "warm_cpu": [], "traces": None, "codes": set()}
         with tempfile.TemporaryDirectory() as scratch:
             cache = Path(scratch) / "cache"
