@@ -105,6 +105,21 @@ def make_data(path: Path, samples: int, seed: int = 0) -> None:
             file.write(json.dumps({"prompt": text(10, 150) + "\n", "completion": text(5, 250)}) + "\n")
 
 
+def make_text_data(path: Path, documents: int, seed: int = 0) -> str:
+    """Plain-text JSONL ({"text": ...}, every token scored) with documents of uneven length, as a web or book corpus
+    has: word counts log-normal around 180 (20-1,500). Returns a one-line description."""
+    rng = random.Random(seed)
+    lengths = [min(1500, max(20, int(rng.lognormvariate(5.2, 0.8)))) for _ in range(documents)]
+    with open(path, "w") as file:
+        for length in lengths:
+            words = [rng.choice(WORDS) for _ in range(length)]
+            for i in range(rng.randint(4, 12), len(words), rng.randint(6, 14)):
+                words[i] += "."
+            file.write(json.dumps({"text": " ".join(words).capitalize()}) + "\n")
+    return (f"{documents} generated documents of {min(lengths)}-{max(lengths)} words, median "
+            f"{statistics.median(lengths):.0f}")
+
+
 def run_child(command: list[str], log: Path) -> dict:
     """Run `command` to its end: exit code, wall time, peak RSS (os.wait4's ru_maxrss, KiB on Linux), CPU time, and
     how many cores' worth of CPU the rest of the machine used meanwhile (a busy machine slows every figure)."""

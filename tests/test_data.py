@@ -217,8 +217,13 @@ def test_packing_keeps_every_text_token(tok, tmp_path):
             assert row.labels[start] == (IGNORE_INDEX if seg_no else row.input_ids[start])
             assert row.labels[start + 1 : end] == row.input_ids[start + 1 : end]
     assert [rebuilt[i] for i in range(len(lines))] == expected
-    long = [ids for ids in expected if len(ids) > 32]
-    assert long and ds.stats.split_samples == len(long)
+    # Every row is full but the last: a sample that does not fit in what is left of a row goes on in the next
+    # (a row may end 1 short, where the piece left would be a single token without a target).
+    assert all(len(row.input_ids) >= 31 for row in ds.rows[:-1])
+    spanning = {index for index in range(len(lines))
+                if sum(any(seg[2] == index for seg in row.segments) for row in ds.rows) > 1}
+    long = [i for i, ids in enumerate(expected) if len(ids) > 32]
+    assert set(long) <= spanning and ds.stats.split_samples == len(spanning)
     assert ds.stats.truncated_samples == ds.stats.dropped_samples == 0
     assert ds.stats.tokens == sum(map(len, expected))
     assert ds.stats.scored_tokens == sum(
@@ -226,13 +231,39 @@ def test_packing_keeps_every_text_token(tok, tmp_path):
     )
 
 
-def test_packing_is_greedy_in_file_order(tok, tmp_path):
-    lines = [{"text": "a b c"}, {"text": "d e f"}, {"text": "g h"}, {"text": "i"}]
+def test_text_packing_fills_rows_in_file_order(tok, tmp_path):
+    lines = [{"text": "a b c"}, {"text": "d e f"}, {"text": "g h i j"}, {"text": "k"}]
     lengths = [len(tokenize_record(Record(1, "text", text=line["text"]), tok).input_ids) for line in lines]
-    seq_len = lengths[0] + lengths[1]
-    assert lengths[2] + lengths[3] <= seq_len
+    seq_len = lengths[0] + lengths[1] + 2  # sample 2 starts in row 0 and goes on in row 1
+    assert lengths[2] > 3
     ds = build_dataset(write(tmp_path, lines), tok, seq_len=seq_len)
-    assert [[s[2] for s in row.segments] for row in ds.rows] == [[0, 1], [2, 3]]
+    assert [[s[2] for s in row.segments] for row in ds.rows] == [[0, 1, 2], [2, 3]]
+    assert ds.rows[0].segments[2] == (seq_len - 2, seq_len, 2) and ds.stats.split_samples == 1
+
+
+def test_text_packing_leaves_no_piece_without_a_target(tok, tmp_path):
+    """A sample whose last token alone would spill into the next row hands that row 2 tokens instead."""
+    lines = [{"text": "a b c"}, {"text": "d e f g h"}]
+    first, second = (len(tokenize_record(Record(1, "text", text=line["text"]), tok).input_ids) for line in lines)
+    seq_len = first + second - 1
+    ds = build_dataset(write(tmp_path, lines), tok, seq_len=seq_len)
+    assert [row.segments for row in ds.rows] == [[(0, first, 0), (first, seq_len - 1, 1)], [(0, 2, 1)]]
+    assert ds.stats.scored_tokens == (first - 1) + (second - 3) + 1
+
+
+def test_whole_samples_are_packed_best_fit_decreasing(tok, tmp_path):
+    """Prompt/completion samples stay whole: longest first, each into the row it leaves least room in (greedy in
+    file order would open a third row here)."""
+    from memfit.data.packing import best_fit_rows
+
+    pieces = [([1] * n, [1] * n, i) for i, n in enumerate([6, 5, 4, 3, 2])]
+    rows = best_fit_rows(pieces, seq_len=10)
+    assert [[s[2] for s in row.segments] for row in rows] == [[0, 2], [1, 3, 4]]
+    assert [len(row.input_ids) for row in rows] == [10, 10]
+    assert all(row.labels[start] == IGNORE_INDEX for row in rows for start, _, _ in row.segments[1:])
+    lines = [{"prompt": "Q " * n, "completion": " A"} for n in (1, 6, 2, 5)]
+    ds = build_dataset(write(tmp_path, lines), tok, seq_len=64, packing=True)
+    assert sorted(index for row in ds.rows for _, _, index in row.segments) == [0, 1, 2, 3]
 
 
 def test_without_packing_long_samples_are_truncated_or_dropped(tok, tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from memfit import allocator
 from memfit.allocator import fix_mmap_threshold
 from memfit.config import TrainConfig, load_yaml, make_config
 from memfit.errors import UserError

@@ -88,20 +88,30 @@ def build_dataset(
     kind = records[0].kind
     packed = kind == "text" if packing is None else packing
     stats = DataStats(path=str(path), kind=kind, records=len(records), rows=0, packed=packed, seq_len=seq_len)
-    builder = _Packer(seq_len) if packed else None
+    split = packed and kind == "text"
+    stream = _TextStream(seq_len) if split else None
+    pieces_to_pack: list[tuple[list[int], list[int], int]] = []
     rows: list[Row] = []
     for index, record in enumerate(records):
         sample = tokenize_record(record, tokenizer, path=path)
-        pieces = _fit(sample.input_ids, sample.labels, seq_len, split=packed and kind == "text", stats=stats)
-        if pieces is None:
+        if stream is not None:
+            if not _scored(sample.labels) or len(sample.input_ids) < 2:
+                stats.dropped_samples += 1
+                continue
+            rows.extend(stream.add(sample.input_ids, sample.labels, index))
             continue
-        for input_ids, labels in pieces:
-            if builder is None:
-                rows.append(Row(input_ids, labels, [(0, len(input_ids), index)]))
-            else:
-                rows.extend(builder.add(input_ids, labels, index))
-    if builder is not None:
-        rows.extend(builder.flush())
+        piece = _fit(sample.input_ids, sample.labels, seq_len, stats=stats)
+        if piece is None:
+            continue
+        if packed:
+            pieces_to_pack.append((*piece, index))
+        else:
+            rows.append(Row(*piece, [(0, len(piece[0]), index)]))
+    if stream is not None:
+        rows.extend(stream.flush())
+        stats.split_samples = stream.split_samples
+    if pieces_to_pack:
+        rows.extend(best_fit_rows(pieces_to_pack, seq_len))
     if not rows:
         raise UserError(
             f"{path}: no training samples left: all {len(records):,} have nothing to score within --seq-len {seq_len}",
@@ -113,28 +123,20 @@ def build_dataset(
     return Dataset(rows=rows, samples=records, stats=stats)
 
 
-def _fit(
-    input_ids: list[int], labels: list[int], seq_len: int, *, split: bool, stats: DataStats
-) -> list[tuple[list[int], list[int]]] | None:
-    """The sample as pieces of at most seq_len tokens, or None when nothing in it would be scored."""
+def _fit(input_ids: list[int], labels: list[int], seq_len: int, *,
+         stats: DataStats) -> tuple[list[int], list[int]] | None:
+    """A sample that stays whole (not packed plain text), cut to seq_len, or None when nothing in it would be
+    scored. The start is kept: the prompt and the answer's beginning."""
     length = len(input_ids)
-    if length <= seq_len:
-        pieces = [(input_ids, labels)]
-    elif split:
-        # Plain text has no answer to lose: every chunk is trained on. Only each chunk's first token goes
-        # unscored, since it starts a row.
-        pieces = [(input_ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, length, seq_len)]
-    else:
-        pieces = [(input_ids[:seq_len], labels[:seq_len])]  # keep the start: the prompt and the answer's beginning
-    if not any(_scored(piece_labels) for _, piece_labels in pieces):
+    if length > seq_len:
+        input_ids, labels = input_ids[:seq_len], labels[:seq_len]
+    if not _scored(labels):
         stats.dropped_samples += 1  # a dropped sample is only counted here, not as truncated too
         return None
-    if len(pieces) > 1:
-        stats.split_samples += 1
-    elif length > seq_len:
+    if length > seq_len:
         stats.truncated_samples += 1
         stats.truncated_tokens += length - seq_len
-    return pieces
+    return input_ids, labels
 
 
 def _scored(labels: list[int]) -> int:
@@ -145,23 +147,50 @@ def _scored_in(labels: list[int], start: int, end: int) -> int:
     return sum(label != IGNORE_INDEX for label in labels[max(start, 1):end])
 
 
-class _Packer:
-    """Greedy, in file order: a piece joins the current block if it fits, else the block is closed."""
+def _segment_labels(labels: list[int], start: int) -> list[int]:
+    """A segment's labels as placed at `start` of a row: a later segment's first token is never a target, since
+    predicting it from the previous sample's context teaches nothing true."""
+    labels = list(labels)
+    if start:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+class _TextStream:
+    """Plain text, every row filled: documents follow each other in file order, and one that does not fit in what is
+    left of a row is split there, its rest starting the next row (torchtune's `split_across_pack=True`, what
+    pre-training packers do). Each piece is a segment of its own, so documents stay isolated; a split costs the
+    piece's first target. A piece shorter than 2 tokens would hold no target: the row closes instead."""
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
         self.row = Row([], [], [])
+        self.split_samples = 0
 
     def add(self, input_ids: list[int], labels: list[int], sample_index: int) -> list[Row]:
-        closed = self.flush() if len(self.row.input_ids) + len(input_ids) > self.seq_len else []
-        start = len(self.row.input_ids)
-        labels = list(labels)
-        if start:
-            # Predicting this sample's first token from the previous sample's context teaches nothing true.
-            labels[0] = IGNORE_INDEX
-        self.row.input_ids.extend(input_ids)
-        self.row.labels.extend(labels)
-        self.row.segments.append((start, start + len(input_ids), sample_index))
+        closed: list[Row] = []
+        offset, pieces = 0, 0
+        while offset < len(input_ids):
+            start = len(self.row.input_ids)
+            space = self.seq_len - start
+            rest = len(input_ids) - offset
+            if space < 2 and start:
+                closed.extend(self.flush())
+                continue
+            take = min(space, rest)
+            if rest - take == 1 and start:  # leave no 1-token piece (it would hold no target): 2 go to the next row
+                take -= 1
+                if take < 2:
+                    closed.extend(self.flush())
+                    continue
+            self.row.input_ids.extend(input_ids[offset:offset + take])
+            self.row.labels.extend(_segment_labels(labels[offset:offset + take], start))
+            self.row.segments.append((start, start + take, sample_index))
+            offset += take
+            pieces += 1
+            if len(self.row.input_ids) == self.seq_len:
+                closed.extend(self.flush())
+        self.split_samples += pieces > 1
         return closed
 
     def flush(self) -> list[Row]:
@@ -169,6 +198,34 @@ class _Packer:
             return []
         row, self.row = self.row, Row([], [], [])
         return [row]
+
+
+def best_fit_rows(pieces: list[tuple[list[int], list[int], int]], seq_len: int) -> list[Row]:
+    """Samples that must stay whole (prompt/completion, chat), packed best-fit decreasing: longest first, each into
+    the open row it leaves least room in, else a new row. Rows come out in the order they were opened; the trainer
+    shuffles them."""
+    import bisect
+
+    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i][0]), i))
+    rows: list[Row] = []
+    free: list[tuple[int, int]] = []  # (room left, row number), sorted: the first with room >= n is the best fit
+    for i in order:
+        input_ids, labels, sample_index = pieces[i]
+        n = len(input_ids)
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            _, number = free.pop(at)
+        else:
+            number = len(rows)
+            rows.append(Row([], [], []))
+        row = rows[number]
+        start = len(row.input_ids)
+        row.input_ids.extend(input_ids)
+        row.labels.extend(_segment_labels(labels, start))
+        row.segments.append((start, start + n, sample_index))
+        if seq_len - len(row.input_ids) > 0:
+            bisect.insort(free, (seq_len - len(row.input_ids), number))
+    return rows
 
 
 def _count(number: int, noun: str) -> str:

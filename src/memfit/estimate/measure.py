@@ -31,7 +31,7 @@ def _reset_peak_rss() -> bool:
 def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> dict:
     import torch
 
-    from memfit.allocator import fix_mmap_threshold
+    from memfit.allocator import configure
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
@@ -41,7 +41,7 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     from memfit.train.model import load_model
     from memfit.train.optim import build_optimizer
 
-    fix_mmap_threshold()  # as training does: RSS then follows live tensors
+    allocator = configure()  # as training does: RSS then follows live tensors
     config = TrainConfig(**config_values)
     precision = resolve_precision(config.dtype, device)
     torch.manual_seed(config.seed)
@@ -74,6 +74,7 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        allocator.step_end()
         step_rss.append(rss_bytes())
     result = {
         "baseline_rss_bytes": baseline_rss,

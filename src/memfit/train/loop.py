@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 from memfit import faults
-from memfit.allocator import fix_mmap_threshold
+from memfit.allocator import configure as configure_allocator
 from memfit.config import GUARD_FIELDS, TrainConfig
 from memfit.devices import default_device
 from memfit.distributed.collective import Agreement, Decision, all_reduce_sum, gradients
@@ -248,7 +248,7 @@ class Trainer:
             cuda_alloc_conf_env()  # before the first CUDA allocation, or the allocator ignores it
             if self.distributed:
                 torch.cuda.set_device(self.ranks.local_rank)  # each rank its own GPU, before the guard reads one
-        fix_mmap_threshold()
+        self.allocator = configure_allocator()
         main = self.ranks.is_main
         if job.resume is None and job.fresh_restart:
             RunDir(job.output_dir).truncate_metrics_after(0)  # the dead life's steps are trained again
@@ -1003,6 +1003,7 @@ class Trainer:
                 break
             self.step += 1
             self.samples_seen += self.global_batch
+            self.allocator.step_end()  # part of the step's time: it is what RSS following live tensors costs
             elapsed = time.perf_counter() - started
             self.guard.note_step_time(elapsed)
             sample, events = self.guard.end_step(self.step)
