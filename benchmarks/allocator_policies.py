@@ -27,14 +27,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from estimate_accuracy import write_section  # noqa: E402
+from memfit.allocator import DEFAULT_POLICY  # noqa: E402
 from train_vs_hf import cpu_name, make_text_data, run_child, versions  # noqa: E402
 
 MARK = "allocator-policies"
 MB = 1024**2
 POLICIES = ("threshold", "trim", "none")
+# Variants measured next to the policies: the same MEMFIT_MALLOC with glibc's transparent-huge-page tunable (glibc
+# >= 2.35 madvises MADV_HUGEPAGE on what malloc maps: a fault per 2 MiB instead of per 4 KiB). A tunable is read
+# when the process starts, so the child gets it in its environment.
+THP_TUNABLE = "glibc.malloc.hugetlb=1"
 LABELS = {"threshold": "mmap threshold fixed at 1 MiB (memfit before)",
           "trim": "glibc's dynamic threshold + malloc_trim(0) at each step end",
-          "none": "glibc as it comes (no trim)"}
+          "none": "glibc as it comes (no trim)",
+          "threshold+thp": "threshold, with glibc.malloc.hugetlb=1",
+          "trim+thp": "trim, with glibc.malloc.hugetlb=1"}
 FLAGS = ["--method", "lora", "--lora-rank", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--batch-size", "4",
          "--grad-accum", "1", "--seq-len", "256", "--dtype", "fp32", "--device", "cpu", "--no-grad-checkpointing",
          "--seed", "0"]
@@ -45,11 +52,14 @@ def run_policy(policy: str, model_dir: Path, data: Path, work: Path, steps: int)
     out = work / f"run-{policy}"
     command = [sys.executable, "-m", "memfit", "train", "--model", str(model_dir), "--data", str(data),
                "--output-dir", str(out), "--max-steps", str(steps), *RUN_FLAGS, *FLAGS]
-    os.environ["MEMFIT_MALLOC"] = policy
+    base, thp = policy.split("+")[0], policy.endswith("+thp")
+    env = {"MEMFIT_MALLOC": base, **({"GLIBC_TUNABLES": THP_TUNABLE} if thp else {})}
+    os.environ.update(env)
     try:
         run = run_child(command, work / f"log-{policy}.txt")
     finally:
-        del os.environ["MEMFIT_MALLOC"]
+        for name in env:
+            del os.environ[name]
     if run["rc"] != 0:
         raise SystemExit(f"{policy}: exit {run['rc']}, see {run['log']}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -58,7 +68,8 @@ def run_policy(policy: str, model_dir: Path, data: Path, work: Path, steps: int)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     return {"policy": policy, "tokens_per_s": sum(m["tokens"] for m in settled) / sum(m["step_time_s"] for m in settled),
             "sys_s": run["sys_cpu_s"], "cpu_s": run["cpu_s"], "minor_faults": run["minor_faults"],
-            "step_rss_bytes": step_rss, "peak_rss_bytes": metrics[-1]["peak_rss_bytes"],
+            "step_rss_bytes": step_rss, "step_peak_bytes": [m.get("window_peak_bytes") or 0 for m in metrics],
+            "peak_rss_bytes": metrics[-1]["peak_rss_bytes"],
             "other_load": run["other_load_cores"], "wall_s": run["wall_s"]}
 
 
@@ -80,7 +91,8 @@ def markdown(runs: list[dict], args, estimate: int, loads: tuple[float, float], 
         "## How the CPU allocator gives memory back",
         "",
         f"Measured with `python benchmarks/allocator_policies.py --repeats {args.repeats} --steps {args.steps} "
-        f"--layers {args.layers} --write` on {platform.machine()} {platform.system()}, {cpu_name()}, "
+        f"--layers {args.layers}"
+        f"{'' if args.policies == ','.join(POLICIES) else ' --policies ' + args.policies} --write` on {platform.machine()} {platform.system()}, {cpu_name()}, "
         f"{time.strftime('%Y-%m-%d')}; {versions()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.",
         "",
         f"smollm2-135m's shapes, {args.layers} layers (random init, fp32), LoRA r16 on all linear layers, batch 4 × "
@@ -91,20 +103,23 @@ def markdown(runs: list[dict], args, estimate: int, loads: tuple[float, float], 
         f"{estimate / MB:,.0f} MB. jemalloc/tcmalloc: not measured — no wheel on the package index this machine "
         "reaches and no system library (`pip download jemalloc`, `pip index versions tcmalloc`: none).",
         "",
-        "| policy | tokens/s | sys s | minor faults | step-end RSS MB | peak RSS MB | other load |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| policy | tokens/s | sys s | minor faults | step-end RSS MB | step peak MB | peak RSS MB | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for policy in POLICIES:
+    for policy in LABELS:
         mine = [run for run in runs if run["policy"] == policy]
         if not mine:
             continue
         step_end = [statistics.median(run["step_rss_bytes"][1:] or run["step_rss_bytes"]) / MB for run in mine]
+        step_peak = [statistics.median(run["step_peak_bytes"][1:] or run["step_peak_bytes"]) / MB for run in mine]
         lines.append(
             f"| {LABELS[policy]} | {_spread([r['tokens_per_s'] for r in mine], '{:.1f}')} | "
             f"{_spread([r['sys_s'] for r in mine], '{:.1f}')} | {_spread([r['minor_faults'] for r in mine])} | "
-            f"{_spread(step_end)} | {_spread([r['peak_rss_bytes'] / MB for r in mine])} | "
+            f"{_spread(step_end)} | {_spread(step_peak)} | {_spread([r['peak_rss_bytes'] / MB for r in mine])} | "
             f"{_spread([r['other_load'] or 0.0 for r in mine], '{:.2f}')} |")
-    lines.append("")
+    lines += ["", f"memfit's default is `{DEFAULT_POLICY}`; `src/memfit/allocator.py` says why, from these figures. "
+              "Step peak: the median over steps 2..N of the guard's in-step peak (metrics.jsonl `window_peak_bytes`).",
+              ""]
     return "\n".join(lines)
 
 

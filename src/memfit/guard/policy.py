@@ -240,9 +240,10 @@ class Guard:
         self.leak: LeakFit | None = None  # the current fit while step-end memory keeps rising like a leak
         self._last_step_s: float | None = None
         self._step_started: float | None = None  # on the reader's clock; None until start() or an end_step
-        # The highest step peak of finished steps: memory inside a step that stays under it is the same transient
-        # every step goes through, not a new rise worth projecting.
+        # The highest step peak of finished steps, the first step of this process left out: memory inside a step
+        # that stays under it is the same transient every step goes through, not a new rise worth projecting.
         self._previous_step_peak: int | None = None
+        self._steps_timed = 0  # training steps this process finished (note_step_time); end_step also runs before
 
     @property
     def threshold_bytes(self) -> int:
@@ -285,7 +286,9 @@ class Guard:
             self.stop_now = True
 
     def note_step_time(self, seconds: float) -> None:
+        """A training step has finished in `seconds`; called before that step's end_step."""
         self._last_step_s = seconds
+        self._steps_timed += 1
 
     def _raise_peak(self, watched: int) -> None:
         with self._peak_lock:
@@ -321,12 +324,16 @@ class Guard:
         the step would stop healthy runs whose peak sits near the limit. For the same reason nothing is projected
         before the first step has finished (the first forward pass of smollm2-135m-shaped LoRA rises at 750 MB/s,
         and projecting it stopped batches whose peak was 70% of the limit); the limit itself is still enforced.
+        Nor is the first step a baseline: its peak and its duration are the allocator's and the libraries' warm-up.
+        With glibc's dynamic mmap threshold (allocator.py "trim") the heap settles over the first steps, and step 2
+        of 30-layer smollm2-135m LoRA peaked 466 MB above step 1, which took 37 s (warm-up) against 4 s after:
+        projected over that horizon, its ordinary rise stopped a healthy run at 18% of the limit
+        (benchmarks/allocator_policies.py, 2026-12-03).
         """
         watched = sample.watched_bytes
-        if self._last_step_s is None:
-            return None  # no step finished yet: nothing says whether this rise is the forward pass or a runaway
-        new_ground = self.limit.limit_bytes * EARLY_STOP_NEW_GROUND
-        if self._previous_step_peak is not None and watched <= self._previous_step_peak + new_ground:
+        if self._last_step_s is None or self._previous_step_peak is None:
+            return None  # no settled step yet: nothing says whether this rise is the forward pass or a runaway
+        if watched <= self._previous_step_peak + self.limit.limit_bytes * EARLY_STOP_NEW_GROUND:
             return None
         recent = self.sampler.recent(EARLY_STOP_RATE_WINDOW_S)
         if len(recent) < EARLY_STOP_MIN_SAMPLES:
@@ -351,7 +358,8 @@ class Guard:
         self._step_started = sample.time
         sample = replace(sample, window_peak_bytes=peak)
         self._raise_peak(peak)
-        self._previous_step_peak = peak if self._previous_step_peak is None else max(self._previous_step_peak, peak)
+        if self._steps_timed > 1:
+            self._previous_step_peak = max(self._previous_step_peak or 0, peak)
         self.samples.append((step, sample.watched_bytes))
         limit = self.limit.limit_bytes
         events: list[GuardEvent] = []
