@@ -37,7 +37,7 @@ POLICIES = ("threshold", "trim", "none")
 # >= 2.35 madvises MADV_HUGEPAGE on what malloc maps: a fault per 2 MiB instead of per 4 KiB). A tunable is read
 # when the process starts, so the child gets it in its environment.
 THP_TUNABLE = "glibc.malloc.hugetlb=1"
-LABELS = {"threshold": "mmap threshold fixed at 1 MiB (memfit before)",
+LABELS = {"threshold": "mmap threshold fixed at 1 MiB (memfit's default)",
           "trim": "glibc's dynamic threshold + malloc_trim(0) at each step end",
           "none": "glibc as it comes (no trim)",
           "threshold+thp": "threshold, with glibc.malloc.hugetlb=1",

@@ -29,13 +29,13 @@ from memfit.errors import UserError
 M_MMAP_THRESHOLD = -3
 DEFAULT_MMAP_THRESHOLD_BYTES = 1 << 20
 POLICIES = ("trim", "threshold", "none")
-# Chosen by `python benchmarks/allocator_policies.py --write` (docs/benchmarks.md, "How the CPU allocator gives
-# memory back"; 30-layer smollm2-135m LoRA, batch 4 x 256, 3 repeats at load 0.0-0.1): "trim" ran 1.2-1.7x the
-# tokens/s of "threshold" (255-296 against 163-220) with a lower step-end RSS (1,083 against 1,310 MB), but its
-# peak, the figure a run dies of, sat 10-35% higher and moved between identical runs (2,948-3,575 MB against
-# 2,662-2,739: heap holes left by the backward pass, not cured by a second trim before it). memfit promises a peak
-# the estimate predicts and the guard can hold, so "threshold" stays the default; MEMFIT_MALLOC=trim is the
-# documented choice for speed when there is room.
+# Chosen by `python benchmarks/allocator_policies.py ... --write` (docs/benchmarks.md, "How the CPU allocator gives
+# memory back"; 30-layer smollm2-135m LoRA, batch 4 x 256, 3 alternating repeats at load 0.0): "trim" ran 1.13-1.27x
+# the tokens/s of "threshold" (273-289 against 228-242) with a lower step-end RSS (1,080 against 1,338 MB), but its
+# peak, the figure a run dies of, was 28-32% higher (3,524-3,609 against 2,715-2,758 MB; 2,948-3,609 over the day's
+# runs: heap holes left by the backward pass, not cured by a second trim before it). memfit promises a peak the
+# estimate predicts and the guard can hold, so "threshold" stays the default; MEMFIT_MALLOC=trim is the documented
+# choice for speed when there is room.
 DEFAULT_POLICY = "threshold"
 POLICY_ENV = "MEMFIT_MALLOC"
 
