@@ -2,7 +2,7 @@
 
 Each command runs as `python -m memfit ...` in a child process: cold = an empty `$MEMFIT_CACHE` (every trace
 runs, torch, transformers and PEFT are imported), warm = the same command again with the cache the cold run
-left (memfit.estimate.cache). Wall time per run (min / median / max over the repeats), the children's CPU time
+left (memfit.cache). Wall time per run (min / median / max over the repeats), the children's CPU time
 (user + system), the traces the cold run kept (files in the cache), and the 1-minute load average before each
 command: on a shared machine the load average says how much of the wall time was waiting for a core. Writes the
 table into docs/benchmarks.md (section `estimate-speed`).

@@ -95,7 +95,7 @@ def step_cost(model_dir: Path, blocks: int, steps: int = 10) -> dict:
     import torch
 
     from memfit.config import TrainConfig
-    from memfit.estimate.arch import decoder_layers
+    from memfit.models.arch import decoder_layers
     from memfit.guard import Guard, MemoryLimit
     from memfit.precision import resolve_precision
     from memfit.train.loop import layer_stop_hook

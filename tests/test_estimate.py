@@ -4,7 +4,7 @@
 import pytest
 
 from memfit.config import TrainConfig
-from memfit.estimate.arch import arch_info
+from memfit.models.arch import arch_info
 from memfit.estimate.memory import (
     GB,
     Hardware,

@@ -1,5 +1,5 @@
 """The estimator's speed machinery: the batch solver on synthetic memory curves, the traces kept on disk, and the
-estimate from cached traces without torch or transformers (memfit.estimate.solve, memfit.estimate.cache)."""
+estimate from cached traces without torch or transformers (memfit.estimate.solve, memfit.cache)."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from memfit.config import TrainConfig
-from memfit.estimate import cache, memory
+from memfit import cache
+from memfit.estimate import memory
 from memfit.estimate.memory import GB, Hardware, estimate_memory, resolve_dtypes, solve_max_batch
 from memfit.estimate.solve import largest_fitting
 from memfit.models import ARCHITECTURES
@@ -98,7 +99,7 @@ def test_precision_by_names_is_resolve_precision(dtype, device):
 
 def _forget_this_process():
     """Drop the in-process caches, so the next estimate reads the disk cache (a new process would)."""
-    from memfit.estimate import arch
+    from memfit.models import arch
 
     memory._TRACE_CACHE.clear()
     arch._CACHE.clear()

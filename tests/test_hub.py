@@ -322,7 +322,7 @@ def test_user_offline_is_the_users_setting_not_the_clis_default(monkeypatch):
 
 
 def test_a_fetched_resolution_is_not_remembered_under_the_fingerprint_before_it(tmp_path, monkeypatch):
-    from memfit.estimate import cache
+    from memfit.estimate import resolution_cache as cache
     from memfit.models import ARCHITECTURES
     from memfit.models.resolve import ResolvedModel
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from memfit.config import TrainConfig
-from memfit.estimate.arch import arch_info
+from memfit.models.arch import arch_info
 from memfit.estimate.memory import Hardware, estimate_memory, to_json
 from memfit.models.registry import get_architecture
 

@@ -294,8 +294,9 @@ def estimate(
     training: dict = None,
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
-    from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
+    from memfit.cache import CacheMiss
     from memfit.estimate.memory import to_json
+    from memfit.estimate.resolution_cache import cached_resolution, model_fingerprint, remember_resolution
 
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
@@ -315,7 +316,7 @@ def estimate(
 
     zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
     hardware = replace(_hardware(device, memory_gb, num_gpus, zero, config.offload), engine=engine)
-    # A model estimated before comes from the cache (memfit.estimate.cache): no transformers, no torch, no trace.
+    # A model estimated before comes from the cache (memfit.cache): no transformers, no torch, no trace.
     # Anything the cache lacks sends it through the real resolution and the tracer, which fill the cache.
     fingerprint = model_fingerprint(model)
     resolved = cached_resolution(model, fingerprint)

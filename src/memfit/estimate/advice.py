@@ -76,7 +76,7 @@ class Suggestion:
 
 def knobs(hf_config, config: TrainConfig, hardware: Hardware) -> list[Knob]:
     """The single changes that apply to this configuration on this hardware, cheapest first."""
-    from memfit.estimate.arch import arch_info
+    from memfit.models.arch import arch_info
 
     found: list[Knob] = []
     effective = config.batch_size * config.grad_accum

@@ -27,7 +27,8 @@ class LimitCheck:
 def batch_one_bytes(model: str, config: TrainConfig, device: str) -> int | None:
     """The estimated peak of one process training `model` at micro-batch 1 on `device`; None when the model
     cannot be resolved (the run itself says why, with its own error)."""
-    from memfit.estimate.cache import CacheMiss, cached_resolution, model_fingerprint, remember_resolution
+    from memfit.cache import CacheMiss
+    from memfit.estimate.resolution_cache import cached_resolution, model_fingerprint, remember_resolution
 
     fingerprint = model_fingerprint(model)
     resolved = cached_resolution(model, fingerprint)

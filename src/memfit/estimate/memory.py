@@ -12,7 +12,7 @@ Components (bytes per device):
   real architecture extrapolated per decoder layer;
 - runtime: the process baseline on CPU, the CUDA context and allocator slack on CUDA.
 
-Traces are kept on disk (memfit.estimate.cache): a second estimate of the same model and settings runs no trace,
+Traces are kept on disk (memfit.cache): a second estimate of the same model and settings runs no trace,
 and one from a cached resolution (`memfit estimate`, `recommend`) imports neither torch nor transformers. The
 largest batch is solved on lines through the traces at batch 1 and 2 and checked by the traced estimate at the
 answer (`solve_max_batch`).
@@ -31,13 +31,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from memfit import cache
 from memfit.config import TrainConfig
 from memfit.errors import MemfitError, UserError
-from memfit.estimate import cache
-from memfit.estimate.arch import ArchInfo, arch_info
 from memfit.estimate.peaks import PeakLines, TracePeak, peaks_from_json, peaks_to_json
-from memfit.libraries import import_peft
 from memfit.estimate.solve import largest_fitting
+from memfit.libraries import import_peft
+from memfit.models.arch import ArchInfo, arch_info
 
 from memfit.units import GB, MB
 
@@ -360,7 +360,7 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
     # meta kernel's traceback. Set here: importing torch resets its loggers' levels.
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
-    from memfit.estimate.arch import build_meta_model, decoder_layers
+    from memfit.models.arch import build_meta_model, decoder_layers
     from memfit.estimate.trace import fakeify_, trace_step
     from memfit.train.model import attn_implementation
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from memfit.cache import CacheMiss
 from memfit.config import TrainConfig
-from memfit.estimate.cache import CacheMiss, builtin_config
 from memfit.estimate.memory import Hardware, estimate_memory, max_batch_size
+from memfit.estimate.resolution_cache import builtin_config
 from memfit.models.registry import ARCHITECTURES
 
 # One architecture per size class, smallest to largest.

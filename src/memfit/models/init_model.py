@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from memfit.errors import UserError
-from memfit.estimate.arch import arch_info
+from memfit.models.arch import arch_info
 from memfit.models.registry import SMALL_PRESET_MAX_PARAMS, get_architecture
 from memfit.models.tokenizer import IM_END, train_tokenizer
 

@@ -138,12 +138,12 @@ class Architecture:
 
     @property
     def param_count(self) -> int:
-        """Exact parameters, counted on the meta device (memfit.estimate.arch; cached per config). A built-in as
+        """Exact parameters, counted on the meta device (memfit.models.arch; cached per config). A built-in as
         registered reads its count from COUNTED_PARAMS (`memfit models` lists them without importing torch and
         transformers); tests/test_models.py counts every one on the meta device against it."""
         if ARCHITECTURES.get(self.name) == self and self.name in COUNTED_PARAMS:
             return COUNTED_PARAMS[self.name]
-        from memfit.estimate.arch import arch_info
+        from memfit.models.arch import arch_info
 
         return arch_info(self.to_hf_config()).params
 

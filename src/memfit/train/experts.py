@@ -39,9 +39,9 @@ class FusedExpertWeight:
 
 
 def fused_expert_weights(model: torch.nn.Module) -> list[FusedExpertWeight]:
-    """The fused expert weights of the decoder layers (memfit.estimate.arch.fused_expert_params), not yet
+    """The fused expert weights of the decoder layers (memfit.models.arch.fused_expert_params), not yet
     quantized."""
-    from memfit.estimate.arch import decoder_layer_index, fused_expert_params
+    from memfit.models.arch import decoder_layer_index, fused_expert_params
 
     return [FusedExpertWeight(module_name, name, module)
             for module_name, module in model.named_modules() if decoder_layer_index(module_name) is not None
@@ -91,7 +91,7 @@ def expert_lora_parameters(model: torch.nn.Module, lora_targets: str, quant: str
     """PEFT `target_parameters` (full names) for `--lora-targets ...,experts`; [] when experts are not named."""
     if not experts_targeted(lora_targets):
         return []
-    from memfit.estimate.arch import decoder_layer_index
+    from memfit.models.arch import decoder_layer_index
 
     if quant == "4":  # checked first: by now the experts are quantized, no longer plain 3-D parameters
         raise UserError(

@@ -403,7 +403,7 @@ class Trainer:
         would leave the others waiting in a collective, and the stop goes through the ranks' agreement at the safe
         points. Not under torch.compile: dynamo would trace the attribute read as a constant.
         """
-        from memfit.estimate.arch import decoder_layers
+        from memfit.models.arch import decoder_layers
 
         layers = decoder_layers(self.accelerator.unwrap_model(self.model))
         self.layer_count = len(layers)

@@ -56,7 +56,7 @@ def lora_target_modules(model: torch.nn.Module, config: TrainConfig, allow_none:
     """Names of the linear modules to adapt: all linear layers of the decoder (never lm_head), or the listed ones,
     restricted to the last `lora_layers` decoder layers. `allow_none`: the experts are targeted, so no linear
     layer is fine."""
-    from memfit.estimate.arch import decoder_layer_index, is_adaptable_linear
+    from memfit.models.arch import decoder_layer_index, is_adaptable_linear
     from memfit.train.experts import EXPERTS_TARGET
 
     wanted = None

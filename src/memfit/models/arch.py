@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from memfit import cache
 from memfit.errors import MemfitError, UserError
-from memfit.estimate import cache
 
 if TYPE_CHECKING:
     import torch
@@ -214,7 +214,7 @@ _CACHE: dict[str, ArchInfo] = {}
 
 def arch_info(config) -> ArchInfo:
     """Count a config's parameters exactly, by group, on the meta device (cached per config, in this process and
-    on disk: memfit.estimate.cache)."""
+    on disk: memfit.cache)."""
     key = cache.config_key(config)
     if key not in _CACHE:
         disk_key = cache.digest("arch", key)

@@ -1,17 +1,16 @@
-"""The estimator's measurements on disk, in `$MEMFIT_CACHE/estimate/` (memfit.paths.cache_dir).
+"""memfit's measurements on disk, in `$MEMFIT_CACHE/estimate/` (memfit.paths.cache_dir): small JSON records, each
+kept under a digest of what it depends on.
 
 What costs time in an estimate is tracing the model code on fake tensors (seconds per cut of the model) and, before
 that, importing torch, transformers and PEFT. Neither result changes while the installed versions and the model's
-config stay the same, so each is kept as a small JSON file:
+config stay the same, so each is kept as a small JSON file, one folder per kind:
 
 - `trace/`: the peak of one traced cut (its number of layers, at one batch size) per phase, keyed by the model's
   config, the training settings the trace reads, the dtypes, and the versions below;
 - `lines/`: the largest batch up to which every traced cut was found on its lines through batch 1 and 2 (so
   batches up to it need no trace: memfit.estimate.memory.lines_hold_to);
-- `arch/`: the parameter counts and shapes of one config (memfit.estimate.arch.ArchInfo);
-- `model/`: what `--model` resolved to (name, source, the config's values), keyed by every file and registry entry
-  the resolution could read, so a second estimate of the same model needs neither transformers nor torch;
-- `config/`: the transformers config of a built-in architecture, for `memfit recommend`;
+- `arch/`: the parameter counts and shapes of one config (memfit.models.arch.ArchInfo);
+- `model/` and `config/`: what `--model` resolved to, and built-in configs (memfit.estimate.resolution_cache);
 - `file-pages/`: the shared-library pages a process that imported torch and transformers maps (the CPU runtime
   term), for estimates made without importing them.
 
@@ -38,7 +37,7 @@ from memfit.paths import cache_dir
 
 SCHEMA = 1
 # The code a trace runs, besides the installed libraries: a change to any of these files invalidates the cache.
-_TRACED_SOURCES = ("estimate/memory.py", "estimate/trace.py", "estimate/arch.py", "estimate/peaks.py",
+_TRACED_SOURCES = ("estimate/memory.py", "estimate/trace.py", "models/arch.py", "estimate/peaks.py",
                    "train/model.py", "train/chunked_loss.py", "train/losses.py", "precision.py")
 _PACKAGES = ("torch", "transformers", "peft", "accelerate")
 
@@ -144,97 +143,3 @@ class ConfigRecord:
 
 def is_record(config: Any) -> bool:
     return isinstance(config, ConfigRecord)
-
-
-# --- what --model resolves to, without transformers ---------------------------------------------------------------
-
-
-def _file_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def model_fingerprint(spec: str) -> str | None:
-    """A digest of everything `memfit.models.resolve_model(spec)` reads: the local directory's config.json, the
-    HF-cache snapshot (and its config.json) of every id the spec could name, and the registry. The same digest
-    means the same resolution. None when the file system cannot be read."""
-    from memfit.models.hub import parse_hub_spec
-    from memfit.models.registry import ALIASES, ARCHITECTURES
-    from memfit.models.resolve import cached_snapshot, hf_hub_cache
-
-    spec = spec.strip()
-    # "resolution": 2 since a Hub id resolves to its repo's config (fetched), not to a built-in of that name.
-    facts: dict[str, Any] = {"spec": spec, "resolution": 2}
-    try:
-        path = Path(spec).expanduser()
-        if path.exists():
-            facts["local"] = [os.path.abspath(path), os.path.realpath(path), _file_text(path / "config.json")]
-            return digest("model", facts)
-        hub = parse_hub_spec(spec)
-        low = hub.repo_id.lower() if hub else spec.lower()
-        revision = hub.revision if hub else None
-        ids = {hub.repo_id} if hub else set()
-        for alias in ALIASES.values():
-            if low in (alias.name, alias.hf_id.lower()):
-                ids.add(alias.hf_id)
-        for arch in ARCHITECTURES.values():
-            if arch.hf_id and low in (arch.name, arch.hf_id.lower()):
-                ids.add(arch.hf_id)
-        snapshots = {}
-        for hf_id in sorted(ids):
-            snapshot = cached_snapshot(hf_id, revision)
-            snapshots[hf_id] = None if snapshot is None else [str(snapshot), _file_text(snapshot / "config.json")]
-        facts.update(hub=str(hf_hub_cache()), snapshots=snapshots,
-                     registry=[repr(ARCHITECTURES), repr(ALIASES)])
-    except OSError:
-        return None
-    return digest("model", facts)
-
-
-def cached_resolution(spec: str, key: str | None = None):
-    """The ResolvedModel of `spec` from the cache (its config a ConfigRecord), or None. `key`: its
-    model_fingerprint, when the caller computed it already."""
-    from memfit.models.registry import find_architecture
-    from memfit.models.resolve import ResolvedModel
-
-    key = key or model_fingerprint(spec)
-    data = load("model", key) if key else None
-    if not data:
-        return None
-    try:
-        return ResolvedModel(spec.strip(), data["source"], data["name"], data["hf_id"],
-                             Path(data["path"]) if data["path"] else None, ConfigRecord.from_record(data["config"]),
-                             find_architecture(data["architecture"]) if data["architecture"] else None,
-                             data.get("origin"))
-    except (KeyError, TypeError):
-        return None
-
-
-def remember_resolution(spec: str, resolved, key: str | None = None) -> None:
-    """Keep what `spec` resolved to; `key`: its model_fingerprint taken before resolving (resolving could change
-    what the fingerprint reads)."""
-    key = key or model_fingerprint(spec)
-    # A config fetched from the Hub just now is in the HF cache: the next resolution finds it there (a new
-    # fingerprint); kept under this one, it would outlive the cached file.
-    if key is None or is_record(resolved.config) or resolved.source == "hub":
-        return
-    save("model", key, {
-        "source": resolved.source, "name": resolved.name, "hf_id": resolved.hf_id, "origin": resolved.origin,
-        "path": str(resolved.path) if resolved.path is not None else None,
-        "architecture": resolved.architecture.name if resolved.architecture is not None else None,
-        "config": ConfigRecord.of(resolved.config).to_record(),
-    })
-
-
-def builtin_config(arch, real: bool = False):
-    """A built-in architecture's config: from the cache (a ConfigRecord) unless `real` or not cached yet."""
-    key = digest("config", repr(arch))
-    if not real:
-        data = load("config", key)
-        if data:
-            return ConfigRecord.from_record(data)
-    config = arch.to_hf_config()
-    save("config", key, ConfigRecord.of(config).to_record())
-    return config
