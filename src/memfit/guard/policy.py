@@ -325,10 +325,10 @@ class Guard:
         before the first step has finished (the first forward pass of smollm2-135m-shaped LoRA rises at 750 MB/s,
         and projecting it stopped batches whose peak was 70% of the limit); the limit itself is still enforced.
         Nor is the first step a baseline: its peak and its duration are the allocator's and the libraries' warm-up.
-        With glibc's dynamic mmap threshold (allocator.py "trim") the heap settles over the first steps, and step 2
-        of 30-layer smollm2-135m LoRA peaked 466 MB above step 1, which took 37 s (warm-up) against 4 s after:
-        projected over that horizon, its ordinary rise stopped a healthy run at 18% of the limit
-        (benchmarks/allocator_policies.py, 2026-12-03).
+        With the heap serving a step's tensors (allocator.py "trim", there with a fixed 32 MiB mmap threshold) it
+        settles over the first steps: step 2 of 30-layer smollm2-135m LoRA peaked 466 MB above step 1, which took
+        37 s (warm-up) against 4 s after; projected over that horizon, its ordinary rise stopped a healthy run at 18%
+        of the limit (a run of benchmarks/allocator_policies.py's settings, 2026-12-03).
         """
         watched = sample.watched_bytes
         if self._last_step_s is None or self._previous_step_peak is None:
