@@ -11,6 +11,7 @@ first token unscored wherever it lands, so the counts do not depend on packing.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,6 @@ def best_fit_rows(pieces: list[tuple[list[int], list[int], int]], seq_len: int) 
     """Samples that must stay whole (prompt/completion, chat), packed best-fit decreasing: longest first, each into
     the open row it leaves least room in, else a new row. Rows come out in the order they were opened; the trainer
     shuffles them."""
-    import bisect
-
     order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i][0]), i))
     rows: list[Row] = []
     free: list[tuple[int, int]] = []  # (room left, row number), sorted: the first with room >= n is the best fit
