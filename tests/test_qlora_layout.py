@@ -94,6 +94,19 @@ def test_the_flag_changes_nothing_without_a_kbit_base():
             == estimate_memory(hf_config, config.updated(qlora_upcast=True), hardware).breakdown)
 
 
+def test_advice_offers_dropping_the_upcast_where_it_saves_something():
+    from memfit.estimate.advice import knobs
+
+    hf_config = get_architecture("tiny").to_hf_config()
+    cuda = Hardware("cuda", 1 * GB)
+    upcast = TrainConfig(method="qlora", dtype="bf16", qlora_upcast=True)
+    offered = {knob.flags: knob for knob in knobs(hf_config, upcast, cuda)}
+    assert offered["--no-qlora-upcast"].update == {"qlora_upcast": False}
+    # Not where it is already off, nor where the compute dtype is fp32 (both layouts are fp32 there).
+    assert "--no-qlora-upcast" not in {k.flags for k in knobs(hf_config, upcast.updated(qlora_upcast=False), cuda)}
+    assert "--no-qlora-upcast" not in {k.flags for k in knobs(hf_config, upcast.updated(dtype="fp32"), cuda)}
+
+
 def test_a_checkpoint_from_before_the_flag_resumes_upcast():
     """memfit before `qlora_upcast` always upcast a k-bit base: its checkpoints resume that way, no conflict."""
     old_qlora = {key: value for key, value in TrainConfig(method="qlora").model_dump().items()
