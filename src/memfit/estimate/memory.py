@@ -547,8 +547,8 @@ def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, h
     transformers maps the safetensors file; when the stored dtype is the one training wants, the tensors are that
     mapping (no copy, no peak). When it is not, every converted tensor is a new allocation while the whole file's
     pages are mapped and read: runtime + checkpoint + converted weights, before PEFT is imported (measured, CPU:
-    a bf16 checkpoint loaded as fp32 or fp32 as bf16 peaks at file + converted + the process baseline, within 4%;
-    QLoRA within -6..+12%; docs/benchmarks.md). The file pages are page cache, so the kernel can drop them under
+    a bf16 checkpoint loaded as fp32 or fp32 as bf16 peaks at file + converted + the process baseline, +4..+7%;
+    QLoRA within -4%; docs/benchmarks.md). The file pages are page cache, so the kernel can drop them under
     pressure, but RSS and the guard count them. On a GPU the weights go to the device: the host peak is not device
     memory.
     """
