@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimate_accuracy import write_section  # noqa: E402
-from train_vs_hf import _busy_cpu_s  # noqa: E402
+from train_vs_hf import _busy_cpu_s, cpu_name  # noqa: E402
 
 MARK = "qlora-layout"
 MB = 1024**2
@@ -93,7 +93,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, params: int) -> str:
     lines = [
         "## QLoRA: unquantized weights in the compute dtype vs fp32 (`--qlora-upcast`)",
         "",
-        f"Measured with `{command}` on {platform.machine()} {platform.system()}, {os.cpu_count()} cores; Python "
+        f"Measured with `{command}` on {platform.machine()} {platform.system()}, {cpu_name()}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, {versions}; commit {_commit()}, "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
