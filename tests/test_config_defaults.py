@@ -36,7 +36,7 @@ def test_the_shared_defaults_are_what_people_train_with():
 def test_every_training_flag_shows_its_default(capsys, command):
     text = help_text(capsys, command)
     assert "sequence length in tokens (default: 2048)" in text
-    assert "(default: --grad-checkpointing)" in text
+    assert "(default: --grad-checkpointing)" in text and "(default: --no-qlora-upcast)" in text
     assert "(default: lora)" in text and "(default: auto)" in text
 
 

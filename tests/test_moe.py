@@ -56,7 +56,7 @@ def test_qlora_counts_the_experts_in_4_bit():
     qlora = estimate_memory(hf_config, TrainConfig(method="qlora", dtype="bf16"), cuda)
     lora = estimate_memory(hf_config, TrainConfig(method="lora", dtype="bf16"), cuda)
     # 46.7B weights: 93 GB in bf16; nf4 with its absmax is 0.53 bytes a weight, the rest (embeddings, norms,
-    # routers: 0.27B) fp32 after kbit preparation.
+    # routers: 0.27B) bf16 (fp32 with --qlora-upcast: 0.5 GB more).
     assert lora.breakdown["weights"] == 46_702_792_704 * 2
     assert 22e9 < qlora.breakdown["weights"] < 26e9
     assert qlora.training_bytes < 40e9
@@ -109,6 +109,32 @@ def test_qlora_quantizes_the_experts_and_keeps_them_out_of_fp32(moe_dir):
     ids = torch.randint(0, 2000, (2, 32))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("quant", ["4", "8"])
+@pytest.mark.parametrize("upcast", [False, True], ids=["default", "upcast"])
+def test_kbit_layouts_leave_the_experts_as_they_were(moe_dir, quant, upcast):
+    """Both layouts (memfit.train.model.prepare_kbit): the experts stay nf4 (4-bit) or bf16 (8-bit), frozen, never
+    fp32; the other unquantized weights (embeddings, norms, routers' neighbours) follow --qlora-upcast."""
+    import torch
+
+    from memfit.precision import resolve_precision
+    from memfit.train.model import load_model
+
+    config = TrainConfig(method="qlora", quant=quant, dtype="bf16", qlora_upcast=upcast)
+    model = load_model(moe_dir, config, resolve_precision("bf16", "cpu"))
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    for module in experts:
+        if quant == "4":
+            stored = [plist.original for plist in module.parametrizations.values()]
+            assert len(stored) == 2 and all(t.dtype == torch.uint8 for t in stored)
+        else:
+            stored = [module.gate_up_proj, module.down_proj]
+            assert all(t.dtype == torch.bfloat16 for t in stored)
+        assert not any(t.requires_grad for t in stored)
+    others = {p.dtype for n, p in model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point and ".experts." not in n}
+    assert others == {torch.float32 if upcast else torch.bfloat16}
 
 
 def _train(model_dir: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:

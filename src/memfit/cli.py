@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memfit.config import GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name, load_yaml, make_config
+from memfit.config import (GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name, load_yaml, make_config,
+                           saved_config_values)
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 from memfit.libraries import hide_bitsandbytes_from_peft
 from memfit.libraries import quiet as quiet_libraries
@@ -687,6 +688,8 @@ def train(
         if value is None:
             raise UserError(f"missing {flag}", hint="see memfit train --help (or use -c CONFIG.yaml)")
     base, device = saved.get("config"), device or file_values.get("device")
+    if base is not None:
+        base = saved_config_values(base)  # keys an older memfit did not write: what it did (qlora_upcast)
     if profile is not None:
         if checkpoint is not None:
             raise UserError("--profile and --resume do not mix: a resumed run keeps its checkpoint's settings",

@@ -32,6 +32,14 @@ class TrainConfig(BaseModel):
     # What is trained and how.
     method: Method = Field("lora", description="full fine-tune, LoRA adapters, or QLoRA (LoRA on a 4-bit base)")
     quant: Quant = Field("none", description="base-weight quantization: none, 8 or 4 bit (qlora implies 4)")
+    # A k-bit base's other weights (embeddings, norms, lm_head) stay in the compute dtype, as torchtune, unsloth
+    # and LitGPT keep them: PEFT's prepare_model_for_kbit_training casts them to fp32 (~2-3 GB more on an 8B
+    # model); the losses stay within 1e-3 of the upcast run's (benchmarks/qlora_layout.py). The flag restores
+    # that cast.
+    qlora_upcast: bool = Field(
+        False, description="with --quant 4/8: cast the unquantized weights (embeddings, norms, lm_head) to fp32, "
+        "as PEFT's prepare_model_for_kbit_training does (off: they stay in the compute dtype)"
+    )
     dtype: Dtype = Field(
         "auto",
         description="bf16/fp16: mixed precision (fp32 master weights and optimizer states); bf16-pure: everything "
@@ -128,6 +136,18 @@ class TrainConfig(BaseModel):
     @property
     def uses_adapters(self) -> bool:
         return self.method in ("lora", "qlora")
+
+
+def saved_config_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config read back from a checkpoint or run.json, with the keys an older memfit did not write set to what
+    that memfit did. Where that is today's default, nothing is needed; where the default changed with the key:
+    - `qlora_upcast`: memfit before the key always ran a k-bit base through PEFT's prepare_model_for_kbit_training
+      (fp32 embeddings, norms, lm_head), so such a checkpoint resumes with that layout (True), exactly as it
+      trained. A run without a k-bit base keeps the default (the key changes nothing there)."""
+    values = dict(saved)
+    if "qlora_upcast" not in values and (values.get("method") == "qlora" or values.get("quant", "none") != "none"):
+        values["qlora_upcast"] = True
+    return values
 
 
 # Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.

@@ -10,6 +10,7 @@ alter what is trained:
      3  --zero N (more ZeRO sharding, several GPUs)               yes (more communication)
      4  --optimizer adamw8bit (CUDA)                              nearly (8-bit blockwise Adam states)
      5  --zero 2|3 --offload cpu (CUDA, DeepSpeed)                yes (the optimizer steps on the CPU: slow)
+     7  --no-qlora-upcast (from --qlora-upcast, 16-bit compute)   nearly (embeddings, norms, lm_head in 16-bit)
      8  --dtype bf16 (from fp32)                                  nearly (mixed precision, fp32 master weights)
     10  --dtype bf16-pure (full fine-tune)                        no (no fp32 master copy)
     15  --lora-rank r/2                                           no (smaller adapters)
@@ -114,6 +115,9 @@ def knobs(hf_config, config: TrainConfig, hardware: Hardware) -> list[Knob]:
     if config.method == "full" and precision != "bf16-pure":
         found.append(Knob("dtype", "--dtype bf16-pure", "weights, gradients and optimizer states in bf16", 10,
                           {"dtype": "bf16-pure"}))
+    if config.uses_adapters and config.quant != "none" and config.qlora_upcast and precision != "fp32":
+        found.append(Knob("upcast", "--no-qlora-upcast", "embeddings, norms and lm_head in the compute dtype, not "
+                          "fp32", 7, {"qlora_upcast": False}))
     if config.uses_adapters and config.lora_rank >= 8:
         found.append(Knob("rank", f"--lora-rank {config.lora_rank // 2}", "smaller adapters", 15,
                           {"lora_rank": config.lora_rank // 2}))

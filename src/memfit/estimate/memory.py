@@ -2,8 +2,8 @@
 
 Components (bytes per device):
 - weights: every parameter at the dtype it is stored in (trained params at the trainable dtype; a frozen LoRA base
-  at the compute dtype; a 4-bit base at 0.5 byte/weight plus nf4 block constants, with the embeddings, norms and
-  lm_head that `prepare_model_for_kbit_training` casts to fp32);
+  at the compute dtype; a 4-bit base at 0.5 byte/weight plus nf4 block constants, an 8-bit one at a byte, with the
+  embeddings, norms and lm_head in the compute dtype, or fp32 under `--qlora-upcast`: `unquantized_bytes`);
 - adapters: LoRA A/B matrices (fp32 under mixed precision, as PEFT keeps them);
 - gradients: one per trained parameter, in its dtype;
 - optimizer: states by optimizer and dtype (AdamW m+v, 8-bit blockwise states, Adafactor's factored moments),
@@ -199,8 +199,14 @@ def weight_bytes(info: ArchInfo, config: TrainConfig, precision: Precision) -> i
         info.linear_weight_params, rows)
     # Fused experts: nf4 with --quant 4, left in the frozen dtype with --quant 8 (memfit.train.experts).
     experts = _nf4_bytes(info.expert_params) if config.quant == "4" else info.expert_params * precision.frozen_bytes
-    # prepare_model_for_kbit_training casts everything else (embeddings, norms, head, routers) to fp32.
-    return int(quantized + experts + (info.params - info.linear_weight_params - info.expert_params) * 4)
+    rest = info.params - info.linear_weight_params - info.expert_params  # embeddings, norms, head, routers
+    return int(quantized + experts + rest * unquantized_bytes(config, precision))
+
+
+def unquantized_bytes(config: TrainConfig, precision: Precision) -> int:
+    """Bytes per weight of a k-bit base's unquantized params (embeddings, norms, lm_head): the dtype they were loaded
+    in (memfit.train.model.prepare_kbit), or fp32 after `--qlora-upcast` (PEFT's prepare_model_for_kbit_training)."""
+    return 4 if config.qlora_upcast else precision.frozen_bytes
 
 
 def trainable_shapes(info: ArchInfo, config: TrainConfig) -> list[tuple[int, ...]]:
@@ -293,6 +299,8 @@ def _attr_depth(text_config) -> int:
 def _trace_key(hf_config, config: TrainConfig, precision: Precision, num_layers: int | tuple[int, ...],
                batch_size: int | str, kind: str = "trace") -> str:
     settings = config.model_dump(exclude=set(NOT_TRACED & set(TrainConfig.model_fields)))
+    if config.quant == "none":
+        settings.pop("qlora_upcast", None)  # it changes nothing without a k-bit base: those traces are shared
     return cache.digest(kind, cache.config_key(hf_config), settings, precision, num_layers,
                         batch_size)
 
@@ -373,11 +381,12 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
     else:
         model.to(precision.frozen_dtype)
         if config.quant != "none":
-            # Emulate a k-bit base: matmuls dequantize to the compute dtype; the rest is fp32 after
-            # prepare_model_for_kbit_training.
-            for name, param in model.named_parameters():
-                if param.dim() < 2 or "embed" in name or "lm_head" in name or "wte" in name or "wpe" in name:
-                    param.data = param.data.to(torch.float32)
+            # Emulate a k-bit base: matmuls dequantize to the compute dtype; the rest stays in the frozen dtype
+            # (memfit.train.model.prepare_kbit), or is fp32 after prepare_model_for_kbit_training (--qlora-upcast).
+            if config.qlora_upcast:
+                for name, param in model.named_parameters():
+                    if param.dim() < 2 or "embed" in name or "lm_head" in name or "wte" in name or "wpe" in name:
+                        param.data = param.data.to(torch.float32)
             if config.quant == "4":
                 _dequantized_on_access(model)
     for param in model.parameters():
@@ -538,8 +547,8 @@ def load_peak_bytes(info: ArchInfo, config: TrainConfig, precision: Precision, h
     transformers maps the safetensors file; when the stored dtype is the one training wants, the tensors are that
     mapping (no copy, no peak). When it is not, every converted tensor is a new allocation while the whole file's
     pages are mapped and read: runtime + checkpoint + converted weights, before PEFT is imported (measured, CPU:
-    a bf16 checkpoint loaded as fp32 or fp32 as bf16 peaks at file + converted + the process baseline, within 4%;
-    QLoRA within -6..+12%; docs/benchmarks.md). The file pages are page cache, so the kernel can drop them under
+    a bf16 checkpoint loaded as fp32 or fp32 as bf16 peaks at file + converted + the process baseline, +4..+7%;
+    QLoRA within -4%; docs/benchmarks.md). The file pages are page cache, so the kernel can drop them under
     pressure, but RSS and the guard count them. On a GPU the weights go to the device: the host peak is not device
     memory.
     """
@@ -608,6 +617,18 @@ def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) 
     if config.uses_adapters:
         peft = CPU_PEFT_IMPORT_BYTES - (CPU_BITSANDBYTES_IMPORT_BYTES if config.quant == "none" else 0)
     return CPU_PROCESS_ANON_BYTES + peft + cpu_file_pages_bytes()
+
+
+def kbit_layout_note(config: TrainConfig, precision: Precision) -> str:
+    """The notes line of a k-bit base: how it is stored, and which dtype its unquantized weights are in."""
+    base = ("4-bit nf4 base with double quantization" if config.quant == "4"
+            else "8-bit base (bitsandbytes LLM.int8)")
+    if config.qlora_upcast:
+        return (f"{base}; embeddings, norms and lm_head in fp32 (--qlora-upcast: PEFT's "
+                "prepare_model_for_kbit_training)")
+    kept = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[precision.frozen]
+    return (f"{base}; embeddings, norms and lm_head in {kept}, the compute dtype (--qlora-upcast: fp32, as PEFT's "
+            "prepare_model_for_kbit_training)")
 
 
 def traced_precision(precision: Precision, hardware: Hardware) -> Precision:
@@ -714,8 +735,8 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
 
     if config.method == "full" and precision.autocast and zero == 0:
         notes.append("mixed precision: the fp32 weights are the master copy; autocast makes 16-bit copies per layer")
-    if config.uses_adapters and config.quant == "4":
-        notes.append("4-bit nf4 base with double quantization; embeddings, norms and lm_head in fp32 (kbit prep)")
+    if config.uses_adapters and config.quant != "none":
+        notes.append(kbit_layout_note(config, precision))
     if hardware.device == "cpu":
         notes.append("CPU: memory is process RSS; runtime is the Python+torch process baseline (measured anonymous "
                      "memory + the shared-library pages this machine maps)")

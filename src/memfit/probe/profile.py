@@ -27,8 +27,8 @@ from memfit.paths import cache_dir
 
 PROFILE_FORMAT = 1
 # The config fields that change how much memory a run takes, besides the batch size and the searched axes.
-SETUP_FIELDS = ("method", "quant", "dtype", "optimizer", "seq_len", "lora_rank", "lora_layers", "lora_targets",
-                "grad_checkpointing", "attn_implementation", "loss", "packing", "chunked_loss")
+SETUP_FIELDS = ("method", "quant", "qlora_upcast", "dtype", "optimizer", "seq_len", "lora_rank", "lora_layers",
+                "lora_targets", "grad_checkpointing", "attn_implementation", "loss", "packing", "chunked_loss")
 # The axes a probe can search; the batch is always one of them.
 AXES = {"batch": "batch_size", "rank": "lora_rank", "seq": "seq_len"}
 
@@ -90,6 +90,8 @@ def setup_of(config_values: dict[str, Any], device: str, searched: list[str]) ->
     if config_values.get("method") == "full":
         for name in ("lora_rank", "lora_layers", "lora_targets"):
             setup.pop(name, None)
+    if config_values.get("quant", "none") == "none" and config_values.get("method") != "qlora":
+        setup.pop("qlora_upcast", None)  # only a k-bit base has weights to upcast
     setup["device"] = device
     return setup
 

@@ -5,9 +5,11 @@ experts x out x in) instead of one nn.Linear per expert. What the libraries do w
 transformers 5.24, bitsandbytes 0.50, PEFT 0.21 on tiny Mixtral and Qwen3-MoE models, tests/test_moe.py):
 
 - bitsandbytes' 4/8-bit loading replaces nn.Linear only: the experts, nearly all of an MoE's weights, stay 16-bit,
-  and `prepare_model_for_kbit_training` then casts them to fp32 (Mixtral-8x7B: 180 GB). memfit quantizes them to
-  nf4 itself with bitsandbytes' parametrization (`replace_parameter_4bit`: dequantized one layer at a time when the
-  experts run) before that cast, and keeps them out of the cast with `--quant 8` (bitsandbytes has no 8-bit form).
+  and `prepare_model_for_kbit_training` (run under `--qlora-upcast`: memfit.train.model.prepare_kbit) would then
+  cast them to fp32 (Mixtral-8x7B: 180 GB). memfit quantizes them to nf4 itself with bitsandbytes' parametrization
+  (`replace_parameter_4bit`: dequantized one layer at a time when the experts run), and keeps them out of that
+  cast with `--quant 8` (bitsandbytes has no 8-bit form). Without the flag nothing is cast: frozen, they keep the
+  dtype they were loaded in, either way.
 - PEFT's "all-linear" does not reach them; `target_parameters` puts LoRA on a fused expert weight (rank r per
   expert), but not on a 4-bit one (PEFT 0.21 raises inside its parametrization). So `--lora-targets experts`
   adapts them with `--method lora` and is refused with `--quant 4`.
@@ -72,8 +74,8 @@ def quantize_experts_4bit(model: torch.nn.Module, device: str) -> int:
 
 @contextmanager
 def kept_out_of_kbit_cast(model: torch.nn.Module):
-    """`prepare_model_for_kbit_training` casts every 16-bit parameter to fp32; the experts (frozen, and the bulk of
-    the model) are lifted off their modules while it runs and put back as they were."""
+    """`prepare_model_for_kbit_training` (`--qlora-upcast`) casts every 16-bit parameter to fp32; the experts
+    (frozen, and the bulk of the model) are lifted off their modules while it runs and put back as they were."""
     lifted = []
     for weight in fused_expert_weights(model):
         if weight.param_name in weight.module._parameters:

@@ -48,7 +48,7 @@ import torch
 
 from memfit import faults
 from memfit.allocator import configure as configure_allocator
-from memfit.config import GUARD_FIELDS, TrainConfig
+from memfit.config import GUARD_FIELDS, TrainConfig, saved_config_values
 from memfit.devices import default_device
 from memfit.distributed.collective import Agreement, Decision, all_reduce_sum, gradients
 from memfit.distributed.collective import leave as leave_process_group
@@ -153,7 +153,9 @@ def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int
     """Differences between a checkpoint's config and this one that would make the resumed run differ from an
     uninterrupted one. A different number of processes changes the global batch (and its row order)."""
     now = config.model_dump()
-    # A key an older memfit did not write had its default then.
+    # A key an older memfit did not write had its default then, or the value memfit.config.saved_config_values
+    # gives where the default changed with the key (a k-bit base was upcast: qlora_upcast True).
+    saved = saved_config_values(saved)
     saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in now} | saved
     changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {now[key]!r}"
                for key in now if key not in RESUME_FREE_FIELDS and saved.get(key) != now[key]]

@@ -3,8 +3,10 @@
 Memory options, next to the code that implements them:
 - `--dtype`: see memfit.precision. A full fine-tune under mixed precision loads fp32 weights (they are the master
   copy); LoRA loads the frozen base in the 16-bit compute dtype and keeps adapters fp32 (PEFT's default).
-- `--method qlora`: bitsandbytes nf4 with double quantization (or 8-bit with `--quant 8`);
-  `prepare_model_for_kbit_training` then casts the non-quantized params (embeddings, norms, lm_head) to fp32.
+- `--method qlora`: bitsandbytes nf4 with double quantization (or 8-bit with `--quant 8`). The non-quantized params
+  (embeddings, norms, lm_head) stay in the dtype they were loaded in, the compute dtype (torchtune's, unsloth's and
+  LitGPT's layout); `--qlora-upcast` runs PEFT's `prepare_model_for_kbit_training` instead, which casts them to
+  fp32. Either way the base is frozen and, with checkpointing, the embeddings' output requires grad (`prepare_kbit`).
 - Mixture-of-experts weights (fused 3-D parameters): quantized by memfit, adapted only when named; see
   memfit.train.experts.
 - `--lora-layers N`: adapters only on the last N decoder layers (earlier layers need no activation gradients).
@@ -147,9 +149,7 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; in training it only holds memory
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        from memfit.train.experts import fused_expert_weights, kept_out_of_kbit_cast, quantize_experts_4bit
+        from memfit.train.experts import fused_expert_weights, quantize_experts_4bit
 
         experts = fused_expert_weights(model)
         if experts and config.quant == "4":
@@ -160,8 +160,7 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
             frozen = str(precision.frozen_dtype).removeprefix("torch.")
             _say(notify, f"experts: {len(experts)} fused weights kept in {frozen} and frozen "
                          "(bitsandbytes has no 8-bit form for them)")
-        with kept_out_of_kbit_cast(model):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
+        model = prepare_kbit(model, config)
     if config.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.uses_adapters:
@@ -174,6 +173,28 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
     elif config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
+    return model
+
+
+def prepare_kbit(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """A k-bit base made ready for adapters. By default what PEFT's `prepare_model_for_kbit_training` (0.21) does
+    besides its fp32 cast: every base parameter frozen; with gradient checkpointing, a hook that makes the input
+    embeddings' output require grad (`enable_input_require_grads`, which PEFT installs whenever it is not told
+    `use_reentrant=False`: kept, so both layouts run the same graph) and checkpointing on (load_model sets it up).
+    The embeddings, norms and lm_head keep the dtype they were loaded in: the compute dtype (bf16/fp16; fp32 under
+    --dtype fp32). `--qlora-upcast` (config.qlora_upcast) runs PEFT's function itself, which casts them to fp32;
+    the fused experts are kept out of that cast (memfit.train.experts)."""
+    if config.qlora_upcast:
+        from peft import prepare_model_for_kbit_training
+
+        from memfit.train.experts import kept_out_of_kbit_cast
+
+        with kept_out_of_kbit_cast(model):
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.grad_checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config.grad_checkpointing:
+        model.enable_input_require_grads()
     return model
 
 
