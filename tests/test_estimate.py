@@ -200,3 +200,13 @@ def test_estimating_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     estimate_memory(ARCHITECTURES["tiny"].to_hf_config(), config, Hardware("cpu", 8 * GB))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_an_allocator_policy_other_than_the_default_is_named_in_the_cpu_estimate(monkeypatch):
+    """The estimate models RSS under the default policy; under another one its peak runs higher, and the notes say so."""
+    config, cpu = TrainConfig(method="lora", seq_len=256), Hardware("cpu", 512 * GB)
+    monkeypatch.delenv("MEMFIT_MALLOC", raising=False)
+    assert not any("MEMFIT_MALLOC" in note for note in estimate_memory(LLAMA_8B, config, cpu).notes)
+    monkeypatch.setenv("MEMFIT_MALLOC", "trim")
+    assert any("MEMFIT_MALLOC=trim" in note for note in estimate_memory(LLAMA_8B, config, cpu).notes)
+    assert not any("MEMFIT_MALLOC" in note for note in estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB)).notes)

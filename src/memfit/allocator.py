@@ -90,11 +90,17 @@ class Allocator:
                 "none": "allocator: glibc as it comes (freed memory stays in the heap)"}[self.policy]
 
 
-def configure(policy: str | None = None) -> Allocator:
-    """Set up this process's allocator: `policy`, else $MEMFIT_MALLOC, else DEFAULT_POLICY."""
+def chosen_policy(policy: str | None = None) -> str:
+    """`policy`, else $MEMFIT_MALLOC, else DEFAULT_POLICY; a name that is no policy is one line (UserError)."""
     policy = policy or os.environ.get(POLICY_ENV) or DEFAULT_POLICY
     if policy not in POLICIES:
         raise UserError(f"{POLICY_ENV}={policy!r} is not an allocator policy", hint=f"use one of {', '.join(POLICIES)}")
+    return policy
+
+
+def configure(policy: str | None = None) -> Allocator:
+    """Set up this process's allocator: `policy`, else $MEMFIT_MALLOC, else DEFAULT_POLICY."""
+    policy = chosen_policy(policy)
     if policy == "threshold":
         return Allocator(policy, fix_mmap_threshold())
     return Allocator(policy, _libc() is not None and hasattr(_libc(), "malloc_trim"))
