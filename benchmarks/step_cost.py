@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from estimate_accuracy import write_section  # noqa: E402
-from train_vs_hf import cpu_name, make_text_data, run_child, versions  # noqa: E402
+from train_vs_hf import cpu_name, run_child, smollm2_and_text, versions  # noqa: E402
 
 MARK = "step-cost"
 ROWS = {"bare-causal": "bare transformers + PEFT, causal, HF loss",
@@ -159,11 +159,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        model_dir = work / "model"
-        subprocess.run([sys.executable, "-m", "memfit", "init-model", "--preset", "smollm2-135m", "--out",
-                        str(model_dir), "--layers", str(args.layers)], check=True, capture_output=True)
-        data = work / "text.jsonl"
-        text_stats = make_text_data(data, documents=400)
+        model_dir, data, text_stats = smollm2_and_text(work, args.layers)
         for repeat in range(args.repeats):
             for row in ROWS:
                 run = run_row(row, model_dir, data, work, args.steps)

@@ -120,6 +120,15 @@ def make_text_data(path: Path, documents: int, seed: int = 0) -> str:
             f"{statistics.median(lengths):.0f}")
 
 
+def smollm2_and_text(work: Path, layers: int) -> tuple[Path, Path, str]:
+    """smollm2-135m's shapes with `layers` decoder layers (random init) in work/model and 400 generated plain-text
+    documents in work/text.jsonl: the paths, and the data's one-line description."""
+    model_dir, data = work / "model", work / "text.jsonl"
+    subprocess.run([sys.executable, "-m", "memfit", "init-model", "--preset", "smollm2-135m", "--out", str(model_dir),
+                    "--layers", str(layers)], check=True, capture_output=True, cwd=HERE.parent)
+    return model_dir, data, make_text_data(data, documents=400)
+
+
 def run_child(command: list[str], log: Path) -> dict:
     """Run `command` to its end: exit code, wall time, peak RSS (os.wait4's ru_maxrss, KiB on Linux), CPU time, and
     how many cores' worth of CPU the rest of the machine used meanwhile (a busy machine slows every figure)."""
