@@ -312,3 +312,18 @@ def test_a_probe_trial_trains_the_runs_own_batches_and_its_longest_row(tiny_mode
     assert [(m["loss"], m["tokens"]) for m in tried[:2]] == [(m["loss"], m["tokens"]) for m in run[:2]]
     assert tried[2]["tokens"] > run[2]["tokens"] + 40  # a ~6-token row swapped for the ~60-token one
     assert not (tmp_path / "trial" / "checkpoints").exists() and not (tmp_path / "trial" / "final").exists()
+
+
+def test_an_allocator_policy_from_the_environment_is_said_and_a_bad_one_is_refused_before_any_write(
+        tiny_model_dir, tmp_path, monkeypatch):
+    from memfit.errors import UserError
+    from memfit.train.events import Notice
+
+    monkeypatch.setenv("MEMFIT_MALLOC", "tcmalloc")
+    with pytest.raises(UserError, match="MEMFIT_MALLOC='tcmalloc' is not an allocator policy"):
+        _train(tiny_model_dir, tmp_path / "bad", steps=1)
+    assert not (tmp_path / "bad").exists()
+    monkeypatch.setenv("MEMFIT_MALLOC", "trim")
+    events = []
+    assert _train(tiny_model_dir, tmp_path / "trim", steps=2, events=events).exit_code == 0
+    assert any(isinstance(e, Notice) and "trimmed at each step end" in e.message for e in events)

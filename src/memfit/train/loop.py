@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from memfit import faults
+from memfit.allocator import DEFAULT_POLICY as DEFAULT_ALLOCATOR_POLICY
 from memfit.allocator import configure as configure_allocator
 from memfit.config import GUARD_FIELDS, TrainConfig, saved_config_values
 from memfit.devices import default_device
@@ -352,6 +353,8 @@ class Trainer:
         self.limit = choose_limit(self.config.max_memory, device, fraction)
         self.emit(Notice(self.limit.describe() + (f"; per rank ({self.ranks.world_size} ranks, each guards its own "
                                                   "memory)" if self.distributed else "")))
+        if self.allocator.policy != DEFAULT_ALLOCATOR_POLICY:  # MEMFIT_MALLOC took effect (or could not, off glibc)
+            self.emit(Notice(self.allocator.describe()))
         configure_cuda(self.limit)
         self.guard = Guard(self.limit, threshold=self.config.memory_threshold,
                            interval_s=self.config.memory_sample_interval)
