@@ -210,3 +210,24 @@ def test_an_allocator_policy_other_than_the_default_is_named_in_the_cpu_estimate
     monkeypatch.setenv("MEMFIT_MALLOC", "trim")
     assert any("MEMFIT_MALLOC=trim" in note for note in estimate_memory(LLAMA_8B, config, cpu).notes)
     assert not any("MEMFIT_MALLOC" in note for note in estimate_memory(LLAMA_8B, config, Hardware("cuda", 80 * GB)).notes)
+
+
+def test_three_figures_each_named_for_its_counter():
+    """CUDA: tensors < allocator blocks < the process (context outside the allocator); the verdict uses the process
+    figure, and total_bytes stays its alias. CPU: one counter (RSS), so the three are the same figure."""
+    from memfit.estimate.memory import CUDA_CONTEXT_BYTES, to_json
+
+    config = TrainConfig(method="lora", dtype="bf16", seq_len=1024)
+    cuda = estimate_memory(LLAMA_8B, config, Hardware("cuda", 24 * GB))
+    runtime = cuda.breakdown["runtime"]
+    assert cuda.allocated_peak_bytes == cuda.total_bytes - runtime
+    assert cuda.reserved_peak_bytes == cuda.allocated_peak_bytes + runtime - CUDA_CONTEXT_BYTES
+    assert cuda.allocated_peak_bytes < cuda.reserved_peak_bytes < cuda.process_bytes == cuda.total_bytes
+    assert cuda.process_bytes - cuda.reserved_peak_bytes == CUDA_CONTEXT_BYTES
+    tight = Hardware("cuda", cuda.reserved_peak_bytes + CUDA_CONTEXT_BYTES // 2)  # reserved fits, the process not
+    assert not estimate_memory(LLAMA_8B, config, tight).fits
+    cpu = estimate_memory(LLAMA_8B, config, Hardware("cpu", 512 * GB))
+    assert cpu.allocated_peak_bytes == cpu.reserved_peak_bytes == cpu.process_bytes == cpu.total_bytes
+    fields = to_json(cuda, 1, 1, [])
+    assert (fields["allocated_peak_bytes"], fields["reserved_peak_bytes"], fields["process_bytes"]) == (
+        cuda.allocated_peak_bytes, cuda.reserved_peak_bytes, cuda.total_bytes)

@@ -413,6 +413,10 @@ def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_
     table.add_row("device memory", _gb(hardware.memory_bytes), "")
     console.print(table)
     console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
+    if hardware.device == "cuda":
+        console.print(f"counters: max_memory_allocated {_gb(result.allocated_peak_bytes)} · "
+                      f"max_memory_reserved {_gb(result.reserved_peak_bytes)} · nvidia-smi {_gb(result.process_bytes)}",
+                      highlight=False)
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
     console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; {largest_text}")

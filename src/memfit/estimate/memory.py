@@ -54,7 +54,10 @@ CPU_BITSANDBYTES_IMPORT_BYTES = 43 * MB
 # venv: this process 97 vs 145 MB, the training child +64 MB). Where /proc is absent, the aged-venv reading.
 CPU_FILE_PAGES_RATIO = 1.33
 CPU_FILE_PAGES_FALLBACK_BYTES = 97 * MB
-# CUDA context with cuBLAS/cuDNN handles and workspaces (published figures for recent drivers: 0.3-0.6 GB).
+# CUDA context with cuBLAS/cuDNN handles and workspaces: what nvidia-smi shows beyond the caching allocator's
+# reserved memory. Published: 723 MiB after the first `torch.randn(1).cuda()` (discuss.pytorch.org/t/73021, 2020,
+# before CUDA 11.7's lazy module loading, which torch now enables and which loads kernels as they are first used).
+# Not measured by memfit on a GPU yet (none lent); `benchmarks/estimate_accuracy.py --device cuda` compares.
 CUDA_CONTEXT_BYTES = 512 * MB
 MPS_RUNTIME_BYTES = 256 * MB
 # The caching allocator rounds and fragments: reserved exceeds allocated by a few percent of what churns.
@@ -107,7 +110,29 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hardware.memory_bytes
+        return self.process_bytes <= self.hardware.memory_bytes
+
+    # Three figures, each named for the counter it predicts. On CUDA the runtime term is the context (outside the
+    # caching allocator) plus the allocator's slack (inside what it reserves); elsewhere there is one counter, the
+    # process's memory (RSS; unified memory on MPS), and the three are the same figure.
+    @property
+    def allocated_peak_bytes(self) -> int:
+        """torch.cuda.max_memory_allocated: the tensors alone."""
+        if self.hardware.device != "cuda":
+            return self.total_bytes
+        return self.total_bytes - self.breakdown.get("runtime", 0)
+
+    @property
+    def reserved_peak_bytes(self) -> int:
+        """torch.cuda.max_memory_reserved: the caching allocator's blocks, what the guard watches on CUDA."""
+        if self.hardware.device != "cuda":
+            return self.total_bytes
+        return self.allocated_peak_bytes + max(0, self.breakdown.get("runtime", 0) - CUDA_CONTEXT_BYTES)
+
+    @property
+    def process_bytes(self) -> int:
+        """What nvidia-smi (or ps, Activity Monitor) shows for the process: reserved + the CUDA context. The verdict."""
+        return self.total_bytes
 
 
 # --- precision, by dtype names -------------------------------------------------------------------------------------
@@ -874,7 +899,10 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -
         "experts_per_token": estimate.experts_per_token or None,
         "trainable_params": estimate.trainable_params,
         "breakdown": dict(estimate.breakdown),
-        "total_bytes": estimate.total_bytes,
+        "total_bytes": estimate.total_bytes,  # = process_bytes: the figure the verdict compares
+        "allocated_peak_bytes": estimate.allocated_peak_bytes,
+        "reserved_peak_bytes": estimate.reserved_peak_bytes,
+        "process_bytes": estimate.process_bytes,
         "training_bytes": estimate.training_bytes,
         "load_peak_bytes": estimate.load_peak_bytes,
         "device_memory_bytes": estimate.hardware.memory_bytes,
