@@ -414,8 +414,9 @@ def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_
     console.print(table)
     console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
     if hardware.device == "cuda":
-        console.print(f"counters: max_memory_allocated {_gb(result.allocated_peak_bytes)} · "
-                      f"max_memory_reserved {_gb(result.reserved_peak_bytes)} · nvidia-smi {_gb(result.process_bytes)}",
+        # torch.cuda.max_memory_allocated / max_memory_reserved, and what nvidia-smi shows (README: which to compare)
+        console.print(f"peaks: allocated {_gb(result.allocated_peak_bytes)} · reserved "
+                      f"{_gb(result.reserved_peak_bytes)} · process (nvidia-smi) {_gb(result.process_bytes)}",
                       highlight=False)
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
