@@ -18,7 +18,8 @@ EXPECTED_NAMES = {"qlora-8b-24gb", "lora-mac-16gb", "full-1b", "zero3-70b-8gpu",
 EXACT = ("model", "device", "num_gpus", "zero", "offload", "precision", "params", "trainable_params", "fits",
          "max_batch_size", "grad_accum", "config", "notes")
 # Compared within 1%: byte counts (a refactor that moves a few bytes between terms is not a regression).
-BYTES = ("total_bytes", "training_bytes", "load_peak_bytes", "device_memory_bytes", "host_offload_bytes")
+BYTES = ("total_bytes", "allocated_peak_bytes", "reserved_peak_bytes", "process_bytes", "training_bytes",
+         "load_peak_bytes", "device_memory_bytes", "host_offload_bytes")
 
 
 def test_every_example_is_there_with_its_estimate():
