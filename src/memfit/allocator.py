@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ DEFAULT_POLICY = "threshold"
 POLICY_ENV = "MEMFIT_MALLOC"
 
 
+@functools.cache  # trim() runs at every step end under "trim": load the library once
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
@@ -103,4 +105,4 @@ def configure(policy: str | None = None) -> Allocator:
     policy = chosen_policy(policy)
     if policy == "threshold":
         return Allocator(policy, fix_mmap_threshold())
-    return Allocator(policy, _libc() is not None and hasattr(_libc(), "malloc_trim"))
+    return Allocator(policy, hasattr(_libc(), "malloc_trim"))  # hasattr(None, ...) is False: not glibc

@@ -767,9 +767,10 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                      "memory + the shared-library pages this machine maps)")
         from memfit.allocator import DEFAULT_POLICY, POLICY_ENV, chosen_policy
 
-        if chosen_policy() != DEFAULT_POLICY:
+        policy = chosen_policy()
+        if policy != DEFAULT_POLICY:
             # The estimate models RSS under the default policy, where freed tensors go back at once.
-            notes.append(f"{POLICY_ENV}={chosen_policy()}: the heap keeps what a step frees until the step ends, so "
+            notes.append(f"{POLICY_ENV}={policy}: the heap keeps what a step frees until the step ends, so "
                          "the peak runs above this estimate (28-32% with trim on 30-layer smollm2-135m LoRA: "
                          "benchmarks/allocator_policies.py)")
 
