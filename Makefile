@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -c $(LOCK) pip
 	# torch first, pinned: on these machines this takes the local CPU wheel instead of several GB of CUDA packages.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) torch==2.13.0
-	$(BIN)/pip install -c $(LOCK) -e '.[dev]'
+	$(BIN)/pip install -c $(LOCK) -e '.[dev,bench]'
 	# A venv made before the lock may hold other versions: say so rather than test something else than CI does.
 	$(BIN)/python tools/lock.py $(LOCK)
 	touch $(STAMP)
@@ -37,22 +37,25 @@ test-all: $(STAMP)
 examples: $(STAMP)
 	$(BIN)/python examples/regenerate.py
 
-# Every section of docs/benchmarks.md, each with the command its header names (hours on 2 cores; CPU only).
+# Every section of docs/benchmarks.md, each with exactly the command its header names (hours on 2 cores; CPU only).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/estimate_accuracy.py
-	$(BIN)/python benchmarks/estimate_accuracy.py --moe
-	$(BIN)/python benchmarks/estimate_speed.py
+	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu
+	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu --moe
+	$(BIN)/python benchmarks/estimate_speed.py --repeats 3 --cold-repeats 2
 	$(BIN)/python benchmarks/trace_cuts.py --write
 	$(BIN)/python benchmarks/architecture_sweep.py --write
 	$(BIN)/python benchmarks/guard_overhead.py --write
 	$(BIN)/python benchmarks/guard_stop_overshoot.py --runs 5 --leak-mb 100 --blocks 10 --write
 	$(BIN)/python benchmarks/train_cpu.py --write
-	$(BIN)/python benchmarks/probe_vs_bisection.py --write
+	$(BIN)/python benchmarks/probe_vs_bisection.py --write --quick
 	$(BIN)/python benchmarks/demo_learning.py --write
-	$(BIN)/python benchmarks/summation_order.py --write
+	$(BIN)/python benchmarks/summation_order.py --steps 8 --write
 	$(BIN)/python benchmarks/figures.py all --write
-	$(BIN)/python benchmarks/train_vs_hf.py --steps 12 --models smol,qwen --only memfit,memfit-no-gbl,memfit-no-chunked,hf,hf-gbl,trl --write
-	$(BIN)/python benchmarks/distributed_cpu.py --write
+	$(BIN)/python benchmarks/allocator_policies.py --repeats 3 --steps 8 --layers 30 --policies threshold,trim,none,threshold+thp,trim+thp --write
+	$(BIN)/python benchmarks/step_cost.py --layers 30 --steps 8 --repeats 3 --threads 1 --write
+	$(BIN)/python benchmarks/qlora_layout.py --write
+	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen,smol-cut,qwen-cut --datasets text,pc --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write
+	$(BIN)/python benchmarks/distributed_cpu.py --steps 16 --write
 
 # The newest versions pyproject.toml's ranges allow, in their own venv (the locked .venv is left alone): prints what
 # changed against the lock, then runs the suite; a failure there names what a newer release broke.
@@ -60,7 +63,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST) || python3 -m venv $(LATEST)
 	$(LATEST)/bin/pip install --upgrade pip
 	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/pip install torch==2.13.0
-	$(LATEST)/bin/pip install --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip install --upgrade --upgrade-strategy eager -e '.[dev,bench]'
 	$(LATEST)/bin/python tools/lock.py $(LOCK) --report-only
 	$(LATEST)/bin/python -m pytest -p no:cacheprovider || { echo "make test-latest: the newest versions above break the tests listed (the lock in $(LOCK) still passes: make test)"; exit 1; }
 
