@@ -665,6 +665,9 @@ def train(
         None, "--profile", help="auto: this machine's `memfit probe` profile for --model; or a profile JSON file. "
         "Its batch size (and rank or seq-len when probed) apply unless given explicitly"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torch, mlx (MLX through mlx-lm: pip install "
+                                         "'memfit[mlx]'), or auto (MLX on Apple Silicon when installed); default "
+                                         "torch, or a resumed checkpoint's engine"),
     training: dict = None,
 ):
     """Fine-tune with LoRA, QLoRA or full training, guarded against running out of memory."""
@@ -709,7 +712,27 @@ def train(
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
     job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
                    val_data=Path(job_val) if job_val else None, device=device, resume=checkpoint, force=force)
+    # --engine mlx (memfit.mlx, issue 21): the MLX engine takes the same job and config.
+    from memfit.mlx import choose_engine
+
+    if choose_engine(engine or saved.get("engine") or "torch") == "mlx":
+        raise typer.Exit(_run_mlx_training(job, config))
     raise typer.Exit(_run_training(job, config))
+
+
+def _run_mlx_training(job, config: TrainConfig) -> int:
+    """`memfit train --engine mlx` with the terminal renderer; returns the exit code."""
+    from memfit.mlx import train_mlx
+    from memfit.render import TrainRenderer
+
+    if config.supervise or config.reload_interval:
+        raise UserError("--supervise/--reload-interval are not wired to the MLX engine yet",
+                        hint="run without them, or use --engine torch")
+    renderer = TrainRenderer(console)
+    try:
+        return train_mlx(job, config, on_event=renderer).exit_code
+    finally:
+        renderer.close()
 
 
 def _profile_settings(choice: str, model: str, explicit: dict[str, Any],
