@@ -631,7 +631,7 @@ def _run_training(job, config: TrainConfig) -> int:
         renderer.close()
 
 
-def _run_supervised(job, config: TrainConfig) -> int:
+def _run_supervised(job, config: TrainConfig, engine: str = "torch") -> int:
     from memfit.render import SupervisorRenderer
     from memfit.train.rundir import check_fresh_output_dir
     from memfit.train.supervisor import supervise
@@ -644,6 +644,8 @@ def _run_supervised(job, config: TrainConfig) -> int:
     fields = {"model": job.model, "data": str(job.data), "output_dir": str(job.output_dir),
               "val_data": str(job.val_data) if job.val_data else None, "device": job.device, "force": job.force,
               "resume": str(job.resume.path) if job.resume else None}
+    if engine != "torch":
+        fields["engine"] = engine  # memfit.train.child trains with it (--engine mlx)
     return supervise(fields, config.model_dump(), max_restarts=config.max_restarts,
                      reload_interval=config.reload_interval, on_event=SupervisorRenderer(console))
 
@@ -725,9 +727,11 @@ def _run_mlx_training(job, config: TrainConfig) -> int:
     from memfit.mlx import train_mlx
     from memfit.render import TrainRenderer
 
-    if config.supervise or config.reload_interval:
-        raise UserError("--supervise/--reload-interval are not wired to the MLX engine yet",
-                        hint="run without them, or use --engine torch")
+    if config.reload_interval and not config.supervise:
+        raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
+                        hint="add --supervise")
+    if config.supervise:
+        return _run_supervised(job, config, engine="mlx")
     renderer = TrainRenderer(console)
     try:
         return train_mlx(job, config, on_event=renderer).exit_code
