@@ -179,8 +179,11 @@ class MlxTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.pad_id = pad_token_id(self.tokenizer)
         distrust = config.loss == "distrust"
-        self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
-        self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
+        # Packing only when asked for: mlx-lm's models take no position ids, so packed samples would attend to each
+        # other (the torch engine keeps them apart); unpacked rows grouped by length pad little.
+        packing = bool(config.packing)
+        self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, packing, distrust)
+        self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, packing, distrust)
                             if job.val_data else None)
         self.data_sha256 = ckpt.sha256_file(Path(job.data))
         if job.resume is not None and job.resume.meta.get("data_sha256") not in (None, self.data_sha256) \
@@ -190,7 +193,7 @@ class MlxTrainer:
         self.emit(Notice(f"data: {self.dataset.stats.summary()}"))
         if self.dataset.stats.packed:
             self.emit(Notice("MLX engine: packed samples can attend to each other (mlx-lm models take no position "
-                             "ids); use --no-packing to keep them apart", "warning"))
+                             "ids); drop --packing to keep them apart", "warning"))
         self.effective_batch = config.batch_size * config.grad_accum
         self.micro_batch = config.batch_size
         grouped = config.group_by_length and not self.dataset.stats.packed
