@@ -106,3 +106,32 @@ def test_dora_trains_and_loads_in_mlx_lm(tiny_model_dir, tmp_path):
     assert type(model.layers[0].self_attn.q_proj).__name__ == "DoRALinear"
     assert not (final / "peft").exists()  # PEFT's LoRA cannot express DoRA's magnitude: said, not written
     assert any("PEFT export leaves out" in getattr(event, "message", "") for event in events)
+
+
+def test_an_8_bit_base_keeps_the_group_layout(tiny_model_dir):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from memfit.mlx.model import load_for_training
+
+    loaded = load_for_training(tiny_model_dir, _config(quant="8", lora_targets="q_proj,v_proj"))
+    layer = loaded.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.linear, nn.QuantizedLinear) and layer.self_attn.q_proj.linear.bits == 8
+    assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)  # not a target: quantized, no adapter
+    assert set(loaded.adapter_config["lora_parameters"]["keys"]) == {"self_attn.q_proj", "self_attn.v_proj"}
+    assert mx.isfinite(loaded.model(mx.array(IDS))).all().item()
+
+
+def test_a_full_fine_tune_saves_every_weight_and_no_peft_adapter(tiny_model_dir, tmp_path):
+    import mlx_lm
+
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"),
+                       _config(method="full", max_steps=2, lr=1e-3))
+    assert result.exit_code == 0
+    final = tmp_path / "run" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "full" and not (final / "peft").exists()
+    model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(final))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["trainable_params"] == run["total_params"] > 0
+    assert model is not None
