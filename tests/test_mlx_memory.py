@@ -38,13 +38,15 @@ def test_a_reading_holds_mlx_counters_and_follows_an_allocation():
 
 def test_limits_are_set_from_the_guard_limit_and_read_back(restore_limits):
     limits = mlx_memory.apply_limits(3 * 1024**3, threshold=0.75)
-    assert mlx_memory.memory_limit_bytes() == 3 * 1024**3
+    assert mlx_memory.memory_limit_bytes() == limits.read_back_bytes == 3 * 1024**3
     assert mx.set_cache_limit(limits.cache_limit_bytes) == limits.cache_limit_bytes == int(3 * 1024**3 * 0.25)
     assert limits.previous_memory_limit_bytes > 0
     text = limits.describe()
     assert "Set MLX memory limit to 3.00 GB" in text and "cache limit" in text
     if not mlx_memory.metal():
         assert limits.wired_limit_bytes is None  # wired memory is a Metal notion: not set on a CPU
+    mlx_memory.restore_limits(limits)
+    assert mlx_memory.memory_limit_bytes() == limits.previous_memory_limit_bytes
 
 
 def test_the_guard_policy_runs_on_mlx_readings():

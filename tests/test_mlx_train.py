@@ -92,7 +92,9 @@ def test_guard_stops_at_the_limit_with_a_checkpoint(tiny_model_dir, tmp_path, mo
     assert result.status == "guard_stop" and result.exit_code == EXIT_GUARD_STOP, result.message
     assert 1 <= result.step < 40 and result.checkpoint is not None and result.checkpoint.is_dir()
     assert "--engine mlx --resume" in result.resume_command
-    assert mlx_memory.memory_limit_bytes() == int(limit_gb * 1024**3)
+    limits = json.loads((tmp_path / "run" / "run.json").read_text())["mlx_limits"]
+    assert limits["memory_limit_bytes"] == limits["read_back_bytes"] == int(limit_gb * 1024**3)
+    assert mlx_memory.memory_limit_bytes() == limits["previous_memory_limit_bytes"]  # put back after the run
     assert any(type(event).__name__ == "GuardNotice" for event in events)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "guard_stop"
 

@@ -109,6 +109,7 @@ class MlxLimits:
     previous_cache_limit_bytes: int
     wired_limit_bytes: int | None  # None: not set (no Metal, or this MLX has no set_wired_limit)
     previous_wired_limit_bytes: int | None
+    read_back_bytes: int | None = None  # MLX's memory limit read back after setting it
 
     def describe(self) -> str:
         text = (f"Set MLX memory limit to {format_gb(self.memory_limit_bytes)} (was "
@@ -150,7 +151,16 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
     if set_wired is not None and working_set is not None:
         wired = min(limit_bytes, working_set)
         previous_wired = int(set_wired(wired))
-    return MlxLimits(limit_bytes, previous_memory, cache_bytes, previous_cache, wired, previous_wired)
+    return MlxLimits(limit_bytes, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
+                     memory_limit_bytes())
+
+
+def restore_limits(limits: MlxLimits) -> None:
+    """Put back the limits `apply_limits` replaced (a library caller's process keeps its own settings)."""
+    _setter("set_memory_limit")(limits.previous_memory_limit_bytes)
+    _setter("set_cache_limit")(limits.previous_cache_limit_bytes)
+    if limits.previous_wired_limit_bytes is not None:
+        _setter("set_wired_limit")(limits.previous_wired_limit_bytes)
 
 
 def memory_limit_bytes() -> int:

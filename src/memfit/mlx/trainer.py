@@ -342,8 +342,6 @@ class MlxTrainer:
             loss_sum = loss_sum + loss
             mx.eval(loss_sum, grads)  # one micro-batch's graph at a time (its activations are freed here)
             tokens += arrays.tokens
-        if self._should_stop():
-            raise _StepAborted
         norm = self._apply(grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
         faults.maybe_leak()
@@ -595,5 +593,8 @@ def train_mlx(job, config: TrainConfig, on_event: Callable[[Event], None] | None
         guard = getattr(trainer, "guard", None)
         if guard is not None:
             guard.stop()
+        limits = getattr(trainer, "mlx_limits", None)
+        if limits is not None:
+            mlx_memory.restore_limits(limits)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
