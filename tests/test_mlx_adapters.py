@@ -36,7 +36,11 @@ def test_final_loads_in_mlx_lm_and_the_peft_export_gives_the_same_logits(tiny_mo
 
     # The last 2 of 4 layers, two targets: PEFT's target_modules are then the full module paths.
     config = _config(lora_layers=2, lora_targets="q_proj,v_proj,down_proj", lora_alpha=12)
-    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"), config)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(DATA.read_text().splitlines(keepends=True)[:8]))
+    events = []
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run", val_data=val),
+                       config, on_event=events.append)
     assert result.exit_code == 0
     final = tmp_path / "run" / "final"
     mlx_config = json.loads((final / "adapter_config.json").read_text())
@@ -66,6 +70,19 @@ def test_final_loads_in_mlx_lm_and_the_peft_export_gives_the_same_logits(tiny_mo
     with torch.no_grad():
         torch_logits = peft_model(torch.tensor(IDS)).logits.numpy()
     assert np.abs(torch_logits - adapted).max() < 1e-4
+
+    # `memfit eval --adapter RUN` (torch + PEFT) finds the export, and its loss is the MLX run's validation loss.
+    from memfit.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"), "--data", str(val),
+                 "--seq-len", "64", "--json", "--out", str(tmp_path / "eval.jsonl")]) == 0
+    evaluated = [event for event in events if type(event).__name__ == "EvalEnd"]
+    assert len(evaluated) == 1
+    samples = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    tokens = sum(sample["tokens"] for sample in samples)
+    torch_loss = sum(sample["loss"] * sample["tokens"] for sample in samples) / tokens
+    assert tokens == evaluated[0].val_tokens
+    assert torch_loss == pytest.approx(evaluated[0].val_loss, abs=1e-4)
 
 
 def test_a_4_bit_base_trains_and_its_adapter_loads(tiny_model_dir, tmp_path):
