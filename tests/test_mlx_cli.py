@@ -42,7 +42,8 @@ def test_train_engine_mlx_runs_the_seed_command_and_resumes(tiny_model_dir, tmp_
 
 @pytest.mark.parametrize("extra, words", [
     (["--optimizer", "adamw8bit"], "bitsandbytes"),
-    (["--supervise"], "--supervise"),
+    (["--reload-interval", "2"], "--reload-interval needs --supervise"),
+    (["--distributed", "fsdp"], "--distributed fsdp"),
 ])
 def test_train_engine_mlx_refuses_in_one_line(tiny_model_dir, tmp_path, capsys, extra, words):
     code, stdout, stderr = _train(capsys, "--engine", "mlx", "--model", str(tiny_model_dir), "--data", DATA,
