@@ -110,3 +110,22 @@ def test_refuses_what_mlx_cannot_do(tiny_model_dir, tmp_path, change, words):
     line = caught.value.one_line()
     assert words in line and "--engine torch" in line and "\n" not in line
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 10)])
+def test_schedule_is_the_torch_engines(warmup, total):
+    """memfit's LR schedule on MLX: the rate of every optimizer step equals what the torch engine's scheduler
+    (transformers' get_cosine_schedule_with_warmup) gives that step."""
+    import mlx.core as mx
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from memfit.mlx.trainer import cosine_with_warmup
+
+    schedule = cosine_with_warmup(2e-4, warmup, total)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    for step in range(total):
+        assert float(schedule(mx.array(step))) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-5, abs=1e-12)
+        optimizer.step()
+        scheduler.step()
