@@ -56,3 +56,23 @@ def test_unknown_engine_is_a_usage_error(tiny_model_dir, tmp_path, capsys):
     code, _, stderr = _train(capsys, "--engine", "jax", "--model", str(tiny_model_dir), "--data", DATA,
                              "-o", str(tmp_path / "run"))
     assert code == 2 and "--engine" in stderr
+
+
+def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch):
+    import memfit.mlx as engines
+
+    monkeypatch.setattr(engines, "apple_silicon", lambda: False)
+    assert engines.choose_engine("auto") == "torch"
+    monkeypatch.setattr(engines, "apple_silicon", lambda: True)
+    assert engines.choose_engine("auto") == "mlx"  # mlx is importable here
+    monkeypatch.setattr(engines, "available", lambda: False)
+    assert engines.choose_engine("auto") == "torch"
+    with pytest.raises(engines_user_error()) as caught:
+        engines.choose_engine("mlx")
+    assert "pip install 'memfit[mlx]'" in str(caught.value)
+
+
+def engines_user_error():
+    from memfit.errors import UserError
+
+    return UserError
