@@ -10,6 +10,7 @@ pytest.importorskip("mlx_lm")
 
 import memfit.data  # noqa: E402
 from memfit.cli import main  # noqa: E402
+from memfit.errors import UserError  # noqa: E402
 
 DATA = str(Path(memfit.data.__file__).parent / "demo.jsonl")
 
@@ -67,12 +68,6 @@ def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch):
     assert engines.choose_engine("auto") == "mlx"  # mlx is importable here
     monkeypatch.setattr(engines, "available", lambda: False)
     assert engines.choose_engine("auto") == "torch"
-    with pytest.raises(engines_user_error()) as caught:
+    with pytest.raises(UserError) as caught:
         engines.choose_engine("mlx")
     assert "pip install 'memfit[mlx]'" in str(caught.value)
-
-
-def engines_user_error():
-    from memfit.errors import UserError
-
-    return UserError
