@@ -129,3 +129,23 @@ def test_schedule_is_the_torch_engines(warmup, total):
         assert float(schedule(mx.array(step))) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-5, abs=1e-12)
         optimizer.step()
         scheduler.step()
+
+
+def test_checkpoint_arrays_round_trip_exactly():
+    """What a checkpoint holds goes through torch's formats and back bit for bit: bf16 weights, the optimizer's
+    uint64 step count, MLX's RNG key."""
+    import mlx.core as mx
+
+    from memfit.mlx import checkpoint as mlx_ckpt
+
+    for array in (mx.random.normal((3, 5)).astype(mx.bfloat16), mx.array(12345678901, dtype=mx.uint64),
+                  mx.random.normal((4,)), mx.array([1, 2], dtype=mx.uint32)):
+        name = str(array.dtype).rsplit(".", 1)[-1]
+        back = mlx_ckpt.from_torch(mlx_ckpt.to_torch(array), name)
+        assert back.dtype == array.dtype and mx.array_equal(back, array).item()
+    mx.random.seed(7)
+    mx.random.uniform(shape=(3,))
+    key = mlx_ckpt.rng_key()
+    expected = mx.random.uniform(shape=(4,))
+    mlx_ckpt.set_rng_key(key)
+    assert mx.array_equal(mx.random.uniform(shape=(4,)), expected).item()
