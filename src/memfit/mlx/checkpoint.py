@@ -37,10 +37,10 @@ def to_torch(array: mx.array) -> torch.Tensor:
     name = _dtype_name(array)
     if name == "bfloat16":
         return torch.from_numpy(np.array(array.astype(mx.float32))).to(torch.bfloat16).contiguous()
-    values = np.array(array)
+    values = np.array(array, copy=True)  # its own contiguous buffer, 0-d kept 0-d (ascontiguousarray makes it 1-d)
     if name in ("uint32", "uint64"):
         values = values.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(values))
+    return torch.from_numpy(values)
 
 
 def from_torch(tensor: torch.Tensor, dtype_name: str) -> mx.array:
