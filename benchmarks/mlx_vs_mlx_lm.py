@@ -194,8 +194,8 @@ def main() -> int:
             else:
                 runs[name].append(run_mlx_lm(model, data_dir, out, args.steps, checkpointing))
             if not args.json:
-                print(f"repeat {repeat} {name}: {json.dumps({k: v for k, v in runs[name][-1].items() if k != 'losses'})[:300]}",
-                      flush=True)
+                shown = {key: value for key, value in runs[name][-1].items() if key != "losses"}
+                print(f"repeat {repeat} {name}: {json.dumps(shown)[:300]}", flush=True)
     summary = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "repeats": args.repeats,
                "settings": SETTINGS, "grad_checkpointing": checkpointing, "results": summarise(runs),
                "losses": {name: results[0].get("losses") for name, results in runs.items()}}

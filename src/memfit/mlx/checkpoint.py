@@ -13,6 +13,7 @@ What goes in the files:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,15 @@ def restore(checkpoint: ckpt.Checkpoint, *, model, optimizer) -> dict[str, Any]:
     model.load_weights([(key, value.astype(expected[key].dtype)) for key, value in saved.items()], strict=False)
     stored = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
     if stored.get("format") != "mlx":
-        raise UserError(f"checkpoint {checkpoint.path} holds a torch optimizer state", hint="resume with --engine torch")
+        raise UserError(f"checkpoint {checkpoint.path} holds a torch optimizer state",
+                        hint="resume with --engine torch")
     tree = tree_unflatten([(key, from_torch(tensor, stored["dtypes"][key]))
                            for key, tensor in stored["tensors"].items()])
     state = optimizer.state
     state.clear()
     state.update(tree)
     mx.eval(model.parameters(), optimizer.state)
-    ckpt.set_rng_state(__import__("json").loads((checkpoint.path / "rng.json").read_text()))
+    ckpt.set_rng_state(json.loads((checkpoint.path / "rng.json").read_text()))
     trainer_state = checkpoint.trainer_state
     if "mlx_rng" in trainer_state:
         set_rng_key(trainer_state["mlx_rng"])
