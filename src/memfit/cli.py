@@ -631,7 +631,7 @@ def _run_training(job, config: TrainConfig) -> int:
         renderer.close()
 
 
-def _run_supervised(job, config: TrainConfig) -> int:
+def _run_supervised(job, config: TrainConfig, engine: str = "torch") -> int:
     from memfit.render import SupervisorRenderer
     from memfit.train.rundir import check_fresh_output_dir
     from memfit.train.supervisor import supervise
@@ -644,6 +644,8 @@ def _run_supervised(job, config: TrainConfig) -> int:
     fields = {"model": job.model, "data": str(job.data), "output_dir": str(job.output_dir),
               "val_data": str(job.val_data) if job.val_data else None, "device": job.device, "force": job.force,
               "resume": str(job.resume.path) if job.resume else None}
+    if engine != "torch":
+        fields["engine"] = engine  # memfit.train.child trains with it (--engine mlx)
     return supervise(fields, config.model_dump(), max_restarts=config.max_restarts,
                      reload_interval=config.reload_interval, on_event=SupervisorRenderer(console))
 
@@ -665,6 +667,9 @@ def train(
         None, "--profile", help="auto: this machine's `memfit probe` profile for --model; or a profile JSON file. "
         "Its batch size (and rank or seq-len when probed) apply unless given explicitly"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the flags' keys"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torch, mlx (MLX through mlx-lm: pip install "
+                                         "'memfit[mlx]'), or auto (MLX on Apple Silicon when installed); default "
+                                         "torch, or a resumed checkpoint's engine"),
     training: dict = None,
 ):
     """Fine-tune with LoRA, QLoRA or full training, guarded against running out of memory."""
@@ -709,7 +714,29 @@ def train(
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
     job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
                    val_data=Path(job_val) if job_val else None, device=device, resume=checkpoint, force=force)
+    # --engine mlx (memfit.mlx, issue 21): the MLX engine takes the same job and config.
+    from memfit.mlx import choose_engine
+
+    if choose_engine(engine or saved.get("engine") or "torch") == "mlx":
+        raise typer.Exit(_run_mlx_training(job, config))
     raise typer.Exit(_run_training(job, config))
+
+
+def _run_mlx_training(job, config: TrainConfig) -> int:
+    """`memfit train --engine mlx` with the terminal renderer; returns the exit code."""
+    from memfit.mlx import train_mlx
+    from memfit.render import TrainRenderer
+
+    if config.reload_interval and not config.supervise:
+        raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
+                        hint="add --supervise")
+    if config.supervise:
+        return _run_supervised(job, config, engine="mlx")
+    renderer = TrainRenderer(console)
+    try:
+        return train_mlx(job, config, on_event=renderer).exit_code
+    finally:
+        renderer.close()
 
 
 def _profile_settings(choice: str, model: str, explicit: dict[str, Any],

@@ -87,6 +87,8 @@ def resolve_adapter(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"--adapter {path}: no such directory", hint="pass a run's final/ dir (or the run dir)")
     for candidate in (path, path / "final"):
+        if (candidate / "adapters.safetensors").is_file() and (candidate / "peft" / ADAPTER_CONFIG).is_file():
+            candidate = candidate / "peft"  # an MLX run's final/ (mlx-lm's format): its PEFT export (memfit.mlx)
         if (candidate / ADAPTER_CONFIG).is_file():
             _check_adapter_weights(candidate)
             return candidate

@@ -48,6 +48,8 @@ def main(spec_path: str) -> int:
     renderer = TrainRenderer(Console())
     try:
         resume = fields.pop("resume")
+        if fields.pop("engine", "torch") == "mlx":  # `memfit train --engine mlx --supervise` (memfit.mlx)
+            from memfit.mlx import train_mlx as train
         for name in ("data", "output_dir", "val_data"):
             if fields.get(name) is not None:
                 fields[name] = Path(fields[name])

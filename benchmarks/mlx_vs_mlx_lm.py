@@ -1,0 +1,207 @@
+"""memfit train --engine mlx vs mlx_lm.lora (the anchor): tokens/s, peak memory and the loss curve, side by side.
+
+Same model, data, LoRA settings (rank, scale = alpha / rank, dropout, every decoder layer, every linear), optimizer
+(AdamW, no weight decay, bias correction), schedule (cosine decay from the peak rate over the run, no warmup),
+batch size, sequence length, gradient checkpointing and steps for both. Each run is a fresh child process, one at a
+time, the two contenders alternating (memfit first on even repeats, mlx-lm first on odd ones), `--repeats` times.
+
+- memfit: the real CLI, `python -m memfit train --engine mlx ... --no-packing`; per-step figures from its
+  metrics.jsonl, MLX's peak (`mx.get_peak_memory()`) from run.json's `peak_mlx_bytes`;
+- mlx-lm: this file as a child (`--child SPEC.json`), which calls mlx_lm.lora's own `train_model` (load,
+  linear_to_lora_layers, its trainer) with a TrainingCallback that records every step's report (loss, tokens/s,
+  `peak_memory`, the same MLX counter).
+Both children's peak RSS comes from `os.wait4` (the same call for both).
+
+Tokens/s is the median over the steps after the first two (compilation and warm-up). What is compared: the ratio of
+memfit's to mlx-lm's tokens/s (the issue's bar: >= 1.0) and peak memory (<= 1.0), and the loss curves (the data
+orders differ: mlx-lm sorts by length and shuffles batches, memfit groups by length within its seeded order, so the
+curves agree in level and trend, not step by step).
+
+    python benchmarks/mlx_vs_mlx_lm.py [--preset smollm2-135m --layers 4] [--steps 30] [--repeats 3] [--json]
+
+A skeleton as checked in: it runs (`--steps 4 --repeats 1 --preset tiny` in a minute) but its figures are not yet
+in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GB = 1024**3
+
+SETTINGS = dict(lora_rank=16, lora_alpha=32, lr=2e-4, batch_size=4, seq_len=256, seed=0, max_grad_norm=0.0)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _run(command: list[str], log: Path) -> tuple[int, int, float]:
+    """(exit code, peak RSS bytes, seconds) of a child process."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return os.waitstatus_to_exitcode(status), rss, time.perf_counter() - started
+
+
+def prepare(work: Path, preset: str, layers: int | None) -> tuple[Path, Path, Path]:
+    """A random-init model of `preset`, memfit's demo data as memfit's JSONL and as mlx-lm's data dir."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from memfit.models import init_model
+
+    model = work / "model"
+    if not model.exists():
+        init_model(preset, model, num_layers=layers)
+    demo = ROOT / "src" / "memfit" / "data" / "demo.jsonl"
+    texts = [{"text": json.loads(line)["text"]} for line in demo.read_text().splitlines() if line.strip()]
+    data_dir = work / "mlx_lm_data"
+    data_dir.mkdir(exist_ok=True)
+    lines = "".join(json.dumps(record) + "\n" for record in texts)
+    (data_dir / "train.jsonl").write_text(lines)
+    (data_dir / "valid.jsonl").write_text("".join(json.dumps(record) + "\n" for record in texts[:8]))
+    memfit_data = work / "train.jsonl"
+    memfit_data.write_text(lines)
+    return model, memfit_data, data_dir
+
+
+def run_memfit(model: Path, data: Path, out: Path, steps: int, grad_checkpointing: bool) -> dict:
+    s = SETTINGS
+    command = [sys.executable, "-m", "memfit", "train", "--engine", "mlx", "--model", str(model), "--data",
+               str(data), "-o", str(out), "--max-steps", str(steps), "--lora-rank", str(s["lora_rank"]),
+               "--lora-alpha", str(s["lora_alpha"]), "--lr", str(s["lr"]), "--batch-size", str(s["batch_size"]),
+               "--seq-len", str(s["seq_len"]), "--seed", str(s["seed"]), "--max-grad-norm", str(s["max_grad_norm"]),
+               "--no-packing", "--save-every", str(10 * steps),
+               "--grad-checkpointing" if grad_checkpointing else "--no-grad-checkpointing"]
+    code, rss, seconds = _run(command, out.parent / f"{out.name}.log")
+    if code != 0:
+        return {"error": f"exit {code} (see {out.parent / f'{out.name}.log'})"}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = json.loads((out / "run.json").read_text())
+    return {"losses": [m["loss"] for m in metrics], "tokens_per_s": [m["tokens_per_s"] for m in metrics],
+            "peak_mlx_bytes": run.get("peak_mlx_bytes"), "peak_rss_bytes": rss, "seconds": seconds}
+
+
+def run_mlx_lm(model: Path, data_dir: Path, out: Path, steps: int, grad_checkpointing: bool) -> dict:
+    spec = {"model": str(model), "data": str(data_dir), "adapter_path": str(out), "iters": steps,
+            "grad_checkpoint": grad_checkpointing, "report": str(out) + ".jsonl", **SETTINGS}
+    spec_path = Path(str(out) + ".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    code, rss, seconds = _run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                              Path(str(out) + ".log"))
+    if code != 0:
+        return {"error": f"exit {code} (see {out}.log)"}
+    reports = [json.loads(line) for line in Path(spec["report"]).read_text().splitlines()]
+    return {"losses": [r["train_loss"] for r in reports], "tokens_per_s": [r["tokens_per_second"] for r in reports],
+            "peak_mlx_bytes": int(max(r["peak_memory"] for r in reports) * 1e9), "peak_rss_bytes": rss,
+            "seconds": seconds}
+
+
+def child(spec_path: str) -> int:
+    """mlx-lm's own LoRA training (mlx_lm.lora.train_model), every step reported to a JSONL file."""
+    import types
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import load_dataset
+
+    spec = json.loads(Path(spec_path).read_text())
+    steps = spec["iters"]
+    args = types.SimpleNamespace(**{
+        **CONFIG_DEFAULTS, "model": spec["model"], "data": spec["data"], "train": True,
+        "adapter_path": spec["adapter_path"], "iters": steps, "batch_size": spec["batch_size"],
+        "max_seq_length": spec["seq_len"], "seed": spec["seed"], "num_layers": -1, "learning_rate": spec["lr"],
+        "lr_schedule": {"name": "cosine_decay", "arguments": [spec["lr"], steps], "warmup": 0},
+        "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.0, "bias_correction": True}},
+        "lora_parameters": {"rank": spec["lora_rank"], "scale": spec["lora_alpha"] / spec["lora_rank"],
+                            "dropout": 0.0},
+        "grad_checkpoint": spec["grad_checkpoint"], "steps_per_report": 1, "steps_per_eval": 10 * steps,
+        "val_batches": 1, "save_every": 10 * steps,
+    })
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info):
+            with open(spec["report"], "a") as file:
+                file.write(json.dumps({key: float(value) for key, value in info.items()}) + "\n")
+
+    np.random.seed(args.seed)
+    mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = load_dataset(args, tokenizer)
+    train_model(args, model, train_set, valid_set, Record())
+    return 0
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    table = {}
+    for name, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            table[name] = {"error": results[0]["error"] if results else "no run"}
+            continue
+        rates = [statistics.median(r["tokens_per_s"][2:] or r["tokens_per_s"]) for r in good]
+        table[name] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_runs": rates,
+                       "peak_mlx_gb": max(r["peak_mlx_bytes"] or 0 for r in good) / GB,
+                       "peak_rss_gb": max(r["peak_rss_bytes"] for r in good) / GB,
+                       "first_loss": good[0]["losses"][0], "last_loss": good[0]["losses"][-1]}
+    if "error" not in table.get("memfit", {"error": 1}) and "error" not in table.get("mlx_lm", {"error": 1}):
+        table["ratios"] = {"tokens_per_s": table["memfit"]["tokens_per_s"] / table["mlx_lm"]["tokens_per_s"],
+                           "peak_mlx": table["memfit"]["peak_mlx_gb"] / max(table["mlx_lm"]["peak_mlx_gb"], 1e-9)}
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-grad-checkpointing", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="keep the model, data and runs here")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child)
+    work = args.work or Path(tempfile.mkdtemp(prefix="memfit-mlx-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, data, data_dir = prepare(work, args.preset, args.layers)
+    checkpointing = not args.no_grad_checkpointing
+    runs: dict[str, list[dict]] = {"memfit": [], "mlx_lm": []}
+    for repeat in range(args.repeats):
+        order = ["memfit", "mlx_lm"] if repeat % 2 == 0 else ["mlx_lm", "memfit"]
+        for name in order:
+            out = work / f"{name}-{repeat}"
+            if name == "memfit":
+                runs[name].append(run_memfit(model, data, out, args.steps, checkpointing))
+            else:
+                runs[name].append(run_mlx_lm(model, data_dir, out, args.steps, checkpointing))
+            if not args.json:
+                shown = {key: value for key, value in runs[name][-1].items() if key != "losses"}
+                print(f"repeat {repeat} {name}: {json.dumps(shown)[:300]}", flush=True)
+    summary = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "repeats": args.repeats,
+               "settings": SETTINGS, "grad_checkpointing": checkpointing, "results": summarise(runs),
+               "losses": {name: results[0].get("losses") for name, results in runs.items()}}
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

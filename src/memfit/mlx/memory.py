@@ -1,0 +1,182 @@
+"""MLX's memory: its counters as a guard reading, and its limits set from the guard's limit.
+
+A reading (`read_mlx_memory`) is memfit's `MemorySample` (process RSS and its high-water mark, system available)
+with MLX's own counters added: active (bytes in live arrays), peak (their high-water mark since the last reset)
+and cache (freed buffers MLX keeps for reuse). It has the reader signature the guard takes (`Guard(limit,
+reader=read_mlx_memory)`), so the torch engine's policy (threshold, stop at the limit, early stop, leaks) runs on
+MLX unchanged.
+
+What the guard compares with the limit (`watched_bytes`) is the larger of the RSS and MLX's active + cache. On a
+Linux CPU MLX's buffers are ordinary heap memory inside the RSS, so the RSS is the figure (it also counts the
+interpreter and libraries, as on the torch engine's CPU path). On Apple Silicon MLX's buffers are Metal buffers in
+unified memory that the RSS need not show; MLX's own counters are then the figure, and they are what
+`mx.set_memory_limit` is measured against.
+
+Limits (`apply_limits`): MLX's memory limit is set to the guard's limit (the seeds' `--max-memory 70` meant this:
+"Set MLX memory limit to 70.0 GB"); the cache limit to the part of the limit above the warning threshold, so freed
+buffers MLX keeps can never by themselves reach the threshold; on Metal the wired limit to the limit, at most the
+device's recommended working-set size (what mlx-lm's trainer sets). Each setter returns the previous value, and the
+returned `MlxLimits` says what was set and what it was before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from memfit.guard.sampler import MemorySample, read_memory
+from memfit.units import format_gb
+
+
+def _counter(name: str):
+    """mx.NAME (MLX >= 0.25) or mx.metal.NAME (older releases, Metal builds only); None when neither exists."""
+    function = getattr(mx, name, None)
+    if function is None:
+        metal = getattr(mx, "metal", None)
+        function = getattr(metal, name, None) if metal is not None else None
+    return function
+
+
+_active, _peak, _cache = _counter("get_active_memory"), _counter("get_peak_memory"), _counter("get_cache_memory")
+_reset_peak = _counter("reset_peak_memory")
+_clear_cache = _counter("clear_cache")
+
+
+def metal() -> bool:
+    """Whether MLX runs on a Metal GPU here (False on a Linux CPU build)."""
+    try:
+        return bool(mx.metal.is_available())
+    except Exception:  # noqa: BLE001 - a CPU-only build without the metal module
+        return False
+
+
+def device_name() -> str:
+    return "mlx-gpu" if metal() else "mlx-cpu"
+
+
+@dataclass(frozen=True)
+class MlxMemorySample(MemorySample):
+    """A guard reading with MLX's counters (bytes)."""
+
+    mlx_active_bytes: int | None = None
+    mlx_peak_bytes: int | None = None  # high-water mark of mlx_active_bytes since the process began (or a reset)
+    mlx_cache_bytes: int | None = None
+
+    @property
+    def mlx_bytes(self) -> int:
+        return (self.mlx_active_bytes or 0) + (self.mlx_cache_bytes or 0)
+
+    @property
+    def watched_bytes(self) -> int:
+        return max(self.rss_bytes, self.mlx_bytes)
+
+    @property
+    def watched_high_water_bytes(self) -> int:
+        return max(self.peak_rss_bytes, (self.mlx_peak_bytes or 0) + (self.mlx_cache_bytes or 0))
+
+
+def mlx_counters() -> dict[str, int | None]:
+    return {"mlx_active_bytes": int(_active()) if _active else None,
+            "mlx_peak_bytes": int(_peak()) if _peak else None,
+            "mlx_cache_bytes": int(_cache()) if _cache else None}
+
+
+def read_mlx_memory(device: str = "mlx") -> MlxMemorySample:
+    """One reading: the process and system figures of memfit.guard.read_memory, and MLX's counters. `device` is
+    there for the guard's reader signature (MLX has one memory pool)."""
+    base = read_memory("cpu")
+    return MlxMemorySample(time=base.time, rss_bytes=base.rss_bytes, peak_rss_bytes=base.peak_rss_bytes,
+                           system_available_bytes=base.system_available_bytes, **mlx_counters())
+
+
+def reset_peak() -> None:
+    if _reset_peak is not None:
+        _reset_peak()
+
+
+def clear_cache() -> None:
+    """Give MLX's cached buffers back (the guard's threshold and the checkpoint before a stop call this)."""
+    if _clear_cache is not None:
+        _clear_cache()
+
+
+@dataclass(frozen=True)
+class MlxLimits:
+    memory_limit_bytes: int
+    previous_memory_limit_bytes: int
+    cache_limit_bytes: int
+    previous_cache_limit_bytes: int
+    wired_limit_bytes: int | None  # None: not set (no Metal, or this MLX has no set_wired_limit)
+    previous_wired_limit_bytes: int | None
+    read_back_bytes: int | None = None  # MLX's memory limit read back after setting it
+
+    def describe(self) -> str:
+        text = (f"Set MLX memory limit to {format_gb(self.memory_limit_bytes)} (was "
+                f"{format_gb(self.previous_memory_limit_bytes)}); cache limit {format_gb(self.cache_limit_bytes)}")
+        if self.wired_limit_bytes is not None:
+            text += f"; wired limit {format_gb(self.wired_limit_bytes)}"
+        return text
+
+
+def _setter(name: str):
+    function = getattr(mx, name, None)
+    if function is None:
+        metal_module = getattr(mx, "metal", None)
+        function = getattr(metal_module, name, None) if metal_module is not None else None
+    return function
+
+
+def recommended_working_set_bytes() -> int | None:
+    """What macOS lets the GPU keep wired (Metal's recommendedMaxWorkingSetSize); None without Metal."""
+    if not metal():
+        return None
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return int(info["max_recommended_working_set_size"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
+    """Set MLX's memory, cache and (Metal) wired limits from the guard's limit; returns what was set."""
+    set_memory, set_cache = _setter("set_memory_limit"), _setter("set_cache_limit")
+    limit_bytes = int(limit_bytes)
+    cache_bytes = max(0, int(limit_bytes * (1.0 - threshold)))
+    previous_memory = int(set_memory(limit_bytes))
+    previous_cache = int(set_cache(cache_bytes))
+    wired, previous_wired = None, None
+    set_wired = _setter("set_wired_limit")
+    working_set = recommended_working_set_bytes()
+    if set_wired is not None and working_set is not None:
+        wired = min(limit_bytes, working_set)
+        previous_wired = int(set_wired(wired))
+    return MlxLimits(limit_bytes, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
+                     memory_limit_bytes())
+
+
+def restore_limits(limits: MlxLimits) -> None:
+    """Put back the limits `apply_limits` replaced (a library caller's process keeps its own settings)."""
+    _setter("set_memory_limit")(limits.previous_memory_limit_bytes)
+    _setter("set_cache_limit")(limits.previous_cache_limit_bytes)
+    if limits.previous_wired_limit_bytes is not None:
+        _setter("set_wired_limit")(limits.previous_wired_limit_bytes)
+
+
+def memory_limit_bytes() -> int:
+    """MLX's memory limit now (what `apply_limits` set, read back)."""
+    getter = _counter("get_memory_limit")
+    if getter is not None:
+        return int(getter())
+    # Older MLX has no getter: setting returns the previous value, which is put back at once.
+    setter = _setter("set_memory_limit")
+    value = int(setter(0))
+    setter(value)
+    return value
+
+
+def report_lines(sample: MlxMemorySample) -> str:
+    """MLX's counters as lines to add under memfit's memory report box."""
+    rows = [("MLX active:", sample.mlx_active_bytes), ("MLX peak:", sample.mlx_peak_bytes),
+            ("MLX cache:", sample.mlx_cache_bytes)]
+    return "\n".join(f"  {label:<19}{format_gb(value)}" for label, value in rows if value is not None)

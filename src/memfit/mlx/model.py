@@ -1,0 +1,173 @@
+"""Load a model for MLX training: mlx_lm.load, the compute dtype, MLX quantization of the base (`--quant 4|8`),
+the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and mlx-lm's gradient checkpointing.
+
+memfit's adapter settings map onto mlx-lm's as follows: rank -> `rank`; alpha -> `scale = alpha / rank` (PEFT's
+scaling; mlx-lm's `scale` multiplies the low-rank product directly, its default 20 is alpha = 20 x rank); dropout ->
+`dropout`; `--lora-layers N` -> `num_layers` (the last N decoder layers; default all); `--lora-targets` -> `keys`,
+the module paths inside a decoder layer (`self_attn.q_proj`, `mlp.down_proj`, ...): all-linear takes every linear
+layer of the decoder layers, as PEFT's all-linear does (the lm_head and embeddings are not adapted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from memfit.config import TrainConfig
+from memfit.errors import UserError
+
+DEFAULT_GROUP_SIZE = 64  # MLX's (and mlx_lm.convert's) default quantization group
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the mlx_lm model (nn.Module)
+    config: dict[str, Any]  # its config.json as mlx-lm read it (with "quantization" once quantized)
+    dtype: str  # the compute dtype's name (float32, bfloat16, float16)
+    adapter_config: dict[str, Any] | None  # mlx-lm's adapter_config.json content (None for a full fine-tune)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def trainable(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; a quantized weight counts its logical elements."""
+        trainable = sum(value.size for value in self.trainable().values())
+        total = 0
+        for _, module in self.model.named_modules():
+            quantized = isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+            for name, value in module.items():
+                if not isinstance(value, mx.array):
+                    continue
+                if quantized and name == "weight":
+                    total += value.size * 32 // module.bits
+                elif not (quantized and name in ("scales", "biases")):
+                    total += value.size
+        return trainable, total
+
+
+_DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16, "bf16-pure": mx.bfloat16}
+
+
+def compute_dtype(config: TrainConfig, stored: str | None, on_metal: bool):
+    """auto: the checkpoint's own dtype on a Metal GPU (bf16/fp16 as published), fp32 on a CPU (as the torch engine
+    does there: CPUs have no fast bf16 matmul). Otherwise what --dtype names (MLX has no mixed precision: bf16 and
+    bf16-pure both compute in bf16; the adapters stay fp32 either way, as mlx-lm creates them)."""
+    if config.dtype == "auto":
+        if on_metal and stored in ("bfloat16", "float16"):
+            return getattr(mx, stored)
+        return mx.float32
+    return _DTYPES[config.dtype]
+
+
+def _linear_types():
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+
+
+def layer_linear_keys(layer) -> list[str]:
+    """The paths of the linear modules inside one decoder layer (`self_attn.q_proj`, ...), as mlx-lm's keys."""
+    types = _linear_types()
+    return sorted(path for path, module in layer.named_modules()
+                  if path and (isinstance(module, types) or hasattr(module, "to_lora")))
+
+
+def lora_keys(model, targets: str) -> list[str]:
+    """`--lora-targets` as mlx-lm's keys: all-linear, or the leaf names asked for (q_proj,v_proj)."""
+    available = sorted({key for layer in model.layers for key in layer_linear_keys(layer)})
+    if targets.strip() in ("all-linear", "all", ""):
+        return available
+    wanted = [name.strip() for name in targets.split(",") if name.strip()]
+    keys = [key for key in available if key.rsplit(".", 1)[-1] in wanted or key in wanted]
+    missing = [name for name in wanted if not any(key.rsplit(".", 1)[-1] == name or key == name for key in keys)]
+    if missing:
+        leaves = sorted({key.rsplit(".", 1)[-1] for key in available})
+        raise UserError(f"--lora-targets {','.join(missing)}: no such linear layer in this model's decoder layers",
+                        hint=f"choose from {','.join(leaves)} or all-linear")
+    return keys
+
+
+def adapter_settings(config: TrainConfig, model, use_dora: bool = False) -> dict[str, Any]:
+    """mlx-lm's adapter_config.json for memfit's adapter flags (what load_adapters reads back)."""
+    layers = len(model.layers)
+    num_layers = layers if config.lora_layers is None else config.lora_layers
+    if num_layers > layers:
+        raise UserError(f"--lora-layers {num_layers}: this model has {layers} decoder layers",
+                        hint=f"choose at most {layers}")
+    return {
+        "fine_tune_type": "dora" if use_dora else "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": config.lora_rank, "scale": config.effective_lora_alpha / config.lora_rank,
+                            "dropout": config.lora_dropout, "keys": lora_keys(model, config.lora_targets)},
+    }
+
+
+_CHECKPOINTED = "_memfit_grad_checkpoint"
+
+
+def grad_checkpoint(layer) -> None:
+    """mlx-lm's gradient checkpointing (it patches the layer's class, so every instance of it recomputes in
+    backward); once per class in a process."""
+    from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
+
+    cls = type(layer)
+    if not getattr(cls, _CHECKPOINTED, False):
+        mlx_lm_grad_checkpoint(layer)
+        setattr(cls, _CHECKPOINTED, True)
+
+
+def load_for_training(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT_GROUP_SIZE,
+                      use_dora: bool = False, on_metal: bool = False) -> LoadedModel:
+    """The model ready to train: loaded lazily, cast, quantized (--quant), adapters added (or unfrozen for a full
+    fine-tune), and evaluated (the weights are read here, once in their final dtype and layout)."""
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import quantize_model
+
+    notes: list[str] = []
+    try:
+        model, _tokenizer, model_config = load(str(model_dir), lazy=True, return_config=True)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise UserError(f"mlx-lm cannot load {model_dir}: {' '.join(str(error).split())[:200]}",
+                        hint="use --engine torch for this architecture") from None
+    stored = str(model_config.get("torch_dtype") or model_config.get("dtype") or "float32")
+    dtype = compute_dtype(config, stored, on_metal)
+    if "quantization" in model_config:
+        if config.quant != "none":
+            notes.append(f"the base is quantized already ({model_config['quantization'].get('bits')}-bit): "
+                         f"--quant {config.quant} is not applied again")
+    else:
+        model.set_dtype(dtype)
+        if config.quant != "none":
+            model, model_config = quantize_model(model, model_config, group_size, int(config.quant))
+            notes.append(f"base quantized to {config.quant}-bit with MLX (group size {group_size}; "
+                         "the embeddings and lm_head too, as mlx_lm.convert does)")
+    model.freeze()
+    adapter_config = None
+    if config.uses_adapters:
+        adapter_config = adapter_settings(config, model, use_dora)
+        linear_to_lora_layers(model, adapter_config["num_layers"], adapter_config["lora_parameters"],
+                              use_dora=use_dora)
+    else:
+        if config.lora_layers is None:
+            model.unfreeze()
+        else:
+            for layer in model.layers[-config.lora_layers:]:
+                layer.unfreeze()
+    if config.grad_checkpointing:
+        grad_checkpoint(model.layers[0])
+    mx.eval(model.parameters())
+    loaded = LoadedModel(model, model_config, str(dtype).rsplit(".", 1)[-1], adapter_config, notes)
+    if not loaded.trainable():
+        raise UserError("nothing to train: no parameter requires a gradient", hint="check --method/--lora-targets")
+    return loaded

@@ -1,0 +1,71 @@
+"""MLX's memory under memfit's guard: the counters in a reading, the limits set and read back, and the guard's
+policy acting on MLX readings."""
+
+from dataclasses import replace
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from memfit.guard import Guard, MemoryLimit  # noqa: E402
+from memfit.mlx import memory as mlx_memory  # noqa: E402
+
+MB = 1024**2
+
+
+@pytest.fixture
+def restore_limits():
+    before_memory = mlx_memory.memory_limit_bytes()
+    before_cache = mx.set_cache_limit(0)
+    mx.set_cache_limit(before_cache)
+    yield
+    mx.set_memory_limit(before_memory)
+    mx.set_cache_limit(before_cache)
+
+
+def test_a_reading_holds_mlx_counters_and_follows_an_allocation():
+    before = mlx_memory.read_mlx_memory()
+    held = mx.ones((64 * MB // 4,), dtype=mx.float32)
+    mx.eval(held)
+    after = mlx_memory.read_mlx_memory()
+    assert after.mlx_active_bytes - before.mlx_active_bytes >= 63 * MB
+    assert after.mlx_peak_bytes >= after.mlx_active_bytes
+    assert after.watched_bytes >= max(after.rss_bytes, after.mlx_active_bytes)
+    assert after.system_available_bytes > 0
+    del held
+
+
+def test_limits_are_set_from_the_guard_limit_and_read_back(restore_limits):
+    limits = mlx_memory.apply_limits(3 * 1024**3, threshold=0.75)
+    assert mlx_memory.memory_limit_bytes() == limits.read_back_bytes == 3 * 1024**3
+    assert mx.set_cache_limit(limits.cache_limit_bytes) == limits.cache_limit_bytes == int(3 * 1024**3 * 0.25)
+    assert limits.previous_memory_limit_bytes > 0
+    text = limits.describe()
+    assert "Set MLX memory limit to 3.00 GB" in text and "cache limit" in text
+    if not mlx_memory.metal():
+        assert limits.wired_limit_bytes is None  # wired memory is a Metal notion: not set on a CPU
+    mlx_memory.restore_limits(limits)
+    assert mlx_memory.memory_limit_bytes() == limits.previous_memory_limit_bytes
+
+
+def test_the_guard_policy_runs_on_mlx_readings():
+    """The torch engine's guard, given MLX readings: MLX memory the RSS does not show (Metal buffers) still counts,
+    the step's peak goes over the limit, the guard asks to stop."""
+    base = mlx_memory.read_mlx_memory()
+    limit = MemoryLimit(base.rss_bytes + 200 * MB, 10 * 1024**3, auto=False, device="cpu")
+    readings = [replace(base, mlx_active_bytes=0, mlx_cache_bytes=0),  # step 1 ends below the limit
+                replace(base, mlx_active_bytes=base.rss_bytes + 300 * MB, mlx_cache_bytes=0)]  # step 2: above
+
+    def reader(device):
+        return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    guard = Guard(limit, interval_s=0, reader=reader)
+    guard.start()
+    _, events = guard.end_step(1)
+    assert not guard.stop_requested and not events
+    sample, events = guard.end_step(2)
+    assert guard.stop_requested and [event.kind for event in events][:1] == ["limit"]
+    assert isinstance(sample, mlx_memory.MlxMemorySample) and sample.window_peak_bytes > limit.limit_bytes
+    report = mlx_memory.report_lines(sample)
+    assert "MLX active:" in report and "MLX cache:" in report
