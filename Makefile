@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -c $(LOCK) pip
 	# torch first, pinned: on these machines this takes the local CPU wheel instead of several GB of CUDA packages.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -c $(LOCK) torch==2.13.0
-	$(BIN)/pip install -c $(LOCK) -e '.[dev,bench]'
+	$(BIN)/pip install -c $(LOCK) -e '.[dev,bench,mlx]'
 	# A venv made before the lock may hold other versions: say so rather than test something else than CI does.
 	$(BIN)/python tools/lock.py $(LOCK)
 	touch $(STAMP)
@@ -63,7 +63,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST) || python3 -m venv $(LATEST)
 	$(LATEST)/bin/pip install --upgrade pip
 	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/pip install torch==2.13.0
-	$(LATEST)/bin/pip install --upgrade --upgrade-strategy eager -e '.[dev,bench]'
+	$(LATEST)/bin/pip install --upgrade --upgrade-strategy eager -e '.[dev,bench,mlx]'
 	$(LATEST)/bin/python tools/lock.py $(LOCK) --report-only
 	$(LATEST)/bin/python -m pytest -p no:cacheprovider || { echo "make test-latest: the newest versions above break the tests listed (the lock in $(LOCK) still passes: make test)"; exit 1; }
 
