@@ -292,50 +292,18 @@ def _run_code(tasks, completions, job: EvalJob, sandboxed: bool, emit) -> list:
     return codetasks.run_tasks(tasks, completions, limits, sandboxed=sandboxed, on_result=on_result)
 
 
-@torch.no_grad()
 def dataset_loss(model, dataset, tokenizer, batch_size: int, device, compute_dtype,
                  on_batch: Callable[[int, int, int], None] | None = None) -> tuple[float, int, list[dict]]:
-    """(mean CE per scored token, scored tokens, per-sample loss and tokens). The trainer's pieces: collate, the
-    scored positions, and the head applied chunk by chunk where the model allows it (full logits otherwise)."""
-    import torch.nn.functional as F
+    """(mean CE per scored token, scored tokens, per-sample loss and tokens): the trainer's validation loss
+    (memfit.train.validation), with the head applied chunk by chunk where the model allows it."""
+    from memfit.data import pad_token_id
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    from memfit.train.validation import validation_loss
 
-    from memfit.data import collate, pad_token_id
-    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden, linear_token_losses
-    from memfit.train.losses import IGNORE_INDEX, scored_tokens
-
-    pad_id = pad_token_id(tokenizer)
-    rows = dataset.rows
-    blocker = chunked_loss_blocker(model)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
-    per_sample: list[dict] = []
-    total = (len(rows) + batch_size - 1) // batch_size
-    with (head_returns_hidden(model) if blocker is None else nullcontext()) as head:
-        for number, start in enumerate(range(0, len(rows), batch_size), 1):
-            batch = collate(rows[start:start + batch_size], dataset.samples, pad_id)
-            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float()).to(device)
-            output = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
-            flat = output.reshape(-1, output.shape[-1]).index_select(0, scored.index)
-            targets = scored.targets.index_select(0, scored.index)
-            if head is not None:
-                token_losses = linear_token_losses(flat, head, targets, compute_dtype)
-            else:
-                token_losses = F.cross_entropy(flat.float(), targets, reduction="none")
-            width = batch.input_ids.shape[1]
-            row_of = (scored.index // width).cpu()
-            token_losses = token_losses.double().cpu()
-            row_sums = torch.zeros(len(batch.input_ids), dtype=torch.float64).index_add_(0, row_of, token_losses)
-            row_counts = torch.bincount(row_of, minlength=len(batch.input_ids))
-            for offset, row in enumerate(rows[start:start + batch_size]):
-                record = dataset.samples[row.segments[0][2]]
-                scored_here = int(row_counts[offset])
-                per_sample.append({"line": record.line, "loss": float(row_sums[offset]) / max(scored_here, 1),
-                                   "tokens": scored_here})
-            loss_sum += token_losses.sum()
-            count += len(targets)
-            if on_batch is not None:
-                on_batch(number, total, count)
-    return float(loss_sum) / max(count, 1), count, per_sample
+    with (head_returns_hidden(model) if chunked_loss_blocker(model) is None else nullcontext()) as head:
+        result = validation_loss(model, dataset, dataset.rows, batch_size, pad_token_id(tokenizer), device,
+                                 head=head, compute_dtype=compute_dtype, per_sample=True, on_batch=on_batch)
+    return result.loss, result.tokens, result.samples
 
 
 def _done_message(summary: dict[str, Any]) -> str:
