@@ -34,51 +34,25 @@ from typing import Any, Callable
 
 import torch
 
-from memfit import faults
-from memfit.allocator import DEFAULT_POLICY as DEFAULT_ALLOCATOR_POLICY
 from memfit.allocator import configure as configure_allocator
 from memfit.config import TrainConfig
 from memfit.devices import default_device
-from memfit.distributed.collective import Agreement, Decision
+from memfit.distributed.collective import Agreement
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.engine import pick_engine
 from memfit.distributed.ranks import current as current_ranks
-from memfit.distributed.ranks import shard_rows
 from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
-                           OutOfMemoryError, UserError)
+                           UserError)
 from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
-                                 RunEnded, RunStarted, StepEnd)
+from memfit.train import setup
+from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, RunEnded,
+                                 RunStarted, StepEnd)
+from memfit.train.job import TrainJob
 from memfit.train.metrics import StepLog
-from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions, write_final
+from memfit.train.rundir import FINAL, RunDir, versions, write_final
+from memfit.train.step import SafePoints, StepRunner, layer_stop_hook
 from memfit.train.tblog import TensorBoardSink
-from memfit.train.validation import model_inputs
-
-
-@dataclass
-class TrainJob:
-    """What to train on, besides the config."""
-
-    model: str
-    data: Path
-    output_dir: Path
-    val_data: Path | None = None
-    device: str | None = None
-    resume: ckpt.Checkpoint | None = None
-    force: bool = False  # resume even when the config changed in a way that breaks exactness
-    # A probe trial (memfit.probe): measure memory, not learn. It trains the run's own first batches, and puts a
-    # row of the longest length into its last one if that has none (where activations dominate, a step's peak is
-    # set by its longest row, padding included). Not batches of only the longest rows: one repeated shape lets the
-    # allocator reuse every block, and that read low against the real run (tiny model, batch 16: 578 against
-    # 590 MB), which then stopped at a limit the probe had said it fits. An out-of-memory
-    # error ends the run instead of being recovered (the probe wants to know), and nothing is checkpointed.
-    trial: bool = False
-    # Set by `memfit train --supervise` for the child it runs (memfit.train.supervisor):
-    max_micro_batch: int | None = None  # after the child was OOM-killed: its next life starts at most this small
-    reload_after: int | None = None  # --reload-interval: checkpoint and end (exit 75) after this many steps
-    attempt: int | None = None  # which life of the supervised run this is (0: the first); in every metrics line
-    fresh_restart: bool = False  # the first life died before any checkpoint: start over in its output dir
 
 
 # How a run ended is the loop's last event; `train()` returns it too.
@@ -106,47 +80,9 @@ ENDINGS = {
 }
 
 
-class _StepAborted(Exception):
-    """A stop was requested between micro-batches, or inside one at a decoder layer's entry (then the message says
-    where): the step is dropped, the checkpoint holds the one before."""
-
-
-class _ShardedOom(Exception):
-    """Out of memory inside a micro-batch of an engine whose forward/backward hold collectives."""
-
-
-class _OomAgreed(Exception):
-    """Several processes: a rank ran out of memory in this step; every rank drops the step and retries it smaller."""
-
-
 # Launchers forward the terminal's Ctrl-C to workers that already got it: a second signal this soon after the first
 # is the same request, not an "abort now".
 REPEATED_SIGNAL_S = 2.0
-
-
-def layer_stop_hook(trainer: "Trainer", guard, index: int, layers: int) -> Callable[..., None]:
-    """The forward pre-hook on decoder layer `index`: the step abort when the guard has asked to stop and a
-    training micro-batch is running (two attribute reads: no lock, no call, no syscall)."""
-
-    def before_layer(module, args) -> None:
-        if guard.stop_now and trainer.in_micro_batch is not None:
-            step, _, micro_batch = trainer.in_micro_batch
-            raise _StepAborted(f"step {step} cut short inside micro-batch {micro_batch}, before decoder layer "
-                               f"{index + 1} of {layers}")
-
-    return before_layer
-
-
-def torch_rng_state(device: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = (torch.cuda.get_rng_state_all() if device == "cuda" and torch.cuda.is_initialized() else None)
-    return torch.get_rng_state(), cuda
-
-
-def set_torch_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def now() -> str:
@@ -164,17 +100,12 @@ class Trainer:
         self.distributed = self.ranks.distributed  # several processes: the safe points are agreements
         # Only rank 0 reports (the renderer, the run directory); the others train and keep quiet.
         self.sinks = [on_event] if on_event and self.ranks.is_main else []
-        self.decision = Decision()  # what the ranks last agreed (one process: its own flags)
-        self.interrupted: str | None = None
-        self.recoveries = 0
+        self.interrupted: str | None = None  # the signal that asked to stop (train() sets it)
         self.log: StepLog | None = None  # the steps' metrics (memfit.train.metrics), once the step count is known
         self.estimate: int | None = None
         self.last_checkpoint: Path | None = None  # written by this process
-        # The training micro-batch running now, (step, attempt, micro-batch), 1-based; None outside one (evaluation,
-        # checkpoints). The layer hooks act only inside one.
-        self.in_micro_batch: tuple[int, int, int] | None = None
-        self.layer_count, self.layer_stops, self._warned_rank = 0, False, False
-        self.head, self._head_bypass = None, None
+        self.steps: StepRunner | None = None  # one optimizer step after another (memfit.train.step), once built
+        self._head_bypass = None
 
     def emit(self, event: Event) -> None:
         if not isinstance(event, StepEnd):
@@ -209,7 +140,7 @@ class Trainer:
             if self.distributed:
                 torch.cuda.set_device(self.ranks.local_rank)  # each rank its own GPU, before the guard reads one
         self.allocator = configure_allocator()
-        self._check_output_dir()
+        setup.check_output_dir(job, config, self.ranks, self.engine.per_rank_checkpoint)
         self.precision = resolve_precision(config.dtype, self.device)
         self.resolved = resolve_model(job.model)
         if config.max_memory is not None and not self.distributed and not job.trial:
@@ -221,7 +152,7 @@ class Trainer:
         model_dir = self.resolved.require_weights()
         self._load_data(model_dir)
         self._open_run_dir()
-        self._start_guard()
+        self.limit, self.guard = setup.start_guard(config, self.device, self.ranks, self.allocator, self.emit)
         self._build(model_dir)
         self.step, self.samples_seen = 0, 0
         if job.resume is not None:
@@ -240,45 +171,13 @@ class Trainer:
                             hint="drop --supervise (torchrun --max-restarts restarts failed workers)")
         self.engine.check()  # DeepSpeed on CPU, impossible combinations: one line
 
-    def _check_output_dir(self) -> None:
-        job = self.job
-        if job.resume is None and job.fresh_restart:
-            RunDir(job.output_dir).truncate_metrics_after(0)  # the dead life's steps are trained again
-        elif job.resume is None:
-            if self.ranks.is_main:  # rank 0 writes run.json soon: another rank checking after that would see a run
-                check_fresh_output_dir(job.output_dir)
-        else:
-            ckpt.check_resume(job.resume, self.config, self.ranks.world_size, self.engine.per_rank_checkpoint,
-                              job.force)
-
     def _load_data(self, model_dir: Path) -> None:
-        from transformers import AutoTokenizer
-
-        from memfit.data import RowOrder, build_dataset, pad_token_id
-
-        job, config = self.job, self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.pad_id = pad_token_id(self.tokenizer)
-        distrust = config.loss == "distrust"
-        self.dataset = build_dataset(job.data, self.tokenizer, config.seq_len, config.packing, distrust)
-        self.val_dataset = (build_dataset(job.val_data, self.tokenizer, config.seq_len, config.packing, distrust)
-                            if job.val_data else None)
-        self.data_sha256 = ckpt.sha256_file(Path(job.data))
-        if job.resume is not None:
-            ckpt.check_resume_data(job.resume, job.data, self.data_sha256, job.force)
-        self.emit(Notice(f"data: {self.dataset.stats.summary()}"))
-        if self.val_dataset:
-            self.emit(Notice(f"validation: {self.val_dataset.stats.summary()}"))
+        config = self.config
         self.effective_batch = config.batch_size * config.grad_accum  # per rank
         self.global_batch = self.effective_batch * self.ranks.world_size  # rows per optimizer step, all ranks
-        self.micro_batch = config.batch_size
-        rows = len(self.dataset.rows)
-        self.longest_row = max(range(rows), key=self._row_length)
-        # Packed blocks are nearly all seq-len long: grouping them would only reorder; the seeded order is kept.
-        grouped = config.group_by_length and not self.dataset.stats.packed
-        self.row_order = RowOrder([len(row.input_ids) for row in self.dataset.rows], config.seed,
-                                  self.global_batch, grouped)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.global_batch))
+        self.data = setup.load_data(self.job, config, model_dir, self.global_batch, self.emit)
+        self.dataset, self.val_dataset = self.data.dataset, self.data.val_dataset
+        self.total_steps = setup.total_steps(config, len(self.dataset.rows), self.global_batch)
         self.log = StepLog(self.total_steps, config.log_every, self.device == "cpu",
                            config.loss == "distrust" and config.distrust_mode == "add")
 
@@ -292,106 +191,65 @@ class Trainer:
             for path in ckpt.remove_partial_checkpoints(job.output_dir):
                 self.emit(Notice(f"removed {path.name}: a checkpoint write that did not finish", "warning"))
 
-    def _start_guard(self) -> None:
-        from memfit.guard import Guard, choose_limit, configure_cuda
-
-        device, fraction = self.device, 0.8
-        if self.distributed:
-            if device == "cuda":
-                device = f"cuda:{self.ranks.local_rank}"
-            else:  # the ranks of a machine share its RAM: each takes its part of the auto limit
-                fraction /= self.ranks.local_world_size
-        self.limit = choose_limit(self.config.max_memory, device, fraction)
-        self.emit(Notice(self.limit.describe() + (f"; per rank ({self.ranks.world_size} ranks, each guards its own "
-                                                  "memory)" if self.distributed else "")))
-        # MEMFIT_MALLOC took effect, or the policy could not (off glibc it does nothing: said once, here).
-        if self.allocator.policy != DEFAULT_ALLOCATOR_POLICY or not self.allocator.effective:
-            self.emit(Notice(self.allocator.describe()))
-        configure_cuda(self.limit)
-        self.guard = Guard(self.limit, threshold=self.config.memory_threshold,
-                           interval_s=self.config.memory_sample_interval)
-        self.guard.start()
-
     def _build(self, model_dir: Path) -> None:
         from transformers import get_cosine_schedule_with_warmup
 
-        from memfit.train.model import load_model
         from memfit.train.optim import build_optimizer
 
-        config = self.config
-        self.engine.start(self.precision)
-        self.agreement = self.engine.agreement or Agreement(self.ranks)  # an engine without one: one process
-        model = self._load_model(load_model, model_dir)
+        config, engine = self.config, self.engine
+        engine.start(self.precision)
+        self.agreement = engine.agreement or Agreement(self.ranks)  # an engine without one: one process
+        model = setup.load_model(self.job, config, self.precision, self.device, model_dir, self.emit)
         model.train()
-        sharded = self.engine.shard(model)  # before the optimizer: sharding replaces the parameters (DTensors)
+        sharded = engine.shard(model)  # before the optimizer: sharding replaces the parameters (DTensors)
         if sharded:
             self.emit(Notice(sharded))
         optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, self.total_steps)
-        self._choose_step_path(model)
+        self._head_bypass, head, position_packing = setup.step_path(
+            model, config, engine.chunked_loss_blocker(), self.dataset.stats.packed, self.emit)
         if config.compile:
             model = torch.compile(model, dynamic=True)  # rows vary in length: one graph for all of them
-        self.engine.prepare(model, optimizer)
-        self._install_layer_hooks()
+        engine.prepare(model, optimizer)
+        self.safe = SafePoints(self.ranks, self.guard, self.agreement, config.memory_threshold,
+                               lambda: self.interrupted, self.emit)
+        self.steps = StepRunner(engine, self.data, config, self.precision, self.safe, self.scheduler, self.emit,
+                                head, position_packing, self.job.trial, self.job.output_dir)
+        # The guard's stop at each decoder layer's entry raises the step abort when the guard has asked to stop:
+        # the step in flight is dropped at the next layer instead of running to its end (with one micro-batch per
+        # step, the first safe point would be the step end). Only where the engine lets one rank leave a forward
+        # pass alone: elsewhere the stop goes through the ranks' agreement at the safe points. Not under
+        # torch.compile: dynamo would trace the attribute read as a constant.
+        stops = self.stop_at_layers and engine.stops_inside_forward and not config.compile
+        stop_hook = (lambda index, layers: layer_stop_hook(self.steps, self.guard, index, layers)) if stops else None
+        self.steps.layer_count = setup.install_layer_hooks(engine.unwrapped(), lambda: self.steps.in_micro_batch,
+                                                           stop_hook)
 
-    def _install_layer_hooks(self) -> None:
-        """The guard's stop at each decoder layer's entry, and the fault hooks (memfit.faults) on the same layers.
+    @property
+    def micro_batch(self) -> int:  # halved by an out-of-memory recovery, kept by a checkpoint
+        return self.steps.micro_batch
 
-        The stop hook raises the step abort when the guard has asked to stop: the step in flight is dropped at the
-        next layer instead of running to its end (with one micro-batch per step, the first safe point would be the
-        step end). Only where the engine lets one rank leave a forward pass alone (one process, no collectives in
-        the step): elsewhere the stop goes through the ranks' agreement at the safe points. Not under
-        torch.compile: dynamo would trace the attribute read as a constant.
-        """
-        from memfit.models.arch import decoder_layers
+    @micro_batch.setter
+    def micro_batch(self, size: int) -> None:
+        self.steps.micro_batch = size
 
-        layers = decoder_layers(self.engine.unwrapped())
-        self.layer_count = len(layers)
-        if layers and faults.layer_faults_active():
-            faults.install_layer_faults(layers, lambda: self.in_micro_batch)
-        self.layer_stops = (bool(layers) and self.stop_at_layers and self.engine.stops_inside_forward
-                            and not self.config.compile)
-        if self.layer_stops:
-            for index, layer in enumerate(layers):
-                layer.register_forward_pre_hook(layer_stop_hook(self, self.guard, index, len(layers)))
+    @property
+    def recoveries(self) -> int:
+        return self.steps.recoveries if self.steps else 0
 
-    def _choose_step_path(self, model) -> None:
-        """The chunked loss and leak-free packing, where this model allows them (a notice says when not)."""
-        from memfit.models.attention import packing_isolated
-        from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    @property
+    def position_packing(self) -> bool:  # packed samples kept apart by their position ids
+        return self.steps.position_packing
 
-        if self.config.chunked_loss:
-            blocker = self.engine.chunked_loss_blocker() or chunked_loss_blocker(model)
-            if blocker:
-                self.emit(Notice(f"chunked loss off: {blocker}; computing full logits", "warning"))
-            else:
-                # For the whole run: the model returns hidden states and the loss goes through the head by chunks.
-                self._head_bypass = head_returns_hidden(model)
-                self.head = self._head_bypass.__enter__()
-        self.position_packing = packing_isolated(model)
-        if self.dataset.stats.packed and not self.position_packing:
-            self.emit(Notice(f"{model.config.model_type}: packed samples can attend to each other in this "
-                             "architecture (no position-id isolation); use --no-packing to avoid it", "warning"))
+    @position_packing.setter
+    def position_packing(self, isolated: bool) -> None:
+        self.steps.position_packing = isolated
 
     def restore_head(self) -> None:
         """The model computes logits again (after the run, for whoever holds it)."""
         bypass, self._head_bypass = self._head_bypass, None
         if bypass is not None:
             bypass.__exit__(None, None, None)
-
-    def _load_model(self, load_model, model_dir: Path):
-        from memfit.guard import is_out_of_memory
-
-        failure = None
-        try:
-            return load_model(model_dir, self.config, self.precision, self.device,
-                              notify=lambda line: self.emit(Notice(line)))
-        except Exception as error:  # noqa: BLE001 - only out-of-memory is turned into a message
-            if not is_out_of_memory(error):
-                raise
-            failure = " ".join(str(error).split())[:200]
-        raise OutOfMemoryError(f"out of memory while loading {self.job.model} on {self.device}: {failure}",
-                               hint="see `memfit estimate` for the weights' size; --method qlora or a smaller model")
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
         config = self.config
@@ -403,7 +261,7 @@ class Trainer:
         state = ckpt.restore(checkpoint, model=self.engine.unwrapped(), optimizer=self.engine.optimizer,
                              scheduler=self.scheduler, rank=self.ranks.rank, load_states=load_states)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self.recoveries = state.get("oom_recoveries", 0)
+        self.steps.recoveries = state.get("oom_recoveries", 0)
         self.log.recent_losses = state.get("recent_losses", [])
         if config.batch_size * config.grad_accum == state.get("effective_batch") \
                 and checkpoint.meta["config"].get("batch_size") == config.batch_size:
@@ -428,7 +286,7 @@ class Trainer:
                                    "output_dir": str(Path(job.output_dir).resolve()), **config.model_dump()})
         return {
             "config": config.model_dump(), "model": job.model, "model_path": str(self.resolved.path),
-            "data": str(job.data), "data_sha256": self.data_sha256,
+            "data": str(job.data), "data_sha256": self.data.data_sha256,
             "val_data": str(job.val_data) if job.val_data else None,
             "data_stats": vars(self.dataset.stats), "device": self.device, "precision": self.precision.name,
             "versions": versions(), "hardware": detect().to_dict(),
@@ -441,159 +299,6 @@ class Trainer:
             "distributed": ("ddp" if config.distributed == "auto" else config.distributed)
             if self.distributed else None,
         }
-
-    # --- one optimizer step ------------------------------------------------------------------------------------
-
-    def _should_stop(self) -> bool:
-        return self.guard.stop_requested or self.interrupted is not None
-
-    def _stop_agreed(self) -> bool:
-        """The step-end safe point: this process's own stop request, or, with several, whether any rank has one."""
-        if not self.distributed:
-            return self._should_stop()
-        return self._agree().stop
-
-    def _agree(self, failure: str | None = None) -> Decision:
-        """One agreement of the ranks (memfit.distributed.collective); rank 0 says once when another rank's memory
-        reached its threshold (each rank's own guard events stay with it)."""
-        guard = self.guard
-        self.decision = self.agreement.agree(stop=guard.stop_requested, oom=failure is not None,
-                                             interrupted=self.interrupted is not None,
-                                             warn=guard.peak_watched_bytes >= guard.threshold_bytes,
-                                             watched_bytes=guard.peak_watched_bytes)
-        warn_rank = self.decision.warn_rank
-        if warn_rank not in (None, self.ranks.rank) and not self._warned_rank:
-            self._warned_rank = True
-            self.emit(Notice(f"rank {warn_rank} reached {self.config.memory_threshold:.0%} of its memory limit "
-                             f"(the highest rank's peak so far: {self.decision.max_watched_bytes / 1024**3:.2f} GB)",
-                             "warning"))
-        return self.decision
-
-    def _agree_in_step(self, failure: str | None = None) -> None:
-        """A safe point inside a step with several processes: raises when any rank ran out of memory (all retry the
-        step smaller) or asks to stop (all drop the step)."""
-        decision = self._agree(failure)
-        if decision.oom_rank is not None:
-            raise _OomAgreed(failure or f"on rank {decision.oom_rank}")
-        if decision.stop:
-            raise _StepAborted
-
-    def _train_step(self, rows_index: list[int], attempt: int) -> dict[str, Any]:
-        """One optimizer step. Its loss and gradient norm stay on the device (no host sync here)."""
-        from memfit.train.objective import step_objective
-
-        # Longest first: micro-batches of similar lengths pad less when the step is split (accumulation, OOM).
-        rows = sorted((self.dataset.rows[i] for i in rows_index), key=lambda row: -len(row.input_ids))
-        # Over all ranks' rows: the token weights sum to 1 over the global step, so the ranks' losses (and
-        # gradients) add up to one process's with the whole batch.
-        objective = step_objective(rows, self.dataset.samples, self.config)
-        tokens_all = sum(len(row.input_ids) for row in rows)
-        if self.distributed:
-            mine = shard_rows(rows_index, self._row_length, self.ranks.rank, self.ranks.world_size)
-            rows = sorted((self.dataset.rows[i] for i in mine), key=lambda row: -len(row.input_ids))
-        chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
-        loss_sum, tokens, failure = self._micro_batches(chunks, objective, attempt)
-        self.engine.end_step(loss_sum, failure, self._agree_in_step)  # may raise: the ranks drop the step
-        max_norm = self.config.max_grad_norm
-        grad_norm = self.engine.clip(max_norm) if max_norm else None
-        self.engine.optimizer_step()
-        self.scheduler.step()
-        faults.maybe_leak()
-        return {"loss_sum": loss_sum, "tokens": tokens_all if self.distributed else tokens,
-                "micro_batches": len(chunks), "grad_norm": grad_norm, "distrust_term": objective.distrust_term}
-
-    def _micro_batches(self, chunks: list, objective, attempt: int) -> tuple[torch.Tensor, int, str | None]:
-        """Forward and backward of the step's micro-batches: (the losses' sum, on the device; tokens; this rank's
-        out-of-memory error when one ended them early, to go to the step-end agreement)."""
-        from memfit.data import collate
-        from memfit.guard import is_out_of_memory
-        from memfit.train.losses import micro_step_loss, scored_tokens
-        from memfit.train.objective import label_weights
-
-        engine, device = self.engine, self.engine.device
-        loss_sum, tokens = torch.zeros((), device=device), 0
-        for number, chunk in enumerate(chunks):
-            if self.distributed:
-                if number:  # before micro-batch 0 the loop's step-end agreement was just made
-                    self._agree_in_step()
-            elif self._should_stop():
-                raise _StepAborted
-            try:
-                if not self.layer_count:  # with decoder layers, oom@ fires inside the forward pass (faults.py)
-                    faults.maybe_oom(self.step + 1, attempt, number + 1)
-                faults.maybe_die(self.step + 1, self.job.output_dir)
-                batch = collate(chunk, self.dataset.samples, self.pad_id)
-                scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
-                inputs = model_inputs(batch, device, self.position_packing)
-                self.in_micro_batch = (self.step + 1, attempt, number + 1)
-                loss = engine.forward_backward(
-                    lambda model: micro_step_loss(model, inputs, scored, head=self.head,
-                                                  compute_dtype=self.precision.compute_dtype),
-                    last=number == len(chunks) - 1)
-                self.in_micro_batch = None
-            except Exception as error:  # noqa: BLE001 - several processes: an OOM goes to the agreement
-                self.in_micro_batch = None
-                if not (self.distributed or engine.collectives_in_step) or not is_out_of_memory(error):
-                    raise
-                failure = " ".join(str(error).split())[:200]
-                if engine.collectives_in_step:  # the other ranks may wait in its collectives: no agreement can follow
-                    raise _ShardedOom(failure) from None
-                return loss_sum, tokens, failure  # to the step-end agreement, with the other ranks' next one
-            loss_sum += loss.detach()
-            tokens += batch.num_tokens
-        return loss_sum, tokens, None
-
-    def _run_step_with_recovery(self, rows_index: list[int]) -> dict[str, Any] | str:
-        """The step's stats, or "aborted" / "oom" when it could not finish."""
-        from memfit.guard import is_out_of_memory, release_memory
-
-        attempt = 0
-        # The torch RNG as the step began (dropout draws from it): a dropped step puts it back, so the checkpoint
-        # written after it, and a retry after an OOM, start the step from the same state as an uninterrupted run.
-        # Only torch's: nothing in a step draws from Python's or numpy's, whose states cost 7-40x more to copy.
-        rng = torch_rng_state(self.device)
-        while True:
-            failure, cut_short = None, None
-            try:
-                return self._train_step(rows_index, attempt)
-            except _StepAborted as aborted:
-                failure, cut_short = "aborted", (str(aborted) or None)
-            except _OomAgreed as agreed:
-                failure = str(agreed)
-            except _ShardedOom as oom:
-                raise OutOfMemoryError(
-                    f"out of memory on rank {self.ranks.rank} at step {self.step + 1} with micro-batch "
-                    f"{self.micro_batch} under --distributed {self.config.distributed} ({oom}): not recoverable in "
-                    "the process (the other ranks may wait in a collective), the launcher ends them",
-                    hint=f"resume from the last checkpoint with a smaller --batch-size (torchrun --max-restarts "
-                         f"restarts by itself); last: {self.last_checkpoint or 'none yet'}") from None
-            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-                if not is_out_of_memory(error):
-                    raise
-                failure = " ".join(str(error).split())[:200]
-            # Outside the except block: the traceback (and the activations its frames hold) is gone by now.
-            self.engine.drop_gradients()
-            release_memory()
-            set_torch_rng_state(rng)
-            if failure == "aborted":
-                if cut_short:
-                    self.emit(Notice(f"{cut_short}: {self.guard.stop_reason or 'stop requested'}; the step is "
-                                     "dropped (the checkpoint holds the one before)", "warning"))
-                return "aborted"
-            if self.micro_batch == 1 or self.job.trial:
-                self.emit(Notice(f"out of memory at step {self.step + 1} with micro-batch {self.micro_batch}: "
-                                 f"{failure}", "warning"))
-                return "oom"
-            attempt += 1
-            self._halve_micro_batch(failure)
-
-    def _halve_micro_batch(self, failure: str) -> None:
-        self.micro_batch = max(1, self.micro_batch // 2)
-        self.recoveries += 1
-        accum = math.ceil(self.effective_batch / self.micro_batch)
-        self.emit(OomRecovered(self.step + 1, self.micro_batch, accum, self.recoveries,
-                               f"out of memory at step {self.step + 1}: retrying the same {self.effective_batch} "
-                               f"samples as {accum} micro-batches of {self.micro_batch} ({failure})"))
 
     # --- checkpoints, evaluation, the end ----------------------------------------------------------------------
 
@@ -637,7 +342,7 @@ class Trainer:
         job = self.job
         return {"reason": reason, "config": self.config.model_dump(), "model": self.model_spec,
                 "model_path": str(self.resolved.path), "data": str(Path(job.data).resolve()),
-                "data_sha256": self.data_sha256,
+                "data_sha256": self.data.data_sha256,
                 "val_data": str(Path(job.val_data).resolve()) if job.val_data else None,
                 "output_dir": str(Path(job.output_dir).resolve()), "versions": versions(),
                 "world_size": self.ranks.world_size}
@@ -657,7 +362,7 @@ class Trainer:
         def write(directory: Path) -> None:
             extra = {} if gathered is None else {"state_dict": gathered}
             self.engine.unwrapped().save_pretrained(str(directory), safe_serialization=True, **extra)
-            self.tokenizer.save_pretrained(str(directory))
+            self.data.tokenizer.save_pretrained(str(directory))
 
         try:
             return write_final(self.job.output_dir, write)
@@ -677,8 +382,8 @@ class Trainer:
         rows, batches = self.engine.eval_share(self.val_dataset.rows, self.micro_batch)
         model = self.engine.model
         model.eval()
-        result = validation_loss(model, self.val_dataset, rows, self.micro_batch, self.pad_id, self.engine.device,
-                                 head=self.head, compute_dtype=self.precision.compute_dtype,
+        result = validation_loss(model, self.val_dataset, rows, self.micro_batch, self.data.pad_id,
+                                 self.engine.device, head=self.steps.head, compute_dtype=self.precision.compute_dtype,
                                  position_packing=self.position_packing, batches=batches)
         model.train()
         loss_sum, count = result.loss_sum, result.tokens
@@ -706,10 +411,10 @@ class Trainer:
         sample, events = self.guard.end_step(self.step)  # the model alone may already be over the limit
         self._emit_guard(events)
         status = "done"
-        while self.step < self.total_steps and not self._stop_agreed():
+        while self.step < self.total_steps and not self.safe.stop_agreed():
             rows_index = self._rows_for_step()
             started = time.perf_counter()
-            outcome = self._run_step_with_recovery(rows_index)
+            outcome = self.steps.run(self.step, rows_index, self.last_checkpoint)
             if outcome in ("oom", "aborted"):
                 status = "oom" if outcome == "oom" else status
                 break
@@ -724,9 +429,7 @@ class Trainer:
             if self._between_steps(sample):
                 status = "reload"
                 break
-        # Several processes: what they agreed, so every rank ends the same way.
-        interrupted = self.decision.interrupted_rank is not None if self.distributed else self.interrupted
-        guard_stop = self.decision.stop_rank is not None if self.distributed else self.guard.stop_requested
+        interrupted, guard_stop = self.safe.how_it_stopped()
         if status not in ("oom", "reload") and interrupted:
             status = "interrupted"
         elif status not in ("oom", "reload") and guard_stop:
@@ -744,18 +447,14 @@ class Trainer:
             self.save("periodic")
         reload_after = self.job.reload_after
         return bool(reload_after) and step - self.start_step >= reload_after and not last \
-            and not self._should_stop()
+            and not self.safe.should_stop()
 
     def _rows_for_step(self) -> list[int]:
-        """The step's rows, all ranks' (every rank knows every row of the step; it trains its share)."""
-        rows = self.row_order.rows(self.samples_seen, self.global_batch)
-        longest = self._row_length(self.longest_row)
-        if self.job.trial and self.step == self.total_steps - 1 and max(map(self._row_length, rows)) < longest:
-            rows[-1] = self.longest_row
-        return rows
+        return self.data.rows_for_step(self.samples_seen, self.global_batch,
+                                       self.job.trial and self.step == self.total_steps - 1)
 
     def _row_length(self, row: int) -> int:
-        return len(self.dataset.rows[row].input_ids)
+        return self.data.row_length(row)
 
     def _step_done(self, stats: dict[str, Any], elapsed: float, sample) -> None:
         """Hold the step until its loss is read back (memfit.train.metrics)."""
@@ -780,7 +479,7 @@ class Trainer:
         memory = read_memory(self.device)
         resume = (f"memfit train --resume {self.last_checkpoint}{self._resume_flags(status)}"
                   if ending.resumable and not self.job.trial else None)
-        per_rank, stop_reason, signal_name = self._ranks_at_end(memory)
+        per_rank, stop_reason, signal_name = self.safe.at_end(memory.peak_rss_bytes, self.limit.limit_bytes)
         message = ending.message.format(step=self.step, next_step=self.step + 1, micro_batch=self.micro_batch,
                                         stop_reason=stop_reason, signal=signal_name,
                                         reload_after=self.job.reload_after)
@@ -821,23 +520,6 @@ class Trainer:
             return ""
         return resume_flags(self.limit, self.guard.peak_watched_bytes, self.estimate, self.micro_batch,
                             self.effective_batch, largest_micro_batch(self.resolved, self.config, self.device))
-
-    def _ranks_at_end(self, memory) -> tuple[list[dict[str, Any]] | None, str | None, str | None]:
-        """Several processes: every rank's peaks for run.json, and the stop reason and signal of the rank that
-        had one (rank 0 tells it); one process: None and its own."""
-        stop_reason, signal_name = self.guard.stop_reason, self.interrupted
-        if not self.distributed:
-            return None, stop_reason, signal_name
-        per_rank = self.agreement.gather({
-            "rank": self.ranks.rank, "peak_watched_bytes": self.guard.peak_watched_bytes,
-            "peak_rss_bytes": memory.peak_rss_bytes, "limit_bytes": self.limit.limit_bytes,
-            "stop_reason": self.guard.stop_reason, "interrupted": self.interrupted})
-        if self.decision.stop_rank is not None:
-            stop_reason = f"rank {self.decision.stop_rank}: {per_rank[self.decision.stop_rank]['stop_reason']}"
-        if self.decision.interrupted_rank is not None:
-            signal_name = (f"{per_rank[self.decision.interrupted_rank]['interrupted']} on rank "
-                           f"{self.decision.interrupted_rank}")
-        return per_rank, stop_reason, signal_name
 
 
 def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
