@@ -47,7 +47,7 @@ class TrainData:
 
     def rows_for_step(self, samples_seen: int, global_batch: int, with_longest: bool) -> list[int]:
         """The step's rows, all ranks' (every rank knows every row of the step; it trains its share).
-        `with_longest`: a probe trial's last step holds a row of the longest length (memfit.train.loop.TrainJob)."""
+        `with_longest`: a probe trial's last step holds a row of the longest length (memfit.train.job.TrainJob)."""
         rows = self.row_order.rows(samples_seen, global_batch)
         if with_longest and max(map(self.row_length, rows)) < self.row_length(self.longest_row):
             rows[-1] = self.longest_row
