@@ -15,7 +15,7 @@ from memfit.errors import UserError
 
 
 class OneProcessEngine(Engine):
-    name = "one process"
+    name = "single"  # one process
 
     def accelerator_kwargs(self) -> dict[str, Any]:
         """Extra `accelerate.Accelerator(...)` arguments: one process needs none."""
