@@ -9,7 +9,7 @@ it in the middle of step 3's forward pass. Each run is a fresh process; its peak
 (VmHWM, which no sampling can miss); overshoot = peak - limit.
 
 Cost, when nothing is wrong: the hook alone, one call of a module with it (the trainer's own,
-`memfit.train.loop.layer_stop_hook`, both attribute reads taken) against one without, over 200,000 calls; and whole
+`memfit.train.step.layer_stop_hook`, both attribute reads taken) against one without, over 200,000 calls; and whole
 training micro-steps of the same model (memfit's LoRA model, forward + backward of batch 4 x 64), in one process,
 in short blocks alternating with and without the hooks on its decoder layers, so that load from elsewhere on the
 machine hits both alike; the slowdown is the median of the adjacent blocks' ratios.
@@ -98,7 +98,7 @@ def step_cost(model_dir: Path, blocks: int, steps: int = 10) -> dict:
     from memfit.models.arch import decoder_layers
     from memfit.guard import Guard, MemoryLimit
     from memfit.precision import resolve_precision
-    from memfit.train.loop import layer_stop_hook
+    from memfit.train.step import layer_stop_hook
     from memfit.train.model import load_model
 
     config = TrainConfig(seq_len=64, batch_size=4)
@@ -139,7 +139,7 @@ def hook_call_cost() -> float:
     import torch
 
     from memfit.guard import Guard, MemoryLimit
-    from memfit.train.loop import layer_stop_hook
+    from memfit.train.step import layer_stop_hook
 
     guard = Guard(MemoryLimit(1 << 50, 1 << 50, auto=False, device="cpu"))
     plain, hooked = torch.nn.Identity(), torch.nn.Identity()

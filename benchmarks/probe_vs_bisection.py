@@ -158,13 +158,14 @@ def baseline_child(model_dir: str, seq: int, limit_bytes: int, steps: int) -> di
 
         def try_batch(batch: int) -> dict:
             release_memory()
-            trainer.micro_batch = trainer.effective_batch = trainer.global_batch = batch
+            trainer.micro_batch = trainer.effective_batch = trainer.global_batch = trainer.steps.effective_batch = batch
             trainer.step, trainer.samples_seen, trainer.total_steps = 0, 0, steps
             if not _reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
             started = time.perf_counter()
             for _ in range(steps):  # the rows a trial child trains at this batch (Trainer._rows_for_step)
-                trainer._train_step(trainer._rows_for_step(), 0)
+                trainer.steps.step = trainer.step
+                trainer.steps.train_step(trainer._rows_for_step(), 0)
                 trainer.step += 1
                 trainer.samples_seen += batch
             peak = peak_rss_bytes()

@@ -11,7 +11,7 @@ from memfit.config import TrainConfig
 from memfit.estimate.advice import MIN_SAVING_SHARE, knobs, suggestions
 from memfit.estimate.memory import GB, MB, Hardware, estimate_memory
 from memfit.models import ARCHITECTURES
-from memfit.train.loop import resume_fix
+from memfit.train.checkpoint import resume_fix
 
 TINY = ARCHITECTURES["tiny"].to_hf_config()
 # The tiny architecture's LoRA at batch 8 x seq 2048 without checkpointing on a CUDA device of 600 MB: it needs

@@ -164,9 +164,8 @@ def test_deepspeed_micro_steps_mark_the_boundary_and_keep_memfit_weights(monkeyp
     from accelerate.utils import DistributedType
     from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 
-    from memfit.precision import resolve_precision
-    from memfit.train import losses
-    from memfit.train.loop import Trainer
+    from memfit.distributed.deepspeed import DeepSpeedEngine
+    from memfit.distributed.ranks import Ranks
 
     class Engine:
         def __init__(self):
@@ -187,12 +186,10 @@ def test_deepspeed_micro_steps_mark_the_boundary_and_keep_memfit_weights(monkeyp
     engine = Engine()
     monkeypatch.setattr(accelerator, "deepspeed_engine_wrapped", DeepSpeedEngineWrapper(engine), raising=False)
     weight = torch.nn.Parameter(torch.ones(()))
-    monkeypatch.setattr(losses, "micro_step_loss", lambda model, inputs, scored, **_: weight * inputs["x"])
-    trainer = Trainer.__new__(Trainer)
-    trainer.deepspeed, trainer.accelerator, trainer.model, trainer.head = True, accelerator, None, None
-    trainer.precision = resolve_precision("fp32", "cpu")
+    deepspeed = DeepSpeedEngine(TrainConfig(distributed="zero2"), Ranks(), "cpu")
+    deepspeed.accelerator = accelerator
     for number in range(3):
-        trainer._sharded_micro_step({"x": torch.tensor(2.0)}, None, last=number == 2)
+        deepspeed.forward_backward(lambda model: weight * torch.tensor(2.0), last=number == 2)
     backward = ("backward", {"scale_wrt_gas": False})
     assert engine.calls == [("boundary", False), backward, ("boundary", False), backward, ("boundary", True),
                             backward, ("step",)]

@@ -9,7 +9,7 @@ from memfit.config import TrainConfig, saved_config_values
 from memfit.models.arch import arch_info
 from memfit.estimate.memory import Hardware, estimate_memory
 from memfit.models.registry import get_architecture
-from memfit.train.loop import resume_conflicts
+from memfit.train.checkpoint import resume_conflicts
 
 GB = 1024**3
 

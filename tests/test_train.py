@@ -327,3 +327,20 @@ def test_an_allocator_policy_from_the_environment_is_said_and_a_bad_one_is_refus
     events = []
     assert _train(tiny_model_dir, tmp_path / "trim", steps=2, events=events).exit_code == 0
     assert any(isinstance(e, Notice) and "trimmed at each step end" in e.message for e in events)
+
+
+def test_the_default_allocator_policy_is_said_only_where_it_does_nothing():
+    """Off glibc the mmap threshold cannot be set: the run says so once, at start; on glibc the default is silent."""
+    from memfit.allocator import DEFAULT_POLICY, Allocator
+    from memfit.distributed.ranks import Ranks
+    from memfit.train.events import Notice
+    from memfit.train.setup import start_guard
+
+    said = []
+    for effective in (True, False):
+        notes = []
+        _, guard = start_guard(TrainConfig(max_memory=8), "cpu", Ranks(), Allocator(DEFAULT_POLICY, effective),
+                               notes.append)
+        guard.stop()
+        said.append([note.message for note in notes if isinstance(note, Notice) and "allocator" in note.message])
+    assert said == [[], [f"allocator: {DEFAULT_POLICY} policy not applied (the C library is not glibc)"]]

@@ -246,7 +246,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
 
 
-def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, zero: int, offload: str):
+def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, zero: int, offload: str,
+              engine: str = "deepspeed"):
     from memfit.estimate.memory import Hardware
     from memfit.system import detect
 
@@ -272,7 +273,7 @@ def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, 
         if memory == 0:
             raise UserError(f"no {device} device on this machine to size the estimate for",
                             hint="pass --memory-gb G (the memory of the target device)")
-    return Hardware(device, memory, num_gpus, zero, offload)
+    return Hardware(device=device, memory_bytes=memory, num_gpus=num_gpus, zero=zero, offload=offload, engine=engine)
 
 
 @app.command()
@@ -316,7 +317,7 @@ def estimate(
     from memfit.distributed.engines import estimated_sharding
 
     zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
-    hardware = replace(_hardware(device, memory_gb, num_gpus, zero, config.offload), engine=engine)
+    hardware = _hardware(device, memory_gb, num_gpus, zero, config.offload, engine)
     # A model estimated before comes from the cache (memfit.cache): no transformers, no torch, no trace.
     # Anything the cache lacks sends it through the real resolution and the tracer, which fill the cache.
     fingerprint = model_fingerprint(model)

@@ -26,11 +26,15 @@ very large full fine-tune, gathering everything to rank 0 costs its whole size i
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from memfit.config import TrainConfig
+from memfit.distributed.collective import all_reduce_sum
+from memfit.distributed.single import OneProcessEngine
 from memfit.precision import Precision
 
 
@@ -147,3 +151,67 @@ def load(model: torch.nn.Module, optimizer, tensors: dict[str, torch.Tensor], op
     by_name = {"state": {fqns[position]: state for position, state in optimizer_state["state"].items()},
                "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, by_name, options=_full_options())
+
+
+class FsdpEngine(OneProcessEngine):
+    """`--distributed fsdp` on several processes. The model is not given to accelerate (no DDP around it): `shard`
+    wraps it before the optimizer is built, each micro-batch's backward reduce-scatters its gradients (summed, not
+    averaged), only the step's loss is all-reduced, and checkpoints gather the full trainable and optimizer states
+    to rank 0 in the one-process format. Forward and backward hold collectives (see memfit.distributed.engine)."""
+
+    name = "fsdp"
+    distributed = True
+    collectives_in_step = True
+
+    def check(self) -> None:
+        from memfit.distributed.engines import check_engine
+
+        check_engine(self.config, self.device_name, self.ranks.world_size)
+
+    def accelerator_kwargs(self) -> dict[str, Any]:
+        # No plugin: accelerate's does nothing on CPU, and memfit shards the model itself.
+        return self._process_group({})
+
+    def shard(self, model: torch.nn.Module) -> str:
+        units = shard(model, self.config, self.precision)
+        self.sharded = model  # before torch.compile: the state dicts are read from the sharded module
+        return (f"fsdp: {units} units fully sharded over {self.ranks.world_size} ranks "
+                f"({torch.distributed.get_backend()})")
+
+    def prepare(self, model, optimizer) -> None:
+        # Not through accelerate.prepare: it would wrap the sharded model in DDP on CPU processes.
+        self.model, self.optimizer = model, optimizer
+        self._trainable = [param for param in model.parameters() if param.requires_grad]
+
+    def forward_backward(self, loss_of: Callable[[Any], torch.Tensor], last: bool) -> torch.Tensor:
+        loss = loss_of(self.model)
+        loss.backward()  # FSDP reduce-scatters this micro-batch's gradients into the shards
+        return loss
+
+    def end_step(self, loss_sum, failure: str | None, agree: Callable[[str | None], None]) -> None:
+        agree(failure)
+        all_reduce_sum([loss_sum])  # the gradients were reduce-scattered in each backward
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self._trainable, max_norm)
+
+    def sum_over_ranks(self, values: list[torch.Tensor]) -> None:
+        all_reduce_sum(values)
+
+    def checkpoint_files(self, engine_dir: Path) -> dict[str, Any]:
+        return {"tensors": gather_trainable(self.sharded), "optimizer_state": gather_optimizer(self.sharded,
+                                                                                               self.optimizer)}
+
+    def restore(self, engine_dir: Path) -> Callable[[dict, dict], None]:
+        def load_states(tensors, optimizer_state):
+            load(self.sharded, self.optimizer, tensors, optimizer_state)
+
+        return load_states
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return gather_trainable(self.sharded) if self.config.uses_adapters else gather_model(self.sharded)
+
+    def eval_share(self, rows: list[Any], micro_batch: int) -> tuple[list[Any], int | None]:
+        # Forward passes hold collectives: every rank runs as many (the longest share's).
+        world = self.ranks.world_size
+        return rows[self.ranks.rank::world], math.ceil(math.ceil(len(rows) / world) / micro_batch)

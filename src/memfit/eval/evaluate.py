@@ -156,12 +156,11 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     the model and evaluate. Bad input raises UserError before anything heavy happens."""
     from transformers import AutoTokenizer
 
+    from memfit.devices import default_device
     from memfit.eval import codetasks
-    from memfit.eval.sandbox import require_sandbox
     from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
     from memfit.models import resolve_model
     from memfit.precision import resolve_precision
-    from memfit.devices import default_device
 
     emit = on_event or (lambda event: None)
     check_job(job)
@@ -174,81 +173,26 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     adapter = resolve_adapter(Path(job.adapter)) if job.adapter is not None else None
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-
-    is_code = codetasks.is_code_task_file(job.data)
-    mode = "code" if is_code else ("generate" if job.generate else "loss")
-    sandboxed = None
-    if is_code:
-        if not job.generate:
-            raise UserError(f"{job.data}: code tasks (\"prompt\" and \"tests\") have no reference to score a loss on",
-                            hint="add --generate to generate completions and run their tests")
-        tasks = codetasks.read_tasks(job.data)
-        sandboxed = require_sandbox(job.allow_unsandboxed)
-        prompts = [_generation_ids(tokenizer, task.prompt) for task in tasks]
-        count = len(tasks)
-    elif job.generate:
-        from memfit.data import read_records
-        from memfit.eval.generate import prompt_ids
-
-        records = read_records(job.data)
-        prompts = [prompt_ids(record, tokenizer, f"{job.data}:{record.line}") for record in records]
-        count = len(records)
-        if job.out is None:
-            emit(Notice("the completions are kept only with --out FILE.jsonl", "warning"))
-    else:
-        from memfit.data import build_dataset
-
-        dataset = build_dataset(job.data, tokenizer, job.seq_len, packing=False)
-        emit(Notice(f"data: {dataset.stats.summary()}"))
-        count = len(dataset.samples)
+    inputs = _read_inputs(job, tokenizer, emit)
 
     limit = choose_limit(job.max_memory, device)
     emit(Notice(limit.describe()))
     configure_cuda(limit)
     guard = Guard(limit, threshold=job.memory_threshold)
     guard.start()
-    step = 0
-
-    def after_batch(done: int, total: int, phase: str, tokens: int = 0) -> None:
-        nonlocal step
-        step += 1
-        _, events = guard.end_step(step)
-        for event in events:
-            emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
-        emit(EvalProgress(phase, done, total, tokens))
-        if guard.stop_requested:
-            raise _GuardStop(guard.stop_reason)
-
     started = time.perf_counter()
     summary: dict[str, Any] = {"model": resolved.name, "model_path": str(model_dir),
-                               "adapter": str(adapter) if adapter else None, "data": str(job.data), "mode": mode,
-                               "device": device, "precision": precision.name, "samples": count,
-                               "limit_bytes": limit.limit_bytes}
+                               "adapter": str(adapter) if adapter else None, "data": str(job.data),
+                               "mode": inputs.mode, "device": device, "precision": precision.name,
+                               "samples": inputs.count, "limit_bytes": limit.limit_bytes}
     samples: list[dict[str, Any]] = []
     try:
         try:
             model = load_for_eval(model_dir, adapter, precision, device, job.quant)
-            emit(EvalStarted(resolved.name, str(adapter) if adapter else None, device, precision.name, mode,
-                             count, limit.limit_bytes, sandboxed))
-            if mode == "loss":
-                loss, tokens, samples = dataset_loss(model, dataset, tokenizer, job.batch_size, device,
-                                                     precision.compute_dtype,
-                                                     lambda done, total, tokens: after_batch(done, total, "loss",
-                                                                                             tokens))
-                summary.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
-            else:
-                from memfit.eval.generate import generate
-
-                completions = generate(model, tokenizer, prompts, max_new_tokens=job.max_new_tokens,
-                                       temperature=job.temperature, batch_size=job.batch_size, device=device,
-                                       seed=job.seed,
-                                       on_batch=lambda done, total: after_batch(done, total, "generate"))
-                summary.update(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
-                if mode == "generate":
-                    samples = [{"line": record.line, "prompt": _prompt_text(record), "completion": completion,
-                                "reference": record.completion if record.kind == "prompt_completion"
-                                else record.messages[-1]["content"]}
-                               for record, completion in zip(records, completions)]
+            emit(EvalStarted(resolved.name, str(adapter) if adapter else None, device, precision.name, inputs.mode,
+                             inputs.count, limit.limit_bytes, inputs.sandboxed))
+            samples, completions = _evaluate(model, inputs, job, tokenizer, device, precision.compute_dtype,
+                                             _guarded_progress(guard, emit), summary)
         except _GuardStop as stop:
             return _end(job, emit, summary, samples, guard, device, "guard_stop", EXIT_GUARD_STOP,
                         f"stopped by the memory guard: {stop}", started)
@@ -257,15 +201,94 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
                 raise
             return _end(job, emit, summary, samples, guard, device, "oom", EXIT_OOM,
                         f"out of memory: {str(error).splitlines()[0][:200]}", started)
-        if mode == "code":
+        if inputs.mode == "code":
             del model
-            results = _run_code(tasks, completions, job, sandboxed, emit)
+            results = _run_code(inputs.tasks, completions, job, inputs.sandboxed, emit)
             samples = [result.to_dict() for result in results]
             summary.update(pass_at_1=codetasks.pass_at_1(results), counts=codetasks.status_counts(results),
-                           sandboxed=sandboxed)
+                           sandboxed=inputs.sandboxed)
     finally:
         guard.stop()
     return _end(job, emit, summary, samples, guard, device, "done", EXIT_OK, _done_message(summary), started)
+
+
+@dataclass
+class _Inputs:
+    """What `memfit eval` runs on, read and checked before the model loads."""
+
+    mode: str  # loss | generate | code
+    count: int  # samples or tasks
+    sandboxed: bool | None = None  # code tasks: whether they run in the sandbox
+    dataset: Any = None  # loss: the tokenized rows
+    records: list = field(default_factory=list)  # generate: the JSONL records
+    tasks: list = field(default_factory=list)  # code: the tasks
+    prompts: list = field(default_factory=list)  # generate, code: the prompts' token ids
+
+
+def _read_inputs(job: EvalJob, tokenizer, emit) -> _Inputs:
+    from memfit.eval import codetasks
+    from memfit.eval.sandbox import require_sandbox
+
+    if codetasks.is_code_task_file(job.data):
+        if not job.generate:
+            raise UserError(f"{job.data}: code tasks (\"prompt\" and \"tests\") have no reference to score a loss on",
+                            hint="add --generate to generate completions and run their tests")
+        tasks = codetasks.read_tasks(job.data)
+        sandboxed = require_sandbox(job.allow_unsandboxed)
+        return _Inputs("code", len(tasks), sandboxed, tasks=tasks,
+                       prompts=[_generation_ids(tokenizer, task.prompt) for task in tasks])
+    if job.generate:
+        from memfit.data import read_records
+        from memfit.eval.generate import prompt_ids
+
+        records = read_records(job.data)
+        prompts = [prompt_ids(record, tokenizer, f"{job.data}:{record.line}") for record in records]
+        if job.out is None:
+            emit(Notice("the completions are kept only with --out FILE.jsonl", "warning"))
+        return _Inputs("generate", len(records), records=records, prompts=prompts)
+    from memfit.data import build_dataset
+
+    dataset = build_dataset(job.data, tokenizer, job.seq_len, packing=False)
+    emit(Notice(f"data: {dataset.stats.summary()}"))
+    return _Inputs("loss", len(dataset.samples), dataset=dataset)
+
+
+def _guarded_progress(guard, emit) -> Callable[..., None]:
+    """after_batch(done, total, phase, tokens): the guard's step end after each batch, its events and the progress
+    said; raises _GuardStop when the guard asks to stop."""
+    steps = [0]
+
+    def after_batch(done: int, total: int, phase: str, tokens: int = 0) -> None:
+        steps[0] += 1
+        _, events = guard.end_step(steps[0])
+        for event in events:
+            emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
+        emit(EvalProgress(phase, done, total, tokens))
+        if guard.stop_requested:
+            raise _GuardStop(guard.stop_reason)
+
+    return after_batch
+
+
+def _evaluate(model, inputs: _Inputs, job: EvalJob, tokenizer, device: str, compute_dtype, after_batch,
+              summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """The loss, or the completions: (per-sample results, the completions of code tasks); `summary` updated."""
+    if inputs.mode == "loss":
+        loss, tokens, samples = dataset_loss(model, inputs.dataset, tokenizer, job.batch_size, device, compute_dtype,
+                                             lambda done, total, tokens: after_batch(done, total, "loss", tokens))
+        summary.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
+        return samples, None
+    from memfit.eval.generate import generate
+
+    completions = generate(model, tokenizer, inputs.prompts, max_new_tokens=job.max_new_tokens,
+                           temperature=job.temperature, batch_size=job.batch_size, device=device, seed=job.seed,
+                           on_batch=lambda done, total: after_batch(done, total, "generate"))
+    summary.update(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
+    if inputs.mode == "code":
+        return [], completions
+    return [{"line": record.line, "prompt": _prompt_text(record), "completion": completion,
+             "reference": record.completion if record.kind == "prompt_completion" else record.messages[-1]["content"]}
+            for record, completion in zip(inputs.records, completions)], None
 
 
 def _generation_ids(tokenizer, prompt: str) -> list[int]:
@@ -294,50 +317,18 @@ def _run_code(tasks, completions, job: EvalJob, sandboxed: bool, emit) -> list:
     return codetasks.run_tasks(tasks, completions, limits, sandboxed=sandboxed, on_result=on_result)
 
 
-@torch.no_grad()
 def dataset_loss(model, dataset, tokenizer, batch_size: int, device, compute_dtype,
                  on_batch: Callable[[int, int, int], None] | None = None) -> tuple[float, int, list[dict]]:
-    """(mean CE per scored token, scored tokens, per-sample loss and tokens). The trainer's pieces: collate, the
-    scored positions, and the head applied chunk by chunk where the model allows it (full logits otherwise)."""
-    import torch.nn.functional as F
+    """(mean CE per scored token, scored tokens, per-sample loss and tokens): the trainer's validation loss
+    (memfit.train.validation), with the head applied chunk by chunk where the model allows it."""
+    from memfit.data import pad_token_id
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    from memfit.train.validation import validation_loss
 
-    from memfit.data import collate, pad_token_id
-    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden, linear_token_losses
-    from memfit.train.losses import IGNORE_INDEX, scored_tokens
-
-    pad_id = pad_token_id(tokenizer)
-    rows = dataset.rows
-    blocker = chunked_loss_blocker(model)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
-    per_sample: list[dict] = []
-    total = (len(rows) + batch_size - 1) // batch_size
-    with (head_returns_hidden(model) if blocker is None else nullcontext()) as head:
-        for number, start in enumerate(range(0, len(rows), batch_size), 1):
-            batch = collate(rows[start:start + batch_size], dataset.samples, pad_id)
-            scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float()).to(device)
-            output = model(input_ids=batch.input_ids.to(device), use_cache=False).logits
-            flat = output.reshape(-1, output.shape[-1]).index_select(0, scored.index)
-            targets = scored.targets.index_select(0, scored.index)
-            if head is not None:
-                token_losses = linear_token_losses(flat, head, targets, compute_dtype)
-            else:
-                token_losses = F.cross_entropy(flat.float(), targets, reduction="none")
-            width = batch.input_ids.shape[1]
-            row_of = (scored.index // width).cpu()
-            token_losses = token_losses.double().cpu()
-            row_sums = torch.zeros(len(batch.input_ids), dtype=torch.float64).index_add_(0, row_of, token_losses)
-            row_counts = torch.bincount(row_of, minlength=len(batch.input_ids))
-            for offset, row in enumerate(rows[start:start + batch_size]):
-                record = dataset.samples[row.segments[0][2]]
-                scored_here = int(row_counts[offset])
-                per_sample.append({"line": record.line, "loss": float(row_sums[offset]) / max(scored_here, 1),
-                                   "tokens": scored_here})
-            loss_sum += token_losses.sum()
-            count += len(targets)
-            if on_batch is not None:
-                on_batch(number, total, count)
-    return float(loss_sum) / max(count, 1), count, per_sample
+    with (head_returns_hidden(model) if chunked_loss_blocker(model) is None else nullcontext()) as head:
+        result = validation_loss(model, dataset, dataset.rows, batch_size, pad_token_id(tokenizer), device,
+                                 head=head, compute_dtype=compute_dtype, per_sample=True, on_batch=on_batch)
+    return result.loss, result.tokens, result.samples
 
 
 def _done_message(summary: dict[str, Any]) -> str:

@@ -144,7 +144,7 @@ class MlxTrainer:
         elif job.resume is None:
             check_fresh_output_dir(job.output_dir)
         else:
-            from memfit.train.loop import resume_conflicts
+            from memfit.train.checkpoint import resume_conflicts
 
             conflicts = resume_conflicts(job.resume.meta.get("config", {}), config)
             if conflicts and not job.force:

@@ -10,12 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from memfit.train.loop import TrainJob, TrainResult, train
+    from memfit.train.job import TrainJob
+    from memfit.train.loop import TrainResult, train
 
 __all__ = ["TrainJob", "TrainResult", "train"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "TrainJob":
+        from memfit.train.job import TrainJob
+
+        return TrainJob
     if name in __all__:
         from memfit.train import loop
 

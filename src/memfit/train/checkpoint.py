@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -35,13 +36,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from memfit import faults
+from memfit.config import GUARD_FIELDS, TrainConfig, saved_config_values
 from memfit.errors import DiskFullError, UserError
 
 CHECKPOINTS = "checkpoints"
@@ -381,3 +383,76 @@ def restore(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, schedu
         if rank < len(states):
             set_rng_state(states[rank])
     return checkpoint.trainer_state
+
+
+# --- resuming ----------------------------------------------------------------------------------------------------
+
+# Options that may change on resume without breaking exactness (the micro-batch split may change too, as long as
+# batch_size x grad_accum stays the same: the step's objective does not depend on it).
+RESUME_FREE_FIELDS = GUARD_FIELDS | {"batch_size", "grad_accum", "attn_implementation", "chunked_loss", "compile",
+                                     "log_every"}
+
+
+def resume_conflicts(saved: dict[str, Any], config: TrainConfig, world_size: int = 1,
+                     saved_world_size: int = 1) -> list[str]:
+    """Differences between a checkpoint's config and this one that would make the resumed run differ from an
+    uninterrupted one. A different number of processes changes the global batch (and its row order)."""
+    now = config.model_dump()
+    # A key an older memfit did not write had its default then, or the value memfit.config.saved_config_values
+    # gives where the default changed with the key (a k-bit base was upcast: qlora_upcast True).
+    saved = saved_config_values(saved)
+    saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in now} | saved
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {now[key]!r}"
+               for key in now if key not in RESUME_FREE_FIELDS and saved.get(key) != now[key]]
+    if saved.get("batch_size", 1) * saved.get("grad_accum", 1) != config.batch_size * config.grad_accum:
+        changed.append(f"effective batch {saved.get('batch_size', 1) * saved.get('grad_accum', 1)} -> "
+                       f"{config.batch_size * config.grad_accum} (batch-size x grad-accum)")
+    if saved_world_size != world_size:
+        changed.append(f"world size {saved_world_size} -> {world_size} (processes; the global batch is "
+                       "batch-size x grad-accum x world size)")
+    return changed
+
+
+def check_resume(checkpoint: Checkpoint, config: TrainConfig, world_size: int, per_rank: bool,
+                 force: bool) -> None:
+    """Refuse a resume that would not continue the checkpoint's run exactly (unless --force), or cannot at all: a
+    checkpoint of each rank's partition (`per_rank`: DeepSpeed's) needs as many processes as wrote it. An FSDP
+    checkpoint holds full states (the one-process format): --force may change the world size."""
+    saved_world = int(checkpoint.meta.get("world_size", 1))
+    conflicts = resume_conflicts(checkpoint.meta.get("config", {}), config, world_size, saved_world)
+    if saved_world != world_size and force and per_rank:
+        raise UserError(f"{checkpoint.path} holds {config.distributed} shards of {saved_world} processes; "
+                        f"this run has {world_size}", hint=f"launch {saved_world} processes")
+    if conflicts and not force:
+        raise UserError(f"resuming {checkpoint.path} with a changed config breaks exactness: "
+                        f"{'; '.join(conflicts)}", hint="keep the checkpoint's settings, or add --force")
+
+
+def check_resume_data(checkpoint: Checkpoint, data: Path, data_sha256: str, force: bool) -> None:
+    if checkpoint.meta.get("data_sha256") not in (None, data_sha256) and not force:
+        raise UserError(f"{data} changed since checkpoint {checkpoint.path} was written",
+                        hint="resume with the same data file, or add --force")
+
+
+# A resume's limit leaves this much room above the higher of the estimate and the peak the guard saw.
+RESUME_HEADROOM = 1.25
+# ... and stays under this share of what was available when the run started (the OS and others keep the rest).
+RESUME_CEILING = 0.95
+
+
+def resume_fix(limit_bytes: int, available_bytes: int, peak_bytes: int, estimate_bytes: int | None,
+               micro_batch: int, effective_batch: int, largest_micro_batch: Callable[[int, int], int]) -> str:
+    """The flags that let a run stopped by the guard resume and go on: a higher --max-memory where this machine
+    has it (the highest of the limit, the estimate and the peak seen, plus room), else a smaller micro-batch that the estimate
+    fits under the same limit, with the accumulation that keeps the effective batch (a free change on resume);
+    "" when neither exists."""
+    # The guard may stop before the limit (a leak it sees coming): the new limit is above the old one regardless.
+    needed = int(max(peak_bytes, estimate_bytes or 0, limit_bytes) * RESUME_HEADROOM)
+    if needed <= available_bytes * RESUME_CEILING:
+        return f" --max-memory {math.ceil(needed / 1024**3 * 100) / 100:.2f}"
+    if micro_batch > 1:
+        largest = largest_micro_batch(limit_bytes, micro_batch)
+        if largest >= 1:
+            micro = max(size for size in range(1, min(largest, micro_batch - 1) + 1) if effective_batch % size == 0)
+            return f" --batch-size {micro} --grad-accum {effective_batch // micro}"
+    return ""

@@ -47,20 +47,20 @@ def main(spec_path: str) -> int:
     fields = dict(spec["job"])
     renderer = TrainRenderer(Console())
     try:
-        resume = fields.pop("resume")
-        if fields.pop("engine", "torch") == "mlx":  # `memfit train --engine mlx --supervise` (memfit.mlx)
-            from memfit.mlx import train_mlx as train
-        for name in ("data", "output_dir", "val_data"):
-            if fields.get(name) is not None:
-                fields[name] = Path(fields[name])
-        job = TrainJob(**fields, resume=open_checkpoint(Path(resume)) if resume else None)
-        return train(job, TrainConfig(**spec["config"]), on_event=renderer).exit_code
+        try:
+            resume = fields.pop("resume")
+            if fields.pop("engine", "torch") == "mlx":  # `memfit train --engine mlx --supervise` (memfit.mlx)
+                from memfit.mlx import train_mlx as train
+            for name in ("data", "output_dir", "val_data"):
+                if fields.get(name) is not None:
+                    fields[name] = Path(fields[name])
+            job = TrainJob(**fields, resume=open_checkpoint(Path(resume)) if resume else None)
+            return train(job, TrainConfig(**spec["config"]), on_event=renderer).exit_code
+        finally:
+            renderer.close()  # once, and before an error line: the live display is gone by then
     except MemfitError as error:
-        renderer.close()
         sys.stderr.write(f"memfit: error: {error_line(error)}\n")
         return error.exit_code
-    finally:
-        renderer.close()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -33,6 +34,28 @@ def write_atomic(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
+
+
+def write_final(run_dir: Path, write: Callable[[Path], None]) -> Path:
+    """`final/`, whole or not at all: `write(directory)` fills a partial directory beside it, which then takes its
+    place (an earlier final/, from a run resumed after it was written, is moved aside and removed). An error in
+    `write` removes the partial directory and propagates."""
+    final = run_dir / FINAL
+    partial = run_dir / f".{FINAL}.tmp-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if final.exists():
+        old = run_dir / f".{FINAL}.old-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, final)
+    return final
 
 
 def versions() -> dict[str, str]:
@@ -65,6 +88,22 @@ class RunDir:
 
     def write_run_json(self, data: dict[str, Any]) -> None:
         write_atomic(self.path / RUN_JSON, json.dumps(data, indent=2, default=str) + "\n")
+
+    def update_run_json(self, status: dict[str, Any], peak_watched_bytes: int, oom_recoveries: int,
+                        started: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """run.json with `status` merged in; `started()` gives the run's description when the file has none yet
+        (the first write of a run, not of a resumed one). A resumed run's peaks are the highest of its processes'.
+        Returns what was written."""
+        data = self.read_run_json()
+        if "config" not in data:
+            data.update(started())
+        if "peak_rss_bytes" in status:
+            status = {**status, "peak_rss_bytes": max(data.get("peak_rss_bytes") or 0, status["peak_rss_bytes"])}
+        data.update(status)
+        data["peak_watched_bytes"] = max(data.get("peak_watched_bytes") or 0, peak_watched_bytes)
+        data["oom_recoveries"] = oom_recoveries
+        self.write_run_json(data)
+        return data
 
     def read_run_json(self) -> dict[str, Any]:
         try:
