@@ -2,6 +2,8 @@
 them (src/memfit/estimate/constants.json).
 
     python benchmarks/derive_constants.py [--repeats 5] [--out src/memfit/estimate/constants.json] [--dry-run]
+                                          [--write]   (also the docs/benchmarks.md section)
+    python benchmarks/derive_constants.py --render --write   (that section from constants.json, measuring nothing)
 
 The estimator's CPU runtime term (memfit.estimate.memory._runtime_bytes) is what a training process holds when the
 model holds nothing: anonymous memory (Python, torch, transformers, the model code, memfit, one step run; PEFT, and
@@ -185,13 +187,51 @@ def versions() -> dict:
     return out
 
 
+OLD = {"process_anon_bytes": "244 MB", "peft_import_bytes": "82 MB", "bitsandbytes_import_bytes": "43 MB",
+       "file_pages_ratio": "1.33", "file_pages_fallback_bytes": "97 MB"}  # hand-set before this script
+
+
+def markdown(data: dict) -> str:
+    r, m, v = data["readings"], data["machine"], data["versions"]
+
+    def cell(stage: str, key: str) -> str:
+        x = r[stage][key]
+        return f"{x['median'] / MB:,.1f} ({x['min'] / MB:,.1f}–{x['max'] / MB:,.1f})"
+
+    lines = [
+        "## The estimator's CPU baseline, derived", "",
+        f"Measured with `{data['command']}` at {data['measured_at']} on {m['machine']} {m['system']}, {m['cpu']}, "
+        f"{m['libc']}; Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
+        f"bitsandbytes {v['bitsandbytes']}. Each stage a fresh process, {data['repeats']} times, interleaved; "
+        "median (min–max) MB from /proc/self/status. `train-*`: 3 training steps of a nano llama (~0.2 MB of "
+        "weights) in memfit.estimate.measure's child; `estimate-*`: a process that estimated the same "
+        "configuration. The estimator reads the derived figures from `memfit/estimate/constants.json`.", "",
+        "| stage | RssAnon MB | RssFile MB | VmHWM MB |", "|---|---:|---:|---:|"]
+    for stage in r:
+        lines.append(f"| {stage} | {cell(stage, 'RssAnon')} | {cell(stage, 'RssFile')} | {cell(stage, 'VmHWM')} |")
+    lines += ["", "| constant | derived | hand-set before |", "|---|---:|---:|"]
+    for key, value in data["cpu"].items():
+        shown = f"{value / MB:,.1f} MB" if key.endswith("bytes") else str(value)
+        lines.append(f"| `{key}` | {shown} | {OLD.get(key, '—')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes per stage (default 5)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the data file the estimator reads")
     parser.add_argument("--dry-run", action="store_true", help="print the derived constants, write nothing")
+    parser.add_argument("--write", action="store_true", help="also write the docs/benchmarks.md section")
+    parser.add_argument("--render", action="store_true", help="only render the section from the --out file")
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        text = markdown(json.loads(Path(args.out).read_text()))
+        print(text)
+        if args.write:
+            _write_docs(Path(args.docs), text)
+        return
     readings = measure(args.repeats)
     constants = derive(readings)
     command = "python benchmarks/derive_constants.py" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
@@ -211,6 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args.dry_run:
         Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.out}")
+        if args.write:
+            _write_docs(Path(args.docs), markdown(data))
+
+
+def _write_docs(path: Path, text: str) -> None:
+    sys.path.insert(0, str(HERE))
+    from estimate_accuracy import write_section
+
+    write_section(path, "derive-constants", text)
+    print(f"wrote section derive-constants of {path}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from memfit.units import GB, MB
 # when the model holds nothing. Both are measured, not fitted: `python benchmarks/derive_constants.py` trains a nano
 # llama (~0.2 MB of weights) in fresh child processes (full; LoRA with PEFT but no bitsandbytes, as --quant none
 # imports it; QLoRA with both), reads their RssAnon/RssFile, and writes the medians to constants.json beside this
-# file with the machine, versions and command (docs/benchmarks.md, "The estimator's CPU process baseline").
+# file with the machine, versions and command (docs/benchmarks.md, "The estimator's CPU baseline, derived").
 # Anonymous: Python, torch, transformers, PEFT (without bitsandbytes), memfit and the model code imported and 3
 # steps run. bitsandbytes, imported by PEFT where a 4/8-bit layer is built, adds to it.
 _MEASURED = json.loads((Path(__file__).with_name("constants.json")).read_text())["cpu"]
