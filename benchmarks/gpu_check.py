@@ -467,13 +467,21 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         CACHE["MEMFIT_CACHE"] = os.environ["MEMFIT_CACHE"] = str(scratch / "memfit-cache")  # this process's too
         names = (list(CUDA_MODELS)[:2] if args.quick else list(CUDA_MODELS)) if args.device == "cuda" else ["tiny"]
-        models = build_models(names, args.device, scratch)
+        timings = results["section_seconds"] = {}
+
+        def timed(name, check, *check_args):
+            began = time.time()
+            results[name] = check(*check_args)
+            timings[name] = round(time.time() - began, 1)
+
+        timed("models", build_models, names, args.device, scratch)
+        models = results.pop("models")
         small = models[names[0]] if args.device == "cuda" else models["tiny"]
-        results["estimate"] = check_estimate(args.device, args.quick, models)
-        results["guard"] = check_guard(args.device, args.quick, small, scratch)
-        results["vs_hf"] = check_vs_hf(args.device, args.quick, small, scratch)
-        results["oom"] = check_oom(args.device, args.quick, small, scratch)  # redoes vs_hf's LoRA run
-        results["probe"] = check_probe(args.device, args.quick, small)
+        timed("estimate", check_estimate, args.device, args.quick, models)
+        timed("guard", check_guard, args.device, args.quick, small, scratch)
+        timed("vs_hf", check_vs_hf, args.device, args.quick, small, scratch)
+        timed("oom", check_oom, args.device, args.quick, small, scratch)  # redoes vs_hf's LoRA run
+        timed("probe", check_probe, args.device, args.quick, small)
     results["seconds"] = round(time.time() - started, 1)
     texts = sections(results, args.device)
     for text in texts.values():
@@ -485,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {target}")
     if args.out:  # every figure, for the tests (and for a look at what the tables round)
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"gpu_check: {results['seconds']} s; guard {'ok' if results['guard']['ok'] else 'FAILED'}, "
+    print(f"gpu_check: {results['seconds']} s ({timings}); guard {'ok' if results['guard']['ok'] else 'FAILED'}, "
           f"oom {'ok' if results['oom']['ok'] else 'FAILED'}")
     if not (results["guard"]["ok"] and results["oom"]["ok"]):
         sys.exit(1)

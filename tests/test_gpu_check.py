@@ -2,8 +2,10 @@
 rot while no GPU runs it: the estimate against the measured peak, the guard's stop and exact resume, an
 out-of-memory recovered, probe, memfit vs HF Trainer + PEFT.
 
-Slow (about 60 s at load 0 on 2 cores, 3-4 minutes while other work shares them): about ten real processes (a
-measurement child, four `memfit train` runs and a resume, two probe trials, an HF Trainer run)."""
+Slow: about ten real processes (a measurement child, four `memfit train` runs and a resume, a probe, an HF Trainer
+run), 57 s of CPU time; measured on 2 cores on 2026-12-03 at 98 s wall at load 4-5 (other work sharing them: model
+6 s, estimate 12 s, guard 26 s, vs HF 19 s, oom 11 s, probe 23 s) and 208 s under heavier load. Over the ~60 s aimed
+at: each section is one or a few process starts (imports are most of a tiny-model run), and fewer would check less."""
 
 import json
 import subprocess
