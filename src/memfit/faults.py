@@ -145,12 +145,14 @@ def install_layer_faults(layers: list[torch.nn.Module],
             if where is None:
                 return
             step, attempt, micro_batch = where
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
             if leak is not None and step >= leak_from_step:
-                # ones, not empty: untouched pages would not count in RSS.
-                _leaked.append(torch.ones(leak_bytes // 4, dtype=torch.float32))
+                # ones, not empty: untouched pages would not count in RSS. On the layer's device: a GPU's guard
+                # watches that device's memory (benchmarks/gpu_check.py stops a run with it on CUDA).
+                device = hidden.device if isinstance(hidden, torch.Tensor) else "cpu"
+                _leaked.append(torch.ones(leak_bytes // 4, dtype=torch.float32, device=device))
             if oom is None or index != oom_layer or not oom.fires(step, attempt, micro_batch):
                 return
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
             record = {"step": step, "attempt": attempt, "micro_batch": micro_batch, "layer": index,
                       "phase": oom.phase}
             if oom.phase == "forward":

@@ -2,7 +2,8 @@
 
 The child loads the model exactly as training does (memfit.train.model), runs `steps` optimizer steps on random
 full-length sequences, and reports its own peak RSS (VmHWM on Linux; getrusage would include the parent's, see
-memfit.guard.sampler) and on CUDA `max_memory_reserved`. Peak RSS is also read separately for the load phase and
+memfit.guard.sampler) and on CUDA `max_memory_reserved`, `max_memory_allocated` and NVML's figure for the process
+(what nvidia-smi shows). Peak RSS is also read separately for the load phase and
 the training phase: Linux lets a process reset its RSS high-water mark by writing 5 to /proc/self/clear_refs.
 
 Run as `python -m memfit.estimate.measure MODEL_DIR CONFIG_JSON [--steps N] [--device cpu|cuda]`; prints one JSON
@@ -43,6 +44,12 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
 
     allocator = configure()  # as training does: RSS then follows live tensors
     config = TrainConfig(**config_values)
+    if config.quant == "none":
+        from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
+
+        # As memfit.train.loop does: no 4/8-bit layer here, so PEFT is imported without bitsandbytes (~43 MB less).
+        hide_bitsandbytes_from_peft()
+        import_peft()
     precision = resolve_precision(config.dtype, device)
     torch.manual_seed(config.seed)
     baseline_rss = rss_bytes()
@@ -91,6 +98,13 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     if device == "cuda":
         result["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
         result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        # What nvidia-smi shows for this process now: the caching allocator keeps what it reserved (no
+        # empty_cache), so this is the reserved peak + the CUDA context and workspaces. None without pynvml.
+        from memfit.system import nvml_process_bytes
+
+        process = nvml_process_bytes(torch.cuda.current_device())
+        result["nvml_process_bytes"] = process
+        result["cuda_context_bytes"] = None if process is None else process - torch.cuda.memory_reserved()
     return result
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from memfit import cache
@@ -41,19 +43,24 @@ from memfit.models.arch import ArchInfo, arch_info
 
 from memfit.units import GB, MB
 
-# CPU runtime = a process's anonymous baseline + its file-backed pages (libraries), measured on Linux x86_64, torch
-# 2.13 CPU, transformers 5.23 (docs/benchmarks.md). Anonymous: Python, torch, transformers and the model code
-# imported and one step run, before any model memory. PEFT's import (and the bitsandbytes it loads) adds to it.
-CPU_PROCESS_ANON_BYTES = 244 * MB
-CPU_PEFT_IMPORT_BYTES = 82 * MB
-# A process with --quant none imports PEFT without bitsandbytes (memfit.libraries): this much less anonymous memory
-# (`python benchmarks/figures.py runtime`: the import adds 51 MB with bitsandbytes, 8 MB without; docs/benchmarks.md).
-CPU_BITSANDBYTES_IMPORT_BYTES = 43 * MB
+# CPU runtime = a training process's anonymous baseline + its file-backed pages (libraries): what the process holds
+# when the model holds nothing. Both are measured, not fitted: `python benchmarks/derive_constants.py` trains a nano
+# llama (~0.2 MB of weights) in fresh child processes (full; LoRA with PEFT but no bitsandbytes, as --quant none
+# imports it; QLoRA with both), reads their RssAnon/RssFile, and writes the medians to constants.json beside this
+# file with the machine, versions and command (docs/benchmarks.md, "The estimator's CPU baseline, derived").
+# Anonymous: Python, torch, transformers, PEFT (without bitsandbytes), memfit and the model code imported and 3
+# steps run. bitsandbytes, imported by PEFT where a 4/8-bit layer is built, adds to it.
+_MEASURED = json.loads((Path(__file__).with_name("constants.json")).read_text())["cpu"]
+CPU_PROCESS_ANON_BYTES: int = _MEASURED["process_anon_bytes"]
+# PEFT's import over a full fine-tune's process, with bitsandbytes (QLoRA); a --quant none process imports PEFT
+# without bitsandbytes (memfit.libraries), this much less: the two differ by little more than bitsandbytes.
+CPU_PEFT_IMPORT_BYTES: int = _MEASURED["peft_import_bytes"]
+CPU_BITSANDBYTES_IMPORT_BYTES: int = _MEASURED["bitsandbytes_import_bytes"]
 # File-backed pages vary with the page cache (more right after an install), so they are read from this process,
-# which maps the same libraries; a training process touches more of them: 1.33x (measured in a fresh and an aged
-# venv: this process 97 vs 145 MB, the training child +64 MB). Where /proc is absent, the aged-venv reading.
-CPU_FILE_PAGES_RATIO = 1.33
-CPU_FILE_PAGES_FALLBACK_BYTES = 97 * MB
+# which maps the same libraries; a training process touches more of them: the ratio of the training child's RssFile
+# to an estimating process's (derive_constants.py). Where /proc is absent, an estimating process's reading.
+CPU_FILE_PAGES_RATIO: float = _MEASURED["file_pages_ratio"]
+CPU_FILE_PAGES_FALLBACK_BYTES: int = _MEASURED["file_pages_fallback_bytes"]
 # CUDA context with cuBLAS/cuDNN handles and workspaces: what nvidia-smi shows beyond the caching allocator's
 # reserved memory. Published: 723 MiB after the first `torch.randn(1).cuda()` (discuss.pytorch.org/t/73021, 2020,
 # before CUDA 11.7's lazy module loading, which torch now enables and which loads kernels as they are first used).
@@ -133,6 +140,17 @@ class Estimate:
     def process_bytes(self) -> int:
         """What nvidia-smi (or ps, Activity Monitor) shows for the process: reserved + the CUDA context. The verdict."""
         return self.total_bytes
+
+    @property
+    def baseline_bytes(self) -> int:
+        """The part of `process_bytes` no model setting changes: on CPU the process baseline of the phase that peaks
+        (loading: before PEFT is imported), on CUDA the context, on MPS the runtime. `process_bytes - baseline_bytes`
+        is the model-dependent part, which benchmarks/estimate_accuracy.py reports the error on."""
+        if self.hardware.device != "cpu":
+            return CUDA_CONTEXT_BYTES if self.hardware.device == "cuda" else MPS_RUNTIME_BYTES
+        if self.load_peak_bytes > self.training_bytes:
+            return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes()
+        return _runtime_bytes(self.hardware, self.config, 0)
 
 
 # --- precision, by dtype names -------------------------------------------------------------------------------------
