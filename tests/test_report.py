@@ -17,7 +17,7 @@ from memfit.config import TrainConfig
 from memfit.guard.sampler import rss_bytes
 from memfit.report import write_report, write_report_safely
 from memfit.train import TrainJob, train
-from memfit.train.events import Notice
+from memfit.events import Notice
 
 DEMO_DATA = Path(str(resources.files("memfit").joinpath("data/demo.jsonl")))
 GB, MB = 1024**3, 1024**2

@@ -24,7 +24,7 @@ import torch
 from memfit.config import TrainConfig
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
-from memfit.train.events import Event, GuardNotice, Notice
+from memfit.events import Event, GuardNotice, Notice
 
 ADAPTER_CONFIG = "adapter_config.json"
 

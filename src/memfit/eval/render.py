@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.render import ProgressRenderer
-from memfit.train.events import GuardNotice
+from memfit.events import GuardNotice
 
 from memfit.units import GB
 _STYLES = {"passed": "green", "failed": "red", "error": "red", "timeout": "yellow", "memory": "yellow",

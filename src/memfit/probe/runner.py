@@ -29,7 +29,7 @@ from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
-from memfit.train.events import Event, Notice
+from memfit.events import Event, Notice
 from memfit.units import GB
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)

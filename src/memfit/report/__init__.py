@@ -57,7 +57,7 @@ def write_report(path: Path, out: Path | None = None) -> Path:
 
 def write_report_safely(run_dir: Path, emit: Callable | None = None) -> Path | None:
     """RUN_DIR/report.html at a run's end; a failure becomes a warning Notice (through `emit`), never an error."""
-    from memfit.train.events import Notice
+    from memfit.events import Notice
 
     try:
         path = write_report(Path(run_dir))

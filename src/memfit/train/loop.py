@@ -59,7 +59,7 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
                            OutOfMemoryError, UserError)
 from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
+from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
 from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions
 from memfit.train.tblog import TensorBoardSink

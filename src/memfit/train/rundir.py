@@ -16,7 +16,7 @@ import yaml
 
 from memfit.errors import UserError
 from memfit.train.checkpoint import CHECKPOINTS
-from memfit.train.events import Event, StepEnd
+from memfit.events import Event, StepEnd
 
 RUN_JSON = "run.json"
 CONFIG_YAML = "config.yaml"

@@ -41,7 +41,7 @@ from typing import Any, Callable
 from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, EXIT_USAGE
 from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import Event
+from memfit.events import Event
 from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG, write_atomic
 
 OOM_SCORE_ADJ = 1000  # the most killable: chosen first by the kernel's OOM killer

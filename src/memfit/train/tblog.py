@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memfit.errors import UserError
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, OomRecovered, RunEnded, RunStarted,
+from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, OomRecovered, RunEnded, RunStarted,
                                  StepEnd)
 
 TENSORBOARD_DIR = "tensorboard"

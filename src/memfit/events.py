@@ -1,5 +1,6 @@
-"""What the training loop reports. The loop knows nothing of the terminal: it emits these, the CLI renders them
-and the run directory's JSONL writer records them."""
+"""The events memfit's commands report: the base `Event` and `Notice` every command uses, and what a training run
+says (the trainer, a probe trial, the evaluator's guard notices). Nothing that emits them knows the terminal: the
+entry points render them (memfit.render) and the run directory's JSONL writer records them."""
 
 from __future__ import annotations
 
