@@ -20,7 +20,8 @@ from memfit.config import (GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_nam
                            saved_config_values)
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 from memfit.libraries import hide_bitsandbytes_from_peft
-from memfit.libraries import quiet as quiet_libraries
+from memfit.runtime import check_device
+from memfit.runtime import start as start_process
 from memfit.units import GB
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -262,8 +263,7 @@ def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, 
     if device is None:
         info = detect()
         device = info.default_device()
-    if device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    check_device(device)
     if memory_gb is not None:
         memory = int(memory_gb * GB)
     else:
@@ -557,7 +557,7 @@ def probe(
     from memfit.probe.profile import AXES, read_profile
     from memfit.render import ProbeRenderer
 
-    _check_device(device)
+    check_device(device)
     file_values = read_config_file(config_file)
     model = model or file_values.get("model")
     data = data or file_values.get("data")
@@ -603,11 +603,6 @@ def _check_max_memory(max_memory: Optional[float], model: str, config: TrainConf
         device = detect().default_device()
     for warning in check_model_limit(max_memory, model, config, device, force).warnings:
         Console(stderr=True).print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True, highlight=False)
-
-
-def _check_device(device: Optional[str]) -> None:
-    if device is not None and device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
 
 
 def _run_training(job, config: TrainConfig) -> int:
@@ -671,7 +666,7 @@ def train(
     from memfit.train import TrainJob
     from memfit.train.checkpoint import open_checkpoint
 
-    _check_device(device)
+    check_device(device)
     file_values = read_config_file(config_file)
     checkpoint, saved = None, {}
     if resume is not None:
@@ -810,10 +805,10 @@ def demo(
     from memfit.models import init_model
     from memfit.paths import cache_dir
     from memfit.train import TrainJob
-    from memfit.devices import default_device
+    from memfit.runtime import default_device
     from memfit.train.rundir import FINAL
 
-    _check_device(device)
+    check_device(device)
     model_dir = cache_dir() / "models" / "tiny"
     if not (model_dir / "config.json").exists():
         console.print(f"building the tiny demo model in {model_dir} (memfit init-model --preset tiny)")
@@ -906,7 +901,7 @@ def _expand_bare_resume(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
-    quiet_libraries()
+    start_process()
     argv = _expand_bare_resume(list(sys.argv[1:] if argv is None else argv))
     try:
         # standalone_mode=False: click returns a command's typer.Exit code instead of raising it.

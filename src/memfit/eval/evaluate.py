@@ -25,6 +25,7 @@ from memfit.config import TrainConfig
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.events import Event, GuardNotice, Notice
+from memfit.runtime import check_device
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -76,8 +77,7 @@ def check_job(job: EvalJob) -> None:
         raise UserError(f"--max-memory must be > 0 GB (got {job.max_memory})")
     if job.quant not in ("none", "8", "4"):
         raise UserError(f"unknown --quant {job.quant!r}: choose none, 8 or 4")
-    if job.device is not None and job.device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {job.device!r}: choose cpu, cuda or mps")
+    check_device(job.device)
     if job.out is not None and job.out.is_dir():
         raise UserError(f"--out {job.out}: is a directory", hint="give a file name, e.g. results.jsonl")
 
@@ -159,7 +159,7 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
     from memfit.models import resolve_model
     from memfit.precision import resolve_precision
-    from memfit.devices import default_device
+    from memfit.runtime import default_device
 
     emit = on_event or (lambda event: None)
     check_job(job)

@@ -24,12 +24,13 @@ from typing import Any, Callable
 
 from memfit.config import TrainConfig
 from memfit.errors import EXIT_OK, EXIT_OOM, UserError, WeightsDamagedError
+from memfit.events import Event, Notice
 from memfit.paths import cache_dir
 from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
-from memfit.events import Event, Notice
+from memfit.runtime import check_device
 from memfit.units import GB
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
@@ -86,8 +87,7 @@ def _device(job: ProbeJob) -> str:
     from memfit.system import detect
 
     device = job.device or detect().default_device()
-    if device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    check_device(device)
     return device
 
 

@@ -270,9 +270,9 @@ def child_main(spec_path: str, run_dir: str) -> int:
     from memfit.render import TrainRenderer
     from memfit.train import TrainJob, train
 
-    from memfit.libraries import quiet
+    from memfit.runtime import start
 
-    quiet()
+    start()
     spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
     # Rendered as `memfit train` renders, to nowhere: the trial is to hold what the run it stands for will hold.
     renderer = TrainRenderer(Console(file=open(os.devnull, "w")))

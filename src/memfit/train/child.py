@@ -41,9 +41,9 @@ def main(spec_path: str) -> int:
     from memfit.train import TrainJob, train
     from memfit.train.checkpoint import open_checkpoint
 
-    from memfit.libraries import quiet
+    from memfit.runtime import start
 
-    quiet()
+    start()
     fields = dict(spec["job"])
     renderer = TrainRenderer(Console())
     try:

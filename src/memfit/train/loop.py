@@ -50,7 +50,7 @@ from memfit import faults
 from memfit.allocator import DEFAULT_POLICY as DEFAULT_ALLOCATOR_POLICY
 from memfit.allocator import configure as configure_allocator
 from memfit.config import GUARD_FIELDS, TrainConfig, saved_config_values
-from memfit.devices import default_device
+from memfit.runtime import default_device
 from memfit.distributed.collective import Agreement, Decision, all_reduce_sum, gradients
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.ranks import current as current_ranks
