@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from memfit.config import TrainConfig
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.events import Event, GuardNotice, Notice
+from memfit.files import write_atomic
 from memfit.runtime import check_device
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -367,8 +367,4 @@ def _end(job: EvalJob, emit, summary: dict, samples: list, guard, device: str, s
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Whole or not at all: written beside, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import UserError
+from memfit.files import write_atomic
 from memfit.paths import cache_dir
 
 PROFILE_FORMAT = 1
@@ -102,9 +102,7 @@ def setup_key(setup: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_profile(path: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from memfit.files import write_atomic
 from memfit.units import GB
 
 CSS = """
@@ -124,8 +125,6 @@ def document(title: str, header_title: str, badge: tuple[str, str], subtitle: st
 
 def write_html(path: Path, text: str) -> Path:
     """Written whole or not at all (a report open in a browser never shows half a file)."""
-    from memfit.train.rundir import write_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
     return path

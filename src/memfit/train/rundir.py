@@ -5,7 +5,6 @@ replacements, so a killed run never leaves a half-written file behind."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from importlib import metadata
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from memfit.errors import UserError
+from memfit.files import write_atomic
 from memfit.train.checkpoint import CHECKPOINTS
 from memfit.events import Event, StepEnd
 
@@ -24,15 +24,6 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUPERVISOR_LOG = "supervisor.jsonl"  # memfit.train.supervisor's restarts, one JSON line each
 FINAL = "final"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
 
 
 def versions() -> dict[str, str]:

@@ -42,7 +42,8 @@ from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, 
 from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
 from memfit.events import Event
-from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG, write_atomic
+from memfit.files import write_atomic
+from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG
 
 OOM_SCORE_ADJ = 1000  # the most killable: chosen first by the kernel's OOM killer
 
