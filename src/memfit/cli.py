@@ -22,7 +22,7 @@ from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, 
 from memfit.libraries import hide_bitsandbytes_from_peft
 from memfit.runtime import check_device
 from memfit.runtime import start as start_process
-from memfit.units import GB
+from memfit.units import GB, format_gb
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
@@ -126,9 +126,7 @@ def _option_value(flag_value: Any, file_values: dict[str, Any], key: str, kind: 
 
 
 def _gb(nbytes: float) -> str:
-    if abs(nbytes) < GB:
-        return f"{nbytes / 1024**2:,.0f} MB"
-    return f"{nbytes / GB:,.2f} GB"
+    return format_gb(nbytes, mb_below_gb=True)
 
 
 def _count(params: int) -> str:
@@ -725,7 +723,7 @@ def _profile_settings(choice: str, model: str, explicit: dict[str, Any],
     console.print(f"profile: {path} (probed {entry['created_at']}): "
                   + ", ".join(f"{key} {value}" for key, value in applied.items() if key in
                               ("batch_size", "lora_rank", "seq_len", "max_memory"))
-                  + f"; measured peak {chosen['peak_bytes'] / GB:.2f} GB of {entry['limit_bytes'] / GB:.2f} GB",
+                  + f"; measured peak {format_gb(chosen['peak_bytes'])} of {format_gb(entry['limit_bytes'])}",
                   soft_wrap=True, highlight=False)
     return settings, device or entry["setup"].get("device")
 

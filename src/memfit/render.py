@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
-from memfit.units import GB
+from memfit.units import format_gb
 
 
 
@@ -24,7 +24,7 @@ def _eta(seconds: float) -> str:
 
 def step_line(event: StepEnd) -> str:
     line = (f"loss: {event.loss:.4f} (avg: {event.avg_loss:.4f}) | lr: {event.lr:.2e} | {event.steps_per_s:.2f} steps/s"
-            f" | {event.tokens_per_s:,.0f} tok/s | ETA: {_eta(event.eta_s)} | mem: {event.watched_bytes / GB:.2f} GB")
+            f" | {event.tokens_per_s:,.0f} tok/s | ETA: {_eta(event.eta_s)} | mem: {format_gb(event.watched_bytes)}")
     if event.distrust_term is not None:
         line += f" | distrust: {event.distrust_term:.3f}"
     return line
@@ -78,7 +78,7 @@ class TrainRenderer(ProgressRenderer):
         self.last_avg_loss: float | None = None
 
     def _on_RunStarted(self, event: RunStarted) -> None:
-        estimate = f", estimated peak {event.estimate_bytes / GB:.2f} GB" if event.estimate_bytes else ""
+        estimate = f", estimated peak {format_gb(event.estimate_bytes)}" if event.estimate_bytes else ""
         self._print(f"training {event.model} on {event.device} ({event.precision}): "
                     f"{event.trainable_params:,} trainable of {event.total_params:,} params{estimate}; "
                     f"run dir {event.run_dir}")
@@ -179,14 +179,14 @@ class ProbeRenderer(EventRenderer):
     def _on_ProbeStarted(self, event) -> None:
         self.limit_bytes, self.margin = event.limit_bytes, event.margin
         how = "auto: 80% of available" if event.limit_auto else "--max-memory"
-        self._print(f"probing {event.model} on {event.device}: limit {event.limit_bytes / GB:.2f} GB ({how}), "
+        self._print(f"probing {event.model} on {event.device}: limit {format_gb(event.limit_bytes)} ({how}), "
                     f"margin {event.margin:.0%}, {event.steps} steps per trial, search {','.join(event.search)}")
         self._print(f"journal: {event.journal}"
                     + (f" ({event.reused_trials} finished trial(s) from an earlier run, not rerun)"
                        if event.reused_trials else ""), "dim")
 
     def _on_TrialStarted(self, event) -> None:
-        estimate = f" (estimated {event.estimate_bytes / GB:.2f} GB)" if event.estimate_bytes else ""
+        estimate = f" (estimated {format_gb(event.estimate_bytes)})" if event.estimate_bytes else ""
         self._print(f"trial {event.number}: {_settings(self._shown(event.settings))}{estimate} ...")
         if self.console.is_terminal:
             self.status = self.console.status(f"trial {event.number}: loading")
@@ -195,13 +195,13 @@ class ProbeRenderer(EventRenderer):
     def _on_TrialStep(self, event) -> None:
         if self.status is not None:
             self.status.update(f"trial {event.number}: step {event.step}/{event.steps}, loss {event.loss:.3f}, "
-                               f"mem {event.watched_bytes / GB:.2f} GB")
+                               f"mem {format_gb(event.watched_bytes)}")
 
     def _on_TrialEnded(self, event) -> None:
         self.close()
         trial = event.trial
-        peak = f"peak {trial['peak_bytes'] / GB:.2f} GB" if trial["peak_bytes"] else "peak unknown"
-        adjusted = f" (x{1 + self.margin:.2f}: {trial['peak_bytes'] * (1 + self.margin) / GB:.2f} GB)" \
+        peak = f"peak {format_gb(trial['peak_bytes'])}" if trial["peak_bytes"] else "peak unknown"
+        adjusted = f" (x{1 + self.margin:.2f}: {format_gb(trial['peak_bytes'] * (1 + self.margin))})" \
             if trial["peak_bytes"] else ""
         speed = f", {trial['tokens_per_s']:,.0f} tok/s" if trial.get("tokens_per_s") else ""
         verdict = "usable" if event.usable else {"fits": "fits, not usable", "over_limit": "over the limit",
@@ -215,7 +215,7 @@ class ProbeRenderer(EventRenderer):
         from rich.table import Table
 
         self.close()
-        table = Table(title=f"probe trials (limit {self.limit_bytes / GB:.2f} GB, margin {self.margin:.0%})")
+        table = Table(title=f"probe trials (limit {format_gb(self.limit_bytes)}, margin {self.margin:.0%})")
         for column in ("#", *[c.replace("_size", "").replace("lora_", "") for c in self.searched], "result", "peak",
                        "+margin", "estimate", "step", "tok/s", "growth", "detail"):
             table.add_column(column, justify="right" if column not in ("result", "detail") else "left")
@@ -224,9 +224,9 @@ class ProbeRenderer(EventRenderer):
             result = "usable" if trial["usable"] else trial["status"].replace("_", " ")
             table.add_row(str(number), *[str(trial["settings"][key]) for key in self.searched],
                           f"[{'green' if trial['usable'] else 'red'}]{result}[/]",
-                          f"{peak / GB:.2f} GB" if peak else "-",
-                          f"{peak * (1 + self.margin) / GB:.2f} GB" if peak else "-",
-                          f"{trial['estimate_bytes'] / GB:.2f} GB" if trial.get("estimate_bytes") else "-",
+                          format_gb(peak) if peak else "-",
+                          format_gb(peak * (1 + self.margin)) if peak else "-",
+                          format_gb(trial['estimate_bytes']) if trial.get("estimate_bytes") else "-",
                           f"{trial['step_time_s']:.2f} s" if trial.get("step_time_s") else "-",
                           f"{trial['tokens_per_s']:,.0f}" if trial.get("tokens_per_s") else "-",
                           f"{trial['growth']:+.1%}" if trial.get("growth") is not None else "-",
@@ -247,8 +247,8 @@ class ProbeRenderer(EventRenderer):
             self._print("OPTIMAL CONFIGURATION:", "bold green")
             for key in self.searched:
                 self._print(f"  {key.replace('_', ' ')}: {chosen[key]}")
-            self._print(f"  peak memory: {chosen['peak_bytes'] / GB:.2f} GB "
-                        f"({chosen['peak_x_margin_bytes'] / GB:.2f} GB with the {self.margin:.0%} margin)")
+            self._print(f"  peak memory: {format_gb(chosen['peak_bytes'])} "
+                        f"({format_gb(chosen['peak_x_margin_bytes'])} with the {self.margin:.0%} margin)")
             if chosen.get("step_time_s"):
                 self._print(f"  step time: {chosen['step_time_s']:.2f} s ({chosen['tokens_per_s']:,.0f} tok/s)")
             self._print(f"profile saved: {event.profile_path}")

@@ -24,6 +24,7 @@ from typing import Any
 from memfit.errors import UserError
 from memfit.files import write_atomic
 from memfit.paths import cache_dir
+from memfit.units import GB
 
 PROFILE_FORMAT = 1
 # The config fields that change how much memory a run takes, besides the batch size and the searched axes.
@@ -51,8 +52,8 @@ def machine_facts() -> dict[str, Any]:
     info = detect()
     return {
         "system": platform.system(), "arch": platform.machine(), "cpu": _cpu_name(), "cpu_count": info.cpu_count,
-        "ram_gib": round(info.ram_total_bytes / 1024**3),
-        "gpus": [{"name": gpu.name, "memory_gib": round(gpu.total_bytes / 1024**3)} for gpu in info.gpus],
+        "ram_gib": round(info.ram_total_bytes / GB),
+        "gpus": [{"name": gpu.name, "memory_gib": round(gpu.total_bytes / GB)} for gpu in info.gpus],
     }
 
 

@@ -31,7 +31,7 @@ from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStart
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
 from memfit.runtime import check_device
-from memfit.units import GB
+from memfit.units import GB, format_gb
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -385,7 +385,7 @@ class Probe:
             status, exit_code, message = "found", EXIT_OK, f"largest usable: {axes}"
         else:
             status, exit_code = "nothing_fits", EXIT_OOM
-            message = (f"nothing fits under {self.limit_bytes / GB:.2f} GB with a {job.margin:.0%} margin, not even "
+            message = (f"nothing fits under {format_gb(self.limit_bytes)} with a {job.margin:.0%} margin, not even "
                        f"batch {job.min_batch}")
         ended = ProbeEnded(status, exit_code, chosen, frontier, trials, str(path),
                            profiles.setup_key(self.setup_values), calibration, message)

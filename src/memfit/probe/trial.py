@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OOM, EXIT_USAGE
+from memfit.units import format_gb
 
 STATUSES = ("fits", "over_limit", "oom", "error")
 # The parent kills a child whose resident set passes the limit by this much: the child's guard only stops at a
@@ -177,7 +178,7 @@ def run_trial(spec: TrialSpec, trial_dir: Path, *, steps: int, timeout_s: float,
                 rss = _child_rss_bytes(watched)
                 sampled_peak = max(sampled_peak, rss)
                 if spec.device == "cpu" and rss > spec.limit_bytes * KILL_OVER_LIMIT:
-                    killed_for = f"killed by the probe at {rss / 1024**3:.2f} GB, past the limit"
+                    killed_for = f"killed by the probe at {format_gb(rss)}, past the limit"
                 elif time.monotonic() - last_progress > timeout_s:
                     killed_for = f"no progress for {timeout_s:.0f} s (hung); killed"
                 if killed_for:
@@ -232,7 +233,7 @@ def _classify(spec: TrialSpec, steps: int, exit_code: int, killed_for: str | Non
         trial.detail = killed_for
     elif exit_code == 0 and peak is not None and peak > spec.limit_bytes:
         trial.status = "over_limit"
-        trial.detail = f"ran {len(metrics)} steps but peaked {peak / 1024**3:.2f} GB, over the limit between readings"
+        trial.detail = f"ran {len(metrics)} steps but peaked {format_gb(peak)}, over the limit between readings"
     elif exit_code == 0:
         trial.status, trial.detail = "fits", f"{len(metrics)} steps"
         if trial.unstable():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from memfit.files import write_atomic
-from memfit.units import GB
+from memfit.units import format_gb
 
 CSS = """
 :root { --ink:#0f172a; --muted:#64748b; --line:#e2e8f0; --card:#ffffff; --bg:#f1f5f9; --accent:#2563eb;
@@ -61,7 +61,7 @@ def esc(value: Any) -> str:
 
 
 def gb(nbytes: float | None) -> str:
-    return "–" if nbytes is None else f"{nbytes / GB:.2f} GB"
+    return "–" if nbytes is None else format_gb(nbytes)
 
 
 def card(label: str, value: str, note: str = "") -> str:
