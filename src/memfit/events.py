@@ -110,3 +110,26 @@ class RunEnded(Event):
     resume_command: str | None = None
     report: str | None = None
     oom_recoveries: int = 0
+
+
+# --- `memfit train --supervise` (memfit.train.supervisor): each life of the trainer's child process ----------------
+
+
+@dataclass
+class ChildStarted(Event):
+    attempt: int
+    pid: int
+    oom_score_adj: int | None  # as read back from /proc (None where there is no such file)
+    resume_from: str | None
+    max_micro_batch: int | None
+
+
+@dataclass
+class ChildEnded(Event):
+    attempt: int
+    step: int  # the newest good checkpoint's step after this life (what the next one resumes from)
+    exit_code: int  # negative: killed by that signal
+    outcome: str  # done | reload | killed | guard_stop | oom | crash | bad_input | interrupted
+    action: str  # exit | restart | reload | give_up
+    message: str
+    micro_batch: int | None  # the next life's micro-batch limit, when there is one

@@ -9,8 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
-                                 RunEnded, RunStarted, StepEnd)
+from memfit.events import (CheckpointSaved, ChildEnded, ChildStarted, EvalEnd, Event, GuardNotice, MemoryReport, Notice,
+                           OomRecovered, RunEnded, RunStarted, StepEnd)
 from memfit.units import format_gb
 
 
@@ -71,6 +71,8 @@ class ProgressRenderer(EventRenderer):
 
 
 class TrainRenderer(ProgressRenderer):
+    """`memfit train`: the run's progress, lines and end; under --supervise, the supervisor's lines."""
+
     def __init__(self, console: Console):
         super().__init__(console)
         self.plain_every = 1
@@ -136,16 +138,14 @@ class TrainRenderer(ProgressRenderer):
                         "(the effective batch, which keeps the resume exact); `memfit estimate` shows what else saves "
                         "memory")
 
+    # `memfit train --supervise`: the parent's lines, as each life of the trainer's child process starts and ends
+    # (the child renders its own training output to the same terminal).
 
-class SupervisorRenderer(EventRenderer):
-    """`memfit train --supervise`: a line when the trainer process starts and when it ends (the child renders its
-    own training output to the same terminal)."""
-
-    def _on_ChildStarted(self, event) -> None:
+    def _on_ChildStarted(self, event: ChildStarted) -> None:
         adj = f", oom_score_adj {event.oom_score_adj}" if event.oom_score_adj is not None else ""
         self._print(f"supervisor: trainer process {event.pid} (life {event.attempt + 1}{adj})", "dim")
 
-    def _on_ChildEnded(self, event) -> None:
+    def _on_ChildEnded(self, event: ChildEnded) -> None:
         style = {"exit": "green" if event.exit_code == 0 else "red", "give_up": "red", "reload": "dim"}
         self._print(f"supervisor: {event.message}", style.get(event.action, "yellow"))
 

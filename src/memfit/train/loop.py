@@ -57,10 +57,9 @@ from memfit.distributed.ranks import current as current_ranks
 from memfit.distributed.ranks import shard_rows
 from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
                            OutOfMemoryError, UserError)
-from memfit.report import write_report_safely
 from memfit.train import checkpoint as ckpt
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
-                                 RunEnded, RunStarted, StepEnd)
+                           RunEnded, RunStarted, StepEnd)
 from memfit.train.rundir import FINAL, RunDir, check_fresh_output_dir, versions
 from memfit.train.tblog import TensorBoardSink
 
@@ -909,7 +908,6 @@ class Trainer:
         self._write_run_json(status="disk_full", exit_code=DiskFullError.exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-        write_report_safely(self.job.output_dir, self.emit)  # on a full disk it may fail: then a warning says so
 
     def save_final(self) -> Path:
         import os
@@ -1141,10 +1139,7 @@ class Trainer:
                              peak_rss_bytes=ending.peak_rss_bytes, **extra)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
-        self.emit(ended)
-        # A trial keeps nothing; a reload goes on in a new process; only rank 0 writes the run directory.
-        if not self.job.trial and status != "reload" and self.ranks.is_main:
-            write_report_safely(self.job.output_dir, self.emit)
+        self.emit(ended)  # rank 0's entry point writes the run report as this reaches it (memfit.report.report_at_end)
         # No rank returns (and exits) before rank 0's files are written: the launcher stops the other workers as
         # soon as one exits with a non-zero code.
         self.agreement.barrier()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from memfit.errors import UserError
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, OomRecovered, RunEnded, RunStarted,
-                                 StepEnd)
+                           StepEnd)
 
 TENSORBOARD_DIR = "tensorboard"
 from memfit.units import GB
