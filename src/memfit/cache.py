@@ -50,15 +50,15 @@ class CacheMiss(Exception):
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    import memfit
+    from memfit.version import __version__
 
-    found = {"memfit": memfit.__version__, "schema": str(SCHEMA), "python": sys.version.split()[0]}
+    found = {"memfit": __version__, "schema": str(SCHEMA), "python": sys.version.split()[0]}
     for package in _PACKAGES:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             found[package] = "-"
-    root = Path(memfit.__file__).resolve().parent
+    root = Path(__file__).resolve().parent  # memfit/
     sources = hashlib.sha256()
     for name in _TRACED_SOURCES:
         try:

@@ -1,7 +1,7 @@
 """Training: model loading, losses, optimizers, the guarded loop, checkpoints (`from memfit.train import train`).
 
-Calling the package, `memfit.train(...)`, is memfit.api.train (memfit.calls): options in, the run report written at
-the end; `memfit.train.train(job, config)` is the trainer alone.
+Calling the package, `memfit.train(...)`, is memfit.api.train (see memfit/__init__.py): options in, the run report
+written at the end; `memfit.train.train(job, config)` is the trainer alone.
 
 The names below are imported on first use (PEP 562): `python -m memfit.child life`, the trainer of
 `memfit train --supervise`, asks to die with its parent (PR_SET_PDEATHSIG) before torch and transformers load,
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memfit.calls import make_callable
-
 if TYPE_CHECKING:
     from memfit.train.loop import TrainJob, TrainResult, train
 
 __all__ = ["TrainJob", "TrainResult", "train"]
-
-make_callable(__name__)
 
 
 def __getattr__(name: str) -> Any:
