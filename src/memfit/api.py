@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from memfit.config import TrainConfig, build_config, option_value, read_config_file, saved_config_values
 from memfit.errors import DiskFullError, UserError
 from memfit.events import Event, Notice
-from memfit.runtime import check_device
+from memfit.runtime import check_device, start
 from memfit.units import format_gb
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def estimate(model: str | None = None, *, device: str | None = None, memory_gb: 
     from memfit.estimate.hardware import planned_hardware
     from memfit.estimate.resolution_cache import cached_resolution, model_fingerprint, remember_resolution
 
+    start()
     file_values = read_config_file(config_file)
     model = option_value(model, file_values, "model", str)
     if model is None:
@@ -162,6 +163,7 @@ def probe(model: str | None = None, data: str | Path | None = None, *, device: s
     from memfit.probe import probe as run_probe
     from memfit.probe.profile import AXES
 
+    start()
     check_device(device)
     file_values = read_config_file(config_file)
     model = model or file_values.get("model")
@@ -247,6 +249,7 @@ def training_job(model, data, output_dir, *, val_data=None, device=None, resume=
     from memfit.train.checkpoint import open_checkpoint
 
     options = dict(options or {})
+    start()
     check_device(device)
     file_values = read_config_file(config_file)
     checkpoint, saved = None, {}

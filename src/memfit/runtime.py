@@ -11,11 +11,16 @@ from memfit.errors import UserError
 from memfit.libraries import quiet
 
 DEVICES = ("cpu", "cuda", "mps")
+_started = False
 
 
 def start() -> None:
-    """What every memfit process does before it imports a library: library chatter off, nothing online."""
-    quiet()
+    """What every memfit process does before it imports a library: library chatter off, nothing online. Once per
+    process (the library calls make it too: a notebook that calls memfit.train gets what the CLI gets)."""
+    global _started
+    if not _started:
+        quiet()
+        _started = True
 
 
 def check_device(device: str | None) -> None:
