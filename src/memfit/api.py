@@ -240,8 +240,10 @@ def train(model: str | None = None, data: str | Path | None = None, output_dir: 
     return run_job(job, config, on_event)
 
 
-def training_job(model, data, output_dir, *, val_data=None, device=None, resume=None, force=False, profile=None,
-                 config_file=None, on_event: EventSink | None = None,
+def training_job(model: str | None, data: str | Path | None, output_dir: str | Path | None, *,
+                 val_data: str | Path | None = None, device: str | None = None,
+                 resume: str | Path | bool | None = None, force: bool = False, profile: str | None = None,
+                 config_file: str | Path | None = None, on_event: EventSink | None = None,
                  options: dict[str, Any] | None = None) -> tuple[TrainJob, TrainConfig]:
     """The job and config `train` runs, every setting taken from where it has the highest priority (see the module
     docstring); checked before anything is written or loaded."""
