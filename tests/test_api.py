@@ -119,3 +119,23 @@ def test_probe_finds_the_largest_batch_under_the_limit(tiny_model_dir, monkeypat
     assert result.exit_code == 0 and result.status == "found"
     assert result.chosen["batch_size"] == int((int(0.7 * 1024**3) / 1.15 - 450 * MB) // (8 * MB)) == 21
     assert Path(result.profile_path).exists() and events
+
+
+def test_the_report_sink_writes_once_the_run_has_ended(tmp_path, monkeypatch):
+    """report_at_end: the entry points' sink passes every event on and writes the report at the run's end (not at a
+    reload, which goes on in a new process, nor at a supervised life that is restarted)."""
+    import memfit.report as report
+    from memfit.events import ChildEnded
+
+    written = []
+    monkeypatch.setattr(report, "write_report", lambda run_dir: written.append(run_dir) or run_dir / "report.html")
+    seen = []
+    sink = report.report_at_end(tmp_path, seen.append)
+    life = dict(attempt=0, step=2, exit_code=-9, outcome="killed", message="", micro_batch=None)
+    sink(RunEnded("reload", 75, 2, 4, "reloading"))
+    sink(ChildEnded(action="restart", **life))
+    assert written == [] and len(seen) == 2
+    sink(ChildEnded(action="give_up", **life))
+    sink(RunEnded("guard_stop", 3, 2, 4, "stopped"))
+    assert written == [tmp_path, tmp_path]
+    assert [e.message for e in seen if isinstance(e, Notice)] == [f"run report: {tmp_path / 'report.html'}"] * 2
