@@ -46,7 +46,7 @@ def _child(spec: dict) -> dict:
         os.environ["MEMFIT_FAULTS"] = spec["fault"]
     from memfit.config import TrainConfig
     from memfit.train import TrainJob, loop
-    from memfit.train.events import Notice
+    from memfit.events import Notice
 
     loop.Trainer.stop_at_layers = spec["hook"]
     notices: list[str] = []

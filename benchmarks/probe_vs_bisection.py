@@ -15,7 +15,7 @@ For each case (model, sequence length, limit) three things run, one after the ot
    trials counts in it; before each trial memfit's release_memory() runs (gc.collect() and glibc malloc_trim(0)),
    the CPU counterpart of Lightning's garbage_collection_cuda() (gc.collect() and torch.cuda.empty_cache()).
 3. The truth: each side's chosen batch and chosen batch + 1 are re-measured, each in `--repeats` fresh processes
-   (memfit's trial child, `python -m memfit.probe SPEC RUN_DIR`, started here with a new spec and run directory
+   (memfit's trial child, `python -m memfit.child trial SPEC RUN_DIR`, started here with a new spec and run directory
    and the same config, limit and steps the probe gives its trials; none of the probe's recorded results is read).
    "+ 1" literally: both searches run over every integer batch (the probe without --pow2, the baseline's bisection
    until high - low <= 1), so the next batch up in either side's grid is chosen + 1, and "largest usable" claims

@@ -22,7 +22,7 @@ from memfit.distributed.fsdp import FsdpEngine
 from memfit.distributed.ranks import Ranks
 from memfit.distributed.single import OneProcessEngine
 from memfit.train import TrainJob, train
-from memfit.train.events import OomRecovered, StepEnd
+from memfit.events import OomRecovered, StepEnd
 from test_train import DEMO_DATA, FAST
 
 

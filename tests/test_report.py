@@ -16,8 +16,9 @@ from memfit.cli import main
 from memfit.config import TrainConfig
 from memfit.guard.sampler import rss_bytes
 from memfit.report import write_report, write_report_safely
-from memfit.train import TrainJob, train
-from memfit.train.events import Notice
+from memfit.api import run_training as train  # the trainer with the run report at its end
+from memfit.train import TrainJob
+from memfit.events import Notice
 
 DEMO_DATA = Path(str(resources.files("memfit").joinpath("data/demo.jsonl")))
 GB, MB = 1024**3, 1024**2

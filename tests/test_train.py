@@ -15,7 +15,7 @@ from memfit.cli import main
 from memfit.config import TrainConfig
 from memfit.train import TrainJob, train
 from memfit.train.checkpoint import open_checkpoint
-from memfit.train.events import EvalEnd, StepEnd
+from memfit.events import EvalEnd, StepEnd
 
 DEMO_DATA = Path(str(resources.files("memfit").joinpath("data/demo.jsonl")))
 FAST = dict(seq_len=64, batch_size=4, lr=1e-2, warmup_steps=1, memory_sample_interval=0.05)
@@ -215,7 +215,7 @@ def test_prompt_completion_and_chat_data_train(tiny_model_dir, tmp_path, lines):
 
 def test_leak_is_reported_with_its_rate_and_memory_reports_follow_the_interval(tiny_model_dir, tmp_path,
                                                                                monkeypatch):
-    from memfit.train.events import GuardNotice, MemoryReport
+    from memfit.events import GuardNotice, MemoryReport
 
     _inject(monkeypatch, "leak@30")
     events = []
@@ -317,7 +317,7 @@ def test_a_probe_trial_trains_the_runs_own_batches_and_its_longest_row(tiny_mode
 def test_an_allocator_policy_from_the_environment_is_said_and_a_bad_one_is_refused_before_any_write(
         tiny_model_dir, tmp_path, monkeypatch):
     from memfit.errors import UserError
-    from memfit.train.events import Notice
+    from memfit.events import Notice
 
     monkeypatch.setenv("MEMFIT_MALLOC", "tcmalloc")
     with pytest.raises(UserError, match="MEMFIT_MALLOC='tcmalloc' is not an allocator policy"):
@@ -333,7 +333,7 @@ def test_the_default_allocator_policy_is_said_only_where_it_does_nothing():
     """Off glibc the mmap threshold cannot be set: the run says so once, at start; on glibc the default is silent."""
     from memfit.allocator import DEFAULT_POLICY, Allocator
     from memfit.distributed.ranks import Ranks
-    from memfit.train.events import Notice
+    from memfit.events import Notice
     from memfit.train.setup import start_guard
 
     said = []

@@ -28,11 +28,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from memfit.files import write_atomic
 from memfit.paths import cache_dir
 
 SCHEMA = 1
@@ -50,15 +50,15 @@ class CacheMiss(Exception):
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    import memfit
+    from memfit.version import __version__
 
-    found = {"memfit": memfit.__version__, "schema": str(SCHEMA), "python": sys.version.split()[0]}
+    found = {"memfit": __version__, "schema": str(SCHEMA), "python": sys.version.split()[0]}
     for package in _PACKAGES:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             found[package] = "-"
-    root = Path(memfit.__file__).resolve().parent
+    root = Path(__file__).resolve().parent  # memfit/
     sources = hashlib.sha256()
     for name in _TRACED_SOURCES:
         try:
@@ -97,9 +97,7 @@ def save(kind: str, key: str, data: Any) -> None:
     path = _path(kind, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(data, default=str))
-        os.replace(partial, path)
+        write_atomic(path, json.dumps(data, default=str), fsync=False)
     except OSError:
         pass  # a read-only or full cache: estimates are computed again next time
 

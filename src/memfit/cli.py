@@ -7,7 +7,6 @@ import inspect
 import json
 import sys
 import typing
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,12 +15,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memfit.config import (GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, flag_name, load_yaml, make_config,
-                           saved_config_values)
+from memfit.config import (GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, build_config, flag_name, make_config,
+                           read_config_file)
 from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, error_line
 from memfit.libraries import hide_bitsandbytes_from_peft
-from memfit.libraries import quiet as quiet_libraries
-from memfit.units import GB
+from memfit.runtime import check_device
+from memfit.runtime import start as start_process
+from memfit.units import format_gb
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
@@ -84,54 +84,8 @@ def training_flags(include_guard: bool = False, memory_only: bool = False, defau
     return decorate
 
 
-# Keys a -c config file may hold besides the TrainConfig fields (the commands' own options).
-JOB_KEYS = {"model", "data", "val_data", "output_dir", "device", "memory_gb", "num_gpus", "zero",
-            "target_batch"}
-
-
-def read_config_file(config_file: Optional[Path]) -> dict[str, Any]:
-    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    unknown = sorted(set(values) - set(TrainConfig.model_fields) - JOB_KEYS)
-    if unknown:
-        raise UserError(f"{config_file}: unknown key {unknown[0]!r}",
-                        hint="keys are the flag names with _ (see --help)")
-    return values
-
-
-def build_config(training: dict[str, Any], config_file: Optional[Path],
-                 base: Optional[dict[str, Any]] = None) -> TrainConfig:
-    """Config from, by rising priority: `base` (a checkpoint's config), the -c file, the flags given."""
-    values = dict(base or {})
-    values.update({key: value for key, value in read_config_file(config_file).items()
-                   if key in TrainConfig.model_fields})
-    values.update(training)
-    return make_config(**values)
-
-
-def _option_value(flag_value: Any, file_values: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
-    """A command option: the flag when given, else the -c file's key (checked to be a `kind`), else `default`."""
-    if flag_value is not None:
-        return flag_value
-    value = file_values.get(key, default)
-    if value is None:
-        return None
-    try:
-        if isinstance(value, (bool, list, dict)) or (kind is int and float(value) != int(float(value))):
-            raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        what = {int: "a whole number", float: "a number"}.get(kind, "a string")
-        raise UserError(f"config file key {key!r} must be {what} (got {value!r})", hint="fix the -c file") from None
-
-
 def _gb(nbytes: float) -> str:
-    if abs(nbytes) < GB:
-        return f"{nbytes / 1024**2:,.0f} MB"
-    return f"{nbytes / GB:,.2f} GB"
-
-
-def _count(params: int) -> str:
-    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    return format_gb(nbytes, mb_below_gb=True)
 
 
 def _print_json(data: Any) -> None:
@@ -246,36 +200,6 @@ def models(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
 
 
-def _hardware(device: Optional[str], memory_gb: Optional[float], num_gpus: int, zero: int, offload: str,
-              engine: str = "deepspeed"):
-    from memfit.estimate.memory import Hardware
-    from memfit.system import detect
-
-    if memory_gb is not None and memory_gb <= 0:
-        raise UserError(f"--memory-gb must be > 0 (got {memory_gb})", hint="give the device memory in GB")
-    if num_gpus < 1:
-        raise UserError(f"--num-gpus must be >= 1 (got {num_gpus})")
-    if zero not in (0, 1, 2, 3):
-        raise UserError(f"--zero must be 0, 1, 2 or 3 (got {zero})")
-    if offload not in ("none", "cpu"):
-        raise UserError(f"unknown --offload {offload!r}: choose none or cpu")
-    info = None
-    if device is None:
-        info = detect()
-        device = info.default_device()
-    if device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
-    if memory_gb is not None:
-        memory = int(memory_gb * GB)
-    else:
-        info = info or detect()
-        memory = info.device_memory_bytes(device)
-        if memory == 0:
-            raise UserError(f"no {device} device on this machine to size the estimate for",
-                            hint="pass --memory-gb G (the memory of the target device)")
-    return Hardware(device=device, memory_bytes=memory, num_gpus=num_gpus, zero=zero, offload=offload, engine=engine)
-
-
 @app.command()
 @training_flags(memory_only=True)
 def estimate(
@@ -296,158 +220,29 @@ def estimate(
     training: dict = None,
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
-    from memfit.cache import CacheMiss
+    from memfit.api import estimate as compute
     from memfit.estimate.memory import to_json
-    from memfit.estimate.resolution_cache import cached_resolution, model_fingerprint, remember_resolution
+    from memfit.render import render_estimate
 
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
-    file_values = read_config_file(config_file)
-    model = _option_value(model, file_values, "model", str)
-    if model is None:
-        raise UserError("missing --model", hint="pass --model M, or put `model: M` in the -c file")
-    device = _option_value(device, file_values, "device", str)
-    memory_gb = _option_value(memory_gb, file_values, "memory_gb", float)
-    num_gpus = _option_value(num_gpus, file_values, "num_gpus", int, 1)
-    zero = _option_value(zero, file_values, "zero", int, 0)
-    target_batch = _option_value(target_batch, file_values, "target_batch", int)
-    if target_batch is not None and target_batch < 1:
-        raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
-    config = build_config(training, config_file)
-    from memfit.distributed.engines import estimated_sharding
-
-    zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
-    hardware = _hardware(device, memory_gb, num_gpus, zero, config.offload, engine)
-    # A model estimated before comes from the cache (memfit.cache): no transformers, no torch, no trace.
-    # Anything the cache lacks sends it through the real resolution and the tracer, which fill the cache.
-    fingerprint = model_fingerprint(model)
-    resolved = cached_resolution(model, fingerprint)
-    try:
-        if resolved is None:
-            raise CacheMiss("not resolved before")
-        computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
-    except CacheMiss:
-        from memfit.models import resolve_model
-
-        resolved = resolve_model(model, fetch_config=True)  # a Hub id not cached: its config.json is fetched
-        remember_resolution(model, resolved, fingerprint)
-        computed = _estimate_of(resolved, config, hardware, calibrate, target_batch)
-    result, calibration, largest, micro_batch, grad_accum, advice = computed
-    result.notes.insert(0, f"model config: {resolved.origin}")
-    planned_for_cpu = None
-    if device is None and hardware.device == "cpu":
-        planned_for_cpu = ("planning for this machine's CPU (no GPU here; memory is process RSS): for a GPU, pass "
-                           "--device cuda --memory-gb 24 (its memory in GB)")
+    found = compute(model, device=device, memory_gb=memory_gb, num_gpus=num_gpus, zero=zero,
+                    target_batch=target_batch, calibrate=calibrate, config_file=config_file, **training)
     if as_json:
-        data = {**to_json(result, largest, grad_accum, advice), "micro_batch_size": micro_batch,
-                "calibration": calibration, "source": resolved.source, "config_source": resolved.origin}
-        if target_batch:
-            data["target_batch"] = target_batch
-        if planned_for_cpu:
-            data["notes"] = [planned_for_cpu, *data["notes"]]
+        data = {**to_json(found.estimate, found.largest_batch, found.grad_accum, found.advice),
+                "micro_batch_size": found.micro_batch, "calibration": found.calibration,
+                "source": found.model.source, "config_source": found.model.origin}
+        if found.target_batch:
+            data["target_batch"] = found.target_batch
+        if found.planned_for_cpu:
+            data["notes"] = [found.planned_for_cpu, *data["notes"]]
         _print_json(data)
     else:
-        if planned_for_cpu:
-            console.print(planned_for_cpu, soft_wrap=True, highlight=False)
-        _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice)
-    if check and not result.fits:
+        if found.planned_for_cpu:
+            console.print(found.planned_for_cpu, soft_wrap=True, highlight=False)
+        render_estimate(console, found)
+    if check and not found.fits:
         raise typer.Exit(1)
-
-
-def _estimate_of(resolved, config: TrainConfig, hardware, calibrate: bool, target_batch: Optional[int]):
-    """The estimate command's numbers: (estimate, calibration, largest batch, micro-batch, grad-accum, advice)."""
-    from memfit.estimate.advice import suggestions
-    from memfit.estimate.memory import estimate_memory, grad_accum_for, max_batch_size
-
-    result = estimate_memory(resolved.config, config, hardware, model_name=resolved.name)
-    calibration = _calibration(resolved, config, hardware) if calibrate else None
-    solve_for = hardware
-    if calibration:
-        ratio = calibration["ratio"]
-        result.breakdown["calibration"] = int(result.training_bytes * (ratio - 1))
-        result.load_peak_bytes = int(result.load_peak_bytes * ratio)
-        result.notes.append(f"calibrated with this machine's probe profile {calibration['profile']}: measured/"
-                            f"estimated = {ratio:.3f} over {calibration['trials']} trial(s); --no-calibrate for "
-                            "the raw estimate")
-        solve_for = replace(hardware, memory_bytes=int(hardware.memory_bytes / ratio))
-    largest = max_batch_size(resolved.config, config, solve_for)
-    micro_batch, grad_accum = config.batch_size, config.grad_accum
-    if target_batch:
-        # The largest micro-batch that fits (not more than the target needs); accumulation makes up the rest.
-        micro_batch = max(1, min(largest, target_batch))
-        grad_accum = grad_accum_for(target_batch, micro_batch, hardware.num_gpus)
-    advice = [] if result.fits else suggestions(resolved.config, config, hardware, result.total_bytes)
-    return result, calibration, largest, micro_batch, grad_accum, advice
-
-
-def _calibration(resolved, config: TrainConfig, hardware) -> Optional[dict[str, Any]]:
-    """This machine's measured/estimated ratio for this model and setup, from a `memfit probe` profile (only for
-    one device: the probe measures one process)."""
-    from memfit.paths import cache_dir
-    from memfit.probe.profile import calibration_for, fingerprint, machine_facts, model_key
-
-    if hardware.num_gpus != 1 or hardware.offload != "none":
-        return None
-    # No profile of this model on any machine: nothing to find, and no need to detect this one (that imports torch).
-    if not any((cache_dir() / "profiles").glob(f"*/{model_key(resolved)}.json")):
-        return None
-    return calibration_for(resolved, fingerprint(machine_facts()), config.model_dump(), hardware.device)
-
-
-def _render_estimate(result, resolved, largest, micro_batch, grad_accum, target_batch, advice) -> None:
-    config, hardware = result.config, result.hardware
-    sharding = "FSDP" if hardware.engine == "fsdp" else f"ZeRO-{hardware.zero}"
-    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, {sharding}" if hardware.num_gpus > 1 else "")
-    title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
-             f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
-    table = Table(title=title)
-    table.add_column("component")
-    table.add_column("per device", justify="right")
-    table.add_column("share", justify="right")
-    total = result.total_bytes
-    for name, nbytes in result.breakdown.items():
-        table.add_row(name, _gb(nbytes), f"{100 * nbytes / total:.0f}%" if total else "-")
-    if result.load_peak_bytes:
-        table.add_row("training step", _gb(result.training_bytes), "")
-        table.add_row("loading peak", _gb(result.load_peak_bytes), "")
-    table.add_row("[bold]total[/bold]", f"[bold]{_gb(total)}[/bold]", "")
-    table.add_row("device memory", _gb(hardware.memory_bytes), "")
-    console.print(table)
-    console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
-    if hardware.device == "cuda":
-        # torch.cuda.max_memory_allocated / max_memory_reserved, and what nvidia-smi shows (README: which to compare)
-        console.print(f"peaks: allocated {_gb(result.allocated_peak_bytes)} · reserved "
-                      f"{_gb(result.reserved_peak_bytes)} · process (nvidia-smi) {_gb(result.process_bytes)}",
-                      highlight=False)
-    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-    largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
-    console.print(f"{verdict}: {_gb(total)} of {_gb(hardware.memory_bytes)}; {largest_text}")
-    if target_batch:
-        why = (f"the largest micro-batch that fits is {largest}" if largest
-               else "not even batch 1 fits: see what to change")
-        console.print(f"target batch {target_batch}: --batch-size {micro_batch} --grad-accum {grad_accum}"
-                      f" × {hardware.num_gpus} device(s) = {micro_batch * grad_accum * hardware.num_gpus} ({why})",
-                      highlight=False)
-    if result.host_offload_bytes:
-        console.print(f"CPU RAM for offloaded states: {_gb(result.host_offload_bytes)}")
-    for note in result.notes:
-        console.print(f"[dim]note: {note}[/dim]")
-    if advice:
-        best = advice[0]
-        if best.fits:
-            console.print(f"[bold]cheapest change that fits:[/bold] {escape(best.change)} → {_gb(best.total_bytes)}, "
-                          f"batch up to {best.max_batch_size}", soft_wrap=True, highlight=False)
-        else:
-            console.print("no change or combination of up to three changes fits: the single changes below save "
-                          "the most", soft_wrap=True, highlight=False)
-        table = Table(title="what to change (cheapest first: changes that keep the math before those that alter "
-                            "the training)")
-        for column in ("change", "why", "saves", "total", "fits", "batch up to"):
-            table.add_column(column)
-        for item in advice:
-            table.add_row(escape(item.change), item.why, _gb(item.saving_bytes), _gb(item.total_bytes),
-                          "[green]yes[/green]" if item.fits else "no", str(item.max_batch_size) if item.fits else "-")
-        console.print(table)
 
 
 @app.command()
@@ -461,6 +256,7 @@ def recommend(
 ):
     """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator, with the same defaults
     as estimate, probe and train). --method (and --quant with lora/qlora) keeps only that method's column."""
+    from memfit.estimate.hardware import planned_hardware
     from memfit.estimate.recommend import METHODS
     from memfit.estimate.recommend import recommend as compute
 
@@ -477,9 +273,9 @@ def recommend(
     if "quant" in given and given["quant"] != "none" and given.get("method") not in ("lora", "qlora"):
         raise UserError(f"--quant {given['quant']} needs --method lora or qlora in recommend (it picks that column)",
                         hint="e.g. memfit recommend --method lora --quant 8")
-    config = build_config(training, config_file)
+    config = build_config(training, file_values)
     methods = (config.method,) if "method" in given else METHODS
-    hardware = _hardware(device, memory_gb, 1, 0, "none")
+    hardware = planned_hardware(device, memory_gb)
     result = compute(config, hardware, methods=methods)
     if as_json:
         return _print_json(result)
@@ -553,32 +349,17 @@ def probe(
 ):
     """Find the largest batch (and rank or sequence length) that really fits here: real training steps in child
     processes, saved as a hardware profile for `train --profile auto`."""
-    from memfit.probe import ProbeJob
-    from memfit.probe import probe as run_probe
+    from memfit.api import probe as run_probe
     from memfit.probe.profile import AXES, read_profile
     from memfit.render import ProbeRenderer
 
-    _check_device(device)
-    file_values = read_config_file(config_file)
-    model = model or file_values.get("model")
-    data = data or file_values.get("data")
-    if model is None or data is None:
-        raise UserError(f"missing {'--model' if model is None else '--data'}", hint="see memfit probe --help")
-    axes = tuple(part.strip() for part in search.split(",") if part.strip())
-    if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
-        raise UserError(f"unknown --search {search!r}: choose batch, batch,rank or batch,seq")
-    config = build_config(training, config_file)
-    limit_gb = _option_value(limit_gb, file_values, "max_memory", float)
-    if limit_gb is not None and limit_gb > 0:
-        _check_max_memory(limit_gb, str(model), config, device or file_values.get("device"), force)
-    job = ProbeJob(model=str(model), data=Path(data), device=device or file_values.get("device"),
-                   max_memory=limit_gb,
-                   steps=steps, margin=margin, search=axes, values=_int_list(values, "--values"),
-                   max_batch=max_batch, powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout,
-                   fresh=fresh)
-    renderer = ProbeRenderer(Console(stderr=True) if as_json else console, [AXES[axis] for axis in axes])
+    axes = [part.strip() for part in search.split(",") if part.strip()]
+    renderer = ProbeRenderer(Console(stderr=True) if as_json else console, [AXES.get(axis) for axis in axes])
     try:
-        result = run_probe(job, config, on_event=renderer)
+        result = run_probe(model, data, device=device, max_memory=limit_gb, steps=steps, margin=margin,
+                           search=search, values=_int_list(values, "--values"), max_batch=max_batch,
+                           powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout, fresh=fresh,
+                           force=force, config_file=config_file, on_event=renderer, **training)
     finally:
         renderer.close()
     if as_json:
@@ -586,69 +367,6 @@ def probe(
         _print_json({"profile_path": result.profile_path, "machine": saved["machine"], "model": saved["model"],
                      **saved["entries"][result.entry_key]})
     raise typer.Exit(result.exit_code)
-
-
-def _check_max_memory(max_memory: Optional[float], model: str, config: TrainConfig, device: Optional[str],
-                      force: bool) -> None:
-    """probe: a --max-memory below the estimated peak of micro-batch 1: one line, exit 2 (unless --force); one
-    above what the machine has: a warning. (train checks in its training process: memfit.train.loop.)"""
-    import os
-
-    if max_memory is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    from memfit.estimate.limit import check_model_limit
-
-    if device is None:
-        from memfit.system import detect
-
-        device = detect().default_device()
-    for warning in check_model_limit(max_memory, model, config, device, force).warnings:
-        Console(stderr=True).print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True, highlight=False)
-
-
-def _check_device(device: Optional[str]) -> None:
-    if device is not None and device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
-
-
-def _run_training(job, config: TrainConfig) -> int:
-    """Train (supervised when asked) with the terminal renderer; returns the exit code."""
-    from memfit.render import TrainRenderer
-    from memfit.train import train as train_run
-
-    if config.reload_interval and not config.supervise:
-        raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
-                        hint="add --supervise")
-    if config.tensorboard:
-        from memfit.train.tblog import require_tensorboard
-
-        require_tensorboard()  # here, before a supervised child starts or a run dir is created
-    if config.supervise:
-        return _run_supervised(job, config)
-    renderer = TrainRenderer(console)
-    try:
-        return train_run(job, config, on_event=renderer).exit_code
-    finally:
-        renderer.close()
-
-
-def _run_supervised(job, config: TrainConfig, engine: str = "torch") -> int:
-    from memfit.render import SupervisorRenderer
-    from memfit.train.rundir import check_fresh_output_dir
-    from memfit.train.supervisor import supervise
-
-    if job.resume is None:
-        check_fresh_output_dir(job.output_dir)  # here, not after the child has started
-    from memfit.models.resolve import check_weights_early
-
-    check_weights_early(job.model)  # damaged weights: one line, before the supervisor writes the run dir
-    fields = {"model": job.model, "data": str(job.data), "output_dir": str(job.output_dir),
-              "val_data": str(job.val_data) if job.val_data else None, "device": job.device, "force": job.force,
-              "resume": str(job.resume.path) if job.resume else None}
-    if engine != "torch":
-        fields["engine"] = engine  # memfit.train.child trains with it (--engine mlx)
-    return supervise(fields, config.model_dump(), max_restarts=config.max_restarts,
-                     reload_interval=config.reload_interval, on_event=SupervisorRenderer(console))
 
 
 @app.command()
@@ -674,93 +392,18 @@ def train(
     training: dict = None,
 ):
     """Fine-tune with LoRA, QLoRA or full training, guarded against running out of memory."""
-    from memfit.train import TrainJob
-    from memfit.train.checkpoint import open_checkpoint
-
-    _check_device(device)
-    file_values = read_config_file(config_file)
-    checkpoint, saved = None, {}
-    if resume is not None:
-        if resume == _RESUME_LATEST:
-            run_dir = output_dir or file_values.get("output_dir")
-            if run_dir is None:
-                raise UserError("--resume without a directory needs --output-dir (the run to continue)",
-                                hint="or pass --resume RUN_DIR/checkpoints/step-N")
-            checkpoint = open_checkpoint(Path(run_dir))
-        else:
-            checkpoint = open_checkpoint(Path(resume))
-        saved = checkpoint.meta
-
-    def pick(flag_value, key):  # flag, else the -c file, else the checkpoint
-        return flag_value if flag_value is not None else file_values.get(key, saved.get(key))
-
-    job_model, job_data, job_out = pick(model, "model"), pick(data, "data"), pick(output_dir, "output_dir")
-    for value, flag in ((job_model, "--model"), (job_data, "--data"), (job_out, "--output-dir")):
-        if value is None:
-            raise UserError(f"missing {flag}", hint="see memfit train --help (or use -c CONFIG.yaml)")
-    base, device = saved.get("config"), device or file_values.get("device")
-    if base is not None:
-        base = saved_config_values(base)  # keys an older memfit did not write: what it did (qlora_upcast)
-    if profile is not None:
-        if checkpoint is not None:
-            raise UserError("--profile and --resume do not mix: a resumed run keeps its checkpoint's settings",
-                            hint="drop --profile")
-        base, device = _profile_settings(profile, str(job_model), {**file_values, **training}, device)
-    config = build_config(training, config_file, base=base)
-    from memfit.distributed.engines import check_engine
-
-    check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
-    job_val = pick(val_data, "val_data")
-    if config.eval_every and job_val is None:
-        raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
-    job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
-                   val_data=Path(job_val) if job_val else None, device=device, resume=checkpoint, force=force)
-    # --engine mlx (memfit.mlx, issue 21): the MLX engine takes the same job and config.
-    from memfit.mlx import choose_engine
-
-    if choose_engine(engine or saved.get("engine") or "torch") == "mlx":
-        raise typer.Exit(_run_mlx_training(job, config))
-    raise typer.Exit(_run_training(job, config))
-
-
-def _run_mlx_training(job, config: TrainConfig) -> int:
-    """`memfit train --engine mlx` with the terminal renderer; returns the exit code."""
-    from memfit.mlx import train_mlx
+    from memfit.api import RESUME_LATEST
+    from memfit.api import train as run_train
     from memfit.render import TrainRenderer
 
-    if config.reload_interval and not config.supervise:
-        raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
-                        hint="add --supervise")
-    if config.supervise:
-        return _run_supervised(job, config, engine="mlx")
     renderer = TrainRenderer(console)
     try:
-        return train_mlx(job, config, on_event=renderer).exit_code
+        run = run_train(model, data, output_dir, val_data=val_data, device=device,
+                        resume=RESUME_LATEST if resume == _RESUME_LATEST else resume, force=force, profile=profile,
+                        config_file=config_file, engine=engine, on_event=renderer, **training)
     finally:
         renderer.close()
-
-
-def _profile_settings(choice: str, model: str, explicit: dict[str, Any],
-                      device: Optional[str]) -> tuple[dict[str, Any], Optional[str]]:
-    """The settings a probe profile gives `train` (explicit flags and -c keys still win), and the device."""
-    from memfit.models import resolve_model
-    from memfit.probe.profile import SETUP_FIELDS, profile_for_training
-
-    wanted = {key: value for key, value in explicit.items() if key in SETUP_FIELDS}
-    if device is not None:
-        wanted["device"] = device
-    path, entry, notes = profile_for_training(choice, resolve_model(model), wanted)
-    for note in notes:
-        console.print(f"[yellow]{note}[/yellow]", soft_wrap=True)
-    settings = entry["settings"]
-    applied = {key: value for key, value in settings.items() if key not in explicit}
-    chosen = entry["chosen"]
-    console.print(f"profile: {path} (probed {entry['created_at']}): "
-                  + ", ".join(f"{key} {value}" for key, value in applied.items() if key in
-                              ("batch_size", "lora_rank", "seq_len", "max_memory"))
-                  + f"; measured peak {chosen['peak_bytes'] / GB:.2f} GB of {entry['limit_bytes'] / GB:.2f} GB",
-                  soft_wrap=True, highlight=False)
-    return settings, device or entry["setup"].get("device")
+    raise typer.Exit(run.exit_code)
 
 
 @app.command("launch-config")
@@ -785,8 +428,8 @@ def launch_config(
     launch it with accelerate launch or torchrun."""
     from memfit.distributed import launch
 
-    config = build_config(training, config_file)
     file_values = read_config_file(config_file)
+    config = build_config(training, file_values)
     model, data = model or file_values.get("model"), data or file_values.get("data")
     output_dir = output_dir or file_values.get("output_dir")
     model_config = None
@@ -834,27 +477,33 @@ def demo(
     import time
     from importlib import resources
 
+    from memfit.api import train as run_train
     from memfit.eval.sample import continue_prompt
     from memfit.models import init_model
     from memfit.paths import cache_dir
-    from memfit.train import TrainJob
-    from memfit.devices import default_device
+    from memfit.render import TrainRenderer
+    from memfit.runtime import default_device
     from memfit.train.rundir import FINAL
 
-    _check_device(device)
+    check_device(device)
     model_dir = cache_dir() / "models" / "tiny"
     if not (model_dir / "config.json").exists():
         console.print(f"building the tiny demo model in {model_dir} (memfit init-model --preset tiny)")
         init_model("tiny", model_dir)
-    config = make_config(**{**DEMO_DEFAULTS, **training})
+    options = {**DEMO_DEFAULTS, **training}
+    config = make_config(**options)
     output_dir = output_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     sample_device = device or default_device()
     before = continue_prompt(model_dir, prompt, device=sample_device)
     with resources.as_file(resources.files("memfit").joinpath("data/demo.jsonl")) as data:
         console.print(f"demo: {config.method} fine-tune of {model_dir} with {data.name} ({config.loss} loss), "
                       f"run dir {output_dir}", soft_wrap=True)
-        exit_code = _run_training(TrainJob(model=str(model_dir), data=data, output_dir=output_dir, device=device),
-                                  config)
+        renderer = TrainRenderer(console)
+        try:
+            exit_code = run_train(str(model_dir), data, output_dir, device=device, on_event=renderer,
+                                  **options).exit_code
+        finally:
+            renderer.close()
     final = output_dir / FINAL
     if exit_code == 0 and final.is_dir():
         trained = (continue_prompt(model_dir, prompt, adapter=final, device=sample_device) if config.method != "full"
@@ -934,7 +583,7 @@ def _expand_bare_resume(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app and turn every expected failure into one line and an exit code."""
-    quiet_libraries()
+    start_process()
     argv = _expand_bare_resume(list(sys.argv[1:] if argv is None else argv))
     try:
         # standalone_mode=False: click returns a command's typer.Exit code instead of raising it.

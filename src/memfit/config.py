@@ -216,3 +216,48 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option: value at the top level", hint="see examples/")
     return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+# --- where a command's settings come from: a flag (or a library call's keyword) > the -c file > a checkpoint > a
+# probe profile ---------------------------------------------------------------------------------------------------
+
+# Keys a -c config file may hold besides the TrainConfig fields (the commands' own options).
+JOB_KEYS = {"model", "data", "val_data", "output_dir", "device", "memory_gb", "num_gpus", "zero",
+            "target_batch"}
+
+
+def read_config_file(config_file: str | Path | None) -> dict[str, Any]:
+    """The -c file's values ({} without one); an unknown key is a UserError."""
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    unknown = sorted(set(values) - set(TrainConfig.model_fields) - JOB_KEYS)
+    if unknown:
+        raise UserError(f"{config_file}: unknown key {unknown[0]!r}",
+                        hint="keys are the flag names with _ (see --help)")
+    return values
+
+
+def build_config(given: dict[str, Any], file_values: dict[str, Any],
+                 base: dict[str, Any] | None = None) -> TrainConfig:
+    """Config from, by rising priority: `base` (a checkpoint's config, or a probe profile's settings), the -c
+    file's values, the options given."""
+    values = dict(base or {})
+    values.update({key: value for key, value in file_values.items() if key in TrainConfig.model_fields})
+    values.update(given)
+    return make_config(**values)
+
+
+def option_value(given: Any, file_values: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """A command option: the value given when there is one, else the -c file's key (checked to be a `kind`), else
+    `default`."""
+    if given is not None:
+        return given
+    value = file_values.get(key, default)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (bool, list, dict)) or (kind is int and float(value) != int(float(value))):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        what = {int: "a whole number", float: "a number"}.get(kind, "a string")
+        raise UserError(f"config file key {key!r} must be {what} (got {value!r})", hint="fix the -c file") from None

@@ -1,4 +1,4 @@
-"""Terminal rendering of training and probe events (the loop and the probe never print).
+"""Terminal rendering of training and probe events (the loop and the probe never print), and of an estimate.
 
 On a terminal: a rich progress bar `step/total`, loss (running average), lr, steps/s, tokens/s, ETA and `mem`
 (the number the guard watches). Elsewhere (CI logs, pipes): one plain line every ~5% of the run, so logs stay short.
@@ -9,9 +9,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
-                                 RunEnded, RunStarted, StepEnd)
-from memfit.units import GB
+from memfit.events import (CheckpointSaved, ChildEnded, ChildStarted, EvalEnd, Event, GuardNotice, MemoryReport, Notice,
+                           OomRecovered, RunEnded, RunStarted, StepEnd)
+from memfit.units import format_gb
 
 
 
@@ -24,7 +24,7 @@ def _eta(seconds: float) -> str:
 
 def step_line(event: StepEnd) -> str:
     line = (f"loss: {event.loss:.4f} (avg: {event.avg_loss:.4f}) | lr: {event.lr:.2e} | {event.steps_per_s:.2f} steps/s"
-            f" | {event.tokens_per_s:,.0f} tok/s | ETA: {_eta(event.eta_s)} | mem: {event.watched_bytes / GB:.2f} GB")
+            f" | {event.tokens_per_s:,.0f} tok/s | ETA: {_eta(event.eta_s)} | mem: {format_gb(event.watched_bytes)}")
     if event.distrust_term is not None:
         line += f" | distrust: {event.distrust_term:.3f}"
     return line
@@ -71,6 +71,8 @@ class ProgressRenderer(EventRenderer):
 
 
 class TrainRenderer(ProgressRenderer):
+    """`memfit train`: the run's progress, lines and end; under --supervise, the supervisor's lines."""
+
     def __init__(self, console: Console):
         super().__init__(console)
         self.plain_every = 1
@@ -78,7 +80,7 @@ class TrainRenderer(ProgressRenderer):
         self.last_avg_loss: float | None = None
 
     def _on_RunStarted(self, event: RunStarted) -> None:
-        estimate = f", estimated peak {event.estimate_bytes / GB:.2f} GB" if event.estimate_bytes else ""
+        estimate = f", estimated peak {format_gb(event.estimate_bytes)}" if event.estimate_bytes else ""
         self._print(f"training {event.model} on {event.device} ({event.precision}): "
                     f"{event.trainable_params:,} trainable of {event.total_params:,} params{estimate}; "
                     f"run dir {event.run_dir}")
@@ -136,16 +138,14 @@ class TrainRenderer(ProgressRenderer):
                         "(the effective batch, which keeps the resume exact); `memfit estimate` shows what else saves "
                         "memory")
 
+    # `memfit train --supervise`: the parent's lines, as each life of the trainer's child process starts and ends
+    # (the child renders its own training output to the same terminal).
 
-class SupervisorRenderer(EventRenderer):
-    """`memfit train --supervise`: a line when the trainer process starts and when it ends (the child renders its
-    own training output to the same terminal)."""
-
-    def _on_ChildStarted(self, event) -> None:
+    def _on_ChildStarted(self, event: ChildStarted) -> None:
         adj = f", oom_score_adj {event.oom_score_adj}" if event.oom_score_adj is not None else ""
         self._print(f"supervisor: trainer process {event.pid} (life {event.attempt + 1}{adj})", "dim")
 
-    def _on_ChildEnded(self, event) -> None:
+    def _on_ChildEnded(self, event: ChildEnded) -> None:
         style = {"exit": "green" if event.exit_code == 0 else "red", "give_up": "red", "reload": "dim"}
         self._print(f"supervisor: {event.message}", style.get(event.action, "yellow"))
 
@@ -179,14 +179,14 @@ class ProbeRenderer(EventRenderer):
     def _on_ProbeStarted(self, event) -> None:
         self.limit_bytes, self.margin = event.limit_bytes, event.margin
         how = "auto: 80% of available" if event.limit_auto else "--max-memory"
-        self._print(f"probing {event.model} on {event.device}: limit {event.limit_bytes / GB:.2f} GB ({how}), "
+        self._print(f"probing {event.model} on {event.device}: limit {format_gb(event.limit_bytes)} ({how}), "
                     f"margin {event.margin:.0%}, {event.steps} steps per trial, search {','.join(event.search)}")
         self._print(f"journal: {event.journal}"
                     + (f" ({event.reused_trials} finished trial(s) from an earlier run, not rerun)"
                        if event.reused_trials else ""), "dim")
 
     def _on_TrialStarted(self, event) -> None:
-        estimate = f" (estimated {event.estimate_bytes / GB:.2f} GB)" if event.estimate_bytes else ""
+        estimate = f" (estimated {format_gb(event.estimate_bytes)})" if event.estimate_bytes else ""
         self._print(f"trial {event.number}: {_settings(self._shown(event.settings))}{estimate} ...")
         if self.console.is_terminal:
             self.status = self.console.status(f"trial {event.number}: loading")
@@ -195,13 +195,13 @@ class ProbeRenderer(EventRenderer):
     def _on_TrialStep(self, event) -> None:
         if self.status is not None:
             self.status.update(f"trial {event.number}: step {event.step}/{event.steps}, loss {event.loss:.3f}, "
-                               f"mem {event.watched_bytes / GB:.2f} GB")
+                               f"mem {format_gb(event.watched_bytes)}")
 
     def _on_TrialEnded(self, event) -> None:
         self.close()
         trial = event.trial
-        peak = f"peak {trial['peak_bytes'] / GB:.2f} GB" if trial["peak_bytes"] else "peak unknown"
-        adjusted = f" (x{1 + self.margin:.2f}: {trial['peak_bytes'] * (1 + self.margin) / GB:.2f} GB)" \
+        peak = f"peak {format_gb(trial['peak_bytes'])}" if trial["peak_bytes"] else "peak unknown"
+        adjusted = f" (x{1 + self.margin:.2f}: {format_gb(trial['peak_bytes'] * (1 + self.margin))})" \
             if trial["peak_bytes"] else ""
         speed = f", {trial['tokens_per_s']:,.0f} tok/s" if trial.get("tokens_per_s") else ""
         verdict = "usable" if event.usable else {"fits": "fits, not usable", "over_limit": "over the limit",
@@ -215,7 +215,7 @@ class ProbeRenderer(EventRenderer):
         from rich.table import Table
 
         self.close()
-        table = Table(title=f"probe trials (limit {self.limit_bytes / GB:.2f} GB, margin {self.margin:.0%})")
+        table = Table(title=f"probe trials (limit {format_gb(self.limit_bytes)}, margin {self.margin:.0%})")
         for column in ("#", *[c.replace("_size", "").replace("lora_", "") for c in self.searched], "result", "peak",
                        "+margin", "estimate", "step", "tok/s", "growth", "detail"):
             table.add_column(column, justify="right" if column not in ("result", "detail") else "left")
@@ -224,9 +224,9 @@ class ProbeRenderer(EventRenderer):
             result = "usable" if trial["usable"] else trial["status"].replace("_", " ")
             table.add_row(str(number), *[str(trial["settings"][key]) for key in self.searched],
                           f"[{'green' if trial['usable'] else 'red'}]{result}[/]",
-                          f"{peak / GB:.2f} GB" if peak else "-",
-                          f"{peak * (1 + self.margin) / GB:.2f} GB" if peak else "-",
-                          f"{trial['estimate_bytes'] / GB:.2f} GB" if trial.get("estimate_bytes") else "-",
+                          format_gb(peak) if peak else "-",
+                          format_gb(peak * (1 + self.margin)) if peak else "-",
+                          format_gb(trial['estimate_bytes']) if trial.get("estimate_bytes") else "-",
                           f"{trial['step_time_s']:.2f} s" if trial.get("step_time_s") else "-",
                           f"{trial['tokens_per_s']:,.0f}" if trial.get("tokens_per_s") else "-",
                           f"{trial['growth']:+.1%}" if trial.get("growth") is not None else "-",
@@ -247,8 +247,8 @@ class ProbeRenderer(EventRenderer):
             self._print("OPTIMAL CONFIGURATION:", "bold green")
             for key in self.searched:
                 self._print(f"  {key.replace('_', ' ')}: {chosen[key]}")
-            self._print(f"  peak memory: {chosen['peak_bytes'] / GB:.2f} GB "
-                        f"({chosen['peak_x_margin_bytes'] / GB:.2f} GB with the {self.margin:.0%} margin)")
+            self._print(f"  peak memory: {format_gb(chosen['peak_bytes'])} "
+                        f"({format_gb(chosen['peak_x_margin_bytes'])} with the {self.margin:.0%} margin)")
             if chosen.get("step_time_s"):
                 self._print(f"  step time: {chosen['step_time_s']:.2f} s ({chosen['tokens_per_s']:,.0f} tok/s)")
             self._print(f"profile saved: {event.profile_path}")
@@ -257,3 +257,77 @@ class ProbeRenderer(EventRenderer):
             self._print(event.message, "red")
             self._print("to fit: --method qlora, --grad-checkpointing, a shorter --seq-len, or a higher --max-memory "
                         "(`memfit estimate` shows what each saves)")
+
+
+# --- memfit estimate -----------------------------------------------------------------------------------------------
+
+
+def _sized(nbytes: float) -> str:
+    return format_gb(nbytes, mb_below_gb=True)
+
+
+def _count(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+
+
+def render_estimate(console: Console, found) -> None:
+    """`memfit estimate`: the breakdown table, the verdict, the notes and what to change (`found`: what
+    memfit.api.estimate returned)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    result, resolved, largest, advice = found.estimate, found.model, found.largest_batch, found.advice
+    micro_batch, grad_accum, target_batch = found.micro_batch, found.grad_accum, found.target_batch
+    config, hardware = result.config, result.hardware
+    sharding = "FSDP" if hardware.engine == "fsdp" else f"ZeRO-{hardware.zero}"
+    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, {sharding}" if hardware.num_gpus > 1 else "")
+    title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
+             f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("per device", justify="right")
+    table.add_column("share", justify="right")
+    total = result.total_bytes
+    for name, nbytes in result.breakdown.items():
+        table.add_row(name, _sized(nbytes), f"{100 * nbytes / total:.0f}%" if total else "-")
+    if result.load_peak_bytes:
+        table.add_row("training step", _sized(result.training_bytes), "")
+        table.add_row("loading peak", _sized(result.load_peak_bytes), "")
+    table.add_row("[bold]total[/bold]", f"[bold]{_sized(total)}[/bold]", "")
+    table.add_row("device memory", _sized(hardware.memory_bytes), "")
+    console.print(table)
+    console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
+    if hardware.device == "cuda":
+        # torch.cuda.max_memory_allocated / max_memory_reserved, and what nvidia-smi shows (README: which to compare)
+        console.print(f"peaks: allocated {_sized(result.allocated_peak_bytes)} · reserved "
+                      f"{_sized(result.reserved_peak_bytes)} · process (nvidia-smi) {_sized(result.process_bytes)}",
+                      highlight=False)
+    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+    largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
+    console.print(f"{verdict}: {_sized(total)} of {_sized(hardware.memory_bytes)}; {largest_text}")
+    if target_batch:
+        why = (f"the largest micro-batch that fits is {largest}" if largest
+               else "not even batch 1 fits: see what to change")
+        console.print(f"target batch {target_batch}: --batch-size {micro_batch} --grad-accum {grad_accum}"
+                      f" × {hardware.num_gpus} device(s) = {micro_batch * grad_accum * hardware.num_gpus} ({why})",
+                      highlight=False)
+    if result.host_offload_bytes:
+        console.print(f"CPU RAM for offloaded states: {_sized(result.host_offload_bytes)}")
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/dim]")
+    if advice:
+        best = advice[0]
+        if best.fits:
+            console.print(f"[bold]cheapest change that fits:[/bold] {escape(best.change)} → {_sized(best.total_bytes)}, "
+                          f"batch up to {best.max_batch_size}", soft_wrap=True, highlight=False)
+        else:
+            console.print("no change or combination of up to three changes fits: the single changes below save "
+                          "the most", soft_wrap=True, highlight=False)
+        table = Table(title="what to change (cheapest first: changes that keep the math before those that alter "
+                            "the training)")
+        for column in ("change", "why", "saves", "total", "fits", "batch up to"):
+            table.add_column(column)
+        for item in advice:
+            table.add_row(escape(item.change), item.why, _sized(item.saving_bytes), _sized(item.total_bytes),
+                          "[green]yes[/green]" if item.fits else "no", str(item.max_batch_size) if item.fits else "-")
+        console.print(table)

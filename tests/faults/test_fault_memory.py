@@ -15,7 +15,7 @@ from memfit import faults
 from memfit.config import TrainConfig
 from memfit.train import TrainJob, train
 from memfit.train.checkpoint import open_checkpoint
-from memfit.train.events import OomRecovered
+from memfit.events import OomRecovered
 
 from test_distributed import assert_same_training
 

@@ -283,7 +283,8 @@ def test_a_probe_trial_that_meets_damaged_weights_ends_the_probe_with_the_childs
     from memfit.config import TrainConfig
     from memfit.probe import ProbeJob, probe
     from memfit.probe import runner as probe_runner
-    from memfit.probe.trial import Trial, child_error, child_main
+    from memfit.child import trial as child_main
+    from memfit.probe.trial import Trial, child_error
 
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))
     model, file = damaged["truncated"]

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memfit.data.formats import IGNORE_INDEX
 from memfit.data.jsonl import Record
 from memfit.data.packing import Row
-from memfit.train.losses import IGNORE_INDEX
 
 _SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct generator seeds for any realistic epoch
 

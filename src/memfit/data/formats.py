@@ -15,7 +15,10 @@ from typing import Any
 
 from memfit.data.jsonl import Record
 from memfit.errors import UserError
-from memfit.train.losses import IGNORE_INDEX
+
+# The label of a token no loss is taken on (the prompt, padding, row boundaries): PyTorch's cross-entropy
+# ignore_index, which the losses (memfit.train.losses) use too.
+IGNORE_INDEX = -100
 
 TEMPLATE_HINT = 'use "text" or "prompt"/"completion" lines instead'
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memfit.data.formats import tokenize_record
+from memfit.data.formats import IGNORE_INDEX, tokenize_record
 from memfit.data.jsonl import Record, read_records
 from memfit.errors import UserError
-from memfit.train.losses import IGNORE_INDEX
 
 
 @dataclass

@@ -80,7 +80,7 @@ def _world_size(world_size: int | None) -> int:
 
 
 def _default_device() -> str:
-    from memfit.devices import default_device
+    from memfit.runtime import default_device
 
     return default_device()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from memfit.config import TrainConfig
 from memfit.errors import UserError
 
-from memfit.units import GB
+from memfit.units import GB, format_gb
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,13 @@ def check_limit(max_memory_gb: float, needed_bytes: int | None, device: str, for
     limit = int(max_memory_gb * GB)
     if needed_bytes is not None and limit < needed_bytes and not force:
         raise UserError(f"{flag} {max_memory_gb:g} GB is below the estimated peak of micro-batch 1 "
-                        f"({needed_bytes / GB:.2f} GB on {device}): the guard would stop the run at its first step",
+                        f"({format_gb(needed_bytes)} on {device}): the guard would stop the run at its first step",
                         hint=f"give {flag} {max(needed_bytes / GB * 1.1, 0.01):.2f} or more (`memfit estimate` shows "
                              "what saves memory), or add --force to run anyway")
     total = machine_bytes(device)
     warnings = []
     if total and limit > total:
-        warnings.append(f"{flag} {max_memory_gb:g} GB is above the {total / GB:.2f} GB this machine's {device} has: "
+        warnings.append(f"{flag} {max_memory_gb:g} GB is above the {format_gb(total)} this machine's {device} has: "
                         "the guard would never stop the run (the OS or the device runs out first); leave it out for "
                         "80% of what is available")
     return LimitCheck(limit, needed_bytes, total, tuple(warnings))

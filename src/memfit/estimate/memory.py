@@ -41,7 +41,7 @@ from memfit.estimate.solve import largest_fitting
 from memfit.libraries import import_peft
 from memfit.models.arch import ArchInfo, arch_info
 
-from memfit.units import GB, MB
+from memfit.units import GB, MB, format_gb
 
 # CPU runtime = a training process's anonymous baseline + its file-backed pages (libraries): what the process holds
 # when the model holds nothing. Both are measured, not fitted: `python benchmarks/derive_constants.py` trains a nano
@@ -771,7 +771,7 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     if expert_pages:
         runtime += expert_pages
         notes.append(f"CPU: the checkpoint's per-expert tensors stay mapped after transformers fuses them "
-                     f"({expert_pages / GB:.2f} GB of file pages in the runtime)")
+                     f"({format_gb(expert_pages)} of file pages in the runtime)")
     if shards > 1 and zero == 0:
         runtime += gradients  # DDP's flat gradient buckets are a second copy of the gradients
         notes.append("DDP keeps a second copy of the gradients in its communication buckets")
@@ -796,10 +796,10 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                      optimizer=int(optimizer), activations=activations, logits=logits, runtime=int(runtime))
     loading = load_peak_bytes(info, config, precision, hardware, hf_config)
     if loading > sum(breakdown.values()) and hardware.device != "cpu":
-        notes.append(f"the peak is loading ({loading / GB:.2f} GB): the fused experts arrive in "
+        notes.append(f"the peak is loading ({format_gb(loading)}): the fused experts arrive in "
                      f"{precision.frozen_bytes * 8}-bit on the device before memfit quantizes them to 4-bit")
     elif loading > sum(breakdown.values()):
-        notes.append(f"the peak is loading the checkpoint ({loading / GB:.2f} GB): its weights change dtype on the "
+        notes.append(f"the peak is loading the checkpoint ({format_gb(loading)}): its weights change dtype on the "
                      "way in, so the mapped file and the converted copy are both resident; a checkpoint saved in "
                      "the training dtype loads without it")
     else:

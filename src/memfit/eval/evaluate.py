@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,7 +23,9 @@ import torch
 from memfit.config import TrainConfig
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OK, EXIT_OOM, UserError
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
-from memfit.train.events import Event, GuardNotice, Notice
+from memfit.events import Event, GuardNotice, Notice
+from memfit.files import write_atomic
+from memfit.runtime import check_device
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -76,8 +77,7 @@ def check_job(job: EvalJob) -> None:
         raise UserError(f"--max-memory must be > 0 GB (got {job.max_memory})")
     if job.quant not in ("none", "8", "4"):
         raise UserError(f"unknown --quant {job.quant!r}: choose none, 8 or 4")
-    if job.device is not None and job.device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {job.device!r}: choose cpu, cuda or mps")
+    check_device(job.device)
     if job.out is not None and job.out.is_dir():
         raise UserError(f"--out {job.out}: is a directory", hint="give a file name, e.g. results.jsonl")
 
@@ -156,7 +156,7 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     the model and evaluate. Bad input raises UserError before anything heavy happens."""
     from transformers import AutoTokenizer
 
-    from memfit.devices import default_device
+    from memfit.runtime import default_device
     from memfit.eval import codetasks
     from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
     from memfit.models import resolve_model
@@ -360,8 +360,4 @@ def _end(job: EvalJob, emit, summary: dict, samples: list, guard, device: str, s
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Whole or not at all: written beside, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -7,9 +7,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.eval.events import EvalEnded, EvalProgress, EvalStarted, TaskRun
 from memfit.render import ProgressRenderer
-from memfit.train.events import GuardNotice
+from memfit.events import GuardNotice
 
-from memfit.units import GB
+from memfit.units import format_gb
 _STYLES = {"passed": "green", "failed": "red", "error": "red", "timeout": "yellow", "memory": "yellow",
            "killed": "yellow"}
 
@@ -50,7 +50,7 @@ class EvalRenderer(ProgressRenderer):
         summary = event.summary
         peak = summary.get("peak_watched_bytes")
         if peak:
-            self._print(f"peak memory {peak / GB:.2f} GB of the {summary['limit_bytes'] / GB:.2f} GB limit", "dim")
+            self._print(f"peak memory {format_gb(peak)} of the {format_gb(summary['limit_bytes'])} limit", "dim")
         if summary.get("out"):
             self._print(f"per-sample results: {summary['out']}")
         self._print(event.message, "green" if event.exit_code == 0 else "red")

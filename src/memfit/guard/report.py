@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from memfit.guard.policy import MemoryLimit
     from memfit.guard.sampler import MemorySample
 
-from memfit.units import GB, format_gb
+from memfit.units import format_gb
 RULE = "━" * 60
 _LABEL_WIDTH = 19  # "System Available:  " — the longest label and its gap
 

@@ -40,7 +40,7 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
 from memfit.mlx import checkpoint as mlx_ckpt
 from memfit.mlx import memory as mlx_memory
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
+from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
 
 PAD_MULTIPLE = 32  # rows are padded to a multiple of this (as mlx-lm does): fewer shapes, fewer recompilations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from memfit.train.events import Event
+from memfit.events import Event
 
 
 @dataclass

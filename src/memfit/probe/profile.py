@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import time
@@ -23,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import UserError
+from memfit.files import write_atomic
 from memfit.paths import cache_dir
+from memfit.units import GB
 
 PROFILE_FORMAT = 1
 # The config fields that change how much memory a run takes, besides the batch size and the searched axes.
@@ -51,8 +52,8 @@ def machine_facts() -> dict[str, Any]:
     info = detect()
     return {
         "system": platform.system(), "arch": platform.machine(), "cpu": _cpu_name(), "cpu_count": info.cpu_count,
-        "ram_gib": round(info.ram_total_bytes / 1024**3),
-        "gpus": [{"name": gpu.name, "memory_gib": round(gpu.total_bytes / 1024**3)} for gpu in info.gpus],
+        "ram_gib": round(info.ram_total_bytes / GB),
+        "gpus": [{"name": gpu.name, "memory_gib": round(gpu.total_bytes / GB)} for gpu in info.gpus],
     }
 
 
@@ -102,9 +103,7 @@ def setup_key(setup: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_profile(path: Path) -> dict[str, Any]:

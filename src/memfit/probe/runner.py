@@ -24,13 +24,14 @@ from typing import Any, Callable
 
 from memfit.config import TrainConfig
 from memfit.errors import EXIT_OK, EXIT_OOM, UserError, WeightsDamagedError
+from memfit.events import Event, Notice
 from memfit.paths import cache_dir
 from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
-from memfit.train.events import Event, Notice
-from memfit.units import GB
+from memfit.runtime import check_device
+from memfit.units import GB, format_gb
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -86,8 +87,7 @@ def _device(job: ProbeJob) -> str:
     from memfit.system import detect
 
     device = job.device or detect().default_device()
-    if device not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+    check_device(device)
     return device
 
 
@@ -385,7 +385,7 @@ class Probe:
             status, exit_code, message = "found", EXIT_OK, f"largest usable: {axes}"
         else:
             status, exit_code = "nothing_fits", EXIT_OOM
-            message = (f"nothing fits under {self.limit_bytes / GB:.2f} GB with a {job.margin:.0%} margin, not even "
+            message = (f"nothing fits under {format_gb(self.limit_bytes)} with a {job.margin:.0%} margin, not even "
                        f"batch {job.min_batch}")
         ended = ProbeEnded(status, exit_code, chosen, frontier, trials, str(path),
                            profiles.setup_key(self.setup_values), calibration, message)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from memfit.errors import EXIT_GUARD_STOP, EXIT_OOM, EXIT_USAGE
+from memfit.units import format_gb
 
 STATUSES = ("fits", "over_limit", "oom", "error")
 # The parent kills a child whose resident set passes the limit by this much: the child's guard only stops at a
@@ -160,7 +161,7 @@ def run_trial(spec: TrialSpec, trial_dir: Path, *, steps: int, timeout_s: float,
     spec_path.write_text(json.dumps(asdict(spec)))
     stderr_path = trial_dir / "stderr.txt"
     metrics_path = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "memfit.probe", str(spec_path), str(run_dir)]
+    command = [sys.executable, "-m", "memfit.child", "trial", str(spec_path), str(run_dir)]
     started = time.monotonic()
     killed_for: str | None = None
     sampled_peak = 0
@@ -177,7 +178,7 @@ def run_trial(spec: TrialSpec, trial_dir: Path, *, steps: int, timeout_s: float,
                 rss = _child_rss_bytes(watched)
                 sampled_peak = max(sampled_peak, rss)
                 if spec.device == "cpu" and rss > spec.limit_bytes * KILL_OVER_LIMIT:
-                    killed_for = f"killed by the probe at {rss / 1024**3:.2f} GB, past the limit"
+                    killed_for = f"killed by the probe at {format_gb(rss)}, past the limit"
                 elif time.monotonic() - last_progress > timeout_s:
                     killed_for = f"no progress for {timeout_s:.0f} s (hung); killed"
                 if killed_for:
@@ -232,7 +233,7 @@ def _classify(spec: TrialSpec, steps: int, exit_code: int, killed_for: str | Non
         trial.detail = killed_for
     elif exit_code == 0 and peak is not None and peak > spec.limit_bytes:
         trial.status = "over_limit"
-        trial.detail = f"ran {len(metrics)} steps but peaked {peak / 1024**3:.2f} GB, over the limit between readings"
+        trial.detail = f"ran {len(metrics)} steps but peaked {format_gb(peak)}, over the limit between readings"
     elif exit_code == 0:
         trial.status, trial.detail = "fits", f"{len(metrics)} steps"
         if trial.unstable():
@@ -262,35 +263,9 @@ def failed_on_input(trial: Trial) -> bool:
 # --- the child ---------------------------------------------------------------------------------------------------
 
 
-def child_main(spec_path: str, run_dir: str) -> int:
-    from rich.console import Console
-
-    from memfit.config import TrainConfig
-    from memfit.errors import MemfitError, error_line
-    from memfit.render import TrainRenderer
-    from memfit.train import TrainJob, train
-
-    from memfit.libraries import quiet
-
-    quiet()
-    spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
-    # Rendered as `memfit train` renders, to nowhere: the trial is to hold what the run it stands for will hold.
-    renderer = TrainRenderer(Console(file=open(os.devnull, "w")))
-    try:
-        config = TrainConfig(**spec.config)
-        job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
-                       trial=True)
-        return train(job, config, on_event=renderer).exit_code
-    except MemfitError as error:
-        sys.stderr.write(f"memfit: error: {error_line(error)}\n")
-        _write_child_error(Path(spec_path).parent, error)
-        return error.exit_code
-    finally:
-        renderer.close()
-
-
-def _write_child_error(trial_dir: Path, error: Exception) -> None:
-    """What the parent needs to tell the kind of an expected failure (the stderr line alone does not say)."""
+def write_child_error(trial_dir: Path, error: Exception) -> None:
+    """The child's side (memfit.child.trial): what the parent needs to tell the kind of an expected failure (the
+    stderr line alone does not say)."""
     from memfit.errors import WeightsDamagedError, error_line
 
     record = {"kind": type(error).__name__, "line": error_line(error),
@@ -302,7 +277,7 @@ def _write_child_error(trial_dir: Path, error: Exception) -> None:
 
 
 def child_error(trial_dir: Path) -> dict[str, Any] | None:
-    """The expected failure a trial's child reported (`_write_child_error`), if any."""
+    """The expected failure a trial's child reported (`write_child_error`), if any."""
     try:
         record = json.loads((trial_dir / CHILD_ERROR).read_text())
     except (OSError, ValueError):

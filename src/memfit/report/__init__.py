@@ -1,8 +1,10 @@
 """`memfit report`: one self-contained HTML file for a training run directory or a probe profile.
 
-`write_report` renders on request (and fails with a UserError on a bad path); `write_report_safely` is what the
-trainer and the supervisor call at a run's end: it never raises, so a report that cannot be written (a full disk,
-a bug, a missing plotting library) never changes how the run ended, and says so in a warning Notice instead.
+`write_report` renders on request (and fails with a UserError on a bad path); `write_report_safely` is what a
+run's end calls: it never raises, so a report that cannot be written (a full disk, a bug, a missing plotting
+library) never changes how the run ended, and says so in a warning Notice instead. The trainer and the supervisor
+know nothing of the report: the entry points (memfit.api) pass their events through `report_at_end`, the sink that
+writes it when the run ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from memfit.errors import UserError
+from memfit.events import ChildEnded, Event, Notice, RunEnded
 
 REPORT_HTML = "report.html"
 
@@ -57,8 +60,6 @@ def write_report(path: Path, out: Path | None = None) -> Path:
 
 def write_report_safely(run_dir: Path, emit: Callable | None = None) -> Path | None:
     """RUN_DIR/report.html at a run's end; a failure becomes a warning Notice (through `emit`), never an error."""
-    from memfit.train.events import Notice
-
     try:
         path = write_report(Path(run_dir))
     except Exception as error:  # the run's outcome must not depend on its report
@@ -75,3 +76,24 @@ def write_report_safely(run_dir: Path, emit: Callable | None = None) -> Path | N
         except Exception:
             pass
     return path
+
+
+def ends_the_run(event: Event) -> bool:
+    """The event after which a run directory is complete: the trainer's end (a reload goes on in a new process),
+    or a supervisor's last life (its report covers every life)."""
+    if isinstance(event, RunEnded):
+        return event.status != "reload"
+    return isinstance(event, ChildEnded) and event.action in ("exit", "give_up")
+
+
+def report_at_end(run_dir: Path, on_event: Callable[[Event], None] | None = None) -> Callable[[Event], None]:
+    """A sink for an entry point's events: each goes on to `on_event`; when the run ends (`ends_the_run`),
+    RUN_DIR/report.html is written, and a Notice says where (or why not)."""
+
+    def sink(event: Event) -> None:
+        if on_event is not None:
+            on_event(event)
+        if ends_the_run(event):
+            write_report_safely(run_dir, on_event)
+
+    return sink

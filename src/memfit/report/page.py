@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from memfit.units import GB
+from memfit.files import write_atomic
+from memfit.units import format_gb
 
 CSS = """
 :root { --ink:#0f172a; --muted:#64748b; --line:#e2e8f0; --card:#ffffff; --bg:#f1f5f9; --accent:#2563eb;
@@ -60,7 +61,7 @@ def esc(value: Any) -> str:
 
 
 def gb(nbytes: float | None) -> str:
-    return "–" if nbytes is None else f"{nbytes / GB:.2f} GB"
+    return "–" if nbytes is None else format_gb(nbytes)
 
 
 def card(label: str, value: str, note: str = "") -> str:
@@ -124,8 +125,6 @@ def document(title: str, header_title: str, badge: tuple[str, str], subtitle: st
 
 def write_html(path: Path, text: str) -> Path:
     """Written whole or not at all (a report open in a browser never shows half a file)."""
-    from memfit.train.rundir import write_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
     return path

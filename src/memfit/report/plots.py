@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from memfit.units import GB
+from memfit.units import GB, format_gb
 MAX_POINTS = 2000
 
 # One palette for the page and the plots (the CSS uses the same colours).
@@ -100,14 +100,14 @@ def memory_plot(steps: list[dict[str, Any]], *, limit_bytes: int | None, thresho
                       markersize=3)
         top = max(peak_by_step.values(), default=0)
         if limit_bytes:
-            axes.axhline(limit_bytes / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {limit_bytes / GB:.2f} GB")
+            axes.axhline(limit_bytes / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {format_gb(limit_bytes)}")
             top = max(top, limit_bytes / GB)
             if threshold:
                 axes.axhline(limit_bytes * threshold / GB, color=COLORS["threshold"], linewidth=1.4, linestyle="--",
-                             label=f"threshold {threshold:.0%} ({limit_bytes * threshold / GB:.2f} GB)")
+                             label=f"threshold {threshold:.0%} ({format_gb(limit_bytes * threshold)})")
         if estimate_bytes:
             axes.axhline(estimate_bytes / GB, color=COLORS["estimate"], linewidth=1.4, linestyle=":",
-                         label=f"estimate {estimate_bytes / GB:.2f} GB")
+                         label=f"estimate {format_gb(estimate_bytes)}")
             top = max(top, estimate_bytes / GB)
         first_step = steps[0]["step"]
         for life_start in life_starts:
@@ -300,7 +300,7 @@ def probe_plot(entry: dict[str, Any], title: str = "") -> str | None:
                 shown.add(label)
         limit = entry.get("limit_bytes")
         if limit:
-            axes.axhline(limit / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {limit / GB:.2f} GB")
+            axes.axhline(limit / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {format_gb(limit)}")
             margin = entry.get("margin")
             if margin:
                 axes.axhline(limit / (1 + margin) / GB, color=COLORS["threshold"], linewidth=1.3, linestyle="--",

@@ -1,6 +1,9 @@
 """Training: model loading, losses, optimizers, the guarded loop, checkpoints (`from memfit.train import train`).
 
-The names below are imported on first use (PEP 562): `python -m memfit.train.child`, the trainer of
+Calling the package, `memfit.train(...)`, is memfit.api.train (see memfit/__init__.py): options in, the run report
+written at the end; `memfit.train.train(job, config)` is the trainer alone.
+
+The names below are imported on first use (PEP 562): `python -m memfit.child life`, the trainer of
 `memfit train --supervise`, asks to die with its parent (PR_SET_PDEATHSIG) before torch and transformers load,
 which takes seconds; an eager import here would run first and leave that window open.
 """

@@ -36,18 +36,17 @@ import torch
 
 from memfit.allocator import configure as configure_allocator
 from memfit.config import TrainConfig
-from memfit.devices import default_device
+from memfit.runtime import default_device
 from memfit.distributed.collective import Agreement
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.engine import pick_engine
 from memfit.distributed.ranks import current as current_ranks
 from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, DiskFullError,
                            UserError)
-from memfit.report import write_report_safely
+from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, RunEnded,
+                           RunStarted, StepEnd)
 from memfit.train import checkpoint as ckpt
 from memfit.train import setup
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, RunEnded,
-                                 RunStarted, StepEnd)
 from memfit.train.job import TrainJob
 from memfit.train.metrics import StepLog
 from memfit.train.rundir import FINAL, RunDir, versions, write_final
@@ -352,7 +351,6 @@ class Trainer:
         self._write_run_json(status="disk_full", exit_code=DiskFullError.exit_code, step=self.step,
                              finished_at=now(),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-        write_report_safely(self.job.output_dir, self.emit)  # on a full disk it may fail: then a warning says so
 
     def save_final(self) -> Path:
         gathered = self.engine.final_state()  # every rank takes part (FSDP, DeepSpeed: a collective)
@@ -491,10 +489,7 @@ class Trainer:
                              peak_rss_bytes=memory.peak_rss_bytes, **extra)
         ended = RunEnded(status, ending.exit_code, self.step, self.total_steps, message, self.last_checkpoint,
                          final_dir, resume, self.memory_report_text(memory), self.recoveries)
-        self.emit(ended)
-        # A trial keeps nothing; a reload goes on in a new process; only rank 0 writes the run directory.
-        if not self.job.trial and status != "reload" and self.ranks.is_main:
-            write_report_safely(self.job.output_dir, self.emit)
+        self.emit(ended)  # rank 0's entry point writes the run report as this reaches it (memfit.report.report_at_end)
         # No rank returns (and exits) before rank 0's files are written: the launcher stops the other workers as
         # soon as one exits with a non-zero code.
         self.agreement.barrier()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from memfit.data.formats import IGNORE_INDEX  # the data's label for "no loss here"
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memfit.train.events import StepEnd
+from memfit.events import StepEnd
 
 LOG_INTERVAL_S = 0.5
 RECENT_LOSSES = 50  # kept (and checkpointed) for the run's end; the average shown is over the last AVERAGE_OVER

@@ -16,8 +16,9 @@ from typing import Any, Callable
 import yaml
 
 from memfit.errors import UserError
+from memfit.files import write_atomic
 from memfit.train.checkpoint import CHECKPOINTS
-from memfit.train.events import Event, StepEnd
+from memfit.events import Event, StepEnd
 
 RUN_JSON = "run.json"
 CONFIG_YAML = "config.yaml"
@@ -25,15 +26,6 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUPERVISOR_LOG = "supervisor.jsonl"  # memfit.train.supervisor's restarts, one JSON line each
 FINAL = "final"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
 
 
 def write_final(run_dir: Path, write: Callable[[Path], None]) -> Path:

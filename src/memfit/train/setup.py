@@ -13,7 +13,7 @@ from memfit.allocator import DEFAULT_POLICY as DEFAULT_ALLOCATOR_POLICY
 from memfit.config import TrainConfig
 from memfit.errors import OutOfMemoryError
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import Notice
+from memfit.events import Notice
 from memfit.train.rundir import RunDir, check_fresh_output_dir
 
 Emit = Callable[[Any], None]

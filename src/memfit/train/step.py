@@ -18,7 +18,7 @@ from memfit import faults
 from memfit.distributed.collective import Decision
 from memfit.distributed.ranks import shard_rows
 from memfit.errors import OutOfMemoryError
-from memfit.train.events import Notice, OomRecovered
+from memfit.events import Notice, OomRecovered
 from memfit.train.validation import model_inputs
 
 

@@ -1,6 +1,6 @@
 """`memfit train --supervise`: the training runs in a child process that this parent brings back when it dies.
 
-The child is `python -m memfit.train.child SPEC` (the same `train()` as an unsupervised run). The parent never
+The child is `python -m memfit.child life SPEC` (the same trainer as an unsupervised run). The parent never
 loads the model, so it stays small and alive whatever the child does. It raises the child's `oom_score_adj` to
 1000, so when the machine runs out of memory the kernel kills the trainer, not the user's browser or editor (raising
 it needs no privilege). Each time the child ends:
@@ -34,37 +34,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, EXIT_RELOAD, EXIT_USAGE
-from memfit.report import write_report_safely
+from memfit.events import ChildEnded, ChildStarted, Event
 from memfit.train import checkpoint as ckpt
-from memfit.train.events import Event
-from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG, write_atomic
+from memfit.files import write_atomic
+from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG
 
 OOM_SCORE_ADJ = 1000  # the most killable: chosen first by the kernel's OOM killer
-
-
-@dataclass
-class ChildStarted(Event):
-    attempt: int
-    pid: int
-    oom_score_adj: int | None  # as read back from /proc (None where there is no such file)
-    resume_from: str | None
-    max_micro_batch: int | None
-
-
-@dataclass
-class ChildEnded(Event):
-    attempt: int
-    step: int  # the newest good checkpoint's step after this life (what the next one resumes from)
-    exit_code: int  # negative: killed by that signal
-    outcome: str  # done | reload | killed | guard_stop | oom | crash | bad_input | interrupted
-    action: str  # exit | restart | reload | give_up
-    message: str
-    micro_batch: int | None  # the next life's micro-batch limit, when there is one
 
 
 def _outcome(exit_code: int) -> str:
@@ -185,8 +165,7 @@ class Supervisor:
                 message = self._message(exit_code, outcome, action, step, restarts, max_micro_batch)
                 self._record(ChildEnded(attempt, step or 0, exit_code, outcome, action, message,
                                         max_micro_batch if action in ("restart", "reload") else None))
-                if action in ("exit", "give_up"):
-                    write_report_safely(self.run_dir, self._emit)  # covers every life, the last one's end included
+                if action in ("exit", "give_up"):  # (the entry point's report covers every life: memfit.report)
                     return self._exit_code(exit_code, outcome)
                 if step is not None:
                     resume = str(self.run_dir)  # the child resumes from its newest checkpoint that verifies
@@ -214,7 +193,7 @@ class Supervisor:
         return f"{what}: restart {restarts} of {self.max_restarts}, {where}{smaller}"
 
     def _run_child(self, spec_path: Path, attempt: int, resume: str | None, max_micro_batch: int | None) -> int:
-        command = [sys.executable, "-m", "memfit.train.child", str(spec_path)]
+        command = [sys.executable, "-m", "memfit.child", "life", str(spec_path)]
         # A session of its own: Ctrl-C reaches the parent only, which passes it on once (see the module docstring).
         self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         try:

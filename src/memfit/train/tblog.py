@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from memfit.errors import UserError
-from memfit.train.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, OomRecovered, RunEnded, RunStarted,
-                                 StepEnd)
+from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, OomRecovered, RunEnded, RunStarted,
+                           StepEnd)
 
 TENSORBOARD_DIR = "tensorboard"
 from memfit.units import GB

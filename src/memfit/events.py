@@ -1,5 +1,6 @@
-"""What the training loop reports. The loop knows nothing of the terminal: it emits these, the CLI renders them
-and the run directory's JSONL writer records them."""
+"""The events memfit's commands report: the base `Event` and `Notice` every command uses, and what a training run
+says (the trainer, a probe trial, the evaluator's guard notices). Nothing that emits them knows the terminal: the
+entry points render them (memfit.render) and the run directory's JSONL writer records them."""
 
 from __future__ import annotations
 
@@ -109,3 +110,26 @@ class RunEnded(Event):
     resume_command: str | None = None
     report: str | None = None
     oom_recoveries: int = 0
+
+
+# --- `memfit train --supervise` (memfit.train.supervisor): each life of the trainer's child process ----------------
+
+
+@dataclass
+class ChildStarted(Event):
+    attempt: int
+    pid: int
+    oom_score_adj: int | None  # as read back from /proc (None where there is no such file)
+    resume_from: str | None
+    max_micro_batch: int | None
+
+
+@dataclass
+class ChildEnded(Event):
+    attempt: int
+    step: int  # the newest good checkpoint's step after this life (what the next one resumes from)
+    exit_code: int  # negative: killed by that signal
+    outcome: str  # done | reload | killed | guard_stop | oom | crash | bad_input | interrupted
+    action: str  # exit | restart | reload | give_up
+    message: str
+    micro_batch: int | None  # the next life's micro-batch limit, when there is one

@@ -1,0 +1,41 @@
+"""Process set-up, the same in every entry point (the CLI, the child of a supervised life or of a probe trial, the
+library calls `memfit.estimate/probe/train`): `start()` first, then the device a run uses.
+
+What memfit asks of the libraries it imports (quiet, offline, PEFT without bitsandbytes) is memfit.libraries;
+the allocator policy of a training process is memfit.allocator (the trainer applies it when it starts).
+"""
+
+from __future__ import annotations
+
+from memfit.errors import UserError
+from memfit.libraries import quiet
+
+DEVICES = ("cpu", "cuda", "mps")
+_started = False
+
+
+def start() -> None:
+    """What every memfit process does before it imports a library: library chatter off, nothing online. Once per
+    process (the library calls make it too: a notebook that calls memfit.train gets what the CLI gets)."""
+    global _started
+    if not _started:
+        quiet()
+        _started = True
+
+
+def check_device(device: str | None) -> None:
+    """A --device memfit knows (None: the default, `default_device()`)."""
+    if device is not None and device not in DEVICES:
+        raise UserError(f"unknown --device {device!r}: choose cpu, cuda or mps")
+
+
+def default_device() -> str:
+    """The device a run uses when none is named: CUDA, else Apple's MPS, else the CPU (imports torch; a process
+    that must not can ask `memfit.system.detect().default_device()`, which reads the same from the hardware)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
