@@ -18,13 +18,13 @@ Only LoRA on plain linear layers converts (DoRA's magnitude and mixture-of-exper
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from memfit.files import write_atomic
 
 MLX_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,10 +34,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as file:
-        json.dump(data, file, indent=2, default=str)
-        file.flush()
-        os.fsync(file.fileno())
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def save_mlx_adapters(directory: Path, model, adapter_config: dict[str, Any] | None, extra: dict[str, Any]) -> None:
@@ -108,25 +105,19 @@ def export_peft(directory: Path, model, adapter_config: dict[str, Any] | None, b
     return notes
 
 
-def write_final(final: Path, model, adapter_config: dict[str, Any] | None, tokenizer, *, base: str,
-                extra: dict[str, Any], peft: bool = True) -> list[str]:
-    """`final/`, written under a temporary name and swapped in when complete: mlx-lm's adapter, the tokenizer and
-    (peft) the PEFT export in `final/peft/`. Returns notes."""
-    partial = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+def write_final(run_dir: Path, model, adapter_config: dict[str, Any] | None, tokenizer, *, base: str,
+                extra: dict[str, Any], peft: bool = True) -> tuple[Path, list[str]]:
+    """RUN_DIR/final/, whole or not at all (memfit.train.rundir.write_final swaps it in): mlx-lm's adapter, the
+    tokenizer and (peft) the PEFT export in `final/peft/`. Returns the directory and notes."""
+    from memfit.train.rundir import write_final as swap_in_final
+
+    notes: list[str] = []
+
+    def write(partial: Path) -> None:
         save_mlx_adapters(partial, model, adapter_config, extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(partial))
-        notes = export_peft(partial / PEFT_DIR, model, adapter_config, base) if peft else []
-    except Exception:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(partial, final)
-    return notes
+        if peft:
+            notes.extend(export_peft(partial / PEFT_DIR, model, adapter_config, base))
+
+    return swap_in_final(run_dir, write), notes

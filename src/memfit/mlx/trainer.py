@@ -413,13 +413,11 @@ class MlxTrainer:
 
     def save_final(self) -> Path:
         from memfit.mlx.adapters import write_final
-        from memfit.train.rundir import FINAL
 
-        final = self.job.output_dir / FINAL
         extra = {"model": self.model_spec, "base_model_path": str(self.model_dir), "memfit_engine": "mlx",
                  "quantization": self.loaded.config.get("quantization")}
-        notes = write_final(final, self.model, self.loaded.adapter_config, self.tokenizer,
-                            base=str(self.model_dir), extra=extra, peft=self.export_peft)
+        final, notes = write_final(self.job.output_dir, self.model, self.loaded.adapter_config, self.tokenizer,
+                                   base=str(self.model_dir), extra=extra, peft=self.export_peft)
         for note in notes:
             self.emit(Notice(note, "warning"))
         return final
