@@ -8,6 +8,7 @@ Subcommands (each writes its own `<!-- figures-NAME -->` section of docs/benchma
   mmap      RSS at each step end with glibc's default (dynamic) mmap threshold and with memfit's fixed one
   padding   padding tokens per real token with and without --group-by-length (no training: the trainer's batching)
   compile   memfit train --compile vs eager (tiny model, LoRA, batch 8 x 128): first step, later steps, process wall
+  compile-full  --compile and the guard's sampler thread vs eager on full-depth smollm2-135m (train_vs_hf's conditions)
   estimate  wall and CPU time of `memfit estimate` processes (repeats: min/median/max) and the figures they print
   sandbox   the code sandbox's start cost (a one-line program, repeats) and a fork bomb against a process limit
   report    memfit report: render time in a process that has torch loaded, as `memfit report`, and page sizes
@@ -381,6 +382,56 @@ def fig_compile(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fig_compile_full(args) -> str:
+    """--compile and the guard's sampler thread on a full-depth model, in train_vs_hf.py's conditions (its memfit
+    command, its plain-text data, one thread): three modes in rotated order, `args.repeats` rounds."""
+    from train_vs_hf import run_memfit, smollm2_and_text
+
+    load0 = loadavg()
+    steps = args.steps or 12
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # run_memfit's children inherit it
+    modes = {"eager (defaults: guard thread every 0.1 s)": ["--no-compile"],
+             "eager, guard thread off (`--memory-sample-interval 0`)": ["--no-compile", "--memory-sample-interval", "0"],
+             "`--compile`": ["--compile"]}
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, data, described = smollm2_and_text(work, layers=30)
+        names = list(modes)
+        for round_index in range(args.repeats):
+            for mode in names[round_index % len(names):] + names[:round_index % len(names)]:
+                run = run_memfit(model_dir, data, work, steps, 512, 1, ["--packing", *modes[mode]])
+                if "failed" in run:
+                    raise SystemExit(f"{mode}: {run['failed']}")
+                later = run["steps"][2:]  # steps 1-2: compilation, allocator and library warm-up
+                tokens_per_s = sum(s["tokens"] for s in later) / sum(s["step_time_s"] for s in later)
+                results[mode].append(dict(first_s=run["steps"][0]["step_time_s"], tokens_per_s=tokens_per_s,
+                                          wall_s=run["wall_s"], peak_rss_bytes=run["peak_rss_bytes"],
+                                          other_load=run["other_load_cores"]))
+                print(mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in results[mode][-1].items()},
+                      flush=True)
+    base = names[0]
+    lines = header("--compile and the guard's thread on a full-depth model (CPU)", "compile-full", load0,
+                   f"`memfit train` of smollm2-135m's full shapes (30 layers, random init) on {described} "
+                   f"(benchmarks/train_vs_hf.py's data and command: LoRA r16 all-linear, fp32, batch 1 × 512 packed, "
+                   f"no gradient checkpointing), {steps} steps, a fresh process per run, the three modes in rotated "
+                   f"order for {args.repeats} rounds, one thread (`OMP_NUM_THREADS=1`, run as `taskset -c 1 python "
+                   "benchmarks/figures.py compile-full --write` with other work kept on the other core). tokens/s "
+                   "counts steps 3..N (step 1 holds the compilation). Ratios are per round against the first mode.")
+    lines += ["| mode | step 1 s | tokens/s, steps 3..N: min / median / max | ÷ eager per round | process wall s | "
+              "peak RSS MB | other load, cores |", "|---|---:|---|---|---:|---:|---:|"]
+    for mode in names:
+        rows = results[mode]
+        ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rows, results[base])]
+        loads = [r["other_load"] for r in rows if r["other_load"] is not None]
+        load = f"{max(loads):.2f}" if loads else "?"
+        lines.append(f"| {mode} | {spread([r['first_s'] for r in rows], 1, '')} | "
+                     f"{spread([r['tokens_per_s'] for r in rows], 1, '')} | "
+                     f"{', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(r['wall_s'] for r in rows):.0f} | "
+                     f"{statistics.median(r['peak_rss_bytes'] for r in rows) / MB:,.0f} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------------- estimate
 
 ESTIMATE_CASES = [  # (label, flags, repeats or None for args.repeats)
@@ -574,6 +625,7 @@ def fig_runtime(args) -> str:
 
 
 FIGURES = {"loading": fig_loading, "mmap": fig_mmap, "padding": fig_padding, "packing": fig_packing, "compile": fig_compile,
+           "compile-full": fig_compile_full,
            "estimate": fig_estimate, "sandbox": fig_sandbox, "report": fig_report,
            "runtime": fig_runtime}
 
