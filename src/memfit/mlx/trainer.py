@@ -39,6 +39,7 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
                            UserError)
 from memfit.mlx import checkpoint as mlx_ckpt
 from memfit.mlx import memory as mlx_memory
+from memfit.mlx.loss import make_loss
 from memfit.train import checkpoint as ckpt
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
@@ -96,12 +97,6 @@ def build_optimizer(config: TrainConfig, schedule):
         return optim.SGD(learning_rate=schedule)
     raise UserError(f"--optimizer {config.optimizer} is not available on the MLX engine",
                     hint="choose adamw, adafactor or sgd")
-
-
-def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
-    """sum_t w_t * CE_t over a micro-batch: logits upcast to fp32 (as the torch engine's full-logits loss)."""
-    logits = model(inputs).astype(mx.float32)
-    return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
 @dataclass
@@ -232,7 +227,8 @@ class MlxTrainer:
 
     def _compile(self) -> None:
         model, optimizer, max_norm = self.model, self.optimizer, self.config.max_grad_norm
-        loss_and_grad = nn.value_and_grad(model, weighted_ce)
+        self._loss = make_loss(model, self.config.chunked_loss)
+        loss_and_grad = nn.value_and_grad(model, self._loss)
 
         def micro(inputs, targets, weights):
             return loss_and_grad(model, inputs, targets, weights)
@@ -432,7 +428,7 @@ class MlxTrainer:
                 arrays = self._arrays(rows[start:start + self.micro_batch], None)
             finally:
                 self.dataset = dataset
-            loss_sum += float(weighted_ce(self.model, arrays.inputs, arrays.targets, arrays.weights))
+            loss_sum += float(self._loss(self.model, arrays.inputs, arrays.targets, arrays.weights))
             count += int(np.array(arrays.weights).sum())
         self.model.train()
         val_loss = loss_sum / max(count, 1)

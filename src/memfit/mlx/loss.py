@@ -1,0 +1,75 @@
+"""The MLX engine's loss: sum_t w_t * CE_t over a micro-batch, through the full logits or chunk by chunk.
+
+The chunked form is the MLX side of `--chunked-loss` (memfit/train/chunked_loss.py on torch): the backbone's hidden
+states go through the lm_head a chunk of tokens at a time, each chunk under `nn.utils.checkpoint`, so its fp32
+logits live only while that chunk's loss (or, in the backward pass, its gradient) is computed. Full logits of a
+49k-vocab model at 4 x 256 tokens are 200 MB in fp32, of a 152k-vocab one 620 MB; mlx-lm keeps them, and their
+gradient, for the whole backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from memfit.train.chunked_loss import chunk_tokens
+
+# mlx-lm architectures whose Model.__call__ is exactly `head(self.model(inputs))`, the head being `lm_head` or, with
+# tied embeddings, `model.embed_tokens.as_linear` (mlx_lm/models/llama.py, qwen2.py, qwen3.py; mistral loads as
+# llama). Others (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
+_PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
+
+
+def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+    """sum_t w_t * CE_t over a micro-batch: logits upcast to fp32 (as the torch engine's full-logits loss)."""
+    logits = model(inputs).astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+
+def _head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] | None:
+    """(the module that holds the head's weights, how to apply it) for a plain-head architecture, else None."""
+    if getattr(model, "model_type", None) not in _PLAIN_HEAD_TYPES or not hasattr(model, "model"):
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens, lambda embed, hidden: embed.as_linear(hidden)
+    if hasattr(model, "lm_head"):
+        return model.lm_head, lambda head, hidden: head(hidden)
+    return None
+
+
+def supports_chunked_loss(model) -> bool:
+    return _head(model) is not None
+
+
+def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
+    """The loss function `nn.value_and_grad(model, ...)` differentiates: chunked when asked and the architecture's
+    head is a plain projection, the full-logits loss otherwise."""
+    head = _head(model) if chunked else None
+    if head is None:
+        return weighted_ce
+    module, apply = head
+
+    def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+        # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
+        targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
+        logits = apply(module, hidden).astype(mx.float32)
+        return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+    # Recomputed in the backward pass from the chunk's hidden states: only one chunk's logits at a time.
+    chunk_loss = nn.utils.checkpoint(module, chunk_loss)
+
+    def chunked_weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+        hidden = model.model(inputs)
+        rows, width, size = hidden.shape
+        hidden, targets, weights = hidden.reshape(rows * width, size), targets.reshape(-1), weights.reshape(-1)
+        tokens = rows * width
+        step = chunk_tokens(tokens, model.args.vocab_size, size)
+        total = mx.array(0.0)
+        for start in range(0, tokens, step):
+            end = min(start + step, tokens)
+            total = total + chunk_loss(hidden[start:end], targets[start:end], weights[start:end])
+        return total
+
+    return chunked_weighted_ce

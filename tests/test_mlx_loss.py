@@ -1,0 +1,79 @@
+"""The MLX engine's chunked loss (memfit.mlx.loss): the same loss and gradients as the full logits, and a lower peak."""
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
+
+from memfit.mlx.loss import make_loss, supports_chunked_loss, weighted_ce  # noqa: E402
+from memfit.train.chunked_loss import MIN_CHUNK_TOKENS  # noqa: E402
+
+
+def _lora_model(model_dir):
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    mx.random.seed(0)
+    # LoRA's B starts at zero, which makes A's gradient zero: small random values make every gradient informative.
+    model.update(tree_map(lambda a: mx.random.normal(a.shape) * 0.02, model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _batch(vocab: int, rows: int, width: int):
+    rng = np.random.default_rng(0)
+    weights = (rng.random((rows, width)) > 0.2).astype(np.float32)
+    return (mx.array(rng.integers(0, vocab, (rows, width)).astype(np.int32)),
+            mx.array(rng.integers(0, vocab, (rows, width)).astype(np.int32)), mx.array(weights))
+
+
+def test_chunked_loss_equals_the_full_logits_loss(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    assert supports_chunked_loss(model)
+    rows, width = 4, 256
+    assert rows * width >= 4 * MIN_CHUNK_TOKENS  # several chunks
+    inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
+    results = {}
+    for chunked in (False, True):
+        loss, grads = nn.value_and_grad(model, make_loss(model, chunked))(model, inputs, targets, weights)
+        mx.eval(loss, grads)
+        results[chunked] = (float(loss), dict(tree_flatten(grads)))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, full in results[False][1].items():
+        assert float(mx.abs(full).max()) > 0, name
+        assert mx.allclose(results[True][1][name], full, rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_loss_lowers_the_peak_by_the_logits(tiny_model_dir):
+    """The full logits (4 x 256 tokens x the vocab, fp32) live through the backward pass; the chunked loss holds one
+    256-token chunk's at a time. The tiny model keeps it fast (MLX's CPU matmuls are slow); the saving scales with
+    the vocab (benchmarks/mlx_vs_mlx_lm.py measures it on smollm2-135m)."""
+    model = _lora_model(tiny_model_dir)
+    rows, width = 4, 256
+    inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
+    peaks = {}
+    for chunked in (False, True):
+        step = nn.value_and_grad(model, make_loss(model, chunked))
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(*step(model, inputs, targets, weights))
+        peaks[chunked] = mx.get_peak_memory() - before
+    logits_bytes = rows * width * model.args.vocab_size * 4
+    assert peaks[False] - peaks[True] > logits_bytes / 2, {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_the_full_loss_is_the_fallback(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    assert make_loss(model, chunked=False) is weighted_ce
+    model.model_type = "gemma3_text"  # a head with scaled, soft-capped logits: not a plain projection
+    assert not supports_chunked_loss(model)
+    assert make_loss(model, chunked=True) is weighted_ce
