@@ -393,6 +393,8 @@ def fig_compile_full(args) -> str:
     modes = {"eager (defaults: guard thread every 0.1 s)": ["--no-compile"],
              "eager, guard thread off (`--memory-sample-interval 0`)": ["--no-compile", "--memory-sample-interval", "0"],
              "`--compile`": ["--compile"]}
+    if args.figure == "guard-thread":  # the guard's thread alone, more rounds: its cost is within run-to-run noise
+        modes.pop("`--compile`")
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -411,12 +413,15 @@ def fig_compile_full(args) -> str:
                 print(mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in results[mode][-1].items()},
                       flush=True)
     base = names[0]
-    lines = header("--compile and the guard's thread on a full-depth model (CPU)", "compile-full", load0,
+    title = ("The guard's thread on a full-depth model (CPU)" if args.figure == "guard-thread"
+             else "--compile and the guard's thread on a full-depth model (CPU)")
+    lines = header(title, args.figure, load0,
                    f"`memfit train` of smollm2-135m's full shapes (30 layers, random init) on {described} "
                    f"(benchmarks/train_vs_hf.py's data and command: LoRA r16 all-linear, fp32, batch 1 × 512 packed, "
                    f"no gradient checkpointing), {steps} steps, a fresh process per run, the three modes in rotated "
                    f"order for {args.repeats} rounds, one thread (`OMP_NUM_THREADS=1`, run as `taskset -c 1 python "
-                   "benchmarks/figures.py compile-full --write` with other work kept on the other core). tokens/s "
+                   f"benchmarks/figures.py {args.figure} --repeats {args.repeats} --write` with other work kept on "
+                   "the other core). tokens/s "
                    "counts steps 3..N (step 1 holds the compilation). Ratios are per round against the first mode.")
     lines += ["| mode | step 1 s | tokens/s, steps 3..N: min / median / max | ÷ eager per round | process wall s | "
               "peak RSS MB | other load, cores |", "|---|---:|---|---|---:|---:|---:|"]
@@ -625,7 +630,7 @@ def fig_runtime(args) -> str:
 
 
 FIGURES = {"loading": fig_loading, "mmap": fig_mmap, "padding": fig_padding, "packing": fig_packing, "compile": fig_compile,
-           "compile-full": fig_compile_full,
+           "compile-full": fig_compile_full, "guard-thread": fig_compile_full,
            "estimate": fig_estimate, "sandbox": fig_sandbox, "report": fig_report,
            "runtime": fig_runtime}
 
@@ -642,6 +647,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     for name in FIGURES if args.figure == "all" else [args.figure]:
+        args.figure = name  # compile-full and guard-thread share a function; it titles its section by this
         body = FIGURES[name](args)
         print(body, flush=True)
         if args.write:
