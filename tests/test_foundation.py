@@ -1,5 +1,7 @@
-"""Config validation, system detection, the allocator setting."""
+"""Config validation, system detection, the allocator setting, the signal handlers of a run."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ from memfit.allocator import fix_mmap_threshold
 from memfit.config import TrainConfig, load_yaml, make_config
 from memfit.errors import UserError
 from memfit.precision import resolve_precision
+from memfit.runtime import signals_handled
 from memfit.system import detect
 
 
@@ -106,3 +109,29 @@ def test_each_allocator_policy_gives_memory_back_where_it_says(policy):
         assert live - freed < 50 and live - ended >= 200
     else:  # "none": the heap keeps it
         assert live - ended < 50
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_handled_runs_its_handler_then_puts_the_one_before_back(signum):
+    received = []
+
+    def before(number, frame):
+        received.append(("before", number))
+
+    def during(number, frame):
+        received.append(("during", number))
+
+    outer = signal.signal(signum, before)
+    try:
+        with signals_handled(during):
+            assert signal.getsignal(signum) is during
+            os.kill(os.getpid(), signum)  # a real signal, handled by the block's handler
+        assert signal.getsignal(signum) is before
+        os.kill(os.getpid(), signum)  # after the block: the handler from before it again
+        assert received == [("during", signum), ("before", signum)]
+        with pytest.raises(RuntimeError):  # put back also when the block raises
+            with signals_handled(during):
+                raise RuntimeError("the run failed")
+        assert signal.getsignal(signum) is before
+    finally:
+        signal.signal(signum, outer)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 from memfit.allocator import configure as configure_allocator
 from memfit.config import TrainConfig
-from memfit.runtime import default_device
+from memfit.runtime import default_device, signals_handled
 from memfit.distributed.collective import Agreement
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.engine import pick_engine
@@ -540,30 +539,22 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
         trainer.interrupted = signal.Signals(signum).name
         first_signal_at[0] = time.monotonic()
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main_thread:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    finished = False
-    try:
-        trainer.setup()
-        result = trainer.run()
-        finished = True
-        return result
-    except KeyboardInterrupt:
-        if trainer.interrupted:
-            _say_aborted(trainer)
-        raise
-    finally:
-        trainer.restore_head()
-        guard = getattr(trainer, "guard", None)
-        if guard is not None:
-            guard.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if finished and trainer.distributed:
-            leave_process_group()
+    with signals_handled(on_signal):
+        try:
+            trainer.setup()
+            result = trainer.run()
+        except KeyboardInterrupt:
+            if trainer.interrupted:
+                _say_aborted(trainer)
+            raise
+        finally:
+            trainer.restore_head()
+            guard = getattr(trainer, "guard", None)
+            if guard is not None:
+                guard.stop()
+    if trainer.distributed:
+        leave_process_group()
+    return result
 
 
 def _say_aborted(trainer: Trainer) -> None:
