@@ -343,14 +343,16 @@ def run_job(job: TrainJob, config: TrainConfig, on_event: EventSink | None = Non
 
 
 def run_training(job: TrainJob, config: TrainConfig, on_event: EventSink | None = None) -> TrainResult:
-    """The trainer in this process (memfit.train.train), with the run report written at its end
-    (memfit.report.report_at_end): what an unsupervised run and each life of a supervised one run."""
+    """The trainer in this process (memfit.train.train), told what the estimator says of the run
+    (memfit.sizing) and with the run report written at its end (memfit.report.report_at_end): what an unsupervised
+    run and each life of a supervised one run."""
     from memfit.distributed.ranks import current
     from memfit.report import report_at_end, write_report_safely
+    from memfit.sizing import EstimatorSizing
     from memfit.train import train as run_trainer
 
     try:
-        return run_trainer(job, config, on_event=report_at_end(job.output_dir, on_event))
+        return run_trainer(job, config, on_event=report_at_end(job.output_dir, on_event), sizing=EstimatorSizing())
     except DiskFullError:
         if current().is_main:  # run.json says so; the report may fail on the full disk: then a warning says so
             write_report_safely(job.output_dir, on_event)
