@@ -1,6 +1,6 @@
 """The library's three calls, each returning a typed result: `estimate`, `probe` and `train` (also reachable as
-`memfit.estimate(...)`, `memfit.probe(...)`, `memfit.train(...)`). The `memfit` command is a thin layer over
-exactly these: it parses flags, calls one, and renders what it returns.
+`memfit.estimate(...)`, `memfit.probe(...)`, `memfit.train(...)`), and `recommend`, the built-in sizes that fit.
+The `memfit` command is a thin layer over exactly these: it parses flags, calls one, and renders what it returns.
 
     import memfit
 
