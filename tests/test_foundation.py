@@ -1,9 +1,11 @@
-"""Config validation, system detection, the allocator setting, the signal handlers of a run."""
+"""Config validation, system detection, the allocator setting, the signal handlers of a run, the trainer's layer."""
 
+import ast
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +137,17 @@ def test_signals_handled_runs_its_handler_then_puts_the_one_before_back(signum):
         assert signal.getsignal(signum) is before
     finally:
         signal.signal(signum, outer)
+
+
+def test_the_trainer_never_imports_the_estimator():
+    """The estimator builds its model with memfit.train.model, so train/ sits below it: the trainer is handed the
+    estimator's answers (memfit.sizing) by whoever starts it, and imports nothing of memfit.estimate itself."""
+    import memfit.train
+
+    upward = []
+    for path in sorted(Path(memfit.train.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            upward += [f"{path.name}: {name}" for name in names if name.split(".")[:2] == ["memfit", "estimate"]]
+    assert upward == []
