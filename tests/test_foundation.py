@@ -105,12 +105,15 @@ def test_each_allocator_policy_gives_memory_back_where_it_says(policy):
     live, freed, ended, effective = done.stdout.split()
     live, freed, ended = int(live), int(freed), int(ended)
     assert effective == "True"
+    # What each policy promises, not where glibc happens to put the blocks: under the dynamic threshold ("trim",
+    # "none") the freed blocks are holes in the heap or its top, which glibc trims by itself, and which of the two
+    # depends on where earlier small allocations landed (importing one module more moved it).
     if policy == "threshold":  # each 4 MiB block is its own mmap: gone at the free
         assert live - freed >= 200
-    elif policy == "trim":  # kept in the heap at the free, given back at the step end
-        assert live - freed < 50 and live - ended >= 200
-    else:  # "none": the heap keeps it
-        assert live - ended < 50
+    elif policy == "trim":  # given back by the step end at the latest
+        assert live - ended >= 200
+    else:  # "none": memfit gives nothing back at the step end
+        assert abs(freed - ended) < 50
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
