@@ -77,6 +77,10 @@ def trial(spec_path: str, run_dir: str) -> int:
         spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
         job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
                        trial=True)
+        if spec.engine == "mlx":  # `memfit probe --engine mlx`
+            from memfit.mlx import train_mlx
+
+            return train_mlx(job, TrainConfig(**spec.config), on_event=on_event)
         return train(job, TrainConfig(**spec.config), on_event=on_event)
 
     def on_error(error: Exception) -> None:

@@ -211,6 +211,7 @@ def estimate(
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices (default: 1)"),
     zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3 (default: 0)"),
     target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach: the largest micro-batch that fits, and the grad-accum that makes up the rest (default: none)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torch (default), mlx or auto (MLX on Apple Silicon)"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="scale by this machine's `memfit probe` measurements when there are some"),
     check: bool = typer.Option(False, "--check", help="exit 0 when it fits, 1 when it does not (2: bad input), "
@@ -227,11 +228,13 @@ def estimate(
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     found = compute(model, device=device, memory_gb=memory_gb, num_gpus=num_gpus, zero=zero,
-                    target_batch=target_batch, calibrate=calibrate, config_file=config_file, **training)
+                    target_batch=target_batch, calibrate=calibrate, config_file=config_file, engine=engine,
+                    **training)
     if as_json:
         data = {**to_json(found.estimate, found.largest_batch, found.grad_accum, found.advice),
                 "micro_batch_size": found.micro_batch, "calibration": found.calibration,
-                "source": found.model.source, "config_source": found.model.origin}
+                "source": found.model.source, "config_source": found.model.origin,
+                **(found.estimate.extra_json() if found.engine == "mlx" else {})}
         if found.target_batch:
             data["target_batch"] = found.target_batch
         if found.planned_for_cpu:
@@ -250,6 +253,7 @@ def estimate(
 def recommend(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="memory in GB (default: this machine)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="with --device mps: torch or mlx only (default both)"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     training: dict = None,
@@ -275,12 +279,35 @@ def recommend(
                         hint="e.g. memfit recommend --method lora --quant 8")
     config = build_config(training, file_values)
     methods = (config.method,) if "method" in given else METHODS
+    if device == "mps":  # a Mac: each engine's answer within the GPU's working set (memfit.estimate.mlx_memory)
+        from memfit.estimate.mlx_memory import recommend_mac
+
+        mac = recommend_mac(config, memory_gb, methods, _mac_engines(engine))
+        if as_json:
+            return _print_json(mac)
+        console.print(f"a Mac with {_gb(mac['unified_memory_bytes'])}: {mac['working_set']}", soft_wrap=True)
+        for name, result in mac["engines"].items():
+            _recommend_table(result, f"{name} · ", config.seq_len)
+            console.print(f"[dim]{mac['support'][name]}[/dim]", soft_wrap=True, highlight=False)
+        return None
     hardware = planned_hardware(device, memory_gb)
     result = compute(config, hardware, methods=methods)
     if as_json:
         return _print_json(result)
-    table = Table(title=f"what fits in {_gb(hardware.memory_bytes)} on {hardware.device} "
-                        f"(seq {config.seq_len}, {result['precision']})")
+    _recommend_table(result, "", config.seq_len)
+
+
+def _mac_engines(engine: Optional[str]) -> tuple[str, ...]:
+    if engine in (None, "auto"):
+        return ("torch", "mlx")
+    if engine not in ("torch", "mlx"):
+        raise UserError(f"unknown --engine {engine!r}", hint="choose torch or mlx (default: both)")
+    return (engine,)
+
+
+def _recommend_table(result: dict, prefix: str, seq_len: int) -> None:
+    table = Table(title=f"{prefix}what fits in {_gb(result['memory_bytes'])} on {result['device']} "
+                        f"(seq {seq_len}, {result['precision']})")
     table.add_column("model")
     table.add_column("params", justify="right")
     for method in result["methods"]:
@@ -332,6 +359,7 @@ def probe(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="training JSONL (tokenized as training does)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
     limit_gb: Optional[float] = typer.Option(None, "--max-memory", help="limit in GB (default: 80% of available)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="trials on torch (default), mlx or auto (MLX on Apple Silicon)"),
     steps: int = typer.Option(15, "--steps", help="training steps per trial (late allocations show after a few)"),
     margin: float = typer.Option(0.15, "--margin", help="usable: peak x (1 + margin) stays under the limit"),
     search: str = typer.Option("batch", "--search", help="batch, batch,rank or batch,seq"),
@@ -359,7 +387,7 @@ def probe(
         result = run_probe(model, data, device=device, max_memory=limit_gb, steps=steps, margin=margin,
                            search=search, values=_int_list(values, "--values"), max_batch=max_batch,
                            powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout, fresh=fresh,
-                           force=force, config_file=config_file, on_event=renderer, **training)
+                           force=force, config_file=config_file, engine=engine, on_event=renderer, **training)
     finally:
         renderer.close()
     if as_json:
