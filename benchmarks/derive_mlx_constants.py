@@ -74,7 +74,7 @@ def measure(scratch: Path) -> list[dict]:
             estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), model_name=name,
                                     coefficients={term: 0.0 for term in TERMS})
             exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
-            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing)
+            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2)
             measured = measure_in_child(model_dir, case, steps=2)
             rows.append(dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
                              peak_rss=measured["peak_rss_bytes"]))
@@ -106,7 +106,7 @@ def recorded_rows(path: Path) -> list[dict]:
         exact = sum(exact_estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
         assert exact == run["exact_bytes"], (run, exact)  # the shapes rebuilt are the ones measured
         terms = term_bytes(Shape.of(arch_info(hf_config)), case["batch_size"], case["seq_len"],
-                           case["grad_checkpointing"])
+                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2)
         rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, peak=run["peak_bytes"],
                          peak_rss=run["peak_rss_bytes"]))
     return rows

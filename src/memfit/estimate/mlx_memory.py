@@ -117,22 +117,23 @@ class Shape:
                    info.num_heads, info.vocab_size, info.num_layers)
 
 
-def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool) -> dict[str, float]:
+def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4) -> dict[str, float]:
     """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens, before its fitted
     coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's T x V logits;
     per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer makes them),
     T x i MLP values and b x H x s^2 attention scores, summed over the layers; the layer terms go to the
-    checkpointed set when mlx-lm's checkpointing is on. Every term is counted at 4 bytes a value whatever the
-    compute dtype: on MLX's CPU backend bf16 steps peak within a few percent of fp32 ones (the fit's runs:
-    mlx_constants.json), and the head is fp32 anyway (memfit's loss upcasts it)."""
+    checkpointed set when mlx-lm's checkpointing is on. The layer values count in the compute dtype, the head and
+    the attention scores at 4 bytes (memfit's loss upcasts the logits; the scores' share is settled by the fit's
+    fp32 and bf16 runs). Counting the layer values at 4 bytes too fitted the same runs worse (worst 15.1% against
+    8.2%: `--refit` after changing this function)."""
     tokens = batch * seq
     layers = shape.layers
     suffix = "_checkpointed" if checkpointing else ""
     terms = {name: 0.0 for name in TERMS}
     terms["fixed"] = float(2**20)
     terms["head"] = tokens * shape.vocab * 4.0
-    terms["hidden" + suffix] = float(layers * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * 4)
-    terms["mlp" + suffix] = float(layers * tokens * shape.intermediate * 4)
+    terms["hidden" + suffix] = float(layers * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
+    terms["mlp" + suffix] = float(layers * tokens * shape.intermediate * dtype_bytes)
     terms["attention" + suffix] = float(layers * batch * shape.heads * seq * seq * 4)
     return terms
 
@@ -195,7 +196,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     optimizer = trainable * trainable_bytes * states
     if config.optimizer == "adafactor":
         optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
-    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing)
+    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes)
     activations = sum(coefficients[name] * terms[name] for name in TERMS if name != "head")
     logits = coefficients["head"] * terms["head"]
     if config.grad_accum > 1:
