@@ -99,7 +99,8 @@ def recorded_rows(path: Path) -> list[dict]:
     for run in recorded["runs"]:
         values = dict(recorded["shapes"][run["shape"]])
         base = get_architecture("tiny").to_hf_config()
-        hf_config = LlamaConfig(**{**{key: value for key, value in base.to_dict().items() if key != "head_dim"}, **values})
+        base_values = {key: value for key, value in base.to_dict().items() if key != "head_dim"}  # from the heads
+        hf_config = LlamaConfig(**{**base_values, **values})
         case = {key: run[key] for key in ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing")}
         exact_estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40),
                                       coefficients={term: 0.0 for term in TERMS})

@@ -168,7 +168,8 @@ def run_mlx(quick: bool) -> list[dict]:
                 rows.append(dict(model=f"{preset} ({estimate.params / 1e6:.1f}M params, {hf_config.num_hidden_layers} "
                                  "layers)", case=case, params=estimate.params, estimate=estimate.mlx_peak_bytes,
                                  measured=peak, error=(estimate.mlx_peak_bytes - peak) / peak * 100,
-                                 phase="load" if measured["load_peak_bytes"] >= measured["train_peak_bytes"] else "step",
+                                 phase="load" if measured["load_peak_bytes"] >= measured["train_peak_bytes"]
+                                 else "step",
                                  seconds=time.time() - started))
                 print(f"{rows[-1]['model']:32s} {case} est {estimate.mlx_peak_bytes / MB:7.1f} MB  measured "
                       f"{peak / MB:7.1f} MB  error {rows[-1]['error']:+5.1f}%", flush=True)

@@ -144,7 +144,7 @@ def test_probe_engine_mlx_runs_mlx_trials(tiny_model_dir, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     data = json.loads(completed.stdout)
     assert data["setup"]["engine"] == "mlx"
-    assert data["chosen"]["settings"]["batch_size"] == 4
+    assert data["chosen"]["batch_size"] == 4
     specs = list((tmp_path / "cache").rglob("spec.json"))
     trials = [json.loads(path.read_text()) for path in specs]
     assert trials and all(trial["engine"] == "mlx" for trial in trials)

@@ -359,7 +359,7 @@ def probe(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="training JSONL (tokenized as training does)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
     limit_gb: Optional[float] = typer.Option(None, "--max-memory", help="limit in GB (default: 80% of available)"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="trials on torch (default), mlx or auto (MLX on Apple Silicon)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="trials on torch (default), mlx or auto"),
     steps: int = typer.Option(15, "--steps", help="training steps per trial (late allocations show after a few)"),
     margin: float = typer.Option(0.15, "--margin", help="usable: peak x (1 + margin) stays under the limit"),
     search: str = typer.Option("batch", "--search", help="batch, batch,rank or batch,seq"),

@@ -376,7 +376,7 @@ class Probe:
         calibration = self.calibration()
         settings = None
         if chosen:
-            settings = {key: value for key, value in self.setup_values.items() if key != "device"}
+            settings = {key: value for key, value in self.setup_values.items() if key not in ("device", "engine")}
             settings.update({key: chosen[key] for key in self.searched})
             if not self.limit_auto:
                 settings["max_memory"] = round(self.limit_bytes / GB, 3)
