@@ -28,7 +28,6 @@ def _memfit(*argv, timeout=600):
 def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
     """The estimate's weights (packed bits, a scale and a bias per 64 in the compute dtype, embeddings included)
     equal the bytes of the base's arrays after memfit's MLX loader quantized it."""
-    import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -44,7 +43,6 @@ def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
     trainable = sum(value.size for value in loaded.trainable().values())
     assert estimate.trainable_params == trainable
     assert estimate.breakdown["adapters"] == trainable * 4  # mlx-lm's LoRA matrices are fp32
-    del mx
 
 
 CASES = [
@@ -110,15 +108,35 @@ def test_largest_batch_is_the_last_that_fits(tiny_model_dir):
     assert not estimate_mlx(hf_config, config, hardware, batch_size=batch + 1).fits
 
 
-def test_recommend_mps_names_both_engines_within_the_working_set():
-    completed = _memfit("recommend", "--device", "mps", "--memory-gb", "64", "--json")
-    assert completed.returncode == 0, completed.stderr
-    data = json.loads(completed.stdout)
+@pytest.fixture
+def torch_recommend(monkeypatch):
+    """torch's recommend replaced by a recorder (its ~15 traces take minutes on a loaded machine; test_cli runs it
+    for real): what the Mac command asks of it."""
+    calls = []
+
+    def fake(config, hardware, methods=("full", "lora", "qlora")):
+        calls.append(hardware)
+        return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": "bf16",
+                "seq_len": config.seq_len, "batch_size": config.batch_size,
+                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": [],
+                "largest": {method: None for method in methods}}
+
+    monkeypatch.setattr("memfit.estimate.recommend.recommend", fake)
+    return calls
+
+
+def test_recommend_mps_names_both_engines_within_the_working_set(capsys, torch_recommend):
+    from memfit.cli import main
+
+    code = main(["recommend", "--device", "mps", "--memory-gb", "64", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code in (0, None)
     assert data["unified_memory_bytes"] == 64 * GB
     assert data["usable_bytes"] == int(64 * GB * 3 / 4)  # above 36 GB: three quarters
     assert set(data["engines"]) == {"torch", "mlx"}
-    for table in data["engines"].values():
-        assert table["memory_bytes"] == data["usable_bytes"]
+    # Both engines are judged against the GPU's working set, not the Mac's RAM.
+    assert torch_recommend[-1].device == "mps" and torch_recommend[-1].memory_bytes == data["usable_bytes"]
+    assert data["engines"]["mlx"]["memory_bytes"] == data["usable_bytes"]
     assert "bitsandbytes" in data["support"]["torch"] and "--quant 4|8" in data["support"]["mlx"]
     mlx_rows = {row["model"]: row["methods"] for row in data["engines"]["mlx"]["models"]}
     # The seeds' Llama-3.1-8B QLoRA fits a 64 GB Mac on MLX; a 70B in 16-bit LoRA does not.
@@ -126,9 +144,11 @@ def test_recommend_mps_names_both_engines_within_the_working_set():
     assert not mlx_rows["llama-3.1-70b"]["lora"]["fits"]
     # MLX's 4-bit base (0.5 byte + two 16-bit values per 64 weights) is smaller than its 16-bit one.
     assert mlx_rows["llama-3.1-8b"]["qlora"]["total_bytes"] < mlx_rows["llama-3.1-8b"]["lora"]["total_bytes"]
-    text = _memfit("recommend", "--device", "mps", "--memory-gb", "16", "--engine", "mlx")
-    assert text.returncode == 0, text.stderr
-    assert "mlx · what fits in" in text.stdout and "torch ·" not in text.stdout
+    code = main(["recommend", "--device", "mps", "--memory-gb", "16", "--engine", "mlx", "--method", "qlora"])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    assert "mlx · what fits in 10.67 GB" in out and "torch ·" not in out  # 2/3 of 16 GB up to 36 GB
+    assert "bitsandbytes" not in out.split("mlx ·")[0]
 
 
 def test_probe_engine_mlx_runs_mlx_trials(tiny_model_dir, tmp_path):
