@@ -11,6 +11,12 @@ error over a smaller figure: it is what the constants cannot hide. smollm2-135m 
 135M params) is the case where the model-dependent part dominates.
 
     python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick | --moe] [--out docs/benchmarks.md]
+    python benchmarks/estimate_accuracy.py --engine mlx [--quick]
+
+With `--engine mlx`: memfit's MLX engine (mlx[cpu] here). Each case runs 3 steps of the MLX trainer's own compiled
+step in a fresh child (memfit.mlx.measure) and reads `mx.get_peak_memory()`; the estimate is
+memfit.estimate.mlx_memory's arrays' peak (`mlx_peak_bytes`, the total less the process runtime), for the same
+configuration. Its own section in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -118,6 +124,90 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
     return rows
 
 
+# MLX: tiny at its 4 layers and smollm2-135m at its whole depth (30 layers): LoRA in fp32 and bf16, MLX's 4-bit
+# QLoRA, checkpointing on and off, two batch x sequence sizes each. Neither shape is among the ones
+# benchmarks/derive_mlx_constants.py fitted the activation coefficients on.
+MLX_MODELS = {"tiny": None, "smollm2-135m": None}
+MLX_CASES = {
+    "tiny": [
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True),
+        dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False),
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True),
+        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False),
+        dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True),
+    ],
+    "smollm2-135m": [
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False),
+        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True),
+    ],
+}
+
+
+def run_mlx(quick: bool) -> list[dict]:
+    from transformers import AutoConfig
+
+    from memfit.config import TrainConfig
+    from memfit.estimate.memory import Hardware
+    from memfit.estimate.mlx_memory import estimate_mlx
+    from memfit.mlx.measure import measure_in_child
+    from memfit.models import init_model
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for preset, layers in MLX_MODELS.items():
+            model_dir = Path(scratch) / preset
+            init_model(preset, model_dir, num_layers=layers)
+            hf_config = AutoConfig.from_pretrained(model_dir)
+            for case in MLX_CASES[preset][:2] if quick else MLX_CASES[preset]:
+                estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40))
+                started = time.time()
+                measured = measure_in_child(model_dir, case, steps=3)
+                peak = measured["peak_bytes"]
+                rows.append(dict(model=f"{preset} ({estimate.params / 1e6:.1f}M params, {hf_config.num_hidden_layers} "
+                                 "layers)", case=case, params=estimate.params, estimate=estimate.mlx_peak_bytes,
+                                 measured=peak, error=(estimate.mlx_peak_bytes - peak) / peak * 100,
+                                 phase="load" if measured["load_peak_bytes"] >= measured["train_peak_bytes"]
+                                 else "step",
+                                 seconds=time.time() - started))
+                print(f"{rows[-1]['model']:32s} {case} est {estimate.mlx_peak_bytes / MB:7.1f} MB  measured "
+                      f"{peak / MB:7.1f} MB  error {rows[-1]['error']:+5.1f}%", flush=True)
+    return rows
+
+
+def markdown_mlx(rows: list[dict]) -> str:
+    import mlx.core as mx
+
+    from importlib import metadata
+
+    from memfit.estimate.mlx_memory import constants
+
+    worst = max(abs(row["error"]) for row in rows)
+    lines = [
+        f"### MLX estimate accuracy ({len(rows)} cases, worst error {worst:.1f}%)",
+        "",
+        f"Measured with `python benchmarks/estimate_accuracy.py --engine mlx` on {platform.machine()} "
+        f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, MLX {mx.__version__} "
+        f"({'Metal' if mx.metal.is_available() else 'CPU, mlx[cpu]'}), mlx-lm {metadata.version('mlx-lm')}. Each "
+        "case: 3 steps of memfit's MLX trainer (its own load, quantization, adapters, AdamW and compiled step: "
+        "memfit.mlx.measure) in a fresh child on random full-length rows; measured = `mx.get_peak_memory()` (the "
+        "arrays' high-water mark); estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes` (its total less "
+        "the process runtime). The activation coefficients come from `python benchmarks/derive_mlx_constants.py` "
+        f"(other shapes; its own fit's worst error {constants()['fit']['worst_error_percent']:.1f}%).",
+        "",
+        "| model | method | quant | dtype | batch × seq | grad ckpt | estimate MB | measured MB | peak in | error |",
+        "|---|---|---|---|---|---|---:|---:|---|---:|",
+    ]
+    for row in rows:
+        case = row["case"]
+        lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
+                     f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
+                     f"{row['estimate'] / MB:,.1f} | {row['measured'] / MB:,.1f} | {row['phase']} | "
+                     f"{row['error']:+.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
     import torch
 
@@ -183,8 +273,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="3 cases per architecture")
     parser.add_argument("--moe", action="store_true", help="the mixture-of-experts cuts only (their own section)")
+    parser.add_argument("--engine", default="torch", choices=("torch", "mlx"),
+                        help="mlx: memfit's MLX engine against mx.get_peak_memory() (its own section)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
     args = parser.parse_args()
+    if args.engine == "mlx":
+        rows = run_mlx(args.quick)
+        write_section(Path(args.out), "estimate-accuracy-mlx-cpu", markdown_mlx(rows))
+        print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
+        sys.exit(0)
     rows = run(args.device, args.quick, args.moe)
     marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"
     write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe))

@@ -53,6 +53,7 @@ class EstimateResult:
     advice: list[Suggestion] = field(default_factory=list)  # cheapest change first; empty when it fits
     calibration: dict[str, Any] | None = None  # this machine's probe measurements, when they scaled the estimate
     planned_for_cpu: str | None = None  # said when no device was named and this machine has only its CPU
+    engine: str = "torch"  # the training engine planned for: torch, or mlx (memfit.estimate.mlx_memory)
 
     @property
     def fits(self) -> bool:
@@ -71,6 +72,8 @@ class EstimateResult:
                 "source": self.model.source, "config_source": self.model.origin}
         if self.target_batch:
             data["target_batch"] = self.target_batch
+        if self.engine == "mlx":
+            data.update(self.estimate.extra_json())
         if self.planned_for_cpu:
             data["notes"] = [self.planned_for_cpu, *data["notes"]]
         return data
@@ -78,9 +81,13 @@ class EstimateResult:
 
 def estimate(model: str | None = None, *, device: str | None = None, memory_gb: float | None = None,
              num_gpus: int | None = None, zero: int | None = None, target_batch: int | None = None,
-             calibrate: bool = True, config_file: str | Path | None = None, **options: Any) -> EstimateResult:
+             calibrate: bool = True, config_file: str | Path | None = None, engine: str | None = None,
+             **options: Any) -> EstimateResult:
     """The memory a training run will take before it starts, and the largest batch that fits. `memory_gb`: the
-    target device's memory (default: 80% of what this machine's device has free)."""
+    target device's memory (default: 80% of what this machine's device has free). `engine` "mlx": memfit's MLX
+    engine (memfit.estimate.mlx_memory: arithmetic, MLX need not be installed), where `memory_gb` with
+    device "mps" is the Mac's RAM, of which the GPU may use its recommended working set; "auto": MLX on Apple
+    Silicon with MLX installed, else torch."""
     from memfit.cache import CacheMiss
     from memfit.distributed.engines import estimated_sharding
     from memfit.estimate.hardware import planned_hardware
@@ -99,6 +106,9 @@ def estimate(model: str | None = None, *, device: str | None = None, memory_gb: 
     if target_batch is not None and target_batch < 1:
         raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
     config = build_config(options, file_values)
+    training_engine = _estimate_engine(option_value(engine, file_values, "engine", str))
+    if training_engine == "mlx":
+        return _estimate_mlx(model, config, device, memory_gb, num_gpus, zero, target_batch)
     zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
     hardware = planned_hardware(device, memory_gb, num_gpus, zero, config.offload, engine)
     # A model estimated before comes from the cache (memfit.cache): no transformers, no torch, no trace.
@@ -120,6 +130,46 @@ def estimate(model: str | None = None, *, device: str | None = None, memory_gb: 
         result.planned_for_cpu = ("planning for this machine's CPU (no GPU here; memory is process RSS): for a GPU, "
                                   "pass --device cuda --memory-gb 24 (its memory in GB)")
     return result
+
+
+def _estimate_engine(engine: str | None) -> str:
+    """--engine for estimate: torch, mlx, or auto (MLX on Apple Silicon where it is installed). Unlike train, mlx
+    needs no MLX here: its estimate is arithmetic."""
+    from memfit.mlx import apple_silicon, available
+
+    engine = engine or "torch"
+    if engine == "auto":
+        return "mlx" if apple_silicon() and available() else "torch"
+    if engine not in ("torch", "mlx"):
+        raise UserError(f"unknown --engine {engine!r}", hint="choose torch, mlx or auto")
+    return engine
+
+
+def _estimate_mlx(model: str, config: TrainConfig, device: str | None, memory_gb: float | None,
+                  num_gpus: int | None, zero: int | None, target_batch: int | None) -> EstimateResult:
+    """`estimate(engine="mlx")`: memfit.estimate.mlx_memory on the resolved config (one device, no calibration:
+    probe profiles measure the torch engine's process)."""
+    from memfit.estimate.memory import grad_accum_for
+    from memfit.estimate.mlx_memory import estimate_mlx, max_batch_mlx, mlx_hardware
+    from memfit.models import resolve_model
+
+    if (num_gpus or 1) != 1 or zero:
+        raise UserError("--engine mlx trains in one process on one device: no --num-gpus or --zero",
+                        hint="drop them, or use --engine torch")
+    hardware, ram = mlx_hardware(device, memory_gb)
+    resolved = resolve_model(model, fetch_config=True)
+    result = estimate_mlx(resolved.config, config, hardware, model_name=resolved.name, unified_bytes=ram)
+    largest = max_batch_mlx(resolved.config, config, hardware)
+    micro_batch, grad_accum = config.batch_size, config.grad_accum
+    if target_batch:
+        micro_batch = max(1, min(largest, target_batch))
+        grad_accum = grad_accum_for(target_batch, micro_batch, 1)
+    result.notes.insert(0, f"model config: {resolved.origin}")
+    if not result.fits:
+        result.notes.append("does not fit: a smaller --batch-size or --seq-len, --grad-checkpointing, or --quant 4 "
+                            "(MLX's QLoRA) shrink it; `memfit recommend --device mps` lists what fits")
+    return EstimateResult(result, resolved, largest, micro_batch, grad_accum, target_batch, [], None,
+                          engine="mlx")
 
 
 def _estimate_of(resolved, config: TrainConfig, hardware, calibrate: bool,
@@ -167,16 +217,19 @@ class RecommendResult:
     """What `recommend` found: for each built-in size and method, the estimate at the configured batch and the
     largest batch that fits."""
 
-    sizes: dict[str, Any]  # memfit.estimate.recommend.recommend's table: what `memfit recommend --json` prints
+    sizes: dict[str, Any]  # memfit.estimate.recommend.recommend's table (on a Mac: recommend_mac's, one per engine):
+    # what `memfit recommend --json` prints
     config: TrainConfig  # the settings every size was estimated with
-    hardware: Hardware  # the one device planned for
+    hardware: Hardware | None  # the one device planned for (None on a Mac: each engine plans its own)
 
 
 def recommend(*, device: str | None = None, memory_gb: float | None = None, config_file: str | Path | None = None,
-              **options: Any) -> RecommendResult:
+              engine: str | None = None, **options: Any) -> RecommendResult:
     """Which built-in model sizes fit in `memory_gb` (default: this machine's), for full, LoRA and QLoRA, with the
     same defaults as estimate, probe and train; a `method` given keeps only that method's column. It plans one
-    device: what shards across several is `estimate`'s (num_gpus, zero, offload)."""
+    device: what shards across several is `estimate`'s (num_gpus, zero, offload). On `device` "mps", `memory_gb`
+    is the Mac's RAM and the answer is each engine's (`engine` torch or mlx: that one; default both) within what
+    macOS lets the GPU use (memfit.estimate.mlx_memory.recommend_mac)."""
     from memfit.estimate.hardware import planned_hardware
     from memfit.estimate.recommend import METHODS
     from memfit.estimate.recommend import recommend as compute
@@ -194,8 +247,21 @@ def recommend(*, device: str | None = None, memory_gb: float | None = None, conf
                         hint="e.g. memfit recommend --method lora --quant 8")
     config = build_config(options, file_values)
     methods = (config.method,) if "method" in given else METHODS
+    if device == "mps":
+        from memfit.estimate.mlx_memory import recommend_mac
+
+        mac = recommend_mac(config, memory_gb, methods, _mac_engines(engine))
+        return RecommendResult(mac, config, None)
     hardware = planned_hardware(device, memory_gb)
     return RecommendResult(compute(config, hardware, methods=methods), config, hardware)
+
+
+def _mac_engines(engine: str | None) -> tuple[str, ...]:
+    if engine in (None, "auto"):
+        return ("torch", "mlx")
+    if engine not in ("torch", "mlx"):
+        raise UserError(f"unknown --engine {engine!r}", hint="choose torch or mlx (default: both)")
+    return (engine,)
 
 
 # --- probe ---------------------------------------------------------------------------------------------------------
@@ -205,10 +271,11 @@ def probe(model: str | None = None, data: str | Path | None = None, *, device: s
           max_memory: float | None = None, steps: int = 15, margin: float = 0.15,
           search: str | tuple[str, ...] = ("batch",), values: tuple[int, ...] | None = None, max_batch: int = 1024,
           powers_of_two: bool = False, min_batch: int = 1, trial_timeout_s: float = 600, fresh: bool = False,
-          force: bool = False, config_file: str | Path | None = None, on_event: EventSink | None = None,
-          **options: Any) -> ProbeResult:
+          force: bool = False, config_file: str | Path | None = None, engine: str | None = None,
+          on_event: EventSink | None = None, **options: Any) -> ProbeResult:
     """Real training steps in child processes find the largest batch (and rank or sequence length, `search`) that
-    fits under `max_memory` GB on this machine; saved as a hardware profile for `train(profile="auto")`."""
+    fits under `max_memory` GB on this machine; saved as a hardware profile for `train(profile="auto")`.
+    `engine` "mlx": the trials train with memfit.mlx (needs mlx and mlx-lm); "auto" as for train."""
     from memfit.probe import ProbeJob
     from memfit.probe import probe as run_probe
     from memfit.probe.profile import AXES
@@ -225,13 +292,20 @@ def probe(model: str | None = None, data: str | Path | None = None, *, device: s
     if any(axis not in AXES for axis in axes) or not axes or axes[0] != "batch":
         raise UserError(f"unknown --search {text!r}: choose batch, batch,rank or batch,seq")
     config = build_config(options, file_values)
+    from memfit.mlx import choose_engine
+
+    engine = choose_engine(option_value(engine, file_values, "engine", str) or "torch")
     max_memory = option_value(max_memory, file_values, "max_memory", float)
     device = device or file_values.get("device")
-    if max_memory is not None and max_memory > 0:
+    if max_memory is not None and max_memory > 0 and engine == "torch":
         _check_max_memory(max_memory, str(model), config, device, force, on_event)
     job = ProbeJob(model=str(model), data=Path(data), device=device, max_memory=max_memory, steps=steps,
                    margin=margin, search=axes, values=values, max_batch=max_batch, powers_of_two=powers_of_two,
-                   min_batch=min_batch, trial_timeout_s=trial_timeout_s, fresh=fresh)
+                   min_batch=min_batch, trial_timeout_s=trial_timeout_s, fresh=fresh, engine=engine)
+    if engine == "mlx":
+        from memfit.mlx.trainer import check_supported
+
+        check_supported(config, job)  # what MLX cannot run: one line here, not a failed trial
     return run_probe(job, config, on_event=on_event)
 
 

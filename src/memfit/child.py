@@ -78,6 +78,10 @@ def trial(spec_path: str, run_dir: str) -> int:
         spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
         job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
                        trial=True)
+        if spec.engine == "mlx":  # `memfit probe --engine mlx`
+            from memfit.mlx import train_mlx
+
+            return train_mlx(job, TrainConfig(**spec.config), on_event=on_event)
         # A trial writes the estimate to its run.json as a run does: it is to hold what the run will hold.
         return train(job, TrainConfig(**spec.config), on_event=on_event, sizing=EstimatorSizing())
 

@@ -125,6 +125,7 @@ def estimate(
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="data-parallel devices (default: 1)"),
     zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage 0-3 (default: 0)"),
     target_batch: Optional[int] = typer.Option(None, "--target-batch", help="global batch to reach: the largest micro-batch that fits, and the grad-accum that makes up the rest (default: none)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torch (default), mlx or auto (MLX on Apple Silicon)"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="scale by this machine's `memfit probe` measurements when there are some"),
     check: bool = typer.Option(False, "--check", help="exit 0 when it fits, 1 when it does not (2: bad input), "
@@ -140,7 +141,8 @@ def estimate(
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     found = compute(model, device=device, memory_gb=memory_gb, num_gpus=num_gpus, zero=zero,
-                    target_batch=target_batch, calibrate=calibrate, config_file=config_file, **training)
+                    target_batch=target_batch, calibrate=calibrate, config_file=config_file, engine=engine,
+                    **training)
     if as_json:
         _print_json(found.to_json())
     else:
@@ -156,6 +158,7 @@ def estimate(
 def recommend(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="memory in GB (default: this machine)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: what this machine has)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="with --device mps: torch or mlx only (default both)"),
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with the same keys"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     training: dict = None,
@@ -166,7 +169,7 @@ def recommend(
     from memfit.views import render_recommend
 
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
-    found = compute(device=device, memory_gb=memory_gb, config_file=config_file, **training)
+    found = compute(device=device, memory_gb=memory_gb, config_file=config_file, engine=engine, **training)
     if as_json:
         return _print_json(found.sizes)
     render_recommend(console, found)
@@ -206,6 +209,7 @@ def probe(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="training JSONL (tokenized as training does)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or mps (default: the best this machine has)"),
     limit_gb: Optional[float] = typer.Option(None, "--max-memory", help="limit in GB (default: 80% of available)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="trials on torch (default), mlx or auto"),
     steps: int = typer.Option(15, "--steps", help="training steps per trial (late allocations show after a few)"),
     margin: float = typer.Option(0.15, "--margin", help="usable: peak x (1 + margin) stays under the limit"),
     search: str = typer.Option("batch", "--search", help="batch, batch,rank or batch,seq"),
@@ -233,7 +237,7 @@ def probe(
         result = run_probe(model, data, device=device, max_memory=limit_gb, steps=steps, margin=margin,
                            search=search, values=_int_list(values, "--values"), max_batch=max_batch,
                            powers_of_two=pow2, min_batch=min_batch, trial_timeout_s=trial_timeout, fresh=fresh,
-                           force=force, config_file=config_file, on_event=renderer, **training)
+                           force=force, config_file=config_file, engine=engine, on_event=renderer, **training)
     finally:
         renderer.close()
     if as_json:

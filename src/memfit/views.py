@@ -194,10 +194,20 @@ def _print_advice(console: Console, advice: list) -> None:
 
 def render_recommend(console: Console, found) -> None:
     """`memfit recommend` (`found`: what memfit.api.recommend returned): one row per built-in size, one column per
-    method, then the largest size of each method."""
-    sizes = found.sizes
-    table = Table(title=f"what fits in {_sized(found.hardware.memory_bytes)} on {found.hardware.device} "
-                        f"(seq {found.config.seq_len}, {sizes['precision']})")
+    method, then the largest size of each method; on a Mac, that for each engine with what it supports."""
+    if found.hardware is None:
+        mac = found.sizes
+        console.print(f"a Mac with {_sized(mac['unified_memory_bytes'])}: {mac['working_set']}", soft_wrap=True)
+        for name, sizes in mac["engines"].items():
+            _recommend_table(console, sizes, f"{name} · ", found.config.seq_len)
+            console.print(f"[dim]{mac['support'][name]}[/dim]", soft_wrap=True, highlight=False)
+        return
+    _recommend_table(console, found.sizes, "", found.config.seq_len)
+
+
+def _recommend_table(console: Console, sizes: dict[str, Any], prefix: str, seq_len: int) -> None:
+    table = Table(title=f"{prefix}what fits in {_sized(sizes['memory_bytes'])} on {sizes['device']} "
+                        f"(seq {seq_len}, {sizes['precision']})")
     table.add_column("model")
     table.add_column("params", justify="right")
     for method in sizes["methods"]:

@@ -55,6 +55,7 @@ class ProbeJob:
     trial_timeout_s: float = 600  # the longest a trial may go without finishing a step before it counts as hung
     max_growth: float = 0.10  # a trial whose late-step peak grows more than this is unstable (never chosen)
     fresh: bool = False  # ignore the journal of an earlier run of the same probe
+    engine: str = "torch"  # torch, or mlx: the trials train with memfit.mlx and the MLX estimate guides them
 
 
 ProbeResult = ProbeEnded
@@ -191,6 +192,8 @@ class Probe:
                      "search": list(job.search), "values": list(self.axis_values()), "steps": job.steps,
                      "max_batch": job.max_batch, "pow2": job.powers_of_two,
                      "limit": "auto" if auto else limit}
+        if job.engine != "torch":  # an MLX probe is its own journal and profile entry (torch's keys unchanged)
+            key_facts["engine"] = self.setup_values["engine"] = job.engine
         probe_key = hashlib.sha256(json.dumps(key_facts, sort_keys=True).encode()).hexdigest()[:16]
         journal_path = cache_dir() / "probe" / self.machine / f"{self.model_key}-{probe_key}.jsonl"
         prior = profiles.calibration_for(self.resolved, self.machine, config.model_dump(), self.device)
@@ -227,8 +230,15 @@ class Probe:
         if key not in self._estimates:
             try:
                 hardware = Hardware(self.device, self.limit_bytes)
-                self._estimates[key] = estimate_memory(self.resolved.config, self._config_for(settings),
-                                                       hardware, self.resolved.name).total_bytes
+                if self.job.engine == "mlx":
+                    from memfit.estimate.mlx_memory import estimate_mlx
+
+                    found = estimate_mlx(self.resolved.config, self._config_for(settings), hardware,
+                                         self.resolved.name)
+                else:
+                    found = estimate_memory(self.resolved.config, self._config_for(settings), hardware,
+                                            self.resolved.name)
+                self._estimates[key] = found.total_bytes
             except Exception:  # noqa: BLE001 - the estimate guides the search; a trial decides
                 self._estimates[key] = None
         return self._estimates[key]
@@ -253,8 +263,11 @@ class Probe:
         ratio = calibration["ratio"] if calibration else self.prior_ratio
         try:
             hardware = Hardware(self.device, int(self.target_bytes / ratio))
-            guess = max_batch_size(self.resolved.config, self._config_for({**axis, "batch_size": 1}), hardware,
-                                   limit=self.job.max_batch)
+            solve = max_batch_size
+            if self.job.engine == "mlx":
+                from memfit.estimate.mlx_memory import max_batch_mlx as solve
+            guess = solve(self.resolved.config, self._config_for({**axis, "batch_size": 1}), hardware,
+                          limit=self.job.max_batch)
         except Exception:  # noqa: BLE001 - no estimate: start small and double
             guess = 1
         return max(1, guess)
@@ -301,7 +314,7 @@ class Probe:
         values.update(max_steps=job.steps, max_memory=self.limit_bytes / GB, eval_every=None,
                       save_every=10**9, memory_report_interval=10**9)
         spec = TrialSpec(model=self.model_spec, data=str(Path(job.data).resolve()), device=self.device,
-                         config=values, limit_bytes=self.limit_bytes)
+                         config=values, limit_bytes=self.limit_bytes, engine=job.engine)
 
         def on_step(line: dict[str, Any]) -> None:
             self.emit(TrialStep(number, int(line["step"]), job.steps, float(line["loss"]),
@@ -362,7 +375,7 @@ class Probe:
         calibration = self.calibration()
         settings = None
         if chosen:
-            settings = {key: value for key, value in self.setup_values.items() if key != "device"}
+            settings = {key: value for key, value in self.setup_values.items() if key not in ("device", "engine")}
             settings.update({key: chosen[key] for key in self.searched})
             if not self.limit_auto:
                 settings["max_memory"] = round(self.limit_bytes / GB, 3)

@@ -49,6 +49,7 @@ class TrialSpec:
     device: str
     config: dict[str, Any]
     limit_bytes: int
+    engine: str = "torch"  # mlx: the child trains with memfit.mlx
 
 
 @dataclass
@@ -217,9 +218,13 @@ def _classify(spec: TrialSpec, steps: int, exit_code: int, killed_for: str | Non
         reserved = [line.get("cuda_max_reserved_bytes") for line in metrics if line.get("cuda_max_reserved_bytes")]
         peak, source = (max(reserved), "max_memory_reserved") if reserved else (None, "max_memory_reserved")
     else:
-        recorded = [line.get("peak_rss_bytes") or 0 for line in metrics]
+        # MLX (memfit.mlx.memory): what its guard watches, the RSS or MLX's own arrays and cache, whichever is
+        # larger (on a Mac MLX's Metal buffers need not show in the RSS).
+        recorded = [max(line.get("peak_rss_bytes") or 0,
+                        (line.get("mlx_peak_bytes") or 0) + (line.get("mlx_cache_bytes") or 0)) for line in metrics]
         peak = max(recorded + [sampled_peak]) or None
-        source = "peak_rss" if recorded else "parent-sampled rss"
+        source = ("peak_rss" if spec.engine == "torch" else "peak_rss or MLX peak") if recorded \
+            else "parent-sampled rss"
     nvml = [line["nvml_used_bytes"] for line in metrics if line.get("nvml_used_bytes")]
     times = [line["step_time_s"] for line in metrics[1:]] or [line["step_time_s"] for line in metrics]
     tokens = [line["tokens"] for line in metrics[1:]] or [line["tokens"] for line in metrics]

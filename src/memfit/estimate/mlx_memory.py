@@ -1,0 +1,364 @@
+"""The memory of one MLX training configuration (`memfit estimate --engine mlx`): what `mx.get_peak_memory()` will
+read in memfit's MLX trainer (memfit.mlx.trainer), plus the process around the arrays.
+
+Why here and not in memfit.mlx: this is arithmetic on a model config, like the rest of memfit.estimate, and must
+work where MLX is not installed (planning a Mac's run from Linux, `recommend --device mps`); memfit.mlx imports mlx
+at the top of most modules. Nothing here imports mlx, and memfit.mlx is never imported.
+
+Components (bytes, one process, unified memory):
+- weights: every parameter in the compute dtype; with `--quant 4|8` MLX's affine layout (mlx_lm.utils.quantize_model
+  -> nn.quantize): each Linear and Embedding whose input width is a multiple of the group size (64) holds
+  out x in x bits/8 bytes of packed weights plus a scale and a bias per group of 64, in the compute dtype (the model
+  is cast before it is quantized: memfit.mlx.model.load_for_training). That includes the embeddings and an untied
+  lm_head, as mlx_lm.convert does. Norms and biases stay in the compute dtype.
+- adapters: LoRA A (in x r) and B (r x out) per adapted linear, fp32 (mlx_lm.tuner.lora.LoRALinear creates them with
+  mx.random.uniform / mx.zeros, float32 whatever the model's dtype);
+- gradients: one per trained parameter in its dtype (summed over micro-batches);
+- optimizer: mlx.optimizers state per trained parameter in its dtype (AdamW m and v: zeros_like the parameter);
+- activations and logits: the arrays the compiled value_and_grad holds at its highest point, per micro-batch of
+  b rows of s tokens (T = b x s). The terms follow what the graph keeps per decoder layer: h-wide values (layer
+  input, the two norm outputs, q, the attention output, the residual sum) and k and v; i-wide MLP values (gate, up
+  and their product); b x H x s^2 attention scores and probabilities (MLX runs the unfused attention in training,
+  on Metal and on the CPU alike: "It's faster for training on Metal to use the unfused SDPA for both forward and
+  backward", ml-explore/mlx mlx/backend/metal/scaled_dot_product_attention.cpp,
+  ScaledDotProductAttention::use_fallback); and the head's T x V logits in fp32 (memfit's loss upcasts them).
+  mlx-lm's checkpointing (mx.checkpoint around each layer) changes how many of the layer terms are live, and since
+  MLX evaluates the lazy graph as a whole, how much recomputation is live at once is not simply "one layer".
+  How many of each the step holds at once at its peak is therefore measured, not assumed: `python
+  benchmarks/derive_mlx_constants.py` runs real MLX steps on small llamas of varied width, vocabulary, depth,
+  batch, sequence and dtype, reads `mx.get_peak_memory()`, and fits the coefficient of each term by least squares;
+  the coefficients, the fit's residuals and the command are in mlx_constants.json beside this file.
+- runtime: the process around the arrays (Python, MLX, mlx-lm, the tokenizer), measured by the same script as the
+  children's peak RSS less MLX's peak; on a Mac it is ordinary memory the GPU does not wire.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from memfit.config import TrainConfig
+from memfit.errors import UserError
+from memfit.estimate.memory import Estimate, Hardware
+from memfit.models.arch import ArchInfo, arch_info
+from memfit.units import GB, format_gb
+
+GROUP_SIZE = 64  # MLX's default affine group (mlx_lm.utils.quantize_model's defaults_for_mode["affine"])
+_CONSTANTS_PATH = Path(__file__).with_name("mlx_constants.json")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Term names, in the order of the fitted coefficients (benchmarks/derive_mlx_constants.py writes them): a fixed part
+# (MiB), the head's logits, then per decoder layer the hidden-width values, the MLP-width values and the attention
+# scores, once without checkpointing and once with it (mlx-lm's mx.checkpoint changes which are live).
+TERMS = ("fixed", "head", "hidden", "mlp", "attention", "hidden_checkpointed", "mlp_checkpointed",
+         "attention_checkpointed")
+
+
+def constants() -> dict:
+    """mlx_constants.json: the fitted coefficients and how they were measured."""
+    return json.loads(_CONSTANTS_PATH.read_text())
+
+
+def compute_dtype(config: TrainConfig, device: str, stored: str | None) -> str:
+    """memfit.mlx.model.compute_dtype by name: auto is the checkpoint's bf16/fp16 on a Metal GPU, fp32 on a CPU."""
+    if config.dtype == "auto":
+        return stored if device == "mps" and stored in ("bfloat16", "float16") else "float32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "bf16-pure": "bfloat16"}[config.dtype]
+
+
+def _quantized_bytes(rows: int, cols: int, bits: int, dtype_bytes: int) -> int:
+    """One matrix (rows x cols, cols the input width) in MLX's affine layout: packed bits, a scale and a bias per
+    group of GROUP_SIZE along the input."""
+    return rows * cols * bits // 8 + 2 * rows * (cols // GROUP_SIZE) * dtype_bytes
+
+
+def weight_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int) -> int:
+    """All the base's parameters as MLX holds them (quantized where --quant says and the shape allows)."""
+    if config.quant == "none":
+        return info.params * dtype_bytes
+    bits = int(config.quant)
+    total = info.params * dtype_bytes
+    for linear in info.linears:
+        if linear.in_features % GROUP_SIZE == 0:
+            plain = linear.out_features * linear.in_features
+            total += _quantized_bytes(linear.out_features, linear.in_features, bits, dtype_bytes) - plain * dtype_bytes
+    h, vocab = info.hidden_size, info.vocab_size
+    if h % GROUP_SIZE == 0:  # nn.Embedding -> QuantizedEmbedding (rows: the vocabulary, groups along h)
+        heads = 1 if info.tie_embeddings else 2  # an untied lm_head is a Linear of the same shape
+        total += heads * (_quantized_bytes(vocab, h, bits, dtype_bytes) - vocab * h * dtype_bytes)
+    return total
+
+
+def trainable_params(info: ArchInfo, config: TrainConfig) -> int:
+    if config.uses_adapters:
+        return info.lora_params(config.lora_rank, config.lora_targets, config.lora_layers)
+    if config.lora_layers is None:
+        return info.params
+    return sum(info.layer_params[-config.lora_layers:])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the activation terms need from an architecture."""
+
+    hidden: int
+    intermediate: int
+    kv: int  # n_kv_heads x head_dim
+    heads: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def of(cls, info: ArchInfo) -> Shape:
+        head_dim = info.head_dim or info.hidden_size // max(1, info.num_heads)
+        return cls(info.hidden_size, info.intermediate_size, (info.num_kv_heads or info.num_heads) * head_dim,
+                   info.num_heads, info.vocab_size, info.num_layers)
+
+
+def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4) -> dict[str, float]:
+    """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens, before its fitted
+    coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's T x V logits;
+    per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer makes them),
+    T x i MLP values and b x H x s^2 attention scores, summed over the layers; the layer terms go to the
+    checkpointed set when mlx-lm's checkpointing is on. The layer values count in the compute dtype, the head and
+    the attention scores at 4 bytes (memfit's loss upcasts the logits; the scores' share is settled by the fit's
+    fp32 and bf16 runs). Counting the layer values at 4 bytes too fitted the same runs worse (worst 15.1% against
+    8.2%: `--refit` after changing this function)."""
+    tokens = batch * seq
+    layers = shape.layers
+    suffix = "_checkpointed" if checkpointing else ""
+    terms = {name: 0.0 for name in TERMS}
+    terms["fixed"] = float(2**20)
+    terms["head"] = tokens * shape.vocab * 4.0
+    terms["hidden" + suffix] = float(layers * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
+    terms["mlp" + suffix] = float(layers * tokens * shape.intermediate * dtype_bytes)
+    terms["attention" + suffix] = float(layers * batch * shape.heads * seq * seq * 4)
+    return terms
+
+
+@dataclass
+class MlxEstimate(Estimate):
+    """An Estimate for the MLX engine; `mlx_peak_bytes` is what `mx.get_peak_memory()` will read."""
+
+    mlx_peak_bytes: int = 0
+    usable_bytes: int = 0  # what the device lets this process use (on a Mac: the GPU's working set)
+    unified_bytes: int = 0  # a Mac's RAM (0 on a CPU)
+    compute_dtype: str = "float32"
+
+    @property
+    def fits(self) -> bool:
+        return self.process_bytes <= self.hardware.memory_bytes
+
+    @property
+    def baseline_bytes(self) -> int:
+        return self.breakdown.get("runtime", 0)
+
+    def extra_json(self) -> dict:
+        """What `memfit estimate --engine mlx --json` adds to memfit.estimate.memory.to_json's object."""
+        return {"engine": "mlx", "mlx_peak_bytes": self.mlx_peak_bytes, "compute_dtype": self.compute_dtype,
+                "unified_memory_bytes": self.unified_bytes or None,
+                "quantization": ({"bits": int(self.config.quant), "group_size": GROUP_SIZE, "mode": "affine"}
+                                 if self.config.quant != "none" else None)}
+
+
+def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name: str = "model",
+                 batch_size: int | None = None, unified_bytes: int = 0,
+                 coefficients: dict[str, float] | None = None) -> MlxEstimate:
+    """The breakdown of `config` (at `batch_size`, default its own) trained by memfit's MLX engine.
+    `coefficients`: the activation terms' (default: mlx_constants.json's; the script that fits them passes 0s)."""
+    if config.optimizer == "adamw8bit":
+        raise UserError("--optimizer adamw8bit does not run on the MLX engine (bitsandbytes is torch only)",
+                        hint="choose adamw, adafactor or sgd")
+    if config.offload != "none" or hardware.num_gpus != 1 or hardware.zero:
+        raise UserError("the MLX engine trains in one process on one device: no --num-gpus, --zero or --offload",
+                        hint="drop those options, or use --engine torch")
+    info = arch_info(hf_config)
+    if info.experts:
+        raise UserError("estimate --engine mlx covers dense models; this one is a mixture of experts",
+                        hint="use `memfit probe --engine mlx` to measure it")
+    try:
+        stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    except Exception:  # noqa: BLE001 - a cached config record without the field: as if unknown
+        stored = None
+    dtype = compute_dtype(config, hardware.device, str(stored).replace("torch.", "") if stored else None)
+    dtype_bytes = _DTYPE_BYTES[dtype]
+    fitted = constants()
+    coefficients = fitted["coefficients"] if coefficients is None else coefficients
+    batch = batch_size or config.batch_size
+    trainable = trainable_params(info, config)
+    trainable_bytes = 4 if config.uses_adapters else dtype_bytes
+    weights = weight_bytes(info, config, dtype_bytes)
+    adapters = trainable * trainable_bytes if config.uses_adapters else 0
+    gradients = trainable * trainable_bytes
+    states = {"adamw": 2, "sgd": 0, "adafactor": 1}[config.optimizer]
+    optimizer = trainable * trainable_bytes * states
+    if config.optimizer == "adafactor":
+        optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
+    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes)
+    activations = sum(coefficients[name] * terms[name] for name in TERMS if name != "head")
+    logits = coefficients["head"] * terms["head"]
+    if config.grad_accum > 1:
+        gradients *= 2  # the running sum and the micro-batch's own gradients are both live while they are added
+    runtime = int(fitted["runtime_bytes"])
+    breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
+                     optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
+    notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
+                                               f"{GROUP_SIZE}, {dtype} scales and biases; embeddings and lm_head "
+                                               "too)" if config.quant != "none" else "")
+             + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
+             f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
+             f"runtime {format_gb(runtime)} is the process around them (measured: {fitted['measured_on']})"]
+    if hardware.device == "mps":
+        notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
+                     "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "
+                     "limit up to it)")
+    if config.quant != "none" and config.method == "full":
+        raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
+                        hint="use --method lora (QLoRA on MLX) or drop --quant")
+    estimate = MlxEstimate(model=model_name, config=config.model_copy(update={"batch_size": batch}),
+                           hardware=hardware, precision=dtype, params=info.params, trainable_params=trainable,
+                           breakdown=breakdown, notes=notes, peak_phase="backward", active_params=info.active_params)
+    estimate.mlx_peak_bytes = sum(breakdown.values()) - runtime
+    estimate.usable_bytes = hardware.memory_bytes
+    estimate.compute_dtype = dtype
+    estimate.unified_bytes = unified_bytes
+    return estimate
+
+
+def max_batch_mlx(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> int:
+    """The largest micro-batch whose MLX estimate fits (0: not even 1). Every term is linear in the batch, so the
+    total is too: the answer is one division, checked on both sides."""
+    one = estimate_mlx(hf_config, config, hardware, batch_size=1).total_bytes
+    if one > hardware.memory_bytes:
+        return 0
+    two = estimate_mlx(hf_config, config, hardware, batch_size=2).total_bytes
+    slope = max(1, two - one)
+    batch = min(limit, 1 + (hardware.memory_bytes - one) // slope)
+    while batch > 1 and estimate_mlx(hf_config, config, hardware, batch_size=batch).total_bytes > hardware.memory_bytes:
+        batch -= 1
+    return int(batch)
+
+
+# --- what macOS lets the GPU use ------------------------------------------------------------------------------------
+
+def recommended_working_set_bytes(ram_bytes: int) -> int:
+    """Metal's recommendedMaxWorkingSetSize for a Mac of `ram_bytes`, when it cannot be read (planning for another
+    Mac, or from Linux). Apple does not document the rule; what has been read from Macs: about two thirds of RAM up
+    to 36 GB and three quarters above (gpustack/gpustack#1375: "75% of total RAM"; an 8 GB Mac's ceiling "~5.3 GB",
+    SceneWorks/SceneWorks#1552), and more on the largest (107.52 GiB of 128 GiB on two M-series Max machines,
+    antirez/ds4#893). This takes the lower, documented-by-observation fractions: a plan that fits here fits there.
+    On the Mac itself MLX reads the real value (mx.device_info()["max_recommended_working_set_size"];
+    memfit.mlx.memory.recommended_working_set_bytes), and `sudo sysctl iogpu.wired_limit_mb=N` raises it."""
+    fraction = 2 / 3 if ram_bytes <= 36 * GB else 3 / 4
+    return int(ram_bytes * fraction)
+
+
+def mlx_hardware(device: str | None, memory_gb: float | None) -> tuple[Hardware, int]:
+    """(Hardware, RAM) an MLX estimate plans for. mps: a Mac whose RAM is `memory_gb` (default this Mac's), of
+    which the GPU may use its recommended working set; cpu: what memfit.estimate.hardware plans for a CPU."""
+    from memfit.estimate.hardware import planned_hardware
+    from memfit.mlx import apple_silicon, available
+
+    if device is None:
+        device = "mps" if apple_silicon() else "cpu"
+    if device not in ("mps", "cpu"):
+        raise UserError(f"--engine mlx runs on a Mac's GPU or a CPU, not --device {device}",
+                        hint="use --device mps (a Mac) or cpu, or --engine torch")
+    if device == "cpu":
+        return planned_hardware("cpu", memory_gb), 0
+    if memory_gb is not None and memory_gb <= 0:
+        raise UserError(f"--memory-gb must be > 0 (got {memory_gb})", hint="give the Mac's memory (RAM) in GB")
+    if memory_gb is not None:
+        ram = int(memory_gb * GB)
+        return Hardware("mps", recommended_working_set_bytes(ram)), ram
+    from memfit.system import detect
+
+    ram = detect().ram_total_bytes
+    usable = None
+    if apple_silicon() and available():
+        from memfit.mlx.memory import recommended_working_set_bytes as read_working_set
+
+        usable = read_working_set()  # this Mac's own figure, read from Metal
+    return Hardware("mps", usable or recommended_working_set_bytes(ram)), ram
+
+
+def working_set_rule() -> str:
+    return ("macOS lets the GPU use its recommended working set: about 2/3 of RAM up to 36 GB, 3/4 above "
+            "(more on 128 GB machines); `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit's MLX engine sets "
+            "mx.set_wired_limit up to it")
+
+
+__all__ = ["GROUP_SIZE", "MlxEstimate", "Shape", "TERMS", "compute_dtype", "constants", "estimate_mlx",
+           "max_batch_mlx", "recommended_working_set_bytes", "term_bytes", "weight_bytes", "working_set_rule"]
+
+
+
+
+# --- recommend for a Mac: both engines --------------------------------------------------------------------------------
+
+# What each engine can train on a Mac, said plainly (recommend prints it; the JSON carries it).
+MAC_SUPPORT = {
+    "torch": ("PyTorch on MPS: full and LoRA fine-tuning; QLoRA only through bitsandbytes' MPS backend "
+              "(bitsandbytes-foundation/bitsandbytes#1983, merged 2026-07-01: 4-bit and LLM.int8 work on MPS with "
+              "torch >= 2.9, on slower fallback kernels unless macOS 26's Hub kernels load; in releases after it, "
+              "e.g. 0.50.x) and not yet tested by memfit on a Mac; --optimizer adamw8bit not on MPS (bitsandbytes' "
+              "8-bit optimizers are not ported to MPS yet)"),
+    "mlx": ("MLX (mlx-lm): full, LoRA and DoRA fine-tuning; QLoRA as --quant 4|8 (MLX's own affine quantization, "
+            "group 64, no bitsandbytes); adamw, adafactor or sgd (no adamw8bit); one process, one device"),
+}
+
+
+def recommend_mlx(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...]) -> dict:
+    """memfit.estimate.recommend's table for the MLX engine: every built-in size and method, the estimate at the
+    configured batch and the largest batch that fits (arithmetic only: no trace)."""
+    from memfit.cache import CacheMiss
+    from memfit.estimate.recommend import SIZES
+    from memfit.estimate.resolution_cache import builtin_config
+    from memfit.models.registry import ARCHITECTURES
+
+    def table(real: bool) -> dict:
+        rows, largest, precision = [], {method: None for method in methods}, None
+        for name in SIZES:
+            arch = ARCHITECTURES[name]
+            hf_config = builtin_config(arch, real=real)
+            row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
+            for method in methods:
+                quant = config.quant if method == config.method else ("4" if method == "qlora" else "none")
+                method_config = config.updated(method=method, quant=quant)
+                result = estimate_mlx(hf_config, method_config, hardware, model_name=name)
+                precision = result.precision
+                row["methods"][method] = {
+                    "fits": result.fits, "total_bytes": result.total_bytes,
+                    "max_batch_size": max_batch_mlx(hf_config, method_config, hardware) if result.fits else 0}
+                if result.fits:
+                    largest[method] = name
+            rows.append(row)
+        return {"engine": "mlx", "device": hardware.device, "memory_bytes": hardware.memory_bytes,
+                "precision": precision, "seq_len": config.seq_len, "batch_size": config.batch_size,
+                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": rows,
+                "largest": largest}
+
+    try:
+        return table(real=False)
+    except CacheMiss:
+        return table(real=True)
+
+
+def recommend_mac(config: TrainConfig, memory_gb: float | None, methods: tuple[str, ...],
+                  engines: tuple[str, ...] = ("torch", "mlx")) -> dict:
+    """`memfit recommend --device mps`: for a Mac of `memory_gb` RAM (default this one), each engine's table
+    within what macOS lets the GPU use (its recommended working set), and what each engine supports there."""
+    from memfit.estimate.recommend import recommend
+
+    hardware, ram = mlx_hardware("mps", memory_gb)
+    tables = {}
+    for engine in engines:
+        if engine == "mlx":
+            tables["mlx"] = recommend_mlx(config, hardware, methods)
+        else:
+            tables["torch"] = {"engine": "torch", **recommend(config, hardware, methods=methods)}
+    return {"device": "mps", "unified_memory_bytes": ram, "usable_bytes": hardware.memory_bytes,
+            "working_set": working_set_rule(), "engines": tables,
+            "support": {engine: MAC_SUPPORT[engine] for engine in engines}}

@@ -1,0 +1,90 @@
+"""Ground truth for the MLX estimate: real MLX training steps in a child process, and MLX's own peak counter.
+
+The child builds the model and the step exactly as `memfit train --engine mlx` does (memfit.mlx.trainer.MlxTrainer:
+load_for_training, the optimizer, the compiled micro-step and update), runs `steps` optimizer steps on random
+full-length rows, and reports `mx.get_peak_memory()` (bytes in live MLX arrays at their highest, what the estimate
+predicts) for loading and for the steps apart (`mx.reset_peak_memory` between them), with the process's peak RSS.
+
+Run as `python -m memfit.mlx.measure MODEL_DIR CONFIG_JSON [--steps N]`; prints one JSON object on its last line
+(mlx-lm's quantizer prints an [INFO] line of its own before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from memfit.config import TrainConfig
+    from memfit.guard.sampler import peak_rss_bytes
+    from memfit.mlx import memory as mlx_memory
+    from memfit.mlx.trainer import MlxTrainer
+
+    config = TrainConfig(**config_values)
+    trainer = MlxTrainer(None, config, compile_step=True)
+    trainer.total_steps = steps
+    mlx_memory.reset_peak()
+    trainer._build(Path(model_dir))  # the trainer's own load, quantization, adapters, optimizer and compiled step
+    load_peak = int(mx.get_peak_memory())
+    after_load = int(mx.get_active_memory())
+    mx.clear_cache()
+    mlx_memory.reset_peak()
+    vocab = int(trainer.loaded.config["vocab_size"])
+    rng = np.random.default_rng(config.seed)
+    batch, seq = config.batch_size, config.seq_len
+    step_peaks = []
+    loss = None
+    for _ in range(steps):
+        grads, loss_sum = None, mx.array(0.0)
+        for _ in range(config.grad_accum):
+            inputs = mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32))
+            targets = mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32))
+            weights = mx.ones((batch, seq), dtype=mx.float32)
+            value, micro_grads = trainer._micro(inputs, targets, weights)
+            grads = micro_grads if grads is None else tree_map(lambda a, b: a + b, grads, micro_grads)
+            loss_sum = loss_sum + value
+            mx.eval(loss_sum, grads)
+        norm = trainer._apply(grads)
+        mx.eval(trainer.model.parameters(), trainer.optimizer.state, norm)
+        del grads
+        step_peaks.append(int(mx.get_peak_memory()))
+        loss = float(loss_sum) / (batch * seq * config.grad_accum)
+    train_peak = int(mx.get_peak_memory())
+    return {"load_peak_bytes": load_peak, "after_load_active_bytes": after_load, "train_peak_bytes": train_peak,
+            "peak_bytes": max(load_peak, train_peak), "step_peak_bytes": step_peaks,
+            "active_bytes": int(mx.get_active_memory()), "peak_rss_bytes": peak_rss_bytes(), "loss": loss,
+            "dtype": trainer.loaded.dtype, "trainable_params": trainer.loaded.counts()[0]}
+
+
+def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, timeout_s: float = 900,
+                     env: dict | None = None) -> dict:
+    """`run_steps` in a fresh interpreter: MLX's peak counter then holds this configuration's arrays alone."""
+    command = [sys.executable, "-m", "memfit.mlx.measure", str(model_dir), json.dumps(config_values),
+               "--steps", str(steps)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                               env={**os.environ, **(env or {})})
+    if completed.returncode != 0:
+        raise RuntimeError(f"MLX measurement child failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("config_json")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""`memfit estimate --engine mlx`, `probe --engine mlx` and `recommend --device mps`: the MLX estimate against MLX's
+own layout and `mx.get_peak_memory()` of real MLX steps, the probe's MLX trials, and a Mac's two engines."""
+
+import json
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from transformers import AutoConfig
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from memfit.config import TrainConfig  # noqa: E402
+from memfit.estimate.memory import Hardware  # noqa: E402
+from memfit.estimate.mlx_memory import estimate_mlx, recommended_working_set_bytes  # noqa: E402
+
+GB = 1024**3
+DEMO_DATA = str(resources.files("memfit").joinpath("data/demo.jsonl"))
+
+
+def _memfit(*argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "memfit", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("quant", ["4", "8"])
+def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
+    """The estimate's weights (packed bits, a scale and a bias per 64 in the compute dtype, embeddings included)
+    equal the bytes of the base's arrays after memfit's MLX loader quantized it."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from memfit.mlx.model import load_for_training
+
+    config = TrainConfig(method="lora", quant=quant, dtype="bf16")
+    loaded = load_for_training(tiny_model_dir, config)
+    base = sum(value.nbytes for name, value in tree_flatten(loaded.model.parameters())
+               if "lora_" not in name)
+    assert any(isinstance(module, nn.QuantizedEmbedding) for _, module in loaded.model.named_modules())
+    estimate = estimate_mlx(AutoConfig.from_pretrained(tiny_model_dir), config, Hardware("cpu", 16 * GB))
+    assert estimate.breakdown["weights"] == base
+    trainable = sum(value.size for value in loaded.trainable().values())
+    assert estimate.trainable_params == trainable
+    assert estimate.breakdown["adapters"] == trainable * 4  # mlx-lm's LoRA matrices are fp32
+
+
+CASES = [
+    ("tiny_model_dir", dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False)),
+    ("tiny_model_dir", dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256,
+                            grad_checkpointing=True)),
+    ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True)),
+]
+
+
+@pytest.mark.parametrize("fixture, case", CASES)
+def test_mlx_estimate_within_10_percent_of_mlx_peak(request, fixture, case):
+    """Slow (10-40 s a case on 2 loaded cores): 3 steps of memfit's MLX trainer in a fresh child, its
+    mx.get_peak_memory() against the estimate's arrays' peak. Neither shape is one the coefficients were fitted on
+    (benchmarks/derive_mlx_constants.py)."""
+    from memfit.mlx.measure import measure_in_child
+
+    model_dir = request.getfixturevalue(fixture)
+    measured = measure_in_child(model_dir, case, steps=3)["peak_bytes"]
+    estimate = estimate_mlx(AutoConfig.from_pretrained(model_dir), TrainConfig(**case), Hardware("cpu", 16 * GB))
+    error = (estimate.mlx_peak_bytes - measured) / measured
+    assert abs(error) <= 0.10, (f"estimate {estimate.mlx_peak_bytes / 2**20:.1f} MB vs measured "
+                                f"{measured / 2**20:.1f} MB: {error:+.1%}")
+
+
+def test_estimate_engine_mlx_json(tiny_model_dir):
+    completed = _memfit("estimate", "--engine", "mlx", "--model", str(tiny_model_dir), "--device", "mps",
+                        "--memory-gb", "16", "--quant", "4", "--method", "lora", "--json")
+    assert completed.returncode == 0, completed.stderr
+    data = json.loads(completed.stdout)
+    assert data["engine"] == "mlx"
+    assert data["quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    assert data["unified_memory_bytes"] == 16 * GB
+    assert data["device_memory_bytes"] == recommended_working_set_bytes(16 * GB) == int(16 * GB * 2 / 3)
+    assert data["mlx_peak_bytes"] == data["total_bytes"] - data["breakdown"]["runtime"]
+    assert data["fits"] and data["max_batch_size"] >= 1
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--device", "cuda"], "--engine mlx runs on a Mac's GPU or a CPU"),
+    (["--num-gpus", "2"], "one process on one device"),
+    (["--optimizer", "adamw8bit"], "adamw8bit does not run on the MLX engine"),
+    (["--engine", "jax"], "unknown --engine"),
+])
+def test_estimate_engine_mlx_bad_input_is_one_line(tiny_model_dir, extra, words):
+    argv = ["estimate", "--model", str(tiny_model_dir), "--memory-gb", "8", *extra]
+    if "--engine" not in extra:
+        argv += ["--engine", "mlx"]
+    completed = _memfit(*argv)
+    assert completed.returncode == 2
+    assert words in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_largest_batch_is_the_last_that_fits(tiny_model_dir):
+    from memfit.estimate.mlx_memory import max_batch_mlx
+
+    hf_config = AutoConfig.from_pretrained(tiny_model_dir)
+    config = TrainConfig(method="lora", seq_len=256)
+    hardware = Hardware("cpu", 2 * GB)
+    batch = max_batch_mlx(hf_config, config, hardware)
+    assert batch > 1
+    assert estimate_mlx(hf_config, config, hardware, batch_size=batch).fits
+    assert not estimate_mlx(hf_config, config, hardware, batch_size=batch + 1).fits
+
+
+@pytest.fixture
+def torch_recommend(monkeypatch):
+    """torch's recommend replaced by a recorder (its ~15 traces take minutes on a loaded machine; test_cli runs it
+    for real): what the Mac command asks of it."""
+    calls = []
+
+    def fake(config, hardware, methods=("full", "lora", "qlora")):
+        calls.append(hardware)
+        return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": "bf16",
+                "seq_len": config.seq_len, "batch_size": config.batch_size,
+                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": [],
+                "largest": {method: None for method in methods}}
+
+    monkeypatch.setattr("memfit.estimate.recommend.recommend", fake)
+    return calls
+
+
+def test_recommend_mps_names_both_engines_within_the_working_set(capsys, torch_recommend):
+    from memfit.cli import main
+
+    code = main(["recommend", "--device", "mps", "--memory-gb", "64", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code in (0, None)
+    assert data["unified_memory_bytes"] == 64 * GB
+    assert data["usable_bytes"] == int(64 * GB * 3 / 4)  # above 36 GB: three quarters
+    assert set(data["engines"]) == {"torch", "mlx"}
+    # Both engines are judged against the GPU's working set, not the Mac's RAM.
+    assert torch_recommend[-1].device == "mps" and torch_recommend[-1].memory_bytes == data["usable_bytes"]
+    assert data["engines"]["mlx"]["memory_bytes"] == data["usable_bytes"]
+    assert "bitsandbytes" in data["support"]["torch"] and "--quant 4|8" in data["support"]["mlx"]
+    mlx_rows = {row["model"]: row["methods"] for row in data["engines"]["mlx"]["models"]}
+    # The seeds' Llama-3.1-8B QLoRA fits a 64 GB Mac on MLX; a 70B in 16-bit LoRA does not.
+    assert mlx_rows["llama-3.1-8b"]["qlora"]["fits"]
+    assert not mlx_rows["llama-3.1-70b"]["lora"]["fits"]
+    # MLX's 4-bit base (0.5 byte + two 16-bit values per 64 weights) is smaller than its 16-bit one.
+    assert mlx_rows["llama-3.1-8b"]["qlora"]["total_bytes"] < mlx_rows["llama-3.1-8b"]["lora"]["total_bytes"]
+    code = main(["recommend", "--device", "mps", "--memory-gb", "16", "--engine", "mlx", "--method", "qlora"])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    assert "mlx · what fits in 10.67 GB" in out and "torch ·" not in out  # 2/3 of 16 GB up to 36 GB
+    assert "bitsandbytes" not in out.split("mlx ·")[0]
+
+
+def test_probe_engine_mlx_runs_mlx_trials(tiny_model_dir, tmp_path):
+    """Slow (about a minute): the probe's trials train with memfit.mlx in child processes; the batch they find is
+    saved in the profile, marked as the MLX engine's."""
+    import os
+
+    env = {**os.environ, "MEMFIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "memfit", "probe", "--engine", "mlx", "--model", str(tiny_model_dir), "--data",
+         DEMO_DATA, "--device", "cpu", "--seq-len", "128", "--steps", "3", "--max-batch", "4", "--max-memory", "8",
+         "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    data = json.loads(completed.stdout)
+    assert data["setup"]["engine"] == "mlx"
+    assert data["chosen"]["batch_size"] == 4
+    # Each trial's spec said mlx: its peak is what the MLX guard watches (memfit.probe.trial._classify).
+    assert data["trials"] and all(trial["peak_source"] == "peak_rss or MLX peak" for trial in data["trials"])
+    assert all(trial["status"] == "fits" and trial["steps_done"] == 3 for trial in data["trials"])
