@@ -79,7 +79,8 @@ MOE_CASES = [
 ]
 
 
-def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
+def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
+    """Every case's row; `on_row(rows, total)` after each, so a long run leaves what it measured if stopped."""
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
@@ -89,14 +90,16 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        builds = [(preset, layers, "fp32", CASES[:3] if quick else CASES, None)
-                  for preset, layers in ARCHITECTURES.items()]
+        # The whole model first: the cases the published target is about.
+        builds = [(preset, layers, "fp32", WHOLE_CASES[:1] if quick else WHOLE_CASES, None)
+                  for preset, layers in WHOLE.items()]
+        builds += [(preset, layers, "fp32", CASES[:3] if quick else CASES, None)
+                   for preset, layers in ARCHITECTURES.items()]
         builds += [(preset, layers, "bf16", BF16_STORED_CASES, None)
                    for preset, layers in BF16_STORED.items() if not quick]
-        builds += [(preset, layers, "fp32", WHOLE_CASES[:1] if quick else WHOLE_CASES, None)
-                   for preset, layers in WHOLE.items()]
         if moe:
             builds = [(preset, 2, "fp32", MOE_CASES, overrides) for preset, overrides in MOE_CUTS.items()]
+        total = sum(len(cases) for *_, cases, _ in builds)
         for preset, layers, stored, cases, overrides in builds:
             model_dir = Path(scratch) / f"{preset}-{layers or 'all'}-{stored}"
             init_model(preset, model_dir, dtype=stored, num_layers=layers, overrides=overrides)
@@ -120,10 +123,12 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
                                  seconds=time.time() - started))
                 print(f"{rows[-1]['model']:28s} {case} est {predicted / MB:7.0f} MB  measured {peak / MB:7.0f} MB "
                       f" error {rows[-1]['error']:+5.1f}%  model part {rows[-1]['model_error']:+5.1f}%", flush=True)
+                if on_row is not None:
+                    on_row(rows, total)
     return rows
 
 
-def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
+def markdown(rows: list[dict], device: str, moe: bool = False, total: int | None = None) -> str:
     import torch
 
     from memfit.config import TrainConfig
@@ -139,7 +144,8 @@ def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
     lines = [
         f"### Estimator accuracy on {device}{', mixture of experts' if moe else ''} ({len(rows)} cases; within 10%: "
         f"{within} on the whole peak, {within_model} on the model part; worst {worst:.1f}% whole, "
-        f"{worst_model:.1f}% model part{worst_big})",
+        f"{worst_model:.1f}% model part{worst_big}"
+        f"{f'; stopped after {len(rows)} of {total} cases' if total and len(rows) < total else ''})",
         "",
         f"Measured with `python benchmarks/estimate_accuracy.py --device {device}{' --moe' if moe else ''} --write` on "
         f"{platform.machine()} "
@@ -196,8 +202,12 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the table into --out (else print it)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
     args = parser.parse_args()
-    rows = run(args.device, args.quick, args.moe)
     marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"
+
+    def written(rows: list[dict], total: int) -> None:
+        write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe, total=total))
+
+    rows = run(args.device, args.quick, args.moe, on_row=written if args.write else None)
     table = markdown(rows, args.device, moe=args.moe)
     if not args.write:
         print(table)
