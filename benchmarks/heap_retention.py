@@ -140,8 +140,8 @@ def markdown(rows: list[dict]) -> str:
         case = row["case"]
         lines.append(f"| {case['batch_size']} × {case['seq_len']} | {row['threshold'] // 1024} KiB | "
                      f"{row['estimate'] / MB:,.0f} | {row['measured'] / MB:,.0f} | {row['model_error']:+.1f}% | "
-                     f"{row['RssAnon'] / MB:,.0f} | {row['heap_bytes'] / MB:,.0f} | {row['heap_free_bytes'] / MB:,.0f} | "
-                     f"{row['mapped_bytes'] / MB:,.0f} |")
+                     f"{row['RssAnon'] / MB:,.0f} | {row['heap_bytes'] / MB:,.0f} | "
+                     f"{row['heap_free_bytes'] / MB:,.0f} | {row['mapped_bytes'] / MB:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ CASES = [
 # as a training run's do. LoRA with gradient checkpointing is not here: -31% on the model part at batch 2 x 128
 # and -16% at 2 x 256, for two reasons the estimate does not model yet (docs/benchmarks.md, "Estimator accuracy").
 # The step's tensors under the 1 MiB threshold (at 2 x 128 tokens every hidden-sized activation, 590 KB) come from
-# glibc's heap, and what the step frees there stays resident: at the peak of 2 x 128, 232 MB of a 449 MB heap was
+# glibc's heap, and what the step frees there stays resident: at the peak of 2 x 128, 222 MB of a 428 MB heap was
 # free; with a 64 KiB threshold 12 MB, and -11% (`python benchmarks/heap_retention.py --write`). And the chunked
 # loss's torch.logsumexp makes a buffer the size of a chunk's fp32 logits inside one op, which the trace does not
 # see: 48 MB per 256-token chunk here (`python benchmarks/head_transient.py --write`).
