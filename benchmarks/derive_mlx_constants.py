@@ -10,7 +10,8 @@ layer the h-wide values, the MLP's i-wide values and the attention scores, with 
 measures: real MLX training steps (memfit.mlx.measure: the trainer's own load, quantization, adapters, optimizer
 and compiled step) on small llamas of four shapes that differ in width, MLP width, heads, vocabulary and depth
 (none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at several batch x sequence
-sizes, with and without gradient checkpointing, in fp32 and bf16. For each run: arrays above the exact terms =
+sizes, with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked one
+(memfit.mlx.loss: one chunk's logits at a time, its own `head_chunked` term). For each run: arrays above the exact terms =
 `mx.get_peak_memory()` - (weights + adapters + gradients + optimizer), and the coefficients are the non-negative
 least-squares fit of those bytes on the terms, each run weighted by 1/its bytes (relative error). The runtime is the
 median over the runs of the child's peak RSS less MLX's peak (on a Linux CPU, MLX's arrays are inside the RSS).
@@ -68,13 +69,15 @@ def measure(scratch: Path) -> list[dict]:
         model_dir = scratch / name
         init_model("tiny", model_dir, num_layers=layers, overrides=values)
         hf_config = AutoConfig.from_pretrained(model_dir)
-        for batch, seq, checkpointing, dtype in RUNS[name]:
-            case = dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing)
+        for (batch, seq, checkpointing, dtype), chunked in itertools.product(RUNS[name], (False, True)):
+            case = dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing,
+                        chunked_loss=chunked)
             config = TrainConfig(**case)
             estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), model_name=name,
                                     coefficients={term: 0.0 for term in TERMS})
             exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
-            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2)
+            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2,
+                               chunked)
             measured = measure_in_child(model_dir, case, steps=2)
             rows.append(dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
                              peak_rss=measured["peak_rss_bytes"]))
@@ -102,12 +105,13 @@ def recorded_rows(path: Path) -> list[dict]:
         base_values = {key: value for key, value in base.to_dict().items() if key != "head_dim"}  # from the heads
         hf_config = LlamaConfig(**{**base_values, **values})
         case = {key: run[key] for key in ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing")}
+        case["chunked_loss"] = run.get("chunked_loss", False)  # runs recorded before the MLX chunked loss: full logits
         exact_estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40),
                                       coefficients={term: 0.0 for term in TERMS})
         exact = sum(exact_estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
         assert exact == run["exact_bytes"], (run, exact)  # the shapes rebuilt are the ones measured
         terms = term_bytes(Shape.of(arch_info(hf_config)), case["batch_size"], case["seq_len"],
-                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2)
+                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2, case["chunked_loss"])
         rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, peak=run["peak_bytes"],
                          peak_rss=run["peak_rss_bytes"]))
     return rows

@@ -10,8 +10,10 @@ plus this machine's library pages). The same baseline comes off both sides, so t
 error over a smaller figure: it is what the constants cannot hide. smollm2-135m at its whole depth (30 layers,
 135M params) is the case where the model-dependent part dominates.
 
-    python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick | --moe] [--out docs/benchmarks.md]
-    python benchmarks/estimate_accuracy.py --engine mlx [--quick]
+    python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick | --moe] [--write [--out docs/benchmarks.md]]
+    python benchmarks/estimate_accuracy.py --engine mlx [--quick] [--write]
+
+Without --write the table is printed, not written.
 
 With `--engine mlx`: memfit's MLX engine (mlx[cpu] here). Each case runs 3 steps of the MLX trainer's own compiled
 step in a fresh child (memfit.mlx.measure) and reads `mx.get_peak_memory()`; the estimate is
@@ -51,7 +53,10 @@ CASES = [
 WHOLE = {"smollm2-135m": None}
 WHOLE_CASES = [
     dict(method="lora", dtype="fp32", batch_size=2, seq_len=128),
+    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256),
+    dict(method="lora", dtype="fp32", batch_size=1, seq_len=512, grad_checkpointing=False),
     dict(method="full", dtype="fp32", batch_size=1, seq_len=128),
+    dict(method="full", dtype="fp32", batch_size=1, seq_len=128, grad_checkpointing=False),
 ]
 # Published checkpoints are mostly stored in bf16; training in fp32 converts them while loading.
 BF16_STORED = {"smollm2-135m": 8, "qwen2.5-0.5b": 4}
@@ -80,7 +85,8 @@ MOE_CASES = [
 ]
 
 
-def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
+def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
+    """Every case's row; `on_row(rows, total)` after each, so a long run leaves what it measured if stopped."""
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
@@ -90,14 +96,16 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        builds = [(preset, layers, "fp32", CASES[:3] if quick else CASES, None)
-                  for preset, layers in ARCHITECTURES.items()]
+        # The whole model first: the cases the published target is about.
+        builds = [(preset, layers, "fp32", WHOLE_CASES[:1] if quick else WHOLE_CASES, None)
+                  for preset, layers in WHOLE.items()]
+        builds += [(preset, layers, "fp32", CASES[:3] if quick else CASES, None)
+                   for preset, layers in ARCHITECTURES.items()]
         builds += [(preset, layers, "bf16", BF16_STORED_CASES, None)
                    for preset, layers in BF16_STORED.items() if not quick]
-        builds += [(preset, layers, "fp32", WHOLE_CASES[:1] if quick else WHOLE_CASES, None)
-                   for preset, layers in WHOLE.items()]
         if moe:
             builds = [(preset, 2, "fp32", MOE_CASES, overrides) for preset, overrides in MOE_CUTS.items()]
+        total = sum(len(cases) for *_, cases, _ in builds)
         for preset, layers, stored, cases, overrides in builds:
             model_dir = Path(scratch) / f"{preset}-{layers or 'all'}-{stored}"
             init_model(preset, model_dir, dtype=stored, num_layers=layers, overrides=overrides)
@@ -121,6 +129,8 @@ def run(device: str, quick: bool, moe: bool = False) -> list[dict]:
                                  seconds=time.time() - started))
                 print(f"{rows[-1]['model']:28s} {case} est {predicted / MB:7.0f} MB  measured {peak / MB:7.0f} MB "
                       f" error {rows[-1]['error']:+5.1f}%  model part {rows[-1]['model_error']:+5.1f}%", flush=True)
+                if on_row is not None:
+                    on_row(rows, total)
     return rows
 
 
@@ -187,7 +197,7 @@ def markdown_mlx(rows: list[dict]) -> str:
     lines = [
         f"### MLX estimate accuracy ({len(rows)} cases, worst error {worst:.1f}%)",
         "",
-        f"Measured with `python benchmarks/estimate_accuracy.py --engine mlx` on {platform.machine()} "
+        f"Measured with `python benchmarks/estimate_accuracy.py --engine mlx --write` on {platform.machine()} "
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, MLX {mx.__version__} "
         f"({'Metal' if mx.metal.is_available() else 'CPU, mlx[cpu]'}), mlx-lm {metadata.version('mlx-lm')}. Each "
         "case: 3 steps of memfit's MLX trainer (its own load, quantization, adapters, AdamW and compiled step: "
@@ -208,21 +218,27 @@ def markdown_mlx(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(rows: list[dict], device: str, moe: bool = False) -> str:
+def markdown(rows: list[dict], device: str, moe: bool = False, total: int | None = None) -> str:
     import torch
 
     from memfit.config import TrainConfig
     import transformers
 
     worst = max(abs(row["error"]) for row in rows)
+    worst_model = max(abs(row["model_error"]) for row in rows)
+    within = sum(abs(row["error"]) <= 10 for row in rows)
+    within_model = sum(abs(row["model_error"]) <= 10 for row in rows)
     big = [row for row in rows if row["params"] >= 100_000_000]
     worst_big = (f"; >= 100M params: worst {max(abs(row['error']) for row in big):.1f}% on the whole, "
                  f"{max(abs(row['model_error']) for row in big):.1f}% on the model-dependent part" if big else "")
     lines = [
-        f"### Estimator accuracy on {device}{', mixture of experts' if moe else ''} ({len(rows)} cases, worst error "
-        f"{worst:.1f}%{worst_big})",
+        f"### Estimator accuracy on {device}{', mixture of experts' if moe else ''} ({len(rows)} cases; within 10%: "
+        f"{within} on the whole peak, {within_model} on the model part; worst {worst:.1f}% whole, "
+        f"{worst_model:.1f}% model part{worst_big}"
+        f"{f'; stopped after {len(rows)} of {total} cases' if total and len(rows) < total else ''})",
         "",
-        f"Measured with `python benchmarks/estimate_accuracy.py --device {device}{' --moe' if moe else ''}` on {platform.machine()} "
+        f"Measured with `python benchmarks/estimate_accuracy.py --device {device}{' --moe' if moe else ''} --write` on "
+        f"{platform.machine()} "
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Each case: 3 training steps (AdamW) in a fresh child process on "
         "random full-length sequences; measured = the child's peak RSS (`VmHWM`; peak in: loading the model or a "
@@ -275,16 +291,29 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="the mixture-of-experts cuts only (their own section)")
     parser.add_argument("--engine", default="torch", choices=("torch", "mlx"),
                         help="mlx: memfit's MLX engine against mx.get_peak_memory() (its own section)")
+    parser.add_argument("--write", action="store_true", help="write the table into --out (else print it)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     if args.engine == "mlx":
         rows = run_mlx(args.quick)
-        write_section(Path(args.out), "estimate-accuracy-mlx-cpu", markdown_mlx(rows))
+        table = markdown_mlx(rows)
+        if not args.write:
+            print(table)
+            return
+        write_section(Path(args.out), "estimate-accuracy-mlx-cpu", table)
         print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
         sys.exit(0)
-    rows = run(args.device, args.quick, args.moe)
     marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"
-    write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe))
+
+    def written(rows: list[dict], total: int) -> None:
+        write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe, total=total))
+
+    rows = run(args.device, args.quick, args.moe, on_row=written if args.write else None)
+    table = markdown(rows, args.device, moe=args.moe)
+    if not args.write:
+        print(table)
+        return
+    write_section(Path(args.out), marker, table)
     print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
     sys.exit(0)
 
