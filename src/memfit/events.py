@@ -73,6 +73,7 @@ class GuardNotice(Event):
     step: int
     watched_bytes: int
     message: str
+    limit: str = "device"  # which limit: device (--max-memory), host (--max-host-memory), host_available (floor)
 
 
 @dataclass

@@ -465,7 +465,7 @@ class Trainer:
 
     def _emit_guard(self, events) -> None:
         for event in events:
-            self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
+            self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message, event.limit))
 
     def _finish(self, status: str) -> TrainResult:
         from memfit.guard import read_memory
@@ -482,6 +482,15 @@ class Trainer:
                                         stop_reason=stop_reason, signal=signal_name,
                                         reload_after=self.job.reload_after)
         extra = {"ranks": per_rank, "estimate_per_rank_bytes": self.estimate} if per_rank else {}
+        if status == "guard_stop":  # which limit stopped it: device (--max-memory), host or host_available (a GPU's)
+            stop_rank = self.safe.decision.stop_rank if per_rank else None
+            extra.update(stop_reason=stop_reason, stop_limit=per_rank[stop_rank]["stop_limit"]
+                         if stop_rank is not None else self.guard.stop_limit)
+        if self.guard.host is not None:
+            extra.update(peak_host_rss_bytes=self.guard.peak_host_rss_bytes,
+                         min_system_available_bytes=self.guard.min_system_available_bytes,
+                         host_limit={"bytes": self.guard.host.rss.limit_bytes, "auto": self.guard.host.rss.auto,
+                                     "floor_bytes": self.guard.host.floor_bytes})
         self._write_run_json(status=status, exit_code=ending.exit_code, step=self.step, finished_at=now(),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                              final_dir=str(final_dir) if final_dir else None,
