@@ -169,3 +169,16 @@ def test_a_guard_event_keeps_its_limit_through_the_event_record():
 
     record = GuardNotice("limit", 3, 5 * GB, "Stopping: host RAM above its limit", HOST_RSS).to_dict()
     assert json.loads(json.dumps(record))["limit"] == "host"
+
+
+def test_the_memory_report_shows_the_host_limits_beside_the_gpu():
+    from memfit.guard import MemorySample, memory_report
+
+    sample = MemorySample(0.0, 3 * GB, 4 * GB, 20 * GB, cuda_allocated_bytes=5 * GB, cuda_reserved_bytes=6 * GB,
+                          cuda_max_reserved_bytes=7 * GB)
+    limit = MemoryLimit(8 * GB, 80 * GB, auto=False, device="cuda")
+    host = HostLimit(MemoryLimit(4 * GB, 16 * GB, auto=False, device="cpu"), GB, 32 * GB)
+    text = memory_report(sample, limit, 0.8, 6 * GB, host)
+    assert "Host RSS limit:    4.00 GB (--max-host-memory; RSS at 75%)" in text
+    assert "Host floor:        1.00 GB available" in text
+    assert "Host" not in memory_report(sample, limit, 0.8, 6 * GB)

@@ -395,7 +395,8 @@ class Trainer:
     def memory_report_text(self, sample) -> str:
         from memfit.guard import memory_report
 
-        return memory_report(sample, self.limit, self.config.memory_threshold, self.guard.peak_watched_bytes)
+        return memory_report(sample, self.limit, self.config.memory_threshold, self.guard.peak_watched_bytes,
+                             self.guard.host)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -497,7 +498,8 @@ class Trainer:
                              # The OS's high-water mark (VmHWM): the true peak, between the guard's readings too.
                              peak_rss_bytes=memory.peak_rss_bytes, **extra)
         ended = RunEnded(status, ending.exit_code, self.step, self.total_steps, message, self.last_checkpoint,
-                         final_dir, resume, self.memory_report_text(memory), self.recoveries)
+                         final_dir, resume, self.memory_report_text(memory), self.recoveries,
+                         extra.get("stop_limit"))
         self.emit(ended)  # rank 0's entry point writes the run report as this reaches it (memfit.report.report_at_end)
         # No rank returns (and exits) before rank 0's files are written: the launcher stops the other workers as
         # soon as one exits with a non-zero code.
@@ -520,8 +522,8 @@ class Trainer:
         """After a guard stop: what makes the resume fit (from the estimate and the peak seen), else nothing."""
         from memfit.train.sizing import largest_micro_batch, resume_flags
 
-        if status != "guard_stop" or self.distributed:
-            return ""
+        if status != "guard_stop" or self.distributed or self.guard.stop_limit not in (None, "device"):
+            return ""  # a host RAM stop on a GPU: a smaller micro-batch is no answer the estimate can give
         return resume_flags(self.limit, self.guard.peak_watched_bytes, self.estimate, self.micro_batch,
                             self.effective_batch, largest_micro_batch(self.resolved, self.config, self.device))
 
