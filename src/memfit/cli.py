@@ -98,11 +98,14 @@ def _print_json(data: Any) -> None:
 @app.command()
 def system(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """What hardware is here: RAM, swap, CPUs, GPUs, and the suggested memory limit."""
+    from memfit.cuda_context import measure_and_record
     from memfit.system import detect
 
     info = detect()
+    # A GPU here: its CUDA context measured with NVML and recorded for this machine's estimates (memfit.cuda_context).
+    context = measure_and_record() if info.gpus else None
     if as_json:
-        return _print_json(info.to_dict())
+        return _print_json({**info.to_dict(), "cuda_context": context.to_dict() if context else None})
     table = Table(title="memfit system", show_header=False)
     table.add_row("platform", f"{info.platform} (python {info.python}, torch {info.torch})")
     table.add_row("CPUs", str(info.cpu_count))
@@ -114,6 +117,8 @@ def system(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     for gpu in info.gpus:
         table.add_row(f"GPU {gpu.index}", f"{gpu.name}: {_gb(gpu.free_bytes)} free of {_gb(gpu.total_bytes)} "
                       f"(limit {_gb(gpu.suggested_limit_bytes)}, via {gpu.source})")
+    if context is not None:
+        table.add_row("CUDA context", f"{_gb(context.context_bytes)} (measured with NVML on {context.gpu_name})")
     if not info.gpus:
         table.add_row("GPUs", "none (CUDA not available)")
     table.add_row("MPS", "available" if info.mps_available else "no")

@@ -112,11 +112,31 @@ def start_guard(config: TrainConfig, device: str, ranks, allocator, emit: Emit):
     # MEMFIT_MALLOC took effect, or the policy could not (off glibc it does nothing: said once, here).
     if allocator.policy != DEFAULT_ALLOCATOR_POLICY or not allocator.effective:
         emit(Notice(allocator.describe()))
+    if fake_gpu is None and device.startswith("cuda"):
+        measure_cuda_context(device, ranks.distributed, emit)
     configure_cuda(limit)
     guard = Guard(limit, threshold=config.memory_threshold, interval_s=config.memory_sample_interval,
                   reader=reader, host=host)
     guard.start()
     return limit, guard
+
+
+def measure_cuda_context(device: str, distributed: bool, emit: Emit) -> None:
+    """The CUDA context measured with NVML as CUDA starts (memfit.cuda_context), recorded for this machine's
+    estimates; nothing without the `nvidia` extra or a driver."""
+    import torch
+
+    from memfit.cuda_context import measure_and_record
+    from memfit.units import format_gb
+
+    if not torch.cuda.is_available():
+        return
+    _, _, index = device.partition(":")
+    measurement = measure_and_record(int(index) if index else 0,
+                                     delta_ok=not distributed and not torch.cuda.is_initialized())
+    if measurement is not None:
+        emit(Notice(f"CUDA context: {format_gb(measurement.context_bytes)} measured with NVML on "
+                    f"{measurement.gpu_name} (used by this machine's estimates from now on)"))
 
 
 def load_model(job, config: TrainConfig, precision, device: str, model_dir: Path, emit: Emit):
