@@ -96,3 +96,24 @@ def test_memfit_system_without_a_gpu_keeps_the_constant(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["gpus"] == [] and data["cuda_context"] is None
     assert recorded() is None
+
+
+def test_a_recorded_measurement_replaces_the_constant_in_the_estimate():
+    from memfit.config import TrainConfig
+    from memfit.estimate.memory import CUDA_CONTEXT_BYTES, GB, Hardware, estimate_memory, to_json
+    from memfit.models.registry import get_architecture
+
+    hf_config = get_architecture("smollm2-135m").to_hf_config()
+    config = TrainConfig(seq_len=256)
+    before = estimate_memory(hf_config, config, Hardware("cuda", 80 * GB))
+    assert before.cuda_context_bytes == CUDA_CONTEXT_BYTES and not any("NVML" in note for note in before.notes)
+    nvml = FakeNvml(others=0, process=400 * MB)
+    measure_and_record(0, nvml, starting(nvml, reserved=100 * MB))
+    after = estimate_memory(hf_config, config, Hardware("cuda", 80 * GB))
+    assert after.cuda_context_bytes == 300 * MB
+    assert after.breakdown["runtime"] - before.breakdown["runtime"] == 300 * MB - CUDA_CONTEXT_BYTES
+    assert after.process_bytes - after.reserved_peak_bytes == 300 * MB  # nvidia-smi's figure: reserved + context
+    assert any(note.startswith("CUDA context 0.29 GB: measured with NVML") for note in after.notes)
+    assert to_json(after, 1, 1, [])["cuda_context_bytes"] == 300 * MB
+    cpu = estimate_memory(hf_config, config, Hardware("cpu", 80 * GB))
+    assert not any("NVML" in note for note in cpu.notes)

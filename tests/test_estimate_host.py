@@ -86,3 +86,23 @@ def test_the_load_figure_against_a_measured_load(qwen_bf16_model_dir, dtype, con
     error = (figure - measured) / measured
     print(f"host load {dtype}: estimate {figure / MB:.0f} MB, measured {measured / MB:.0f} MB ({error:+.1%})")
     assert abs(error) <= 0.15, f"estimate {figure / MB:.0f} MB vs measured {measured / MB:.0f} MB ({error:+.1%})"
+
+
+def test_estimate_json_and_table_show_the_host_figures_on_cuda_only(capsys):
+    import json
+
+    from memfit.cli import main
+
+    assert main(["estimate", "--model", "llama-3.1-8b", "--device", "cuda", "--memory-gb", "80", "--num-gpus", "4",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["host_peak_phase"] == "load" and set(data["host_phases"]) == {"load", "train", "save"}
+    assert data["host_peak_bytes"] == data["host_phases"]["load"] > data["params"] * 2  # the bf16 file's pages
+    assert data["host_machine_peak_bytes"] > data["host_peak_bytes"]  # four ranks' baselines
+    assert data["host_merge_bytes"] > data["params"] * 2  # LoRA (the default): PEFT's merge on the CPU, reported beside
+    assert main(["estimate", "--model", "llama-3.1-8b", "--device", "cpu", "--memory-gb", "80", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["host_peak_bytes"] is None and data["host_phases"] is None
+    assert main(["estimate", "--model", "llama-3.1-8b", "--device", "cuda", "--memory-gb", "80"]) == 0
+    table = " ".join(capsys.readouterr().out.split())
+    assert "host RAM: peak" in table and "(load) per process" in table and "save" in table

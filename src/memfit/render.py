@@ -306,6 +306,13 @@ def render_estimate(console: Console, found) -> None:
         console.print(f"peaks: allocated {_sized(result.allocated_peak_bytes)} · reserved "
                       f"{_sized(result.reserved_peak_bytes)} · process (nvidia-smi) {_sized(result.process_bytes)}",
                       highlight=False)
+        if result.host is not None:  # host RAM beside the GPU (memfit.estimate.host): what --max-host-memory sees
+            host = result.host
+            console.print(f"host RAM: peak {_sized(host.peak_bytes)} ({host.peak_phase}) per process · "
+                          f"{_sized(host.machine_peak_bytes)} machine"
+                          + (f" ({hardware.num_gpus} ranks)" if hardware.num_gpus > 1 else "")
+                          + " · " + ", ".join(f"{name} {_sized(size)}" for name, size in host.phases.items()),
+                          highlight=False)
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
     console.print(f"{verdict}: {_sized(total)} of {_sized(hardware.memory_bytes)}; {largest_text}")

@@ -35,6 +35,8 @@ from memfit.units import GB
 CUDA_HOST_RUNTIME_BYTES = int(1.2 * GB)
 
 PHASES = ("load", "train", "save")  # the run's own phases; "merge" is reported beside them
+HOST_JSON_FIELDS = ("host_peak_bytes", "host_peak_phase", "host_phases", "host_machine_peak_bytes",
+                    "host_merge_bytes")
 
 
 @dataclass(frozen=True)

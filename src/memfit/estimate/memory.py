@@ -36,6 +36,7 @@ from typing import Any
 from memfit import cache
 from memfit.config import TrainConfig
 from memfit.errors import MemfitError, UserError
+from memfit.estimate.host import HOST_JSON_FIELDS, HostPeak, host_figures
 from memfit.estimate.peaks import PeakLines, TracePeak, peaks_from_json, peaks_to_json
 from memfit.estimate.solve import largest_fitting
 from memfit.libraries import import_peft
@@ -106,6 +107,10 @@ class Estimate:
     active_params: int = 0
     num_experts: int = 0
     experts_per_token: int = 0
+    # On CUDA: host RAM per phase (load, train, save), per process and per machine (memfit.estimate.host).
+    host: HostPeak | None = None
+    # The CUDA context in the runtime term: this machine's NVML measurement when one is recorded, else the constant.
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
 
     @property
     def training_bytes(self) -> int:
@@ -134,7 +139,7 @@ class Estimate:
         """torch.cuda.max_memory_reserved: the caching allocator's blocks, what the guard watches on CUDA."""
         if self.hardware.device != "cuda":
             return self.total_bytes
-        return self.allocated_peak_bytes + max(0, self.breakdown.get("runtime", 0) - CUDA_CONTEXT_BYTES)
+        return self.allocated_peak_bytes + max(0, self.breakdown.get("runtime", 0) - self.cuda_context_bytes)
 
     @property
     def process_bytes(self) -> int:
@@ -147,7 +152,7 @@ class Estimate:
         (loading: before PEFT is imported), on CUDA the context, on MPS the runtime. `process_bytes - baseline_bytes`
         is the model-dependent part, which benchmarks/estimate_accuracy.py reports the error on."""
         if self.hardware.device != "cpu":
-            return CUDA_CONTEXT_BYTES if self.hardware.device == "cuda" else MPS_RUNTIME_BYTES
+            return self.cuda_context_bytes if self.hardware.device == "cuda" else MPS_RUNTIME_BYTES
         if self.load_peak_bytes > self.training_bytes:
             return CPU_PROCESS_ANON_BYTES + cpu_file_pages_bytes()
         return _runtime_bytes(self.hardware, self.config, 0)
@@ -305,7 +310,7 @@ TRACE_STATS = {"traced": 0, "from_disk": 0}
 # else (a new field too) is in the key.
 NOT_TRACED = frozenset({
     "batch_size", "grad_accum", "optimizer", "lr", "warmup_steps", "max_steps", "epochs", "max_grad_norm", "seed",
-    "packing", "group_by_length", "compile", "log_every", "distributed", "offload", "max_memory", "memory_threshold",
+    "packing", "group_by_length", "compile", "log_every", "distributed", "offload", "max_memory", "max_host_memory", "memory_threshold",
     "memory_report_interval", "save_every", "keep_checkpoints", "memory_sample_interval", "eval_every",
     "tensorboard", "supervise", "max_restarts", "reload_interval", "lora_layers",
 })
@@ -651,9 +656,17 @@ def cpu_file_pages_bytes() -> int:
     return figure
 
 
+def cuda_context_bytes() -> tuple[int, str]:
+    """The CUDA context and where the figure comes from: this machine's NVML measurement when one is recorded
+    (memfit.cuda_context: `memfit system`, train and probe measure it where a GPU is), else CUDA_CONTEXT_BYTES."""
+    from memfit.cuda_context import context_bytes
+
+    return context_bytes(CUDA_CONTEXT_BYTES)
+
+
 def _runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) -> int:
     if hardware.device == "cuda":
-        return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
+        return cuda_context_bytes()[0] + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
     if hardware.device == "mps":
         return MPS_RUNTIME_BYTES
     peft = 0
@@ -792,6 +805,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                          "the peak runs above this estimate (28-32% with trim on 30-layer smollm2-135m LoRA: "
                          "benchmarks/allocator_policies.py)")
 
+    context, context_source = cuda_context_bytes() if hardware.device == "cuda" else (CUDA_CONTEXT_BYTES, "")
+    if context_source.startswith("measured"):
+        notes.append(f"CUDA context {format_gb(context)}: {context_source}")
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=activations, logits=logits, runtime=int(runtime))
     loading = load_peak_bytes(info, config, precision, hardware, hf_config)
@@ -808,7 +824,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                     params=info.params, trainable_params=trainable, breakdown=breakdown,
                     host_offload_bytes=int(host_offload), notes=notes, load_peak_bytes=int(loading),
                     peak_phase=peak_phase, active_params=info.active_params, num_experts=info.num_experts,
-                    experts_per_token=info.experts_per_token)
+                    experts_per_token=info.experts_per_token,
+                    host=host_figures(info, config, precision, hardware, hf_config, int(host_offload)),
+                    cuda_context_bytes=context)
 
 
 # --- solving and advising -----------------------------------------------------------------------------------------
@@ -930,6 +948,9 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -
         "batch_1_fits": max_batch >= 1,
         "grad_accum": grad_accum,
         "host_offload_bytes": estimate.host_offload_bytes,
+        "cuda_context_bytes": estimate.cuda_context_bytes if estimate.hardware.device == "cuda" else None,
+        # On CUDA: host RAM (load/train/save), per process and per machine; None elsewhere (the device is the host).
+        **(estimate.host.to_json() if estimate.host else dict.fromkeys(HOST_JSON_FIELDS)),
         "suggestions": [item.to_json() for item in advice],  # memfit.estimate.advice.Suggestion
         "notes": list(estimate.notes),
         "config": estimate.config.model_dump(),
