@@ -154,7 +154,8 @@ def saved_config_values(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 # Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.
-GUARD_FIELDS = frozenset({"max_memory", "max_host_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints",
+GUARD_FIELDS = frozenset({"max_memory", "max_host_memory", "memory_threshold", "memory_report_interval", "save_every",
+                          "keep_checkpoints",
                           "memory_sample_interval", "eval_every", "supervise", "max_restarts", "reload_interval",
                           "tensorboard"})
 

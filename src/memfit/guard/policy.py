@@ -433,7 +433,8 @@ class Guard:
         horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
         if watched + rate * horizon <= self.limit.limit_bytes:
             return None
-        return (f"{self._device_memory} rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of {format_gb(self.limit.limit_bytes)}): "
+        return (f"{self._device_memory} rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of "
+                f"{format_gb(self.limit.limit_bytes)}): "
                 "the limit would be crossed before the step ends")
 
     # The step-end check -----------------------------------------------------------------------------------
@@ -457,7 +458,8 @@ class Guard:
             events.append(GuardEvent("early_stop", step, peak, f"Stopping early: {self._stop_reason}"))
 
         if peak > limit:
-            message = (f"{self._device_memory[0].upper()}{self._device_memory[1:]} above the limit ({format_gb(peak)} of {format_gb(limit)}, "
+            what = self._device_memory[0].upper() + self._device_memory[1:]
+            message = (f"{what} above the limit ({format_gb(peak)} of {format_gb(limit)}, "
                        f"{peak / limit:.0%}): stopping")
             self.request_stop(f"{self._device_memory} above the limit at step {step}: {format_gb(peak)} of "
                               f"{format_gb(limit)}")
