@@ -182,3 +182,39 @@ def test_the_memory_report_shows_the_host_limits_beside_the_gpu():
     assert "Host RSS limit:    4.00 GB (--max-host-memory; RSS at 75%)" in text
     assert "Host floor:        1.00 GB available" in text
     assert "Host" not in memory_report(sample, limit, 0.8, 6 * GB)
+
+
+def test_the_guard_watches_every_save_on_a_fake_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    """The guard's thread runs from before loading until after the last checkpoint and final/ are written (it stops
+    in Trainer._finish after them): a save's host RAM is watched like a step's. Here the run is guarded as on a GPU
+    (memfit.faults `fake_gpu@MB`), so the host limits are in force during the saves too."""
+    from importlib import resources
+    from pathlib import Path
+
+    from memfit import faults
+    from memfit.config import TrainConfig
+    from memfit.events import CheckpointSaved
+    from memfit.train import TrainJob
+    from memfit.train.loop import Trainer
+
+    monkeypatch.setenv(faults.ENV, "fake_gpu@100")
+    faults._faults.cache_clear()
+    watched = []
+
+    def on_event(event):
+        if isinstance(event, CheckpointSaved):
+            guard = trainer.guard
+            watched.append((event.reason, guard.sampler.running, guard.host is not None, guard.stop_requested))
+
+    config = TrainConfig(seq_len=64, batch_size=4, max_steps=4, save_every=2, memory_sample_interval=0.05)
+    job = TrainJob(model=str(tiny_model_dir), data=Path(str(resources.files("memfit") / "data/demo.jsonl")),
+                   output_dir=tmp_path / "run", device="cpu")
+    trainer = Trainer(job, config, on_event)
+    try:
+        trainer.setup()
+        result = trainer.run()
+    finally:
+        trainer.guard.stop()
+    assert result.exit_code == 0 and (tmp_path / "run" / "final").is_dir()
+    assert watched == [("periodic", True, True, False), ("end", True, True, False)]
+    assert trainer.guard.peak_host_rss_bytes > 0 and trainer.guard.min_system_available_bytes > 0
