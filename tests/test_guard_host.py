@@ -156,7 +156,8 @@ def test_choose_host_limit_is_the_cpu_limit_and_honours_the_cgroup(monkeypatch):
                                "the machine has less than 1.60 GB available")
     given = choose_host_limit(6, fraction=0.4)
     assert given.rss.limit_bytes == 6 * GB and not given.rss.auto and "(--max-host-memory)" in given.describe()
-    assert choose_host_limit(None, fraction=0.4).rss.limit_bytes == 8 * GB  # 2 ranks on the machine: 0.8 / 2
+    shared = choose_host_limit(None, fraction=0.4)  # 2 ranks on the machine: 0.8 / 2 each
+    assert shared.rss.limit_bytes == 8 * GB and "(auto: 40% of 20.00 GB available)" in shared.describe()
     cgroup = CgroupMemory(Path("/sys/fs/cgroup/job"), 8 * GB, 5 * GB, 0)
     monkeypatch.setattr("memfit.cgroup.cgroup_memory", lambda: cgroup)
     contained = choose_host_limit(None)

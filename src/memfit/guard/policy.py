@@ -95,8 +95,10 @@ class HostLimit:
     total_bytes: int  # the machine's RAM when the floor was chosen
 
     def describe(self) -> str:
-        source = (f"auto: 80% of {format_gb(self.rss.available_bytes)} available" if self.rss.auto
-                  else "--max-host-memory")
+        rss = self.rss
+        # The auto fraction as chosen: 80%, shared out between the ranks of a machine.
+        source = (f"auto: {rss.limit_bytes / max(rss.available_bytes, 1):.0%} of {format_gb(rss.available_bytes)} "
+                  "available" if rss.auto else "--max-host-memory")
         cgroup = (f", inside a {format_gb(self.rss.cgroup_limit_bytes)} cgroup limit"
                   if self.rss.cgroup_limit_bytes else "")
         return (f"Host RAM limit: {format_gb(self.rss.limit_bytes)} process RSS ({source}{cgroup}); stop when the "
