@@ -39,8 +39,8 @@ examples: $(STAMP)
 
 # Every section of docs/benchmarks.md, each with exactly the command its header names (hours on 2 cores; CPU only).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu
-	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu --moe
+	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu --write
+	$(BIN)/python benchmarks/estimate_accuracy.py --device cpu --moe --write
 	$(BIN)/python benchmarks/estimate_speed.py --repeats 3 --cold-repeats 2
 	$(BIN)/python benchmarks/trace_cuts.py --write
 	$(BIN)/python benchmarks/architecture_sweep.py --write

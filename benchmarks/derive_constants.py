@@ -5,7 +5,7 @@ them (src/memfit/estimate/constants.json).
                                           [--write]   (also the docs/benchmarks.md section)
     python benchmarks/derive_constants.py --render --write   (that section from constants.json, measuring nothing)
 
-The estimator's CPU runtime term (memfit.estimate.memory._runtime_bytes) is what a training process holds when the
+The estimator's CPU runtime term (memfit.estimate.baseline.runtime_bytes) is what a training process holds when the
 model holds nothing: anonymous memory (Python, torch, transformers, the model code, memfit, one step run; PEFT, and
 the bitsandbytes it may import, for adapters) plus file-backed pages (the shared libraries). Each is measured here
 in fresh child processes, `--repeats` times each, from /proc/self/status (RssAnon, RssFile, VmHWM) and
@@ -20,7 +20,7 @@ in fresh child processes, `--repeats` times each, from /proc/self/status (RssAno
   4-bit (PEFT with bitsandbytes): a training process whose model-dependent memory is nil, so its RssAnon is the
   anonymous baseline;
 - `estimate-full`, `estimate-lora`, `estimate-qlora`: a process that estimates the same configuration (the traces
-  import what they import) and reads its own RssFile where memfit.estimate.memory.cpu_file_pages_bytes reads it.
+  import what they import) and reads its own RssFile where memfit.estimate.baseline.cpu_file_pages_bytes reads it.
 
 Derived (medians over the repeats):
   process_anon_bytes         = RssAnon(train-full)

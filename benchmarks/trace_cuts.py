@@ -1,6 +1,6 @@
 """Which cuts of a model should the estimator trace? Each choice against a trace of the whole depth.
 
-The estimator traces a short and a long cut of the model and extrapolates per layer (memfit.estimate.memory.
+The estimator traces a short and a long cut of the model and extrapolates per layer (memfit.estimate.cuts.
 traced_peaks). This runs the same estimates three ways, each in a fresh process with an empty cache: the cuts
 memfit uses (`cuts_of`: one period of layer kinds and two; 1 and 2 layers for most models), the 2- and 4-layer cuts
 it used before, and the whole depth traced (the reference: no extrapolation). Reported: each estimate's total
@@ -32,15 +32,15 @@ def child(way: str, models: list[str]) -> None:
     import time
 
     from memfit.config import make_config
-    from memfit.estimate import memory
+    from memfit.estimate import cuts, memory
     from memfit.estimate.memory import Hardware, estimate_memory
     from memfit.models import resolve_model
 
     if way == "all":
-        memory.cuts_of = lambda hf_config, info: (info.num_layers,)
+        cuts.cuts_of = lambda hf_config, info: (info.num_layers,)
     elif way != "memfit":
         fixed = tuple(int(part) for part in way.split(","))
-        memory.cuts_of = lambda hf_config, info: (info.num_layers,) if info.num_layers <= fixed[1] else fixed
+        cuts.cuts_of = lambda hf_config, info: (info.num_layers,) if info.num_layers <= fixed[1] else fixed
     settings = [(name, method, checkpointing, batch, SEQ) for name in models for method in ("lora", "full")
                 for checkpointing in (False, True) for batch in (1, 2)]
     # examples/full-1b.yaml at the batches around its answer (batch 3 fits in 40 GB or not, by the cuts traced).

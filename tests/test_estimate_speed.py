@@ -11,7 +11,7 @@ import pytest
 
 from memfit.config import TrainConfig
 from memfit import cache
-from memfit.estimate import memory
+from memfit.estimate import cuts, memory
 from memfit.estimate.memory import GB, Hardware, estimate_memory, resolve_dtypes, solve_max_batch
 from memfit.estimate.solve import largest_fitting
 from memfit.models import ARCHITECTURES
@@ -148,7 +148,7 @@ def test_batches_up_to_a_checked_answer_come_from_the_lines_exactly(tmp_path, mo
     middle = config.model_copy(update={"batch_size": solved.batch // 2})
     from_lines = estimate_memory(hf_config, middle, hardware)
     assert memory.TRACE_STATS["traced"] == traced
-    monkeypatch.setattr(memory, "lines_hold_to", lambda *args: 0)
+    monkeypatch.setattr(cuts, "lines_hold_to", lambda *args: 0)
     assert estimate_memory(hf_config, middle, hardware) == from_lines
     assert memory.TRACE_STATS["traced"] == traced + len(memory.cuts_of(hf_config, memory.arch_info(hf_config)))
 

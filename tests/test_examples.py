@@ -9,7 +9,7 @@ import pytest
 
 from memfit.cli import main
 from memfit.config import TrainConfig
-from memfit.estimate import memory
+from memfit.estimate import baseline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
@@ -36,7 +36,7 @@ def test_estimate_of_the_example_matches_the_checked_in_output(config, capsys, m
     file_pages = recorded["measured_here"].get("cpu_file_pages_bytes")
     if file_pages is not None:
         # The one machine-dependent input of a CPU estimate, pinned to what the recording machine read.
-        monkeypatch.setattr(memory, "cpu_file_pages_bytes", lambda: file_pages)
+        monkeypatch.setattr(baseline, "cpu_file_pages_bytes", lambda: file_pages)
     code = main(["estimate", "-c", str(config), "--json", "--no-calibrate"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

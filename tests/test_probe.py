@@ -277,9 +277,9 @@ def test_runner_picks_the_largest_usable_batch_and_saves_the_profile(tiny_model_
     # The search starts from the real estimator's guess. On CPU that reads this process's file-backed pages, which
     # depend on what the test process ran before (a full suite run guessed 69, then took 5 trials): pin that term,
     # so the path of the search is this test's, not the test order's.
-    from memfit.estimate import memory
+    from memfit.estimate import baseline
 
-    monkeypatch.setattr(memory, "cpu_file_pages_bytes", lambda: memory.CPU_FILE_PAGES_FALLBACK_BYTES)
+    monkeypatch.setattr(baseline, "cpu_file_pages_bytes", lambda: baseline.CPU_FILE_PAGES_FALLBACK_BYTES)
     machine = FakeMachine()
     monkeypatch.setattr(probe_runner, "run_trial", machine)
     events = []

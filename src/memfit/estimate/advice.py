@@ -88,26 +88,7 @@ def knobs(hf_config, config: TrainConfig, hardware: Hardware) -> list[Knob]:
     if not config.grad_checkpointing:
         found.append(Knob("checkpointing", "--grad-checkpointing", "recompute activations in backward", 2,
                           {"grad_checkpointing": True}))
-    cuda = hardware.device == "cuda"
-    deepspeed = hardware.engine != "fsdp"
-    if hardware.num_gpus > 1 and cuda and deepspeed:
-        for stage in range(hardware.zero + 1, 4):
-            found.append(Knob("sharding", f"--zero {stage}", f"ZeRO-{stage}: partition more model states across "
-                              f"the {hardware.num_gpus} GPUs (train: --distributed zero{stage})",
-                              3 + (stage - hardware.zero - 1), {}, {"zero": stage}))
-    if config.optimizer == "adamw" and cuda and config.offload == "none":
-        found.append(Knob("optimizer", "--optimizer adamw8bit", "8-bit optimizer states (bitsandbytes)", 4,
-                          {"optimizer": "adamw8bit"}))
-    if cuda and hardware.offload == "none" and (deepspeed or hardware.num_gpus > 1):
-        if hardware.zero >= 1 or not deepspeed:
-            found.append(Knob("offload", "--offload cpu", "optimizer states (and sharded weights) in CPU RAM", 5,
-                              {"offload": "cpu"}, {"offload": "cpu"}))
-        else:  # DeepSpeed offloads from ZeRO 1 up; on one GPU too (train: --distributed zeroN --offload cpu)
-            for stage, cost, what in ((2, 5, "optimizer states"), (3, 6, "optimizer states and weights")):
-                found.append(Knob("offload", f"--zero {stage} --offload cpu",
-                                  f"DeepSpeed ZeRO-{stage} offload: {what} in CPU RAM (train: --distributed "
-                                  f"zero{stage} --offload cpu)", cost, {"offload": "cpu"},
-                                  {"zero": stage, "offload": "cpu"}))
+    found += _engine_knobs(config, hardware)
     precision = resolve_dtypes(config.dtype, hardware.device).name
     if precision == "fp32":
         found.append(Knob("dtype", "--dtype bf16", "bf16 mixed precision (fp32 master weights)", 8,
@@ -138,6 +119,32 @@ def knobs(hf_config, config: TrainConfig, hardware: Hardware) -> list[Knob]:
                           {"method": "lora", "quant": "none"}))
         found.append(Knob("method", "--method qlora", "4-bit base weights + LoRA adapters", 45,
                           {"method": "qlora", "quant": "4"}))
+    return found
+
+
+def _engine_knobs(config: TrainConfig, hardware: Hardware) -> list[Knob]:
+    """The changes of how the GPUs hold the model states: ZeRO stages, an 8-bit optimizer, CPU offload."""
+    found: list[Knob] = []
+    cuda = hardware.device == "cuda"
+    deepspeed = hardware.engine != "fsdp"
+    if hardware.num_gpus > 1 and cuda and deepspeed:
+        for stage in range(hardware.zero + 1, 4):
+            found.append(Knob("sharding", f"--zero {stage}", f"ZeRO-{stage}: partition more model states across "
+                              f"the {hardware.num_gpus} GPUs (train: --distributed zero{stage})",
+                              3 + (stage - hardware.zero - 1), {}, {"zero": stage}))
+    if config.optimizer == "adamw" and cuda and config.offload == "none":
+        found.append(Knob("optimizer", "--optimizer adamw8bit", "8-bit optimizer states (bitsandbytes)", 4,
+                          {"optimizer": "adamw8bit"}))
+    if cuda and hardware.offload == "none" and (deepspeed or hardware.num_gpus > 1):
+        if hardware.zero >= 1 or not deepspeed:
+            found.append(Knob("offload", "--offload cpu", "optimizer states (and sharded weights) in CPU RAM", 5,
+                              {"offload": "cpu"}, {"offload": "cpu"}))
+        else:  # DeepSpeed offloads from ZeRO 1 up; on one GPU too (train: --distributed zeroN --offload cpu)
+            for stage, cost, what in ((2, 5, "optimizer states"), (3, 6, "optimizer states and weights")):
+                found.append(Knob("offload", f"--zero {stage} --offload cpu",
+                                  f"DeepSpeed ZeRO-{stage} offload: {what} in CPU RAM (train: --distributed "
+                                  f"zero{stage} --offload cpu)", cost, {"offload": "cpu"},
+                                  {"zero": stage, "offload": "cpu"}))
     return found
 
 

@@ -3,10 +3,24 @@ default device."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from memfit.errors import UserError
-from memfit.estimate.memory import Hardware
 from memfit.runtime import check_device
 from memfit.units import GB
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str = "cpu"  # cpu | cuda | mps
+    memory_bytes: int = 0  # per device
+    num_gpus: int = 1
+    zero: int = 0
+    offload: str = "none"  # none | cpu
+    # Who shards at zero >= 1: DeepSpeed, or FSDP (FULL_SHARD only: it counts as zero 3). FSDP's mixed precision
+    # keeps the trained parameters fp32 (the master copy is the parameter), DeepSpeed 16-bit with an fp32 copy in
+    # the optimizer: the same bytes per parameter, in other components (2 + 2 + 4 + states = 4 + 4 + states).
+    engine: str = "deepspeed"  # deepspeed | fsdp
 
 
 def planned_hardware(device: str | None, memory_gb: float | None, num_gpus: int = 1, zero: int = 0,

@@ -112,19 +112,21 @@ def machine_peak(machine: dict[str, int]) -> str:
 def host_inputs(info, config, precision, hardware, hf_config, offload_bytes: int) -> HostInputs:
     """HostInputs from the estimator's view of a run (memfit.estimate.memory's arch info, config, precision);
     `offload_bytes`: the estimator's host_offload_bytes (all ranks)."""
-    from memfit.estimate import memory
+    from memfit.estimate.baseline import runtime_bytes
+    from memfit.estimate.hardware import Hardware
+    from memfit.estimate.loading import checkpoint_dtype_bytes
+    from memfit.estimate.terms import optimizer_state_bytes, trainable_shapes, weight_bytes
 
-    cpu = memory.Hardware("cpu", 0)
-    cpu_baseline = memory._runtime_bytes(cpu, config, 0)  # anonymous memory, file pages, PEFT's import
-    stored = memory.checkpoint_dtype_bytes(hf_config)
+    cpu_baseline = runtime_bytes(Hardware("cpu", 0), config, 0)  # anonymous memory, file pages, PEFT's import
+    stored = checkpoint_dtype_bytes(hf_config)
     wanted = precision.trainable_bytes if config.method == "full" else precision.frozen_bytes
     converted = 0
     if config.quant == "none" and stored is not None and stored != wanted:
-        converted = memory.weight_bytes(info, config, precision)
-    shapes = memory.trainable_shapes(info, config)
+        converted = weight_bytes(info, config, precision)
+    shapes = trainable_shapes(info, config)
     trained = sum(math.prod(shape) for shape in shapes) * precision.trainable_bytes
     fsdp = hardware.engine == "fsdp" and hardware.num_gpus > 1 and hardware.zero == 3
-    gathered = memory.optimizer_state_bytes(config.optimizer, shapes, precision.trainable_bytes) if fsdp else 0
+    gathered = optimizer_state_bytes(config.optimizer, shapes, precision.trainable_bytes) if fsdp else 0
     merge = cpu_baseline + info.params * precision.compute_bytes + trained if config.uses_adapters else 0
     return HostInputs(baseline_bytes=cpu_baseline + CUDA_HOST_RUNTIME_BYTES,
                       checkpoint_bytes=info.params * (stored or wanted), converted_bytes=converted,

@@ -49,8 +49,6 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read
     from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
     from memfit.system import mapped_file_bytes
-    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
-    from memfit.train.losses import every_next_token, micro_step_loss
     from memfit.train.model import load_model
     from memfit.train.optim import build_optimizer
 
@@ -75,6 +73,33 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read
     can_reset = _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    step_rss, loss = _train_steps(model, optimizer, allocator, config, precision, steps, device)
+    result = {
+        "baseline_rss_bytes": baseline_rss,
+        "after_load_rss_bytes": after_load_rss,
+        "load_peak_rss_bytes": load_peak_rss,
+        "train_peak_rss_bytes": peak_rss_bytes() if can_reset else None,
+        "peak_rss_bytes": max(load_peak_rss, peak_rss_bytes()),
+        "step_rss_bytes": step_rss,
+        # File-backed pages (libraries) count in RSS but follow the page cache, not the configuration; they only
+        # grow, so the end reading bounds their share of the peak.
+        "rss_file_bytes": mapped_file_bytes(),
+        "loss": loss,
+    }
+    if device == "cuda":
+        result.update(_cuda_peaks())
+    return result
+
+
+def _train_steps(model, optimizer, allocator, config, precision, steps: int, device: str) -> tuple[list[int], float]:
+    """`steps` optimizer steps on random full-length sequences, as training runs them: the RSS after each step and
+    the last loss."""
+    import torch
+
+    from memfit.guard.sampler import rss_bytes
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    from memfit.train.losses import every_next_token, micro_step_loss
+
     head = None
     if config.chunked_loss and chunked_loss_blocker(model) is None:
         bypass = head_returns_hidden(model)  # held: a collected generator would restore the head
@@ -97,29 +122,23 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read
         optimizer.zero_grad(set_to_none=True)
         allocator.step_end()
         step_rss.append(rss_bytes())
-    result = {
-        "baseline_rss_bytes": baseline_rss,
-        "after_load_rss_bytes": after_load_rss,
-        "load_peak_rss_bytes": load_peak_rss,
-        "train_peak_rss_bytes": peak_rss_bytes() if can_reset else None,
-        "peak_rss_bytes": max(load_peak_rss, peak_rss_bytes()),
-        "step_rss_bytes": step_rss,
-        # File-backed pages (libraries) count in RSS but follow the page cache, not the configuration; they only
-        # grow, so the end reading bounds their share of the peak.
-        "rss_file_bytes": mapped_file_bytes(),
-        "loss": float(loss.detach()) * config.grad_accum,
-    }
-    if device == "cuda":
-        result["max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        # What nvidia-smi shows for this process now: the caching allocator keeps what it reserved (no
-        # empty_cache), so this is the reserved peak + the CUDA context and workspaces. None without pynvml.
-        from memfit.system import nvml_process_bytes
+    return step_rss, float(loss.detach()) * config.grad_accum
 
-        process = nvml_process_bytes(torch.cuda.current_device())
-        result["nvml_process_bytes"] = process
-        result["cuda_context_bytes"] = None if process is None else process - torch.cuda.memory_reserved()
-    return result
+
+def _cuda_peaks() -> dict:
+    import torch
+
+    from memfit.system import nvml_process_bytes
+
+    # What nvidia-smi shows for this process now: the caching allocator keeps what it reserved (no empty_cache),
+    # so this is the reserved peak + the CUDA context and workspaces. None without pynvml.
+    process = nvml_process_bytes(torch.cuda.current_device())
+    return {
+        "max_memory_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "nvml_process_bytes": process,
+        "cuda_context_bytes": None if process is None else process - torch.cuda.memory_reserved(),
+    }
 
 
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, device: str = "cpu",
