@@ -92,13 +92,16 @@ def _print_json(data: Any) -> None:
 @app.command()
 def system(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """What hardware is here: RAM, swap, CPUs, GPUs, and the suggested memory limit."""
+    from memfit.cuda_context import measure_and_record
     from memfit.system import detect
     from memfit.views import render_system
 
     info = detect()
+    # A GPU here: its CUDA context measured with NVML and recorded for this machine's estimates (memfit.cuda_context).
+    context = measure_and_record() if info.gpus else None
     if as_json:
-        return _print_json(info.to_dict())
-    render_system(console, info)
+        return _print_json({**info.to_dict(), "cuda_context": context.to_dict() if context else None})
+    render_system(console, info, context)
 
 
 @app.command()

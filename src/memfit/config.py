@@ -98,6 +98,9 @@ class TrainConfig(BaseModel):
     distrust_mode: DistrustMode = Field("weight", description="add (the seed's constant term) or weight (per sample)")
     # Guard.
     max_memory: float | None = Field(None, gt=0, description="hard memory limit in GB (default: 80% of available)")
+    max_host_memory: float | None = Field(
+        None, gt=0, description="on a GPU: host RAM limit in GB for this process's RSS (default: 80% of available RAM; "
+                                "the run also stops when the machine's available RAM falls under a floor)")
     memory_threshold: float = Field(0.8, gt=0, le=1, description="fraction of the limit that warns")
     memory_report_interval: int = Field(100, ge=1, description="full memory report every N steps")
     save_every: int = Field(200, ge=1, description="checkpoint every N steps")
@@ -151,7 +154,8 @@ def saved_config_values(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 # Options only `train` takes (the memory guard, checkpoints, validation); estimate and probe share the rest.
-GUARD_FIELDS = frozenset({"max_memory", "memory_threshold", "memory_report_interval", "save_every", "keep_checkpoints",
+GUARD_FIELDS = frozenset({"max_memory", "max_host_memory", "memory_threshold", "memory_report_interval", "save_every",
+                          "keep_checkpoints",
                           "memory_sample_interval", "eval_every", "supervise", "max_restarts", "reload_interval",
                           "tensorboard"})
 

@@ -73,6 +73,7 @@ class GuardNotice(Event):
     step: int
     watched_bytes: int
     message: str
+    limit: str = "device"  # which limit: device (--max-memory), host (--max-host-memory), host_available (floor)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class RunEnded(Event):
     resume_command: str | None = None
     report: str | None = None
     oom_recoveries: int = 0
+    stop_limit: str | None = None  # a guard stop's limit: device, host (--max-host-memory) or host_available
 
 
 # --- `memfit train --supervise` (memfit.train.supervisor): each life of the trainer's child process ----------------

@@ -27,6 +27,10 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
 - `enospc@K`     the checkpoint of step K fails with "No space left on device" after its first file is written;
 - `sigterm@K`    the process training step K sends itself SIGTERM before the step's first micro-batch, once per run
                  directory (a stop request, as from `kill` or a launcher).
+- `fake_gpu@MB`  the guard of `memfit train` watches a fake GPU: its readings say the CUDA caching allocator holds
+                 MB megabytes (allocated and reserved alike, its high-water mark too) beside this process's real RSS
+                 and the machine's real available memory, so a run on the CPU is guarded as on CUDA (the device limit
+                 on the fake figure, host RAM on the real ones: --max-host-memory and the available floor).
 Any of them takes a rank selector as its last part, `:rankN` (`leak@50:rank1`, `oom@2:rank1`, `save_pause@3:5:rank0`):
 then only the process of that rank (RANK, set by torchrun; memfit.distributed.ranks) has the fault, the others run
 clean. Without one every process has it.
@@ -197,6 +201,24 @@ def maybe_leak() -> None:
     if spec is not None:
         # ones_, not empty: untouched pages would not count in RSS.
         _leaked.append(torch.ones(int(float(spec) * 1024**2) // 4, dtype=torch.float32))
+
+
+def fake_gpu_reader() -> Callable[[str], Any] | None:
+    """The guard's reader for `fake_gpu@MB` (None without it): the real reading with the CUDA fields filled in."""
+    spec = _faults().get("fake_gpu")
+    if spec is None:
+        return None
+    from dataclasses import replace
+
+    from memfit.guard.sampler import read_memory
+
+    held = int(float(spec) * 1024**2)
+
+    def read(device: str) -> Any:
+        return replace(read_memory("cpu"), cuda_allocated_bytes=held, cuda_reserved_bytes=held,
+                       cuda_max_reserved_bytes=held)
+
+    return read
 
 
 def maybe_oom_kill(rss_bytes: int) -> None:

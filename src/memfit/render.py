@@ -133,7 +133,11 @@ class TrainRenderer(ProgressRenderer):
             self._print(f"adapter/model and tokenizer: {event.final_dir}")
         if event.resume_command:
             self._print(f"resume with: {event.resume_command}", "bold")
-        if event.status == "oom" or (event.status == "guard_stop" and event.resume_command
+        if event.status == "guard_stop" and event.stop_limit in ("host", "host_available"):
+            self._print("host RAM, not the GPU's, ran short: close what else uses the machine's RAM, or give a higher "
+                        "--max-host-memory; loading and saving hold the weights on the host (`memfit estimate` "
+                        "shows their host peak)")
+        elif event.status == "oom" or (event.status == "guard_stop" and event.resume_command
                                      and event.resume_command.endswith(str(event.checkpoint))):
             self._print("to fit, add a higher --max-memory, or --batch-size B --grad-accum A with the same B x A "
                         "(the effective batch, which keeps the resume exact); `memfit estimate` shows what else saves "

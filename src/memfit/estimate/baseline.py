@@ -34,7 +34,9 @@ CPU_FILE_PAGES_FALLBACK_BYTES: int = _MEASURED["file_pages_fallback_bytes"]
 # CUDA context with cuBLAS/cuDNN handles and workspaces: what nvidia-smi shows beyond the caching allocator's
 # reserved memory. Published: 723 MiB after the first `torch.randn(1).cuda()` (discuss.pytorch.org/t/73021, 2020,
 # before CUDA 11.7's lazy module loading, which torch now enables and which loads kernels as they are first used).
-# Not measured by memfit on a GPU yet (none lent); `benchmarks/estimate_accuracy.py --device cuda` compares.
+# Where a GPU and NVML are present, memfit measures it and this machine's estimates use that instead
+# (memfit.cuda_context; `cuda_context_bytes` below); not yet run on a GPU. `benchmarks/estimate_accuracy.py --device
+# cuda` compares.
 CUDA_CONTEXT_BYTES = 512 * MB
 MPS_RUNTIME_BYTES = 256 * MB
 # The caching allocator rounds and fragments: reserved exceeds allocated by a few percent of what churns.
@@ -63,9 +65,17 @@ def cpu_file_pages_bytes() -> int:
     return figure
 
 
+def cuda_context_bytes() -> tuple[int, str]:
+    """The CUDA context and where the figure comes from: this machine's NVML measurement when one is recorded
+    (memfit.cuda_context: `memfit system`, train and probe measure it where a GPU is), else CUDA_CONTEXT_BYTES."""
+    from memfit.cuda_context import context_bytes
+
+    return context_bytes(CUDA_CONTEXT_BYTES)
+
+
 def runtime_bytes(hardware: Hardware, config: TrainConfig, dynamic_bytes: int) -> int:
     if hardware.device == "cuda":
-        return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
+        return cuda_context_bytes()[0] + int(CUDA_ALLOCATOR_SLACK * dynamic_bytes)
     if hardware.device == "mps":
         return MPS_RUNTIME_BYTES
     peft = 0

@@ -16,6 +16,7 @@ from memfit.estimate import baseline, cuts
 from memfit.estimate.baseline import CUDA_CONTEXT_BYTES, MPS_RUNTIME_BYTES
 from memfit.estimate.dtypes import Precision, resolve_dtypes, traced_precision
 from memfit.estimate.hardware import Hardware
+from memfit.estimate.host import HOST_JSON_FIELDS, HostPeak, host_figures
 from memfit.estimate.loading import load_peak_bytes, mapped_expert_file_bytes
 from memfit.estimate.peaks import TracePeak
 from memfit.estimate.terms import ModelStates, kbit_layout_note, model_states
@@ -43,6 +44,10 @@ class Estimate:
     active_params: int = 0
     num_experts: int = 0
     experts_per_token: int = 0
+    # On CUDA: host RAM per phase (load, train, save), per process and per machine (memfit.estimate.host).
+    host: HostPeak | None = None
+    # The CUDA context in the runtime term: this machine's NVML measurement when one is recorded, else the constant.
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
 
     @property
     def training_bytes(self) -> int:
@@ -71,7 +76,7 @@ class Estimate:
         """torch.cuda.max_memory_reserved: the caching allocator's blocks, what the guard watches on CUDA."""
         if self.hardware.device != "cuda":
             return self.total_bytes
-        return self.allocated_peak_bytes + max(0, self.breakdown.get("runtime", 0) - CUDA_CONTEXT_BYTES)
+        return self.allocated_peak_bytes + max(0, self.breakdown.get("runtime", 0) - self.cuda_context_bytes)
 
     @property
     def process_bytes(self) -> int:
@@ -84,7 +89,7 @@ class Estimate:
         (loading: before PEFT is imported), on CUDA the context, on MPS the runtime. `process_bytes - baseline_bytes`
         is the model-dependent part, which benchmarks/estimate_accuracy.py reports the error on."""
         if self.hardware.device != "cpu":
-            return CUDA_CONTEXT_BYTES if self.hardware.device == "cuda" else MPS_RUNTIME_BYTES
+            return self.cuda_context_bytes if self.hardware.device == "cuda" else MPS_RUNTIME_BYTES
         if self.load_peak_bytes > self.training_bytes:
             return baseline.idle_process_bytes()
         return baseline.runtime_bytes(self.hardware, self.config, 0)
@@ -106,6 +111,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
     if phases is None:
         phases = cuts.traced_peaks(hf_config, info, config, traced, config.batch_size)
     peak_phase, activations, logits = _held_above_gradients(phases, states, config, traced)
+    context, context_source = baseline.cuda_context_bytes() if hardware.device == "cuda" else (CUDA_CONTEXT_BYTES, "")
+    if context_source.startswith("measured"):
+        notes.append(f"CUDA context {format_gb(context)}: {context_source}")
     runtime = _runtime(hf_config, info, config, precision, hardware, states, activations + logits, notes)
     _setting_notes(config, precision, hardware, notes)
     breakdown = dict(weights=int(states.weights), adapters=int(states.adapters), gradients=int(states.gradients),
@@ -115,7 +123,9 @@ def estimate_memory(hf_config, config: TrainConfig, hardware: Hardware, model_na
                     params=info.params, trainable_params=states.trainable, breakdown=breakdown,
                     host_offload_bytes=int(states.host_offload), notes=notes, load_peak_bytes=int(loading),
                     peak_phase=peak_phase, active_params=info.active_params, num_experts=info.num_experts,
-                    experts_per_token=info.experts_per_token)
+                    experts_per_token=info.experts_per_token,
+                    host=host_figures(info, config, precision, hardware, hf_config, int(states.host_offload)),
+                    cuda_context_bytes=context)
 
 
 def _held_above_gradients(phases: dict[str, TracePeak], states: ModelStates, config: TrainConfig,
@@ -215,6 +225,9 @@ def to_json(estimate: Estimate, max_batch: int, grad_accum: int, advice: list) -
         "batch_1_fits": max_batch >= 1,
         "grad_accum": grad_accum,
         "host_offload_bytes": estimate.host_offload_bytes,
+        "cuda_context_bytes": estimate.cuda_context_bytes if estimate.hardware.device == "cuda" else None,
+        # On CUDA: host RAM (load/train/save), per process and per machine; None elsewhere (the device is the host).
+        **(estimate.host.to_json() if estimate.host else dict.fromkeys(HOST_JSON_FIELDS)),
         "suggestions": [item.to_json() for item in advice],  # memfit.estimate.advice.Suggestion
         "notes": list(estimate.notes),
         "config": estimate.config.model_dump(),

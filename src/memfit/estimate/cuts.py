@@ -24,7 +24,7 @@ NOT_TRACED = frozenset({
     "batch_size", "grad_accum", "optimizer", "lr", "warmup_steps", "max_steps", "epochs", "max_grad_norm", "seed",
     "packing", "group_by_length", "compile", "log_every", "distributed", "offload", "max_memory", "memory_threshold",
     "memory_report_interval", "save_every", "keep_checkpoints", "memory_sample_interval", "eval_every",
-    "tensorboard", "supervise", "max_restarts", "reload_interval", "lora_layers",
+    "tensorboard", "supervise", "max_restarts", "reload_interval", "lora_layers", "max_host_memory",
 })
 
 

@@ -29,7 +29,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> dict:
+def read_every_weight(model) -> None:
+    """Read every weight once, one tensor at a time, allocating nothing of its size: on the host what `.to("cuda")`
+    does after a CPU load (each page of the mapped checkpoint read as its tensor is copied out), so a CPU run shows
+    the host side of loading for a GPU (memfit.estimate.host)."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.numel():
+                tensor.detach().reshape(-1).view(torch.uint8).max()
+
+
+def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read_weights: bool = False) -> dict:
     import torch
 
     from memfit.allocator import configure
@@ -52,6 +64,8 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str) -> d
     torch.manual_seed(config.seed)
     baseline_rss = rss_bytes()
     model = load_model(Path(model_dir), config, precision, device)
+    if read_weights:
+        read_every_weight(model)
     model.train()
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
     load_peak_rss = peak_rss_bytes()
@@ -128,10 +142,10 @@ def _cuda_peaks() -> dict:
 
 
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, device: str = "cpu",
-                     timeout_s: float = 900, env: dict | None = None) -> dict:
+                     timeout_s: float = 900, env: dict | None = None, read_weights: bool = False) -> dict:
     """Run `run_steps` in a fresh interpreter, so its peak RSS is this configuration's alone."""
     command = [sys.executable, "-m", "memfit.estimate.measure", str(model_dir), json.dumps(config_values),
-               "--steps", str(steps), "--device", device]
+               "--steps", str(steps), "--device", device, *(["--read-weights"] if read_weights else [])]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                                env={**os.environ, **(env or {})})
     if completed.returncode != 0:
@@ -145,8 +159,11 @@ def main() -> None:
     parser.add_argument("config_json")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--read-weights", action="store_true",
+                        help="read every weight once after loading (the host side of moving it to a GPU)")
     args = parser.parse_args()
-    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.device)))
+    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.device,
+                               args.read_weights)))
 
 
 if __name__ == "__main__":

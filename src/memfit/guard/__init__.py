@@ -4,13 +4,16 @@ from memfit.guard.oom import is_out_of_memory
 from memfit.guard.policy import (
     Guard,
     GuardEvent,
+    HostLimit,
     LeakFit,
     MemoryLimit,
+    choose_host_limit,
     choose_limit,
     configure_cuda,
     cuda_alloc_conf_env,
     fit_leak,
     release_memory,
+    watches_host,
 )
 from memfit.guard.report import memory_report
 from memfit.units import format_gb
@@ -19,10 +22,12 @@ from memfit.guard.sampler import MemorySample, MemorySampler, read_memory
 __all__ = [
     "Guard",
     "GuardEvent",
+    "HostLimit",
     "LeakFit",
     "MemoryLimit",
     "MemorySample",
     "MemorySampler",
+    "choose_host_limit",
     "choose_limit",
     "configure_cuda",
     "cuda_alloc_conf_env",
@@ -32,4 +37,5 @@ __all__ = [
     "memory_report",
     "read_memory",
     "release_memory",
+    "watches_host",
 ]

@@ -10,6 +10,12 @@ The rules, in the order they act:
   rising fast enough to cross it before the step would end.
 - **leak**: the step-end memory (what survives a step) should be flat once training has warmed up; a steady
   climb is fitted with least squares, reported once with its slope and the step at which it reaches the limit.
+- **host RAM** (only where the device is not the host: CUDA): the rules above watch the GPU, and host RAM runs out
+  on its own (loading: one copy per rank; a checkpoint's state dict gathered on the CPU; merging adapters). So the
+  process's RSS has its own limit (`--max-host-memory`, else 80% of the RAM available at start, cgroup-aware: the
+  CPU path of `choose_limit`), and the machine's available memory a floor (`HostLimit.floor_bytes`). Either one
+  stops the run like the device limit, reported once, as `limit` events that name the host; no threshold, early
+  stop or leak fit runs on them (those are the device's).
 """
 
 from __future__ import annotations
@@ -66,6 +72,60 @@ def choose_limit(max_memory_gb: float | None, device: str = "cpu", fraction: flo
     if max_memory_gb is not None:
         return MemoryLimit(int(max_memory_gb * GB), available, False, device, cgroup_limit)
     return MemoryLimit(int(available * fraction), available, True, device, cgroup_limit)
+
+
+# The floor under the machine's available memory while a GPU trains (HostLimit.floor_bytes): 5% of the RAM, at least
+# 512 MiB and at most 4 GiB. 5% is where earlyoom (the desktop OOM daemon most distributions ship) sends SIGKILL by
+# default (SIGTERM at 10%), and where the kernel has been evicting the page cache of running programs for a while
+# (a desktop stalls); the guard stops before both. 512 MiB keeps room on a small machine for the stop's own
+# checkpoint (written one tensor at a time: memfit.train.checkpoint) and for the OS. 4 GiB caps it on big hosts:
+# the floor is the kernel's margin and the save's working set, neither of which grows with the machine.
+HOST_FLOOR_FRACTION = 0.05
+HOST_FLOOR_MIN_BYTES = 512 * MB
+HOST_FLOOR_MAX_BYTES = 4 * GB
+
+
+@dataclass(frozen=True)
+class HostLimit:
+    """Host RAM, watched beside a GPU: this process's RSS against `rss` (a MemoryLimit on "cpu"), and the machine's
+    available memory against `floor_bytes`."""
+
+    rss: MemoryLimit
+    floor_bytes: int
+    total_bytes: int  # the machine's RAM when the floor was chosen
+
+    def describe(self) -> str:
+        rss = self.rss
+        # The auto fraction as chosen: 80%, shared out between the ranks of a machine.
+        source = (f"auto: {rss.limit_bytes / max(rss.available_bytes, 1):.0%} of {format_gb(rss.available_bytes)} "
+                  "available" if rss.auto else "--max-host-memory")
+        cgroup = (f", inside a {format_gb(self.rss.cgroup_limit_bytes)} cgroup limit"
+                  if self.rss.cgroup_limit_bytes else "")
+        return (f"Host RAM limit: {format_gb(self.rss.limit_bytes)} process RSS ({source}{cgroup}); stop when the "
+                f"machine has less than {format_gb(self.floor_bytes)} available")
+
+
+def host_floor_bytes(total_bytes: int, available_bytes: int) -> int:
+    """The available-memory floor for a machine of `total_bytes` RAM (see HOST_FLOOR_FRACTION). When less than twice
+    that is available at the start, half of what is available: a floor the run starts under would stop it at once."""
+    floor = min(max(int(total_bytes * HOST_FLOOR_FRACTION), HOST_FLOOR_MIN_BYTES), HOST_FLOOR_MAX_BYTES)
+    return min(floor, available_bytes // 2)
+
+
+def choose_host_limit(max_host_memory_gb: float | None, fraction: float = 0.8) -> HostLimit:
+    """Host RAM's limits for a run on a GPU: the RSS limit through choose_limit's CPU path (`max_host_memory_gb`
+    when given, else `fraction` of the available RAM, bounded by the cgroup), and the available-memory floor."""
+    import psutil
+
+    rss = choose_limit(max_host_memory_gb, "cpu", fraction)
+    total = int(psutil.virtual_memory().total)
+    return HostLimit(rss, host_floor_bytes(total, rss.available_bytes), total)
+
+
+def watches_host(device: str) -> bool:
+    """Whether host RAM needs a watch of its own: the device's memory is not the host's (CUDA). CPU and MPS (which
+    shares the RAM) are watched through RSS already."""
+    return device.startswith("cuda")
 
 
 def _available_bytes(device: str) -> tuple[int, int | None]:
@@ -186,13 +246,20 @@ def fit_leak(steps: Sequence[int], values: Sequence[int], limit_bytes: int, min_
 # --- the guard ------------------------------------------------------------------------------------------------
 
 
+# Which limit a stop or an event is about (GuardEvent.limit, Guard.stop_limit, run.json's stop_limit).
+DEVICE = "device"  # --max-memory: the GPU's memory on CUDA, the RAM on CPU/MPS
+HOST_RSS = "host"  # --max-host-memory: this process's RSS while a GPU trains
+HOST_AVAILABLE = "host_available"  # the machine's available RAM under its floor while a GPU trains
+
+
 @dataclass(frozen=True)
 class GuardEvent:
     kind: str  # "threshold" | "limit" | "early_stop" | "leak"
     step: int
-    watched_bytes: int
+    watched_bytes: int  # the figure the event is about: RSS for the host limit, available bytes for the floor
     message: str  # one human line
     leak: LeakFit | None = None
+    limit: str = DEVICE  # DEVICE | HOST_RSS | HOST_AVAILABLE
 
 
 # Early stop from the thread: the projection only counts when the rise is real. Below 50 MB/s, allocator noise and
@@ -209,15 +276,24 @@ LEAK_MIN_R_SQUARED = 0.8
 class Guard:
     """Watches memory during training; the trainer calls end_step each step and stops when stop_requested.
 
-    `reader` (the memory reading function) is injectable so tests can play a memory curve.
+    `reader` (the memory reading function) is injectable so tests can play a memory curve. `host` (HostLimit) adds
+    the host RAM watch for a device that is not the host (see the module docstring).
     """
 
     def __init__(self, limit: MemoryLimit, threshold: float = 0.8, interval_s: float = 0.1,
                  leak_bytes_per_step: float = 8 * MB, warmup_steps: int = 10, leak_window: int = 50,
-                 reader: Callable[[str], MemorySample] = read_memory):
+                 reader: Callable[[str], MemorySample] = read_memory, host: HostLimit | None = None):
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.limit = limit
+        self.host = host
+        # Beside a host limit the device's messages say which memory they are about.
+        self._device_memory = "GPU memory" if host is not None else "memory"
+        self.peak_host_rss_bytes = 0  # the highest RSS the guard read (all samples, the thread's too)
+        self.min_system_available_bytes: int | None = None  # the lowest available RAM it read
+        self._host_window_rss = 0  # the highest RSS since the previous end_step
+        self._host_window_available: int | None = None  # the lowest available RAM since the previous end_step
+        self._host_reported: set[str] = set()  # host limits already reported as an event: each once
         self.threshold = threshold
         self.leak_bytes_per_step = leak_bytes_per_step
         self.warmup_steps = warmup_steps
@@ -234,6 +310,7 @@ class Guard:
         self.stop_now = False
         self._stop_lock = threading.Lock()
         self._stop_reason: str | None = None
+        self._stop_limit: str | None = None
         self._background_stop_pending = False
         self._threshold_reported = False
         self._leak_reported = False
@@ -277,11 +354,17 @@ class Guard:
     def stop_reason(self) -> str | None:
         return self._stop_reason
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the trainer to stop; the first reason is kept."""
+    @property
+    def stop_limit(self) -> str | None:
+        """Which limit the stop came from (DEVICE, HOST_RSS, HOST_AVAILABLE); None without a stop."""
+        return self._stop_limit
+
+    def request_stop(self, reason: str, limit: str = DEVICE) -> None:
+        """Ask the trainer to stop; the first reason (and the limit it names) is kept."""
         with self._stop_lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
+                self._stop_limit = limit
             self._stop.set()
             self.stop_now = True
 
@@ -301,11 +384,17 @@ class Guard:
         faults.maybe_oom_kill(sample.rss_bytes)
         watched = sample.watched_bytes
         self._raise_peak(watched)
+        if self.host is not None:
+            self._note_host(sample)
+            crossing = self._host_crossing(sample.rss_bytes, sample.system_available_bytes)
+            if crossing is not None and not self._stop.is_set():
+                # Reported by the next end_step as a `limit` event (once), not as an early stop.
+                self.request_stop(crossing[1], crossing[0])
         if self._stop.is_set():
             return
         limit = self.limit.limit_bytes
         if watched > limit:
-            reason = (f"memory above the limit inside a step: {format_gb(watched)} of "
+            reason = (f"{self._device_memory} above the limit inside a step: {format_gb(watched)} of "
                       f"{format_gb(limit)}")
         else:
             reason = self._projected_crossing(sample)
@@ -346,7 +435,8 @@ class Guard:
         horizon = max(self._last_step_s - elapsed, self.sampler.interval_s)
         if watched + rate * horizon <= self.limit.limit_bytes:
             return None
-        return (f"memory rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of {format_gb(self.limit.limit_bytes)}): "
+        return (f"{self._device_memory} rising {rate / MB:,.0f} MB/s ({format_gb(watched)} of "
+                f"{format_gb(self.limit.limit_bytes)}): "
                 "the limit would be crossed before the step ends")
 
     # The step-end check -----------------------------------------------------------------------------------
@@ -370,10 +460,15 @@ class Guard:
             events.append(GuardEvent("early_stop", step, peak, f"Stopping early: {self._stop_reason}"))
 
         if peak > limit:
-            message = (f"Memory above the limit ({format_gb(peak)} of {format_gb(limit)}, "
+            what = self._device_memory[0].upper() + self._device_memory[1:]
+            message = (f"{what} above the limit ({format_gb(peak)} of {format_gb(limit)}, "
                        f"{peak / limit:.0%}): stopping")
-            self.request_stop(f"memory above the limit at step {step}: {format_gb(peak)} of {format_gb(limit)}")
+            self.request_stop(f"{self._device_memory} above the limit at step {step}: {format_gb(peak)} of "
+                              f"{format_gb(limit)}")
             events.append(GuardEvent("limit", step, peak, message))
+
+        if self.host is not None:
+            events += self._host_events(step, sample)
 
         if not self._threshold_reported and peak >= self.threshold_bytes:
             self._threshold_reported = True
@@ -393,6 +488,58 @@ class Guard:
         if leak_stop is not None:
             events.append(leak_stop)
         return sample, events
+
+    # Host RAM beside a GPU ----------------------------------------------------------------------------------
+
+    def _note_host(self, sample: MemorySample) -> None:
+        """Keep the host figures' extremes: over the run and over the current step's window (thread and end_step)."""
+        with self._peak_lock:
+            self.peak_host_rss_bytes = max(self.peak_host_rss_bytes, sample.rss_bytes)
+            self._host_window_rss = max(self._host_window_rss, sample.rss_bytes)
+            available = sample.system_available_bytes
+            for name in ("min_system_available_bytes", "_host_window_available"):
+                current = getattr(self, name)
+                setattr(self, name, available if current is None else min(current, available))
+
+    def _rss_crossing(self, rss: int) -> str | None:
+        """The stop reason when this process's RSS is above the host RSS limit, else None."""
+        limit = self.host.rss
+        if rss <= limit.limit_bytes:
+            return None
+        source = "auto" if limit.auto else "--max-host-memory"
+        return f"host RAM above its limit: process RSS {format_gb(rss)} of {format_gb(limit.limit_bytes)} ({source})"
+
+    def _floor_crossing(self, available: int | None) -> str | None:
+        """The stop reason when the machine's available memory is under the floor, else None."""
+        if available is None or available >= self.host.floor_bytes:
+            return None
+        return (f"host RAM running out: {format_gb(available)} available on this machine, under the guard's floor "
+                f"of {format_gb(self.host.floor_bytes)}")
+
+    def _host_crossing(self, rss: int, available: int) -> tuple[str, str] | None:
+        """(which host limit, the stop reason) for the first host limit this reading crosses, else None."""
+        reason = self._rss_crossing(rss)
+        if reason is not None:
+            return HOST_RSS, reason
+        reason = self._floor_crossing(available)
+        return (HOST_AVAILABLE, reason) if reason is not None else None
+
+    def _host_events(self, step: int, sample: MemorySample) -> list[GuardEvent]:
+        """The step end's host check over the window's extremes: a `limit` event per host limit crossed, each once
+        in the run (whether the thread saw it first or this reading); the first crossing asks to stop."""
+        self._note_host(sample)
+        with self._peak_lock:
+            rss, available = self._host_window_rss, self._host_window_available
+            self._host_window_rss, self._host_window_available = 0, None
+        events = []
+        for which, figure, reason in ((HOST_RSS, rss, self._rss_crossing(rss)),
+                                      (HOST_AVAILABLE, available, self._floor_crossing(available))):
+            if reason is None or which in self._host_reported:
+                continue
+            self._host_reported.add(which)
+            self.request_stop(reason, which)
+            events.append(GuardEvent("limit", step, figure, f"Stopping: {reason}", limit=which))
+        return events
 
     def _leak_stop(self, step: int, peak: int) -> GuardEvent | None:
         """Stop one step early when a leak would take the next step past the limit: a leak grows every step's

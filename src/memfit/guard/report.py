@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from memfit.guard.policy import MemoryLimit
+    from memfit.guard.policy import HostLimit, MemoryLimit
     from memfit.guard.sampler import MemorySample
 
 from memfit.units import format_gb
@@ -17,8 +17,9 @@ _LABEL_WIDTH = 19  # "System Available:  " — the longest label and its gap
 
 
 def memory_report(sample: MemorySample, limit: MemoryLimit, threshold: float,
-                  peak_watched_bytes: int | None = None) -> str:
-    """The report box for one reading. Usage is watched bytes (CUDA reserved on a GPU, else RSS) over the limit."""
+                  peak_watched_bytes: int | None = None, host: HostLimit | None = None) -> str:
+    """The report box for one reading. Usage is watched bytes (CUDA reserved on a GPU, else RSS) over the limit;
+    with `host` (a GPU's run) the host RAM limits too."""
     watched = sample.watched_bytes
     limit_bytes = limit.limit_bytes
     threshold_bytes = limit_bytes * threshold
@@ -47,6 +48,11 @@ def memory_report(sample: MemorySample, limit: MemoryLimit, threshold: float,
                          ("GPU used (NVML):", sample.nvml_used_bytes)):
         if value is not None:
             rows.append((label, format_gb(value)))
+    if host is not None:
+        source = "auto" if host.rss.auto else "--max-host-memory"
+        rows += [("Host RSS limit:", f"{format_gb(host.rss.limit_bytes)} ({source}; RSS at "
+                                     f"{sample.rss_bytes / host.rss.limit_bytes:.0%})"),
+                 ("Host floor:", f"{format_gb(host.floor_bytes)} available")]
     lines = [RULE, "Memory Usage Report", RULE]
     lines += [f"  {label:<{_LABEL_WIDTH}}{value}" for label, value in rows]
     lines.append(RULE)

@@ -396,7 +396,8 @@ class Trainer:
     def memory_report_text(self, sample) -> str:
         from memfit.guard import memory_report
 
-        return memory_report(sample, self.limit, self.config.memory_threshold, self.guard.peak_watched_bytes)
+        return memory_report(sample, self.limit, self.config.memory_threshold, self.guard.peak_watched_bytes,
+                             self.guard.host)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -466,7 +467,7 @@ class Trainer:
 
     def _emit_guard(self, events) -> None:
         for event in events:
-            self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
+            self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message, event.limit))
 
     def _finish(self, status: str) -> TrainResult:
         from memfit.guard import read_memory
@@ -483,13 +484,23 @@ class Trainer:
                                         stop_reason=stop_reason, signal=signal_name,
                                         reload_after=self.job.reload_after)
         extra = {"ranks": per_rank, "estimate_per_rank_bytes": self.estimate} if per_rank else {}
+        if status == "guard_stop":  # which limit stopped it: device (--max-memory), host or host_available (a GPU's)
+            stop_rank = self.safe.decision.stop_rank if per_rank else None
+            extra.update(stop_reason=stop_reason, stop_limit=per_rank[stop_rank]["stop_limit"]
+                         if stop_rank is not None else self.guard.stop_limit)
+        if self.guard.host is not None:
+            extra.update(peak_host_rss_bytes=self.guard.peak_host_rss_bytes,
+                         min_system_available_bytes=self.guard.min_system_available_bytes,
+                         host_limit={"bytes": self.guard.host.rss.limit_bytes, "auto": self.guard.host.rss.auto,
+                                     "floor_bytes": self.guard.host.floor_bytes})
         self._write_run_json(status=status, exit_code=ending.exit_code, step=self.step, finished_at=now(),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                              final_dir=str(final_dir) if final_dir else None,
                              # The OS's high-water mark (VmHWM): the true peak, between the guard's readings too.
                              peak_rss_bytes=memory.peak_rss_bytes, **extra)
         ended = RunEnded(status, ending.exit_code, self.step, self.total_steps, message, self.last_checkpoint,
-                         final_dir, resume, self.memory_report_text(memory), self.recoveries)
+                         final_dir, resume, self.memory_report_text(memory), self.recoveries,
+                         extra.get("stop_limit"))
         self.emit(ended)  # rank 0's entry point writes the run report as this reaches it (memfit.report.report_at_end)
         # No rank returns (and exits) before rank 0's files are written: the launcher stops the other workers as
         # soon as one exits with a non-zero code.
@@ -510,8 +521,9 @@ class Trainer:
 
     def _resume_flags(self, status: str) -> str:
         """After a guard stop: what makes the resume fit (from the estimate and the peak seen), else nothing."""
-        if status != "guard_stop" or self.distributed or self.sizing is None:
-            return ""
+        if status != "guard_stop" or self.distributed or self.sizing is None \
+                or self.guard.stop_limit not in (None, "device"):
+            return ""  # a host RAM stop on a GPU: a smaller micro-batch is no answer the estimate can give
         largest = self.sizing.largest_micro_batch(self.resolved, self.config, self.device)
         return resume_flags(self.limit, self.guard.peak_watched_bytes, self.estimate, self.micro_batch,
                             self.effective_batch, largest)

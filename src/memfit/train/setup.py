@@ -84,25 +84,59 @@ def total_steps(config: TrainConfig, rows: int, global_batch: int) -> int:
 
 
 def start_guard(config: TrainConfig, device: str, ranks, allocator, emit: Emit):
-    """The memory limit and the guard that watches it, started (loading the model is watched already)."""
-    from memfit.guard import Guard, choose_limit, configure_cuda
+    """The memory limit and the guard that watches it, started (loading the model is watched already). On a GPU the
+    guard watches host RAM too (memfit.guard.policy: HostLimit), with its own limit."""
+    from memfit.guard import Guard, choose_host_limit, choose_limit, configure_cuda, read_memory, watches_host
 
-    fraction = 0.8
+    reader = read_memory
+    fake_gpu = faults.fake_gpu_reader()
+    if fake_gpu is not None:  # a CPU run guarded as on a GPU (tests: memfit.faults `fake_gpu@MB`)
+        device, reader = "cuda", fake_gpu
+    fraction = host_fraction = 0.8
     if ranks.distributed:
+        # The ranks of a machine share its RAM: each takes its part of the auto limit (of the host limit on a GPU).
+        host_fraction /= ranks.local_world_size
         if device == "cuda":
             device = f"cuda:{ranks.local_rank}"
-        else:  # the ranks of a machine share its RAM: each takes its part of the auto limit
-            fraction /= ranks.local_world_size
+        else:
+            fraction = host_fraction
     limit = choose_limit(config.max_memory, device, fraction)
     emit(Notice(limit.describe() + (f"; per rank ({ranks.world_size} ranks, each guards its own memory)"
                                     if ranks.distributed else "")))
+    host = choose_host_limit(config.max_host_memory, host_fraction) if watches_host(device) else None
+    if host is not None:
+        emit(Notice(host.describe()))
+    elif config.max_host_memory is not None:
+        emit(Notice(f"--max-host-memory applies on a GPU only; on {device} --max-memory limits the process's RAM",
+                    "warning"))
     # MEMFIT_MALLOC took effect, or the policy could not (off glibc it does nothing: said once, here).
     if allocator.policy != DEFAULT_ALLOCATOR_POLICY or not allocator.effective:
         emit(Notice(allocator.describe()))
+    if fake_gpu is None and device.startswith("cuda"):
+        measure_cuda_context(device, ranks.distributed, emit)
     configure_cuda(limit)
-    guard = Guard(limit, threshold=config.memory_threshold, interval_s=config.memory_sample_interval)
+    guard = Guard(limit, threshold=config.memory_threshold, interval_s=config.memory_sample_interval,
+                  reader=reader, host=host)
     guard.start()
     return limit, guard
+
+
+def measure_cuda_context(device: str, distributed: bool, emit: Emit) -> None:
+    """The CUDA context measured with NVML as CUDA starts (memfit.cuda_context), recorded for this machine's
+    estimates; nothing without the `nvidia` extra or a driver."""
+    import torch
+
+    from memfit.cuda_context import measure_and_record
+    from memfit.units import format_gb
+
+    if not torch.cuda.is_available():
+        return
+    _, _, index = device.partition(":")
+    measurement = measure_and_record(int(index) if index else 0,
+                                     delta_ok=not distributed and not torch.cuda.is_initialized())
+    if measurement is not None:
+        emit(Notice(f"CUDA context: {format_gb(measurement.context_bytes)} measured with NVML on "
+                    f"{measurement.gpu_name} (used by this machine's estimates from now on)"))
 
 
 def load_model(job, config: TrainConfig, precision, device: str, model_dir: Path, emit: Emit):

@@ -126,7 +126,7 @@ class SafePoints:
         per_rank = self.agreement.gather({
             "rank": self.ranks.rank, "peak_watched_bytes": self.guard.peak_watched_bytes,
             "peak_rss_bytes": peak_rss_bytes, "limit_bytes": limit_bytes, "stop_reason": stop_reason,
-            "interrupted": signal_name})
+            "stop_limit": self.guard.stop_limit, "interrupted": signal_name})
         if self.decision.stop_rank is not None:
             stop_reason = f"rank {self.decision.stop_rank}: {per_rank[self.decision.stop_rank]['stop_reason']}"
         if self.decision.interrupted_rank is not None:
