@@ -1,7 +1,11 @@
-"""Config validation, system detection, the allocator setting."""
+"""Config validation, system detection, the allocator setting, the signal handlers of a run, the trainer's layer."""
 
+import ast
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,7 @@ from memfit.allocator import fix_mmap_threshold
 from memfit.config import TrainConfig, load_yaml, make_config
 from memfit.errors import UserError
 from memfit.precision import resolve_precision
+from memfit.runtime import signals_handled
 from memfit.system import detect
 
 
@@ -106,3 +111,43 @@ def test_each_allocator_policy_gives_memory_back_where_it_says(policy):
         assert live - freed < 50 and live - ended >= 200
     else:  # "none": the heap keeps it
         assert live - ended < 50
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_handled_runs_its_handler_then_puts_the_one_before_back(signum):
+    received = []
+
+    def before(number, frame):
+        received.append(("before", number))
+
+    def during(number, frame):
+        received.append(("during", number))
+
+    outer = signal.signal(signum, before)
+    try:
+        with signals_handled(during):
+            assert signal.getsignal(signum) is during
+            os.kill(os.getpid(), signum)  # a real signal, handled by the block's handler
+        assert signal.getsignal(signum) is before
+        os.kill(os.getpid(), signum)  # after the block: the handler from before it again
+        assert received == [("during", signum), ("before", signum)]
+        with pytest.raises(RuntimeError):  # put back also when the block raises
+            with signals_handled(during):
+                raise RuntimeError("the run failed")
+        assert signal.getsignal(signum) is before
+    finally:
+        signal.signal(signum, outer)
+
+
+def test_the_trainer_never_imports_the_estimator():
+    """The estimator builds its model with memfit.train.model, so train/ sits below it: the trainer is handed the
+    estimator's answers (memfit.sizing) by whoever starts it, and imports nothing of memfit.estimate itself."""
+    import memfit.train
+
+    upward = []
+    for path in sorted(Path(memfit.train.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            upward += [f"{path.name}: {name}" for name in names if name.split(".")[:2] == ["memfit", "estimate"]]
+    assert upward == []

@@ -1,6 +1,6 @@
 """The library's three calls, each returning a typed result: `estimate`, `probe` and `train` (also reachable as
-`memfit.estimate(...)`, `memfit.probe(...)`, `memfit.train(...)`). The `memfit` command is a thin layer over
-exactly these: it parses flags, calls one, and renders what it returns.
+`memfit.estimate(...)`, `memfit.probe(...)`, `memfit.train(...)`), and `recommend`, the built-in sizes that fit.
+The `memfit` command is a thin layer over exactly these: it parses flags, calls one, and renders what it returns.
 
     import memfit
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from memfit.config import TrainConfig, build_config, option_value, read_config_file, saved_config_values
+from memfit.config import (TrainConfig, build_config, flag_name, option_value, read_config_file,
+                           saved_config_values)
 from memfit.errors import DiskFullError, UserError
 from memfit.events import Event, Notice
 from memfit.runtime import check_device, start
@@ -28,7 +29,7 @@ from memfit.units import format_gb
 
 if TYPE_CHECKING:
     from memfit.estimate.advice import Suggestion
-    from memfit.estimate.memory import Estimate
+    from memfit.estimate.memory import Estimate, Hardware
     from memfit.models.resolve import ResolvedModel
     from memfit.probe.runner import ProbeResult
     from memfit.train.loop import TrainJob, TrainResult
@@ -60,6 +61,19 @@ class EstimateResult:
     @property
     def total_bytes(self) -> int:
         return self.estimate.total_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """What `memfit estimate --json` prints: the estimate's JSON with the batch plan and where things came from."""
+        from memfit.estimate.memory import to_json
+
+        data = {**to_json(self.estimate, self.largest_batch, self.grad_accum, self.advice),
+                "micro_batch_size": self.micro_batch, "calibration": self.calibration,
+                "source": self.model.source, "config_source": self.model.origin}
+        if self.target_batch:
+            data["target_batch"] = self.target_batch
+        if self.planned_for_cpu:
+            data["notes"] = [self.planned_for_cpu, *data["notes"]]
+        return data
 
 
 def estimate(model: str | None = None, *, device: str | None = None, memory_gb: float | None = None,
@@ -146,6 +160,42 @@ def _calibration(resolved, config: TrainConfig, hardware) -> dict[str, Any] | No
     if not any((cache_dir() / "profiles").glob(f"*/{model_key(resolved)}.json")):
         return None
     return calibration_for(resolved, fingerprint(machine_facts()), config.model_dump(), hardware.device)
+
+
+@dataclass
+class RecommendResult:
+    """What `recommend` found: for each built-in size and method, the estimate at the configured batch and the
+    largest batch that fits."""
+
+    sizes: dict[str, Any]  # memfit.estimate.recommend.recommend's table: what `memfit recommend --json` prints
+    config: TrainConfig  # the settings every size was estimated with
+    hardware: Hardware  # the one device planned for
+
+
+def recommend(*, device: str | None = None, memory_gb: float | None = None, config_file: str | Path | None = None,
+              **options: Any) -> RecommendResult:
+    """Which built-in model sizes fit in `memory_gb` (default: this machine's), for full, LoRA and QLoRA, with the
+    same defaults as estimate, probe and train; a `method` given keeps only that method's column. It plans one
+    device: what shards across several is `estimate`'s (num_gpus, zero, offload)."""
+    from memfit.estimate.hardware import planned_hardware
+    from memfit.estimate.recommend import METHODS
+    from memfit.estimate.recommend import recommend as compute
+
+    start()
+    file_values = {key: value for key, value in read_config_file(config_file).items()
+                   if key in TrainConfig.model_fields}
+    given = {**file_values, **options}
+    for name in ("distributed", "offload"):
+        if name in given and given[name] not in ("auto", "none"):
+            raise UserError(f"recommend plans one device and does not take {flag_name(name)} {given[name]}",
+                            hint="use memfit estimate --model M --num-gpus N --zero 3 [--offload cpu]")
+    if "quant" in given and given["quant"] != "none" and given.get("method") not in ("lora", "qlora"):
+        raise UserError(f"--quant {given['quant']} needs --method lora or qlora in recommend (it picks that column)",
+                        hint="e.g. memfit recommend --method lora --quant 8")
+    config = build_config(options, file_values)
+    methods = (config.method,) if "method" in given else METHODS
+    hardware = planned_hardware(device, memory_gb)
+    return RecommendResult(compute(config, hardware, methods=methods), config, hardware)
 
 
 # --- probe ---------------------------------------------------------------------------------------------------------
@@ -343,14 +393,16 @@ def run_job(job: TrainJob, config: TrainConfig, on_event: EventSink | None = Non
 
 
 def run_training(job: TrainJob, config: TrainConfig, on_event: EventSink | None = None) -> TrainResult:
-    """The trainer in this process (memfit.train.train), with the run report written at its end
-    (memfit.report.report_at_end): what an unsupervised run and each life of a supervised one run."""
+    """The trainer in this process (memfit.train.train), told what the estimator says of the run
+    (memfit.sizing) and with the run report written at its end (memfit.report.report_at_end): what an unsupervised
+    run and each life of a supervised one run."""
     from memfit.distributed.ranks import current
     from memfit.report import report_at_end, write_report_safely
+    from memfit.sizing import EstimatorSizing
     from memfit.train import train as run_trainer
 
     try:
-        return run_trainer(job, config, on_event=report_at_end(job.output_dir, on_event))
+        return run_trainer(job, config, on_event=report_at_end(job.output_dir, on_event), sizing=EstimatorSizing())
     except DiskFullError:
         if current().is_main:  # run.json says so; the report may fail on the full disk: then a warning says so
             write_report_safely(job.output_dir, on_event)

@@ -72,12 +72,14 @@ def trial(spec_path: str, run_dir: str) -> int:
     def run(on_event):
         from memfit.config import TrainConfig
         from memfit.probe.trial import TrialSpec
+        from memfit.sizing import EstimatorSizing
         from memfit.train import TrainJob, train
 
         spec = TrialSpec(**json.loads(Path(spec_path).read_text()))
         job = TrainJob(model=spec.model, data=Path(spec.data), output_dir=Path(run_dir), device=spec.device,
                        trial=True)
-        return train(job, TrainConfig(**spec.config), on_event=on_event)
+        # A trial writes the estimate to its run.json as a run does: it is to hold what the run will hold.
+        return train(job, TrainConfig(**spec.config), on_event=on_event, sizing=EstimatorSizing())
 
     def on_error(error: Exception) -> None:
         from memfit.probe.trial import write_child_error

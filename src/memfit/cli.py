@@ -13,7 +13,6 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from memfit.config import (GUARD_FIELDS, NO_MEMORY_FIELDS, TrainConfig, build_config, flag_name, make_config,
                            read_config_file)
@@ -21,7 +20,6 @@ from memfit.errors import EXIT_INTERRUPTED, EXIT_USAGE, MemfitError, UserError, 
 from memfit.libraries import hide_bitsandbytes_from_peft
 from memfit.runtime import check_device
 from memfit.runtime import start as start_process
-from memfit.units import format_gb
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLMs that fit: estimate, probe, train with a memory guard, report.")
@@ -84,10 +82,6 @@ def training_flags(include_guard: bool = False, memory_only: bool = False, defau
     return decorate
 
 
-def _gb(nbytes: float) -> str:
-    return format_gb(nbytes, mb_below_gb=True)
-
-
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -100,109 +94,27 @@ def system(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
     """What hardware is here: RAM, swap, CPUs, GPUs, and the suggested memory limit."""
     from memfit.cuda_context import measure_and_record
     from memfit.system import detect
+    from memfit.views import render_system
 
     info = detect()
     # A GPU here: its CUDA context measured with NVML and recorded for this machine's estimates (memfit.cuda_context).
     context = measure_and_record() if info.gpus else None
     if as_json:
         return _print_json({**info.to_dict(), "cuda_context": context.to_dict() if context else None})
-    table = Table(title="memfit system", show_header=False)
-    table.add_row("platform", f"{info.platform} (python {info.python}, torch {info.torch})")
-    table.add_row("CPUs", str(info.cpu_count))
-    table.add_row("RAM", f"{_gb(info.ram_available_bytes)} available of {_gb(info.ram_total_bytes)}")
-    if info.cgroup_limit_bytes:
-        table.add_row("cgroup limit", f"{_gb(info.cgroup_limit_bytes)} (this process's memory cgroup: the available "
-                      "RAM above is what it has left)")
-    table.add_row("swap", f"{_gb(info.swap_used_bytes)} used of {_gb(info.swap_total_bytes)}")
-    for gpu in info.gpus:
-        table.add_row(f"GPU {gpu.index}", f"{gpu.name}: {_gb(gpu.free_bytes)} free of {_gb(gpu.total_bytes)} "
-                      f"(limit {_gb(gpu.suggested_limit_bytes)}, via {gpu.source})")
-    if context is not None:
-        table.add_row("CUDA context", f"{_gb(context.context_bytes)} (measured with NVML on {context.gpu_name})")
-    if not info.gpus:
-        table.add_row("GPUs", "none (CUDA not available)")
-    table.add_row("MPS", "available" if info.mps_available else "no")
-    table.add_row("suggested limit", f"{_gb(info.suggested_limit_bytes)} (80% of available RAM)")
-    table.add_row("default device", info.default_device())
-    console.print(table)
-
-
-def _models_rows() -> tuple[list[tuple[str, list[str], list[list[str]]]], str]:
-    """`memfit models`'s two tables as plain strings: (title, columns, rows) each, and the HF cache line."""
-    from memfit.models import ALIASES, ARCHITECTURES
-    from memfit.models.resolve import hf_hub_cache
-
-    architectures = ("built-in architectures (--model NAME)",
-                     ["name", "size", "type", "experts", "vocab", "hidden", "inter", "layers", "heads/kv", "tied",
-                      "HF id"],
-                     [[a.name, a.size_label, a.model_type, a.experts_label or "-", f"{a.vocab_size:,}",
-                       str(a.hidden_size), str(a.intermediate_size), str(a.num_layers),
-                       f"{a.num_heads}/{a.num_kv_heads}", "yes" if a.tie_embeddings else "no", a.hf_id or "-"]
-                      for a in ARCHITECTURES.values()])
-    aliases = ("aliases (--model ALIAS: the fine-tune in the HF repo, its architecture's shapes until downloaded)",
-               ["alias", "HF id", "architecture"],
-               [[alias.name, alias.hf_id, alias.architecture] for alias in ALIASES.values()])
-    return [architectures, aliases], f"HF cache searched for HF ids: {hf_hub_cache()}"
-
-
-def _rich_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for column in columns:
-        # Names and repo ids are what a user copies: never cut (the plain layout is used when they do not fit).
-        identifier = column in ("name", "alias", "HF id", "architecture")
-        table.add_column(column, no_wrap=identifier, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _plain_table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell, nothing cut: the layout for pipes and narrow terminals."""
-    widths = [max(len(cell) for cell in column) for column in zip(columns, *rows)]
-    lines = [title]
-    for cells in (columns, *rows):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
-    return lines
+    render_system(console, info, context)
 
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Built-in architectures and aliases that --model accepts (besides local dirs, the HF cache and Hub ids).
     Off a terminal, or on one too narrow for the table, a plain layout that never cuts a name or repo id."""
-    from rich.measure import Measurement
-
-    from memfit.models import ALIASES, ARCHITECTURES
+    from memfit.models.registry import catalog
     from memfit.models.resolve import hf_hub_cache
+    from memfit.views import render_models
 
     if as_json:
-        return _print_json({
-            "architectures": [
-                {"name": a.name, "hf_id": a.hf_id, "model_type": a.model_type, "params": a.param_count,
-                 "size": a.size_label, "vocab_size": a.vocab_size, "hidden_size": a.hidden_size,
-                 "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
-                 "num_kv_heads": a.num_kv_heads, "tie_embeddings": a.tie_embeddings,
-                 "num_experts": a.num_experts, "experts_per_token": a.experts_per_token}
-                for a in ARCHITECTURES.values()],
-            "aliases": [{"name": a.name, "hf_id": a.hf_id, "architecture": a.architecture} for a in ALIASES.values()],
-            "hf_cache": str(hf_hub_cache()),
-        })
-    tables, cache_line = _models_rows()
-    rich_tables = [_rich_table(*table) for table in tables]
-    unbounded = console.options.update_width(10_000)
-    fits = console.is_terminal and all(
-        Measurement.get(console, unbounded, table).maximum <= console.width for table in rich_tables)
-    if fits:
-        for table in rich_tables:
-            console.print(table)
-        console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
-        return
-    for number, table in enumerate(tables):
-        if number:
-            console.print("", soft_wrap=True)
-        for line in _plain_table(*table):
-            console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
-    console.print("", soft_wrap=True)
-    console.print(cache_line, soft_wrap=True, highlight=False, markup=False)
+        return _print_json({**catalog(), "hf_cache": str(hf_hub_cache())})
+    render_models(console)
 
 
 @app.command()
@@ -226,22 +138,14 @@ def estimate(
 ):
     """Memory breakdown of a training run before you start it, and the largest batch that fits."""
     from memfit.api import estimate as compute
-    from memfit.estimate.memory import to_json
-    from memfit.render import render_estimate
+    from memfit.views import render_estimate
 
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
     # The command's own options may come from the -c file too (its keys are the flags' names); a flag wins.
     found = compute(model, device=device, memory_gb=memory_gb, num_gpus=num_gpus, zero=zero,
                     target_batch=target_batch, calibrate=calibrate, config_file=config_file, **training)
     if as_json:
-        data = {**to_json(found.estimate, found.largest_batch, found.grad_accum, found.advice),
-                "micro_batch_size": found.micro_batch, "calibration": found.calibration,
-                "source": found.model.source, "config_source": found.model.origin}
-        if found.target_batch:
-            data["target_batch"] = found.target_batch
-        if found.planned_for_cpu:
-            data["notes"] = [found.planned_for_cpu, *data["notes"]]
-        _print_json(data)
+        _print_json(found.to_json())
     else:
         if found.planned_for_cpu:
             console.print(found.planned_for_cpu, soft_wrap=True, highlight=False)
@@ -261,46 +165,14 @@ def recommend(
 ):
     """Which built-in model sizes fit, for full, LoRA and QLoRA (computed by the estimator, with the same defaults
     as estimate, probe and train). --method (and --quant with lora/qlora) keeps only that method's column."""
-    from memfit.estimate.hardware import planned_hardware
-    from memfit.estimate.recommend import METHODS
-    from memfit.estimate.recommend import recommend as compute
+    from memfit.api import recommend as compute
+    from memfit.views import render_recommend
 
     hide_bitsandbytes_from_peft()  # this process never trains: a k-bit base is emulated in the trace
-
-    file_values = {key: value for key, value in read_config_file(config_file).items()
-                   if key in TrainConfig.model_fields}
-    given = {**file_values, **training}
-    # recommend plans one device: what shards across several is estimate's (--num-gpus, --zero, --offload).
-    for name in ("distributed", "offload"):
-        if name in given and given[name] not in ("auto", "none"):
-            raise UserError(f"recommend plans one device and does not take {flag_name(name)} {given[name]}",
-                            hint="use memfit estimate --model M --num-gpus N --zero 3 [--offload cpu]")
-    if "quant" in given and given["quant"] != "none" and given.get("method") not in ("lora", "qlora"):
-        raise UserError(f"--quant {given['quant']} needs --method lora or qlora in recommend (it picks that column)",
-                        hint="e.g. memfit recommend --method lora --quant 8")
-    config = build_config(training, file_values)
-    methods = (config.method,) if "method" in given else METHODS
-    hardware = planned_hardware(device, memory_gb)
-    result = compute(config, hardware, methods=methods)
+    found = compute(device=device, memory_gb=memory_gb, config_file=config_file, **training)
     if as_json:
-        return _print_json(result)
-    table = Table(title=f"what fits in {_gb(hardware.memory_bytes)} on {hardware.device} "
-                        f"(seq {config.seq_len}, {result['precision']})")
-    table.add_column("model")
-    table.add_column("params", justify="right")
-    for method in result["methods"]:
-        table.add_column(f"{method}: total @ batch 1 → largest batch", justify="right")
-    for row in result["models"]:
-        cells = []
-        for method in result["methods"]:
-            entry = row["methods"][method]
-            mark = "[green]✓[/green]" if entry["fits"] else "[red]✗[/red]"
-            cells.append(f"{mark} {_gb(entry['total_bytes'])} → {entry['max_batch_size']}")
-        table.add_row(row["model"], row["size"], *cells)
-    console.print(table)
-    for method in result["methods"]:
-        best = result["largest"][method]
-        console.print(f"largest for {method}: {best or 'none of the built-in sizes'}")
+        return _print_json(found.sizes)
+    render_recommend(console, found)
 
 
 @app.command("init-model")

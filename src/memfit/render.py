@@ -1,4 +1,5 @@
-"""Terminal rendering of training and probe events (the loop and the probe never print), and of an estimate.
+"""Terminal rendering of training and probe events (the loop and the probe never print); the read commands'
+tables are memfit.views.
 
 On a terminal: a rich progress bar `step/total`, loss (running average), lr, steps/s, tokens/s, ETA and `mem`
 (the number the guard watches). Elsewhere (CI logs, pipes): one plain line every ~5% of the run, so logs stay short.
@@ -261,84 +262,3 @@ class ProbeRenderer(EventRenderer):
             self._print(event.message, "red")
             self._print("to fit: --method qlora, --grad-checkpointing, a shorter --seq-len, or a higher --max-memory "
                         "(`memfit estimate` shows what each saves)")
-
-
-# --- memfit estimate -----------------------------------------------------------------------------------------------
-
-
-def _sized(nbytes: float) -> str:
-    return format_gb(nbytes, mb_below_gb=True)
-
-
-def _count(params: int) -> str:
-    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-
-
-def render_estimate(console: Console, found) -> None:
-    """`memfit estimate`: the breakdown table, the verdict, the notes and what to change (`found`: what
-    memfit.api.estimate returned)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    result, resolved, largest, advice = found.estimate, found.model, found.largest_batch, found.advice
-    micro_batch, grad_accum, target_batch = found.micro_batch, found.grad_accum, found.target_batch
-    config, hardware = result.config, result.hardware
-    sharding = "FSDP" if hardware.engine == "fsdp" else f"ZeRO-{hardware.zero}"
-    where = f"{hardware.device}" + (f" x{hardware.num_gpus}, {sharding}" if hardware.num_gpus > 1 else "")
-    title = (f"{resolved.name} ({_count(result.params)} params, {resolved.source}) · {config.method} · "
-             f"{result.precision} · batch {config.batch_size} × seq {config.seq_len} · {where}")
-    table = Table(title=title)
-    table.add_column("component")
-    table.add_column("per device", justify="right")
-    table.add_column("share", justify="right")
-    total = result.total_bytes
-    for name, nbytes in result.breakdown.items():
-        table.add_row(name, _sized(nbytes), f"{100 * nbytes / total:.0f}%" if total else "-")
-    if result.load_peak_bytes:
-        table.add_row("training step", _sized(result.training_bytes), "")
-        table.add_row("loading peak", _sized(result.load_peak_bytes), "")
-    table.add_row("[bold]total[/bold]", f"[bold]{_sized(total)}[/bold]", "")
-    table.add_row("device memory", _sized(hardware.memory_bytes), "")
-    console.print(table)
-    console.print(f"trainable params: {result.trainable_params:,} of {result.params:,}")
-    if hardware.device == "cuda":
-        # torch.cuda.max_memory_allocated / max_memory_reserved, and what nvidia-smi shows (README: which to compare)
-        console.print(f"peaks: allocated {_sized(result.allocated_peak_bytes)} · reserved "
-                      f"{_sized(result.reserved_peak_bytes)} · process (nvidia-smi) {_sized(result.process_bytes)}",
-                      highlight=False)
-        if result.host is not None:  # host RAM beside the GPU (memfit.estimate.host): what --max-host-memory sees
-            host = result.host
-            console.print(f"host RAM: peak {_sized(host.peak_bytes)} ({host.peak_phase}) per process · "
-                          f"{_sized(host.machine_peak_bytes)} machine"
-                          + (f" ({hardware.num_gpus} ranks)" if hardware.num_gpus > 1 else "")
-                          + " · " + ", ".join(f"{name} {_sized(size)}" for name, size in host.phases.items()),
-                          highlight=False)
-    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-    largest_text = f"largest batch that fits: {largest}" if largest else "[red]not even batch 1 fits[/red]"
-    console.print(f"{verdict}: {_sized(total)} of {_sized(hardware.memory_bytes)}; {largest_text}")
-    if target_batch:
-        why = (f"the largest micro-batch that fits is {largest}" if largest
-               else "not even batch 1 fits: see what to change")
-        console.print(f"target batch {target_batch}: --batch-size {micro_batch} --grad-accum {grad_accum}"
-                      f" × {hardware.num_gpus} device(s) = {micro_batch * grad_accum * hardware.num_gpus} ({why})",
-                      highlight=False)
-    if result.host_offload_bytes:
-        console.print(f"CPU RAM for offloaded states: {_sized(result.host_offload_bytes)}")
-    for note in result.notes:
-        console.print(f"[dim]note: {note}[/dim]")
-    if advice:
-        best = advice[0]
-        if best.fits:
-            console.print(f"[bold]cheapest change that fits:[/bold] {escape(best.change)} → {_sized(best.total_bytes)}, "
-                          f"batch up to {best.max_batch_size}", soft_wrap=True, highlight=False)
-        else:
-            console.print("no change or combination of up to three changes fits: the single changes below save "
-                          "the most", soft_wrap=True, highlight=False)
-        table = Table(title="what to change (cheapest first: changes that keep the math before those that alter "
-                            "the training)")
-        for column in ("change", "why", "saves", "total", "fits", "batch up to"):
-            table.add_column(column)
-        for item in advice:
-            table.add_row(escape(item.change), item.why, _sized(item.saving_bytes), _sized(item.total_bytes),
-                          "[green]yes[/green]" if item.fits else "no", str(item.max_batch_size) if item.fits else "-")
-        console.print(table)

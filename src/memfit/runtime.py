@@ -7,6 +7,11 @@ the allocator policy of a training process is memfit.allocator (the trainer appl
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 from memfit.errors import UserError
 from memfit.libraries import quiet
 
@@ -39,3 +44,18 @@ def default_device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+@contextmanager
+def signals_handled(handler: Callable, signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """`handler` for `signums` while the block runs; the handlers there were before are put back as it ends, also
+    when it raises. Python lets only the main thread set a handler: in another thread (a notebook's worker) the block
+    runs with the handlers as they are."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)

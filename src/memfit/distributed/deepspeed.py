@@ -4,7 +4,7 @@ DeepSpeed's engine comes from `accelerator.prepare`. memfit weights its micro-ba
 `accelerator.backward(loss, scale_wrt_gas=False)`, with the accumulation boundary set on the last micro-batch, where
 the engine clips and steps. Its checkpoint is `accelerator.save_state` (each rank its partition) inside memfit's.
 Forward and backward hold collectives (ZeRO-3 gathers parameters, ZeRO-2 reduces gradients), so an out-of-memory
-error there is not recovered in the process (memfit.distributed.engine).
+error there is not recovered in the process (memfit.distributed.interface).
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class FsdpEngine(OneProcessEngine):
     """`--distributed fsdp` on several processes. The model is not given to accelerate (no DDP around it): `shard`
     wraps it before the optimizer is built, each micro-batch's backward reduce-scatters its gradients (summed, not
     averaged), only the step's loss is all-reduced, and checkpoints gather the full trainable and optimizer states
-    to rank 0 in the one-process format. Forward and backward hold collectives (see memfit.distributed.engine)."""
+    to rank 0 in the one-process format. Forward and backward hold collectives (see memfit.distributed.interface)."""
 
     name = "fsdp"
     distributed = True

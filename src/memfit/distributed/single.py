@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from memfit.distributed.engine import Engine
+from memfit.distributed.interface import Engine
 from memfit.errors import UserError
 
 

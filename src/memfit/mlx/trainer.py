@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +38,7 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
                            UserError)
 from memfit.mlx import checkpoint as mlx_ckpt
 from memfit.mlx import memory as mlx_memory
+from memfit.runtime import signals_handled
 from memfit.train import checkpoint as ckpt
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
@@ -580,19 +580,14 @@ def train_mlx(job, config: TrainConfig, on_event: Callable[[Event], None] | None
             raise KeyboardInterrupt
         trainer.interrupted = signal.Signals(signum).name
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        guard = getattr(trainer, "guard", None)
-        if guard is not None:
-            guard.stop()
-        limits = getattr(trainer, "mlx_limits", None)
-        if limits is not None:
-            mlx_memory.restore_limits(limits)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with signals_handled(on_signal):
+        try:
+            trainer.setup()
+            return trainer.run()
+        finally:
+            guard = getattr(trainer, "guard", None)
+            if guard is not None:
+                guard.stop()
+            limits = getattr(trainer, "mlx_limits", None)
+            if limits is not None:
+                mlx_memory.restore_limits(limits)

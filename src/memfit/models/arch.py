@@ -261,40 +261,10 @@ def _count(config) -> ArchInfo:
     embedding_ids = {id(p) for p in input_embeddings.parameters()}
     head_ids = {id(p) for p in output_embeddings.parameters()} if output_embeddings is not None else set()
     tied = bool(head_ids) and head_ids <= embedding_ids
-
     num_layers = _attr(text, "num_hidden_layers", "n_layer")
-    layer_params = [0] * num_layers
-    seen: set[int] = set()
-    embedding = head = other = 0
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        count = param.numel()
-        layer = decoder_layer_index(name)
-        if id(param) in embedding_ids or "wpe" in name or "position_embeddings" in name:
-            embedding += count
-        elif id(param) in head_ids:
-            head += count
-        elif layer is not None and layer < num_layers:
-            layer_params[layer] += count
-        else:
-            other += count
-
-    linears = []
-    for name, module in model.named_modules():
-        layer = decoder_layer_index(name)
-        if layer is None or not is_adaptable_linear(module):
-            continue
-        in_features, out_features = linear_shape(module)
-        linears.append(LinearInfo(name, layer, in_features, out_features, module.bias is not None))
-
-    experts = []
-    for module_name, module in model.named_modules():
-        layer = decoder_layer_index(module_name)
-        for name, param in fused_expert_params(module) if layer is not None else ():
-            # Which of the last two dimensions is in and which out does not change a count.
-            experts.append(ExpertWeightInfo(f"{module_name}.{name}", layer, *param.shape))
+    embedding, head, layer_params, other = _parameter_groups(model, embedding_ids, head_ids, num_layers)
+    linears = _adaptable_linears(model)
+    experts = _expert_weights(model)
 
     hidden = _attr(text, "hidden_size", "n_embd")
     heads = _attr(text, "num_attention_heads", "n_head")
@@ -320,3 +290,49 @@ def _count(config) -> ArchInfo:
         experts_fused_at_load=bool(experts) and _fused_at_load(text.model_type),
         experts_per_token=_attr(text, "num_experts_per_tok", "experts_per_token", "moe_topk", "top_k") if experts else 0,
     )
+
+
+def _parameter_groups(model, embedding_ids: set[int], head_ids: set[int],
+                      num_layers: int) -> tuple[int, int, list[int], int]:
+    """Weights counted once each (tied ones too): (embedding, head, per decoder layer, everything else)."""
+    layer_params = [0] * num_layers
+    seen: set[int] = set()
+    embedding = head = other = 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        count = param.numel()
+        layer = decoder_layer_index(name)
+        if id(param) in embedding_ids or "wpe" in name or "position_embeddings" in name:
+            embedding += count
+        elif id(param) in head_ids:
+            head += count
+        elif layer is not None and layer < num_layers:
+            layer_params[layer] += count
+        else:
+            other += count
+    return embedding, head, layer_params, other
+
+
+def _adaptable_linears(model) -> list[LinearInfo]:
+    """The decoder layers' linear layers that LoRA can adapt, with their shapes."""
+    linears = []
+    for name, module in model.named_modules():
+        layer = decoder_layer_index(name)
+        if layer is None or not is_adaptable_linear(module):
+            continue
+        in_features, out_features = linear_shape(module)
+        linears.append(LinearInfo(name, layer, in_features, out_features, module.bias is not None))
+    return linears
+
+
+def _expert_weights(model) -> list[ExpertWeightInfo]:
+    """The decoder layers' fused mixture-of-experts weights (one tensor for all experts)."""
+    experts = []
+    for module_name, module in model.named_modules():
+        layer = decoder_layer_index(module_name)
+        for name, param in fused_expert_params(module) if layer is not None else ():
+            # Which of the last two dimensions is in and which out does not change a count.
+            experts.append(ExpertWeightInfo(f"{module_name}.{name}", layer, *param.shape))
+    return experts

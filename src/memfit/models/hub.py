@@ -138,21 +138,8 @@ def fetch_config(spec: HubSpec, cache_dir: Path) -> Path:
         )
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-        from huggingface_hub.utils import (
-            GatedRepoError,
-            HfHubHTTPError,
-            HFValidationError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
     except ImportError as error:  # pragma: no cover - transformers depends on huggingface_hub
         raise UserError(f"fetching {spec} needs huggingface_hub ({error})", "pip install huggingface_hub") from None
-    try:
-        from huggingface_hub.errors import EntryNotFoundError, FileMetadataError
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        from huggingface_hub.utils import EntryNotFoundError
-
-        FileMetadataError = ()  # noqa: N806
 
     url = hf_hub_url(spec.repo_id, CONFIG_FILE, revision=spec.revision, endpoint=where)
     try:
@@ -161,47 +148,69 @@ def fetch_config(spec: HubSpec, cache_dir: Path) -> Path:
             get_hf_file_metadata(url, endpoint=where)
             path = hf_hub_download(spec.repo_id, CONFIG_FILE, revision=spec.revision, cache_dir=str(cache_dir),
                                    endpoint=where)
-    except GatedRepoError as error:
+    except Exception as error:  # noqa: BLE001 - each becomes its one line (_fetch_error)
+        raise _fetch_error(error, spec, where, cache_dir) from None
+    return Path(path).parent
+
+
+def _fetch_error(error: Exception, spec: HubSpec, where: str, cache_dir: Path) -> UserError:
+    """What stopped the fetch of `spec`'s config.json, in one line and what to do (the most specific error first:
+    a gated repo is also a repository not found, which is also an HTTP error)."""
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, FileMetadataError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError
+
+        FileMetadataError = ()  # noqa: N806
+
+    if isinstance(error, GatedRepoError):
         if _has_token():
-            raise UserError(f"{spec.repo_id} is a gated repo and your Hugging Face token has no access to it "
-                            f"({where} answered {_status(error)})",
-                            f"accept its terms on {where}/{spec.repo_id} with the account of that token, or set "
-                            "HF_TOKEN to a token that has access") from None
-        raise UserError(f"{spec.repo_id} is a gated repo: its config.json needs a Hugging Face token "
-                        f"({where} answered {_status(error)})",
-                        f"accept its terms on {where}/{spec.repo_id}, then set HF_TOKEN=hf_... (or run "
-                        "`hf auth login`)") from None
-    except RepositoryNotFoundError as error:
+            return UserError(f"{spec.repo_id} is a gated repo and your Hugging Face token has no access to it "
+                             f"({where} answered {_status(error)})",
+                             f"accept its terms on {where}/{spec.repo_id} with the account of that token, or set "
+                             "HF_TOKEN to a token that has access")
+        return UserError(f"{spec.repo_id} is a gated repo: its config.json needs a Hugging Face token "
+                         f"({where} answered {_status(error)})",
+                         f"accept its terms on {where}/{spec.repo_id}, then set HF_TOKEN=hf_... (or run "
+                         "`hf auth login`)")
+    if isinstance(error, RepositoryNotFoundError):
         private = "" if _has_token() else "; if it is private, set HF_TOKEN"
-        raise UserError(f"no model repo {spec.repo_id} on {where} ({_status(error)} repository not found), and no "
-                        f"local directory {spec.repo_id}",
-                        f"check the id's spelling (ORG/NAME, as on the model's page){private}; "
-                        "`memfit models` lists the built-in names") from None
-    except RevisionNotFoundError:
-        raise UserError(f"{spec.repo_id} has no revision {spec.revision!r} on {where}",
-                        f"pass a branch, tag or commit of the repo (--model {spec.repo_id}@main), or drop "
-                        "@REVISION") from None
-    except EntryNotFoundError:
-        raise UserError(f"{spec} has no config.json on {where}: not a transformers model repo",
-                        "pass the id of a repo that holds config.json (a transformers checkpoint)") from None
-    except HFValidationError as error:
-        raise UserError(f"--model {spec}: not a valid Hub id ({' '.join(str(error).split())[:160]})",
-                        "write it as ORG/NAME or ORG/NAME@REVISION") from None
-    except HfHubHTTPError as error:
+        return UserError(f"no model repo {spec.repo_id} on {where} ({_status(error)} repository not found), and no "
+                         f"local directory {spec.repo_id}",
+                         f"check the id's spelling (ORG/NAME, as on the model's page){private}; "
+                         "`memfit models` lists the built-in names")
+    if isinstance(error, RevisionNotFoundError):
+        return UserError(f"{spec.repo_id} has no revision {spec.revision!r} on {where}",
+                         f"pass a branch, tag or commit of the repo (--model {spec.repo_id}@main), or drop "
+                         "@REVISION")
+    if isinstance(error, EntryNotFoundError):
+        return UserError(f"{spec} has no config.json on {where}: not a transformers model repo",
+                         "pass the id of a repo that holds config.json (a transformers checkpoint)")
+    if isinstance(error, HFValidationError):
+        return UserError(f"--model {spec}: not a valid Hub id ({' '.join(str(error).split())[:160]})",
+                         "write it as ORG/NAME or ORG/NAME@REVISION")
+    if isinstance(error, HfHubHTTPError):
         status = _status(error)
         if status in (401, 403):
-            raise UserError(f"{where} refused access to {spec.repo_id} ({status})",
-                            "set HF_TOKEN to a token that can read the repo") from None
-        raise UserError(f"{where} answered {status} for {spec}'s config.json", "try again later") from None
-    except FileMetadataError as error:
-        raise UserError(f"{where} does not answer like a Hugging Face Hub ({_detail(error)})",
-                        "check HF_ENDPOINT (a Hub mirror's address) and any proxy settings") from None
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as error:
-        raise UserError(f"cannot write {spec}'s config.json into the HF cache {cache_dir} ({_detail(error)})",
-                        "set HF_HUB_CACHE (or HF_HOME) to a directory you can write") from None
-    except Exception as error:  # connection refused, DNS, timeouts, TLS: the client's transport errors
-        raise UserError(f"cannot reach {where} to fetch {spec}'s config.json ({_detail(error)})",
-                        f"check the network (or HF_ENDPOINT), or fill the HF cache where there is network: "
-                        f"{_download_cmd(spec)}; built-in shapes need no network (`memfit models`)") from None
-    return Path(path).parent
+            return UserError(f"{where} refused access to {spec.repo_id} ({status})",
+                             "set HF_TOKEN to a token that can read the repo")
+        return UserError(f"{where} answered {status} for {spec}'s config.json", "try again later")
+    if isinstance(error, FileMetadataError):
+        return UserError(f"{where} does not answer like a Hugging Face Hub ({_detail(error)})",
+                         "check HF_ENDPOINT (a Hub mirror's address) and any proxy settings")
+    if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return UserError(f"cannot write {spec}'s config.json into the HF cache {cache_dir} ({_detail(error)})",
+                         "set HF_HUB_CACHE (or HF_HOME) to a directory you can write")
+    # Connection refused, DNS, timeouts, TLS: the client's transport errors.
+    return UserError(f"cannot reach {where} to fetch {spec}'s config.json ({_detail(error)})",
+                     f"check the network (or HF_ENDPOINT), or fill the HF cache where there is network: "
+                     f"{_download_cmd(spec)}; built-in shapes need no network (`memfit models`)")
 

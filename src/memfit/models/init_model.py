@@ -49,9 +49,6 @@ def init_model(
 ) -> Path:
     """Write a random-init `preset` model (config, safetensors, tokenizer, generation config) to `out_dir`.
     `overrides`: config.json values to change (a smaller hidden size, fewer experts) for test and benchmark cuts."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     out_dir = Path(out_dir).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
@@ -62,7 +59,6 @@ def init_model(
 
     overrides = dict(overrides or {})
     tokenizer = train_tokenizer(overrides.get("vocab_size", arch.vocab_size))
-    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = arch.to_hf_config(
         num_layers,
         bos_token_id=tokenizer.bos_token_id,
@@ -70,14 +66,34 @@ def init_model(
         pad_token_id=tokenizer.pad_token_id,
         **overrides,
     )
-    torch_name, bytes_per_param = DTYPES[dtype]
+    params = _check_room(arch.name, config, dtype, force, out_dir)
+    marker = {"preset": arch.name, "dtype": dtype, "num_layers": config.num_hidden_layers, "seed": seed,
+              "params": params, "random_init": True, **({"overrides": overrides} if overrides else {})}
 
+    # Built next to out_dir and renamed into place, so an interrupted run never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_model(tmp, config, tokenizer, dtype, seed, arch.max_position_embeddings)
+        (tmp / INIT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_room(preset: str, config, dtype: str, force: bool, out_dir: Path) -> int:
+    """The model's parameter count, once it is known to be small enough (or forced) and to fit on the disk of
+    `out_dir` (whose parent is made here)."""
+    _, bytes_per_param = DTYPES[dtype]
     params = arch_info(config).params
     size_gb = params * bytes_per_param / 1e9
     if params > SMALL_PRESET_MAX_PARAMS and not force:
         layers = config.num_hidden_layers
         raise UserError(
-            f"preset {arch.name} with {layers} layers has {params:,} parameters: init-model would write "
+            f"preset {preset} with {layers} layers has {params:,} parameters: init-model would write "
             f"{size_gb:.1f} GB ({dtype}) and need about as much RAM",
             f"pass --force to do it anyway, or --layers N for a smaller copy "
             f"(the limit without --force is {SMALL_PRESET_MAX_PARAMS:,} parameters)",
@@ -90,29 +106,24 @@ def init_model(
             f"not enough disk space in {out_dir.parent}: need {size_gb:.1f} GB, {free / 1e9:.1f} GB free",
             "free some space, choose another --out, or use --layers / --dtype bf16 for a smaller model",
         )
+    return params
 
-    # Built next to out_dir and renamed into place, so an interrupted run never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        torch.manual_seed(seed)
-        # Parameters are created directly in the target dtype: no fp32 copy of a bf16 model in RAM.
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(getattr(torch, torch_name)))
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=[tokenizer.eos_token_id, im_end_id],  # stop at ChatML turn ends too
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(tmp, safe_serialization=True)
-        del model
-        tokenizer.model_max_length = arch.max_position_embeddings
-        tokenizer.save_pretrained(tmp)
-        marker = {"preset": arch.name, "dtype": dtype, "num_layers": config.num_hidden_layers, "seed": seed,
-                  "params": params, "random_init": True, **({"overrides": overrides} if overrides else {})}
-        (tmp / INIT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+def _write_model(directory: Path, config, tokenizer, dtype: str, seed: int, max_length: int) -> None:
+    """The random weights (seeded), their generation config and the tokenizer, saved into `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch_name, _ = DTYPES[dtype]
+    torch.manual_seed(seed)
+    # Parameters are created directly in the target dtype: no fp32 copy of a bf16 model in RAM.
+    model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(getattr(torch, torch_name)))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],  # stop at ChatML turn ends too
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(directory)

@@ -370,3 +370,17 @@ def get_architecture(name: str) -> Architecture:
             f"{hint}built-ins: {', '.join(ARCHITECTURES)} (`memfit models` lists them)",
         )
     return arch
+
+
+def catalog() -> dict[str, list[dict[str, Any]]]:
+    """Every built-in architecture and alias as JSON values (`memfit models --json`)."""
+    return {
+        "architectures": [
+            {"name": a.name, "hf_id": a.hf_id, "model_type": a.model_type, "params": a.param_count,
+             "size": a.size_label, "vocab_size": a.vocab_size, "hidden_size": a.hidden_size,
+             "intermediate_size": a.intermediate_size, "num_layers": a.num_layers, "num_heads": a.num_heads,
+             "num_kv_heads": a.num_kv_heads, "tie_embeddings": a.tie_embeddings,
+             "num_experts": a.num_experts, "experts_per_token": a.experts_per_token}
+            for a in ARCHITECTURES.values()],
+        "aliases": [{"name": a.name, "hf_id": a.hf_id, "architecture": a.architecture} for a in ALIASES.values()],
+    }

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
-from memfit.runtime import check_device
+from memfit.runtime import check_device, signals_handled
 from memfit.units import GB, format_gb
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
@@ -407,19 +406,14 @@ def probe(job: ProbeJob, config: TrainConfig, on_event: Callable[[Event], None] 
             raise KeyboardInterrupt
         runner.interrupted = signal.Signals(signum).name
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        runner.setup()
-        runner.check_interrupted()
-        return runner.run()
-    except KeyboardInterrupt:
-        journal = getattr(runner, "journal", None)
-        if journal is not None:
-            runner.emit(Notice(f"interrupted: {len(journal.trials)} finished trial(s) kept in {journal.path}; "
-                               "run the same command again to continue", "warning"))
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with signals_handled(on_signal):
+        try:
+            runner.setup()
+            runner.check_interrupted()
+            return runner.run()
+        except KeyboardInterrupt:
+            journal = getattr(runner, "journal", None)
+            if journal is not None:
+                runner.emit(Notice(f"interrupted: {len(journal.trials)} finished trial(s) kept in {journal.path}; "
+                                   "run the same command again to continue", "warning"))
+            raise

@@ -84,53 +84,14 @@ def memory_plot(steps: list[dict[str, Any]], *, limit_bytes: int | None, thresho
         return None
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(figsize=(11, 4.2))
-        peak_by_step = {}
-        for key, label, color, width in (
-                ("watched_bytes", "peak in step (guard watches)", COLORS["peak"], 2.0),
-                ("rss_bytes", "RSS at step end", COLORS["rss"], 1.4),
-                ("cuda_reserved_bytes", "GPU reserved", COLORS["cuda_reserved"], 1.6),
-                ("cuda_allocated_bytes", "GPU allocated", COLORS["cuda_allocated"], 1.4)):
-            xs, ys = _series(steps, key, GB)
-            if not xs:
-                continue
-            if key == "watched_bytes":
-                peak_by_step = dict(zip(xs, ys))
-            xs, ys = thin(xs, ys, keep_peaks=True)
-            axes.plot(xs, ys, label=label, color=color, linewidth=width, marker="o" if len(xs) <= 40 else None,
-                      markersize=3)
-        top = max(peak_by_step.values(), default=0)
-        if limit_bytes:
-            axes.axhline(limit_bytes / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {format_gb(limit_bytes)}")
-            top = max(top, limit_bytes / GB)
-            if threshold:
-                axes.axhline(limit_bytes * threshold / GB, color=COLORS["threshold"], linewidth=1.4, linestyle="--",
-                             label=f"threshold {threshold:.0%} ({format_gb(limit_bytes * threshold)})")
-        if estimate_bytes:
-            axes.axhline(estimate_bytes / GB, color=COLORS["estimate"], linewidth=1.4, linestyle=":",
-                         label=f"estimate {format_gb(estimate_bytes)}")
-            top = max(top, estimate_bytes / GB)
-        first_step = steps[0]["step"]
+        peak_by_step = _memory_curves(axes, steps)
+        measured_top = max(peak_by_step.values(), default=0)
+        top = _memory_levels(axes, measured_top, limit_bytes, threshold, estimate_bytes)
         for life_start in life_starts:
             axes.axvline(life_start - 0.5, color=COLORS["life"], linewidth=1.2, linestyle="-.")
         for step in checkpoints:
             axes.axvline(step, color=COLORS["checkpoint"], linewidth=0.8, alpha=0.45, linestyle=":")
-        markers = {"threshold": ("^", COLORS["threshold"], "guard: threshold"),
-                   "limit": ("X", COLORS["limit"], "guard: stop"), "early_stop": ("X", COLORS["limit"], "guard: stop"),
-                   "leak": ("D", COLORS["leak"], "guard: leak")}
-        shown = set()
-        for event in guard_events:
-            marker, color, label = markers.get(event.get("kind"), ("s", COLORS["limit"], "guard"))
-            step = max(event.get("step") or first_step, first_step)
-            value = (event.get("watched_bytes") or 0) / GB or peak_by_step.get(step, 0)
-            axes.plot([step], [value], linestyle="none", marker=marker, markersize=10, color=color,
-                      markeredgecolor="white", markeredgewidth=1.0, zorder=5, label=None if label in shown else label)
-            shown.add(label)
-        for event in ooms:
-            step = event.get("step") or first_step
-            axes.plot([step], [peak_by_step.get(step, top * 0.5)], linestyle="none", marker="*", markersize=13,
-                      color=COLORS["oom"], markeredgecolor="white", zorder=6,
-                      label=None if "oom" in shown else "OOM recovered (micro-batch halved)")
-            shown.add("oom")
+        _event_markers(axes, guard_events, ooms, peak_by_step, steps[0]["step"], top)
         handles, labels = axes.get_legend_handles_labels()
         if checkpoints:
             handles.append(Line2D([], [], color=COLORS["checkpoint"], linestyle=":", linewidth=1.2))
@@ -143,10 +104,67 @@ def memory_plot(steps: list[dict[str, Any]], *, limit_bytes: int | None, thresho
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("GB")
         axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        measured_top = max(peak_by_step.values(), default=0)
         if limit_bytes and 0 < measured_top < ZOOM_BELOW * limit_bytes / GB:
             _zoom_inset(axes, steps, estimate_bytes)
         return to_svg(figure)
+
+
+def _memory_curves(axes, steps: list[dict[str, Any]]) -> dict[int, float]:
+    """The measured curves (those the steps hold); the guard's watched peak of each step, in GB, by step."""
+    peak_by_step = {}
+    for key, label, color, width in (
+            ("watched_bytes", "peak in step (guard watches)", COLORS["peak"], 2.0),
+            ("rss_bytes", "RSS at step end", COLORS["rss"], 1.4),
+            ("cuda_reserved_bytes", "GPU reserved", COLORS["cuda_reserved"], 1.6),
+            ("cuda_allocated_bytes", "GPU allocated", COLORS["cuda_allocated"], 1.4)):
+        xs, ys = _series(steps, key, GB)
+        if not xs:
+            continue
+        if key == "watched_bytes":
+            peak_by_step = dict(zip(xs, ys))
+        xs, ys = thin(xs, ys, keep_peaks=True)
+        axes.plot(xs, ys, label=label, color=color, linewidth=width, marker="o" if len(xs) <= 40 else None,
+                  markersize=3)
+    return peak_by_step
+
+
+def _memory_levels(axes, top: float, limit_bytes: int | None, threshold: float | None,
+                   estimate_bytes: int | None) -> float:
+    """The limit, the threshold and the estimate as horizontal lines; the plot's top in GB (above all of them and
+    the measured `top`)."""
+    if limit_bytes:
+        axes.axhline(limit_bytes / GB, color=COLORS["limit"], linewidth=1.8, label=f"limit {format_gb(limit_bytes)}")
+        top = max(top, limit_bytes / GB)
+        if threshold:
+            axes.axhline(limit_bytes * threshold / GB, color=COLORS["threshold"], linewidth=1.4, linestyle="--",
+                         label=f"threshold {threshold:.0%} ({format_gb(limit_bytes * threshold)})")
+    if estimate_bytes:
+        axes.axhline(estimate_bytes / GB, color=COLORS["estimate"], linewidth=1.4, linestyle=":",
+                     label=f"estimate {format_gb(estimate_bytes)}")
+        top = max(top, estimate_bytes / GB)
+    return top
+
+
+def _event_markers(axes, guard_events: list[dict[str, Any]], ooms: list[dict[str, Any]],
+                   peak_by_step: dict[int, float], first_step: int, top: float) -> None:
+    """Where the guard acted and where OOMs were recovered, one legend entry per kind."""
+    markers = {"threshold": ("^", COLORS["threshold"], "guard: threshold"),
+               "limit": ("X", COLORS["limit"], "guard: stop"), "early_stop": ("X", COLORS["limit"], "guard: stop"),
+               "leak": ("D", COLORS["leak"], "guard: leak")}
+    shown = set()
+    for event in guard_events:
+        marker, color, label = markers.get(event.get("kind"), ("s", COLORS["limit"], "guard"))
+        step = max(event.get("step") or first_step, first_step)
+        value = (event.get("watched_bytes") or 0) / GB or peak_by_step.get(step, 0)
+        axes.plot([step], [value], linestyle="none", marker=marker, markersize=10, color=color,
+                  markeredgecolor="white", markeredgewidth=1.0, zorder=5, label=None if label in shown else label)
+        shown.add(label)
+    for event in ooms:
+        step = event.get("step") or first_step
+        axes.plot([step], [peak_by_step.get(step, top * 0.5)], linestyle="none", marker="*", markersize=13,
+                  color=COLORS["oom"], markeredgecolor="white", zorder=6,
+                  label=None if "oom" in shown else "OOM recovered (micro-batch halved)")
+        shown.add("oom")
 
 
 # A run far under its limit (an auto limit of 80% of a big machine) draws as a flat line at the bottom: below this

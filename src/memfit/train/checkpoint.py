@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from memfit import faults
 from memfit.config import GUARD_FIELDS, TrainConfig, saved_config_values
 from memfit.errors import DiskFullError, UserError
+from memfit.files import write_atomic
 
 CHECKPOINTS = "checkpoints"
 ENGINE_DIR = "deepspeed"  # a DeepSpeed run's engine state (each rank's partition), inside its checkpoint
@@ -90,10 +91,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as file:
-        json.dump(data, file, indent=2, default=str)
-        file.flush()
-        os.fsync(file.fileno())
+    write_atomic(path, json.dumps(data, indent=2, default=str))  # fsynced: the checkpoint's rename relies on it
 
 
 def rng_state() -> dict[str, Any]:

@@ -57,8 +57,8 @@ def experts_targeted(lora_targets: str) -> bool:
 def quantize_experts_4bit(model: torch.nn.Module, device: str) -> int:
     """Quantize every fused expert weight to nf4 (double-quantized absmax, as the linear layers) on `device`, one
     weight at a time, so the quantizer's temporaries are those of one weight. The weights arrive there in 16-bit,
-    all of them: the loading peak that memfit.estimate.memory.load_peak_bytes counts. Returns the number of expert
-    parameters quantized."""
+    all of them: the loading peak the estimator counts (load_peak_bytes, estimate/memory.py). Returns the number of
+    expert parameters quantized."""
     import torch
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 

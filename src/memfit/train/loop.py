@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 from memfit.allocator import configure as configure_allocator
 from memfit.config import TrainConfig
-from memfit.runtime import default_device
+from memfit.runtime import default_device, signals_handled
 from memfit.distributed.collective import Agreement
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.engine import pick_engine
@@ -50,6 +49,7 @@ from memfit.train import setup
 from memfit.train.job import TrainJob
 from memfit.train.metrics import StepLog
 from memfit.train.rundir import FINAL, RunDir, versions, write_final
+from memfit.train.sizing import Sizing, resume_flags
 from memfit.train.step import SafePoints, StepRunner, layer_stop_hook
 from memfit.train.tblog import TensorBoardSink
 
@@ -93,8 +93,10 @@ class Trainer:
     # under torch.compile). A class attribute so that benchmarks/guard_stop_overshoot.py can measure without it.
     stop_at_layers = True
 
-    def __init__(self, job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None):
+    def __init__(self, job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None,
+                 sizing: Sizing | None = None):
         self.job, self.config = job, config
+        self.sizing = sizing  # the estimator's answers (memfit.train.sizing), handed down by the entry point
         self.ranks = current_ranks()
         self.distributed = self.ranks.distributed  # several processes: the safe points are agreements
         # Only rank 0 reports (the renderer, the run directory); the others train and keep quiet.
@@ -120,7 +122,6 @@ class Trainer:
         from memfit.guard import cuda_alloc_conf_env
         from memfit.models import resolve_model
         from memfit.precision import resolve_precision
-        from memfit.train.sizing import limit_warnings
 
         job, config = self.job, self.config
         if config.quant == "none":
@@ -142,9 +143,9 @@ class Trainer:
         setup.check_output_dir(job, config, self.ranks, self.engine.per_rank_checkpoint)
         self.precision = resolve_precision(config.dtype, self.device)
         self.resolved = resolve_model(job.model)
-        if config.max_memory is not None and not self.distributed and not job.trial:
+        if self.sizing and config.max_memory is not None and not self.distributed and not job.trial:
             # A probe's trial is checked by its parent; ranks of a launch each guard their own share.
-            for warning in limit_warnings(self.resolved, config, self.device, job.force):
+            for warning in self.sizing.limit_warnings(self.resolved, config, self.device, job.force):
                 self.emit(Notice(warning, "warning"))
         # A local dir is recorded absolute, so `--resume` and `-c config.yaml` work from any directory.
         self.model_spec = str(Path(job.model).resolve()) if Path(job.model).is_dir() else job.model
@@ -278,7 +279,6 @@ class Trainer:
     def _run_description(self) -> dict[str, Any]:
         """What run.json says of the run from its start; config.yaml is written beside it (`memfit train -c`)."""
         from memfit.system import detect
-        from memfit.train.sizing import estimate_bytes
 
         job, config = self.job, self.config
         self.run_dir.write_config({"model": self.model_spec, "data": str(Path(job.data).resolve()),
@@ -292,8 +292,9 @@ class Trainer:
             "limit": {"bytes": self.limit.limit_bytes, "auto": self.limit.auto,
                       "available_bytes": self.limit.available_bytes},
             # A probe trial estimates too, though its parent has the figure: the trial is to hold what a run holds.
-            "estimate_bytes": estimate_bytes(self.resolved, config, self.device, self.limit.limit_bytes,
-                                             self.ranks.world_size, self.distributed),
+            "estimate_bytes": self.sizing.estimate_bytes(self.resolved, config, self.device, self.limit.limit_bytes,
+                                                         self.ranks.world_size, self.distributed)
+            if self.sizing else None,
             "total_steps": self.total_steps, "started_at": now(), "world_size": self.ranks.world_size,
             "distributed": ("ddp" if config.distributed == "auto" else config.distributed)
             if self.distributed else None,
@@ -520,21 +521,24 @@ class Trainer:
 
     def _resume_flags(self, status: str) -> str:
         """After a guard stop: what makes the resume fit (from the estimate and the peak seen), else nothing."""
-        from memfit.train.sizing import largest_micro_batch, resume_flags
-
-        if status != "guard_stop" or self.distributed or self.guard.stop_limit not in (None, "device"):
+        if status != "guard_stop" or self.distributed or self.sizing is None \
+                or self.guard.stop_limit not in (None, "device"):
             return ""  # a host RAM stop on a GPU: a smaller micro-batch is no answer the estimate can give
+        largest = self.sizing.largest_micro_batch(self.resolved, self.config, self.device)
         return resume_flags(self.limit, self.guard.peak_watched_bytes, self.estimate, self.micro_batch,
-                            self.effective_batch, largest_micro_batch(self.resolved, self.config, self.device))
+                            self.effective_batch, largest)
 
 
-def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
+def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] | None = None,
+          sizing: Sizing | None = None) -> TrainResult:
     """Train as `config` says; returns how it ended (exit code included). SIGINT/SIGTERM stop it at the next safe
     point with a checkpoint; a second signal aborts at once (KeyboardInterrupt, after one line saying so: the step
-    in flight and any checkpoint being written are dropped, the last complete checkpoint stays resumable)."""
+    in flight and any checkpoint being written are dropped, the last complete checkpoint stays resumable).
+    `sizing`: the estimator's answers (memfit.sizing.EstimatorSizing) for run.json's estimate, the --max-memory
+    check and the resume flags after a guard stop; without it the run trains unchecked by the estimator."""
     import os
 
-    trainer = Trainer(job, config, on_event)
+    trainer = Trainer(job, config, on_event, sizing)
     first_signal_at = [0.0]
     # A supervised trainer (memfit.train.supervisor) asked for SIGTERM when its supervisor dies (PR_SET_PDEATHSIG).
     # The kernel sends it again at each reparenting (to another thread of the dying supervisor, then to init): once
@@ -551,30 +555,22 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
         trainer.interrupted = signal.Signals(signum).name
         first_signal_at[0] = time.monotonic()
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main_thread:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    finished = False
-    try:
-        trainer.setup()
-        result = trainer.run()
-        finished = True
-        return result
-    except KeyboardInterrupt:
-        if trainer.interrupted:
-            _say_aborted(trainer)
-        raise
-    finally:
-        trainer.restore_head()
-        guard = getattr(trainer, "guard", None)
-        if guard is not None:
-            guard.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if finished and trainer.distributed:
-            leave_process_group()
+    with signals_handled(on_signal):
+        try:
+            trainer.setup()
+            result = trainer.run()
+        except KeyboardInterrupt:
+            if trainer.interrupted:
+                _say_aborted(trainer)
+            raise
+        finally:
+            trainer.restore_head()
+            guard = getattr(trainer, "guard", None)
+            if guard is not None:
+                guard.stop()
+    if trainer.distributed:
+        leave_process_group()
+    return result
 
 
 def _say_aborted(trainer: Trainer) -> None:

@@ -1,57 +1,26 @@
-"""What the estimator says about a training run: its figure for run.json, the check of --max-memory before anything
-loads, and the flags that let a run stopped by the guard resume and fit. None of them is needed to train: an
-estimator that cannot read the model leaves the run unchecked."""
+"""What the trainer asks of the estimator about a run, and what it makes of the answers. The estimator sits above
+the trainer (it builds its model with memfit.train.model), so the trainer is handed a `Sizing` by whoever starts it
+(memfit.sizing.EstimatorSizing, from memfit.api and memfit.child) and never imports the estimator. None of it is
+needed to train: a trainer without one writes no estimate, checks no --max-memory against the model, and prints no
+resume flags after a guard stop."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from memfit.config import TrainConfig
-from memfit.errors import UserError
 
 
-def estimate_bytes(resolved, config: TrainConfig, device: str, limit_bytes: int, world_size: int = 1,
-                   distributed: bool = False) -> int | None:
-    """The estimated peak; several processes: the estimate of one rank (--num-gpus world --zero N --offload), what
-    each measures. None when the estimator cannot say (the estimate is context for the report)."""
-    from memfit.distributed.engines import estimated_sharding
-    from memfit.estimate.memory import Hardware, estimate_memory
+class Sizing(Protocol):
+    def estimate_bytes(self, resolved, config: TrainConfig, device: str, limit_bytes: int, world_size: int = 1,
+                       distributed: bool = False) -> int | None:
+        """The estimated peak (of one rank), for run.json; None when the estimator cannot say."""
 
-    try:
-        zero, engine = estimated_sharding(config) if distributed else (0, "deepspeed")
-        hardware = Hardware(device=device, memory_bytes=limit_bytes, num_gpus=world_size, zero=zero,
-                            offload=config.offload if distributed else "none", engine=engine)
-        return estimate_memory(resolved.config, config, hardware, resolved.name).total_bytes
-    except Exception:  # noqa: BLE001 - training does not depend on it
-        return None
+    def limit_warnings(self, resolved, config: TrainConfig, device: str, force: bool) -> list[str]:
+        """Warnings about --max-memory; a UserError when it is below micro-batch 1's peak (unless `force`)."""
 
-
-def limit_warnings(resolved, config: TrainConfig, device: str, force: bool) -> list[str]:
-    """--max-memory below the estimated peak of micro-batch 1: refused (UserError) before anything loads or is
-    written (unless --force); above all the memory the device has: a warning (the guard would never trigger). In
-    the training process (which imports torch anyway), not in a supervisor that lives as long as the run."""
-    from memfit.estimate.limit import batch_one_estimate, check_limit
-
-    try:
-        needed = batch_one_estimate(resolved.config, config, device)
-    except UserError:
-        raise
-    except Exception:  # noqa: BLE001 - the estimator cannot read this model: the run goes on unchecked
-        needed = None
-    return check_limit(config.max_memory, needed, device, force).warnings
-
-
-def largest_micro_batch(resolved, config: TrainConfig, device: str) -> Callable[[int, int], int]:
-    """f(limit_bytes, below): the largest micro-batch under `below` whose estimate fits in `limit_bytes` (0: not
-    even 1)."""
-
-    def largest(limit_bytes: int, below: int) -> int:
-        from memfit.estimate.memory import Hardware, solve_max_batch
-
-        hardware = Hardware(device=device, memory_bytes=limit_bytes)
-        return solve_max_batch(resolved.config, config, hardware, limit=max(1, below - 1)).batch
-
-    return largest
+    def largest_micro_batch(self, resolved, config: TrainConfig, device: str) -> Callable[[int, int], int]:
+        """f(limit_bytes, below): the largest micro-batch under `below` that fits in `limit_bytes` (0: not even 1)."""
 
 
 def resume_flags(limit, peak_bytes: int, estimate: int | None, micro_batch: int, effective_batch: int,

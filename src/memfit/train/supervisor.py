@@ -42,6 +42,7 @@ from memfit.errors import EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, 
 from memfit.events import ChildEnded, ChildStarted, Event
 from memfit.train import checkpoint as ckpt
 from memfit.files import write_atomic
+from memfit.runtime import signals_handled
 from memfit.train.rundir import EVENTS, RUN_JSON, SUPERVISOR_LOG
 
 OOM_SCORE_ADJ = 1000  # the most killable: chosen first by the kernel's OOM killer
@@ -127,13 +128,8 @@ class Supervisor:
             self.child.send_signal(signum)
 
     def run(self) -> int:
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled}
-        try:
+        with signals_handled(self._on_signal):
             return self._loop()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _loop(self) -> int:
         restarts, attempt, max_micro_batch = 0, 0, None
