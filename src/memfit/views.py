@@ -23,8 +23,9 @@ def _count(params: int) -> str:
 # --- memfit system -------------------------------------------------------------------------------------------------
 
 
-def render_system(console: Console, info) -> None:
-    """`memfit system` (`info`: memfit.system.detect()'s)."""
+def render_system(console: Console, info, context=None) -> None:
+    """`memfit system` (`info`: memfit.system.detect()'s; `context`: the CUDA context measured with NVML, a
+    memfit.cuda_context.ContextMeasurement, or None)."""
     table = Table(title="memfit system", show_header=False)
     table.add_row("platform", f"{info.platform} (python {info.python}, torch {info.torch})")
     table.add_row("CPUs", str(info.cpu_count))
@@ -36,6 +37,8 @@ def render_system(console: Console, info) -> None:
     for gpu in info.gpus:
         table.add_row(f"GPU {gpu.index}", f"{gpu.name}: {_sized(gpu.free_bytes)} free of {_sized(gpu.total_bytes)} "
                       f"(limit {_sized(gpu.suggested_limit_bytes)}, via {gpu.source})")
+    if context is not None:
+        table.add_row("CUDA context", f"{_sized(context.context_bytes)} (measured with NVML on {context.gpu_name})")
     if not info.gpus:
         table.add_row("GPUs", "none (CUDA not available)")
     table.add_row("MPS", "available" if info.mps_available else "no")
@@ -123,6 +126,8 @@ def render_estimate(console: Console, found) -> None:
         console.print(f"peaks: allocated {_sized(result.allocated_peak_bytes)} · reserved "
                       f"{_sized(result.reserved_peak_bytes)} · process (nvidia-smi) {_sized(result.process_bytes)}",
                       highlight=False)
+        if result.host is not None:
+            _print_host(console, result)
     _print_verdict(console, found)
     if result.host_offload_bytes:
         console.print(f"CPU RAM for offloaded states: {_sized(result.host_offload_bytes)}")
@@ -130,6 +135,16 @@ def render_estimate(console: Console, found) -> None:
         console.print(f"[dim]note: {note}[/dim]")
     if found.advice:
         _print_advice(console, found.advice)
+
+
+def _print_host(console: Console, result) -> None:
+    """Host RAM beside the GPU (memfit.estimate.host): one process's peak, what --max-host-memory sees, and the
+    machine's with every rank on it."""
+    host, gpus = result.host, result.hardware.num_gpus
+    console.print(f"host RAM: peak {_sized(host.peak_bytes)} ({host.peak_phase}) per process · "
+                  f"{_sized(host.machine_peak_bytes)} machine" + (f" ({gpus} ranks)" if gpus > 1 else "")
+                  + " · " + ", ".join(f"{name} {_sized(size)}" for name, size in host.phases.items()),
+                  highlight=False)
 
 
 def _breakdown_table(found) -> Table:
