@@ -135,22 +135,23 @@ def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
 
 
 # MLX: tiny at its 4 layers and smollm2-135m at its whole depth (30 layers): LoRA in fp32 and bf16, MLX's 4-bit
+# (the full-logits loss, which the estimate models: memfit.estimate.mlx_memory.chunked_loss),
 # QLoRA, checkpointing on and off, two batch x sequence sizes each. Neither shape is among the ones
 # benchmarks/derive_mlx_constants.py fitted the activation coefficients on.
 MLX_MODELS = {"tiny": None, "smollm2-135m": None}
 MLX_CASES = {
     "tiny": [
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False),
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True),
-        dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False),
-        dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True),
-        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False),
-        dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False, chunked_loss=False),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True, chunked_loss=False),
+        dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False, chunked_loss=False),
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True, chunked_loss=False),
+        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False, chunked_loss=False),
+        dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True, chunked_loss=False),
     ],
     "smollm2-135m": [
-        dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True),
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False),
-        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True),
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=False),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=False),
+        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True, chunked_loss=False),
     ],
 }
 

@@ -45,11 +45,14 @@ def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
     assert estimate.breakdown["adapters"] == trainable * 4  # mlx-lm's LoRA matrices are fp32
 
 
+# The full-logits loss: what the estimate models (memfit.estimate.mlx_memory.chunked_loss says why not the chunked).
 CASES = [
-    ("tiny_model_dir", dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False)),
+    ("tiny_model_dir", dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False,
+                            chunked_loss=False)),
     ("tiny_model_dir", dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256,
-                            grad_checkpointing=True)),
-    ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True)),
+                            grad_checkpointing=True, chunked_loss=False)),
+    ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True,
+                            chunked_loss=False)),
 ]
 
 

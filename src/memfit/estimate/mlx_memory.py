@@ -42,7 +42,7 @@ from pathlib import Path
 from memfit.config import TrainConfig
 from memfit.errors import UserError
 from memfit.estimate.memory import Estimate, Hardware
-from memfit.models.arch import ArchInfo, arch_info
+from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, arch_info
 from memfit.units import GB, format_gb
 
 GROUP_SIZE = 64  # MLX's default affine group (mlx_lm.utils.quantize_model's defaults_for_mode["affine"])
@@ -138,6 +138,16 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     return terms
 
 
+def chunked_loss(hf_config, config: TrainConfig) -> bool:
+    """Whether the MLX engine runs this model's loss chunk by chunk (memfit.mlx.loss.make_loss's rule). The estimate
+    still counts the full logits: no additive term fitted the chunked runs of benchmarks/derive_mlx_constants.py
+    (the head's peak and the layers' do not add up; a chunk term of its own came out 10x a chunk and +49% on
+    smollm2's 4-layer cut). Against those runs the full-logits estimate is -19% to +21% (mlx_constants.json's
+    `chunked_errors_percent`): on its small vocabularies the chunked loss raised the peak by up to 14%, on
+    smollm2's 49k vocab at 4 x 256 tokens it lowered it by 235 MB of 926 (tests/test_mlx_loss.py holds the saving)."""
+    return config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
+
+
 @dataclass
 class MlxEstimate(Estimate):
     """An Estimate for the MLX engine; `mlx_peak_bytes` is what `mx.get_peak_memory()` will read."""
@@ -210,6 +220,10 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
              + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
              f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
              f"runtime {format_gb(runtime)} is the process around them (measured: {fitted['measured_on']})"]
+    if chunked_loss(hf_config, config):
+        notes.append(f"the chunked loss holds one chunk's logits at a time; this estimate counts all of them "
+                     f"({format_gb(int(logits))}): not fitted to the chunked loss yet (-19% to +21% on the runs "
+                     "that fit the rest)")
     if hardware.device == "mps":
         notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
                      "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "

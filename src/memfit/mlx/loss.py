@@ -14,12 +14,10 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from memfit.train.chunked_loss import chunk_tokens
+from memfit.models.arch import MLX_PLAIN_HEAD_TYPES
+from memfit.train.chunk_size import chunk_tokens
 
-# mlx-lm architectures whose Model.__call__ is exactly `head(self.model(inputs))`, the head being `lm_head` or, with
-# tied embeddings, `model.embed_tokens.as_linear` (mlx_lm/models/llama.py, qwen2.py, qwen3.py; mistral loads as
-# llama). Others (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
-_PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
+# Other architectures than MLX_PLAIN_HEAD_TYPES (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
 
 
 def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
@@ -30,7 +28,7 @@ def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -
 
 def _head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] | None:
     """(the module that holds the head's weights, how to apply it) for a plain-head architecture, else None."""
-    if getattr(model, "model_type", None) not in _PLAIN_HEAD_TYPES or not hasattr(model, "model"):
+    if getattr(model, "model_type", None) not in MLX_PLAIN_HEAD_TYPES or not hasattr(model, "model"):
         return None
     if getattr(model.args, "tie_word_embeddings", False):
         return model.model.embed_tokens, lambda embed, hidden: embed.as_linear(hidden)

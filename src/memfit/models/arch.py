@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     import torch
 
 # model.layers.3 (most), transformer.h.3 (GPT-2), encoder.layer.3 (BERT-style decoders), blocks.3
+# mlx-lm architectures whose Model.__call__ is exactly `head(self.model(inputs))`, the head being `lm_head` or, with
+# tied embeddings, `model.embed_tokens.as_linear` (mlx_lm/models/llama.py, qwen2.py, qwen3.py; mistral loads as
+# llama): the MLX engine's chunked loss runs on these (memfit.mlx.loss), and the MLX estimate counts it there.
+MLX_PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
