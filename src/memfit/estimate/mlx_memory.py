@@ -214,20 +214,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     runtime = int(fitted["runtime_bytes"])
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
-    notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
-                                               f"{GROUP_SIZE}, {dtype} scales and biases; embeddings and lm_head "
-                                               "too)" if config.quant != "none" else "")
-             + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
-             f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
-             f"runtime {format_gb(runtime)} is the process around them (measured: {fitted['measured_on']})"]
-    if chunked_loss(hf_config, config):
-        notes.append(f"the chunked loss holds one chunk's logits at a time; this estimate counts all of them "
-                     f"({format_gb(int(logits))}): not fitted to the chunked loss yet (-19% to +21% on the runs "
-                     "that fit the rest)")
-    if hardware.device == "mps":
-        notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
-                     "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "
-                     "limit up to it)")
+    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunked_loss(hf_config, config))
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -239,6 +226,27 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     estimate.compute_dtype = dtype
     estimate.unified_bytes = unified_bytes
     return estimate
+
+
+def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
+           chunked: bool) -> list[str]:
+    """The estimate's notes: the layout, what mx.get_peak_memory() will read, the chunked loss, a Mac's budget."""
+    runtime = breakdown["runtime"]
+    notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
+                                               f"{GROUP_SIZE}, {dtype} scales and biases; embeddings and lm_head "
+                                               "too)" if config.quant != "none" else "")
+             + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
+             f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
+             f"runtime {format_gb(runtime)} is the process around them (measured: {measured_on})"]
+    if chunked:
+        notes.append(f"the chunked loss holds one chunk's logits at a time; this estimate counts all of them "
+                     f"({format_gb(breakdown['logits'])}): not fitted to the chunked loss yet (-19% to +21% on the "
+                     "runs that fit the rest)")
+    if hardware.device == "mps":
+        notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
+                     "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "
+                     "limit up to it)")
+    return notes
 
 
 def max_batch_mlx(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> int:
