@@ -447,7 +447,7 @@ def _profile_settings(choice: str, model: str, explicit: dict[str, Any], device:
 def run_job(job: TrainJob, config: TrainConfig, on_event: EventSink | None = None,
             engine: str = "torch") -> TrainRun:
     """Run a checked job: supervised when the config asks (`supervise`), else in this process; `engine` "mlx"
-    trains with memfit.mlx (which writes its own run report)."""
+    trains with memfit.mlx; either way the run report is written as the run ends (memfit.report.report_at_end)."""
     if config.reload_interval and not config.supervise:
         raise UserError("--reload-interval needs --supervise (a process cannot restart itself)",
                         hint="add --supervise")
@@ -460,7 +460,9 @@ def run_job(job: TrainJob, config: TrainConfig, on_event: EventSink | None = Non
     if engine == "mlx":
         from memfit.mlx import train_mlx
 
-        result = train_mlx(job, config, on_event=on_event)
+        from memfit.report import report_at_end
+
+        result = train_mlx(job, config, on_event=report_at_end(job.output_dir, on_event))
     else:
         result = run_training(job, config, on_event)
     return TrainRun(result.exit_code, Path(job.output_dir), result.status, result.final_dir, result)

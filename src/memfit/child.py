@@ -59,8 +59,9 @@ def life(spec_path: str) -> int:
         job = TrainJob(**fields, resume=open_checkpoint(Path(resume)) if resume else None)
         if engine == "mlx":
             from memfit.mlx import train_mlx
+            from memfit.report import report_at_end
 
-            return train_mlx(job, TrainConfig(**spec["config"]), on_event=on_event)
+            return train_mlx(job, TrainConfig(**spec["config"]), on_event=report_at_end(job.output_dir, on_event))
         return run_training(job, TrainConfig(**spec["config"]), on_event)
 
     return _train(run, shown=True)

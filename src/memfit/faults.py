@@ -203,22 +203,11 @@ def maybe_leak() -> None:
         _leaked.append(torch.ones(int(float(spec) * 1024**2) // 4, dtype=torch.float32))
 
 
-def fake_gpu_reader() -> Callable[[str], Any] | None:
-    """The guard's reader for `fake_gpu@MB` (None without it): the real reading with the CUDA fields filled in."""
+def fake_gpu_bytes() -> int | None:
+    """`fake_gpu@MB`: the bytes a CPU run's guard is to read as the GPU's allocator holding (the run is guarded as on
+    a GPU: memfit.train.setup.start_guard), else None."""
     spec = _faults().get("fake_gpu")
-    if spec is None:
-        return None
-    from dataclasses import replace
-
-    from memfit.guard.sampler import read_memory
-
-    held = int(float(spec) * 1024**2)
-
-    def read(device: str) -> Any:
-        return replace(read_memory("cpu"), cuda_allocated_bytes=held, cuda_reserved_bytes=held,
-                       cuda_max_reserved_bytes=held)
-
-    return read
+    return None if spec is None else int(float(spec) * 1024**2)
 
 
 def maybe_oom_kill(rss_bytes: int) -> None:

@@ -514,8 +514,6 @@ class MlxTrainer:
             self.emit(GuardNotice(event.kind, event.step, event.watched_bytes, event.message))
 
     def _finish(self, status: str) -> RunEnded:
-        from memfit.report import write_report_safely
-
         final_dir = None
         if self.job.trial:
             pass
@@ -547,9 +545,7 @@ class MlxTrainer:
                              final_dir=str(final_dir) if final_dir else None, peak_rss_bytes=ending.peak_rss_bytes)
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
-        self.emit(ended)
-        if not self.job.trial and status != "reload":
-            write_report_safely(self.job.output_dir, self.emit)
+        self.emit(ended)  # the entry point writes the run report as this reaches it (memfit.report.report_at_end)
         return ended
 
 

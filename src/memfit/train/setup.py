@@ -83,15 +83,28 @@ def total_steps(config: TrainConfig, rows: int, global_batch: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * rows / global_batch))
 
 
+def _fake_gpu_reader(held_bytes: int):
+    """The real reading with the CUDA fields filled in: the GPU side fake, RSS and available memory real."""
+    from dataclasses import replace
+
+    from memfit.guard import read_memory
+
+    def read(device: str):
+        return replace(read_memory("cpu"), cuda_allocated_bytes=held_bytes, cuda_reserved_bytes=held_bytes,
+                       cuda_max_reserved_bytes=held_bytes)
+
+    return read
+
+
 def start_guard(config: TrainConfig, device: str, ranks, allocator, emit: Emit):
     """The memory limit and the guard that watches it, started (loading the model is watched already). On a GPU the
     guard watches host RAM too (memfit.guard.policy: HostLimit), with its own limit."""
     from memfit.guard import Guard, choose_host_limit, choose_limit, configure_cuda, read_memory, watches_host
 
     reader = read_memory
-    fake_gpu = faults.fake_gpu_reader()
+    fake_gpu = faults.fake_gpu_bytes()
     if fake_gpu is not None:  # a CPU run guarded as on a GPU (tests: memfit.faults `fake_gpu@MB`)
-        device, reader = "cuda", fake_gpu
+        device, reader = "cuda", _fake_gpu_reader(fake_gpu)
     fraction = host_fraction = 0.8
     if ranks.distributed:
         # The ranks of a machine share its RAM: each takes its part of the auto limit (of the host limit on a GPU).
