@@ -34,6 +34,7 @@ def test_train_engine_mlx_runs_the_seed_command_and_resumes(tiny_model_dir, tmp_
     run = json.loads((out / "run.json").read_text())
     assert run["engine"] == "mlx" and run["config"]["quant"] == "4" and run["config"]["lora_rank"] == 64
     assert (out / "final" / "adapters.safetensors").is_file()
+    assert (out / "report.html").is_file()  # written by the entry point as the run ends (report_at_end)
     # More steps from the step-1 checkpoint (the effective config is the checkpoint's; --force for the new length).
     code, stdout, stderr = _train(capsys, "--resume", str(out / "checkpoints" / "step-1"), "--max-steps", "3",
                                   "--force", "-o", str(tmp_path / "more"))
