@@ -42,12 +42,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from memfit.runtime import run_python_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -106,14 +107,9 @@ NANO = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
 
 
 def child(kind: str, *args: str, cache: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MEMFIT_CACHE": cache,
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MEMFIT_CACHE": cache,
            "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-c", _CHILDREN[kind], *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} child failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
+    return run_python_json(["-c", _CHILDREN[kind], *args], timeout_s=600, env=env)
 
 def measure(repeats: int, log=print) -> dict[str, list[dict]]:
     from memfit.models import init_model

@@ -7,7 +7,11 @@ the allocator policy of a training process is memfit.allocator (the trainer appl
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -59,3 +63,15 @@ def signals_handled(handler: Callable, signums: tuple[int, ...] = (signal.SIGINT
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
+
+
+def run_python_json(argv: list[str], timeout_s: float, env: dict | None = None) -> dict:
+    """`python argv...` (`["-m", module, ...]` or `["-c", code, ...]`) in a fresh interpreter, so its peak counters
+    hold that run alone; returns the JSON object it prints on its last stdout line (libraries may print lines of
+    their own before it)."""
+    completed = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s,
+                               env={**os.environ, **(env or {})})
+    if completed.returncode != 0:
+        raise RuntimeError(f"child `python {argv[0]} {argv[1][:40]}` failed ({completed.returncode}): "
+                           f"{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])

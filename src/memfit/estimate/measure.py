@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from memfit.runtime import run_python_json
 
 
 def _reset_peak_rss() -> bool:
@@ -144,14 +143,9 @@ def _cuda_peaks() -> dict:
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, device: str = "cpu",
                      timeout_s: float = 900, env: dict | None = None, read_weights: bool = False) -> dict:
     """Run `run_steps` in a fresh interpreter, so its peak RSS is this configuration's alone."""
-    command = [sys.executable, "-m", "memfit.estimate.measure", str(model_dir), json.dumps(config_values),
-               "--steps", str(steps), "--device", device, *(["--read-weights"] if read_weights else [])]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                               env={**os.environ, **(env or {})})
-    if completed.returncode != 0:
-        raise RuntimeError(f"measurement child failed ({completed.returncode}): {completed.stderr[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
+    args = [str(model_dir), json.dumps(config_values), "--steps", str(steps), "--device", device,
+            *(["--read-weights"] if read_weights else [])]
+    return run_python_json(["-m", "memfit.estimate.measure", *args], timeout_s, env)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from memfit.runtime import run_python_json
 
 
 def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
@@ -68,14 +67,8 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, timeout_s: float = 900,
                      env: dict | None = None) -> dict:
     """`run_steps` in a fresh interpreter: MLX's peak counter then holds this configuration's arrays alone."""
-    command = [sys.executable, "-m", "memfit.mlx.measure", str(model_dir), json.dumps(config_values),
-               "--steps", str(steps)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                               env={**os.environ, **(env or {})})
-    if completed.returncode != 0:
-        raise RuntimeError(f"MLX measurement child failed ({completed.returncode}): {completed.stderr[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
+    args = [str(model_dir), json.dumps(config_values), "--steps", str(steps)]
+    return run_python_json(["-m", "memfit.mlx.measure", *args], timeout_s, env)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
