@@ -332,53 +332,18 @@ MAC_SUPPORT = {
 }
 
 
-def recommend_mlx(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...]) -> dict:
-    """memfit.estimate.recommend's table for the MLX engine: every built-in size and method, the estimate at the
-    configured batch and the largest batch that fits (arithmetic only: no trace)."""
-    from memfit.cache import CacheMiss
-    from memfit.estimate.recommend import SIZES
-    from memfit.estimate.resolution_cache import builtin_config
-    from memfit.models.registry import ARCHITECTURES
-
-    def table(real: bool) -> dict:
-        rows, largest, precision = [], {method: None for method in methods}, None
-        for name in SIZES:
-            arch = ARCHITECTURES[name]
-            hf_config = builtin_config(arch, real=real)
-            row = {"model": name, "size": arch.size_label, "params": arch.param_count, "methods": {}}
-            for method in methods:
-                quant = config.quant if method == config.method else ("4" if method == "qlora" else "none")
-                method_config = config.updated(method=method, quant=quant)
-                result = estimate_mlx(hf_config, method_config, hardware, model_name=name)
-                precision = result.precision
-                row["methods"][method] = {
-                    "fits": result.fits, "total_bytes": result.total_bytes,
-                    "max_batch_size": max_batch_mlx(hf_config, method_config, hardware) if result.fits else 0}
-                if result.fits:
-                    largest[method] = name
-            rows.append(row)
-        return {"engine": "mlx", "device": hardware.device, "memory_bytes": hardware.memory_bytes,
-                "precision": precision, "seq_len": config.seq_len, "batch_size": config.batch_size,
-                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": rows,
-                "largest": largest}
-
-    try:
-        return table(real=False)
-    except CacheMiss:
-        return table(real=True)
-
-
 def recommend_mac(config: TrainConfig, memory_gb: float | None, methods: tuple[str, ...],
                   engines: tuple[str, ...] = ("torch", "mlx")) -> dict:
     """`memfit recommend --device mps`: for a Mac of `memory_gb` RAM (default this one), each engine's table
     within what macOS lets the GPU use (its recommended working set), and what each engine supports there."""
-    from memfit.estimate.recommend import recommend
+    from memfit.estimate.recommend import recommend, sizes_table
 
     hardware, ram = mlx_hardware("mps", memory_gb)
     tables = {}
     for engine in engines:
+        # The same table for each engine, from its own estimator (MLX's is arithmetic only: no trace).
         if engine == "mlx":
-            tables["mlx"] = recommend_mlx(config, hardware, methods)
+            tables["mlx"] = {"engine": "mlx", **sizes_table(config, hardware, methods, estimate_mlx, max_batch_mlx)}
         else:
             tables["torch"] = {"engine": "torch", **recommend(config, hardware, methods=methods)}
     return {"device": "mps", "unified_memory_bytes": ram, "usable_bytes": hardware.memory_bytes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from memfit.cache import CacheMiss
 from memfit.config import TrainConfig
@@ -20,13 +20,21 @@ def recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...] 
     The method asked for keeps its --quant (lora with --quant 8); the others take theirs (qlora 4-bit, else
     none). From cached traces when they are all there (no torch or transformers import), else traced (and
     cached)."""
+    return sizes_table(config, hardware, methods, estimate_memory, max_batch_size)
+
+
+def sizes_table(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...], estimate: Callable,
+                max_batch: Callable) -> dict[str, Any]:
+    """`recommend`'s table from one engine's `estimate` and `max_batch` (the MLX engine's: see
+    memfit.estimate.mlx_memory.recommend_mac)."""
     try:
-        return _recommend(config, hardware, methods, real=False)
+        return _recommend(config, hardware, methods, estimate, max_batch, real=False)
     except CacheMiss:
-        return _recommend(config, hardware, methods, real=True)
+        return _recommend(config, hardware, methods, estimate, max_batch, real=True)
 
 
-def _recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...], real: bool) -> dict[str, Any]:
+def _recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...], estimate: Callable,
+               max_batch: Callable, real: bool) -> dict[str, Any]:
     rows = []
     largest: dict[str, str | None] = {method: None for method in methods}
     precision = None
@@ -37,13 +45,13 @@ def _recommend(config: TrainConfig, hardware: Hardware, methods: tuple[str, ...]
         for method in methods:
             quant = config.quant if method == config.method else ("4" if method == "qlora" else "none")
             method_config = config.updated(method=method, quant=quant)
-            result = estimate_memory(hf_config, method_config, hardware, model_name=name)
+            result = estimate(hf_config, method_config, hardware, model_name=name)
             precision = result.precision
             fits = result.fits
             row["methods"][method] = {
                 "fits": fits,
                 "total_bytes": result.total_bytes,
-                "max_batch_size": max_batch_size(hf_config, method_config, hardware) if fits else 0,
+                "max_batch_size": max_batch(hf_config, method_config, hardware) if fits else 0,
             }
             if fits:
                 largest[method] = name
