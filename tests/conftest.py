@@ -25,6 +25,23 @@ def _no_faults(monkeypatch):
     faults._leaked.clear()
 
 
+@pytest.fixture
+def recommend_calls(monkeypatch):
+    """torch's recommend table replaced by a recorder of (config, hardware, methods): what a command asks of it,
+    without its ~15 traces (minutes on a loaded machine; test_cli runs it for real)."""
+    calls = []
+
+    def record(config, hardware, methods=("full", "lora", "qlora")):
+        calls.append((config, hardware, methods))
+        return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": "bf16",
+                "seq_len": config.seq_len, "batch_size": config.batch_size,
+                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": [],
+                "largest": {method: None for method in methods}}
+
+    monkeypatch.setattr("memfit.estimate.recommend.recommend", record)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from memfit.models import init_model

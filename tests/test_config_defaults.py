@@ -69,30 +69,14 @@ def test_estimate_uses_the_shared_defaults(capsys):
     assert code == 0 and config == TrainConfig().model_dump()
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """recommend's computation replaced by a recorder: what the command asks for, without ~5 models' traces."""
-    calls = []
-
-    def fake(config, hardware, methods=("full", "lora", "qlora")):
-        calls.append((config, hardware, methods))
-        return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": "bf16",
-                "seq_len": config.seq_len, "batch_size": config.batch_size,
-                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": [],
-                "largest": {method: None for method in methods}}
-
-    monkeypatch.setattr("memfit.estimate.recommend.recommend", fake)
-    return calls
-
-
-def test_recommend_uses_the_shared_defaults_and_honours_method_and_quant(capsys, recorded):
+def test_recommend_uses_the_shared_defaults_and_honours_method_and_quant(capsys, recommend_calls):
     code, out, _ = run_cli(capsys, "recommend", "--memory-gb", "24", "--device", "cuda", "--json")
-    config, _, methods = recorded[-1]
+    config, _, methods = recommend_calls[-1]
     assert code == 0 and methods == ("full", "lora", "qlora")
     assert config.model_dump() == TrainConfig().model_dump()  # no private seq/checkpointing overrides
     code, out, _ = run_cli(capsys, "recommend", "--memory-gb", "24", "--device", "cuda", "--method", "lora",
                            "--quant", "8", "--json")
-    config, _, methods = recorded[-1]
+    config, _, methods = recommend_calls[-1]
     assert code == 0 and methods == ("lora",) and config.quant == "8" and json.loads(out)["methods"] == ["lora"]
 
 
@@ -102,10 +86,10 @@ def test_recommend_uses_the_shared_defaults_and_honours_method_and_quant(capsys,
     (["--distributed", "zero3"], "does not take --distributed zero3"),
     (["--method", "full", "--quant", "4"], "--quant 4 needs --method lora or qlora"),
 ])
-def test_recommend_refuses_what_it_cannot_honour(capsys, recorded, flags, fragment):
+def test_recommend_refuses_what_it_cannot_honour(capsys, recommend_calls, flags, fragment):
     code, out, err = run_cli(capsys, "recommend", "--memory-gb", "24", "--device", "cuda", *flags)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and fragment in err
-    assert not recorded
+    assert not recommend_calls
 
 
 def test_recommend_computes_only_the_method_asked_for(monkeypatch):

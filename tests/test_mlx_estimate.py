@@ -111,24 +111,7 @@ def test_largest_batch_is_the_last_that_fits(tiny_model_dir):
     assert not estimate_mlx(hf_config, config, hardware, batch_size=batch + 1).fits
 
 
-@pytest.fixture
-def torch_recommend(monkeypatch):
-    """torch's recommend replaced by a recorder (its ~15 traces take minutes on a loaded machine; test_cli runs it
-    for real): what the Mac command asks of it."""
-    calls = []
-
-    def fake(config, hardware, methods=("full", "lora", "qlora")):
-        calls.append(hardware)
-        return {"device": hardware.device, "memory_bytes": hardware.memory_bytes, "precision": "bf16",
-                "seq_len": config.seq_len, "batch_size": config.batch_size,
-                "grad_checkpointing": config.grad_checkpointing, "methods": list(methods), "models": [],
-                "largest": {method: None for method in methods}}
-
-    monkeypatch.setattr("memfit.estimate.recommend.recommend", fake)
-    return calls
-
-
-def test_recommend_mps_names_both_engines_within_the_working_set(capsys, torch_recommend):
+def test_recommend_mps_names_both_engines_within_the_working_set(capsys, recommend_calls):
     from memfit.cli import main
 
     code = main(["recommend", "--device", "mps", "--memory-gb", "64", "--json"])
@@ -138,7 +121,7 @@ def test_recommend_mps_names_both_engines_within_the_working_set(capsys, torch_r
     assert data["usable_bytes"] == int(64 * GB * 3 / 4)  # above 36 GB: three quarters
     assert set(data["engines"]) == {"torch", "mlx"}
     # Both engines are judged against the GPU's working set, not the Mac's RAM.
-    assert torch_recommend[-1].device == "mps" and torch_recommend[-1].memory_bytes == data["usable_bytes"]
+    assert recommend_calls[-1][1].device == "mps" and recommend_calls[-1][1].memory_bytes == data["usable_bytes"]
     assert data["engines"]["mlx"]["memory_bytes"] == data["usable_bytes"]
     assert "bitsandbytes" in data["support"]["torch"] and "--quant 4|8" in data["support"]["mlx"]
     mlx_rows = {row["model"]: row["methods"] for row in data["engines"]["mlx"]["models"]}
