@@ -285,6 +285,18 @@ def write_section(path: Path, marker: str, body: str) -> None:
     path.write_text(text)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def publish(table: str, marker: str, write: bool, out: Path = DOCS) -> None:
+    """A benchmark's last step: print its table, or with --write put it in `out`'s section `marker`."""
+    if not write:
+        print(table)
+        return
+    write_section(Path(out), marker, table)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -293,16 +305,12 @@ def main() -> None:
     parser.add_argument("--engine", default="torch", choices=("torch", "mlx"),
                         help="mlx: memfit's MLX engine against mx.get_peak_memory() (its own section)")
     parser.add_argument("--write", action="store_true", help="write the table into --out (else print it)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
+    parser.add_argument("--out", default=str(DOCS))
     args = parser.parse_args()
     if args.engine == "mlx":
         rows = run_mlx(args.quick)
-        table = markdown_mlx(rows)
-        if not args.write:
-            print(table)
-            return
-        write_section(Path(args.out), "estimate-accuracy-mlx-cpu", table)
-        print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
+        publish(markdown_mlx(rows), "estimate-accuracy-mlx-cpu", args.write, args.out)
+        print(f"worst error {max(abs(r['error']) for r in rows):.1f}%")
         sys.exit(0)
     marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"
 
@@ -310,12 +318,8 @@ def main() -> None:
         write_section(Path(args.out), marker, markdown(rows, args.device, moe=args.moe, total=total))
 
     rows = run(args.device, args.quick, args.moe, on_row=written if args.write else None)
-    table = markdown(rows, args.device, moe=args.moe)
-    if not args.write:
-        print(table)
-        return
-    write_section(Path(args.out), marker, table)
-    print(f"wrote {args.out}; worst error {max(abs(r['error']) for r in rows):.1f}%")
+    publish(markdown(rows, args.device, moe=args.moe), marker, args.write, args.out)
+    print(f"worst error {max(abs(r['error']) for r in rows):.1f}%")
     sys.exit(0)
 
 

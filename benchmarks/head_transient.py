@@ -149,14 +149,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         step = step_rows(Path(init_model("smollm2-135m", Path(scratch) / "smol30")))
     table = markdown(lse, step)
-    if not args.write:
-        print(table)
-        return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from estimate_accuracy import write_section
+    from estimate_accuracy import publish
 
-    write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "head-transient", table)
-    print("wrote docs/benchmarks.md")
+    publish(table, "head-transient", args.write)
 
 
 if __name__ == "__main__":

@@ -153,14 +153,10 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     table = markdown(run())
-    if not args.write:
-        print(table)
-        return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from estimate_accuracy import write_section
+    from estimate_accuracy import publish
 
-    write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "heap-retention", table)
-    print("wrote docs/benchmarks.md")
+    publish(table, "heap-retention", args.write)
 
 
 if __name__ == "__main__":
