@@ -14,7 +14,7 @@ from memfit.allocator import fix_mmap_threshold
 from memfit.config import TrainConfig, load_yaml, make_config
 from memfit.errors import UserError
 from memfit.precision import resolve_precision
-from memfit.runtime import signals_handled
+from memfit.runtime import signals_handled, stop_then_abort
 from memfit.system import detect
 
 
@@ -140,6 +140,23 @@ def test_signals_handled_runs_its_handler_then_puts_the_one_before_back(signum):
         assert signal.getsignal(signum) is before
     finally:
         signal.signal(signum, outer)
+
+
+def test_a_first_signal_asks_to_stop_a_second_aborts_unless_it_is_a_repeat():
+    class Run:
+        interrupted = None
+
+    run, repeats = Run(), []
+    with signals_handled(stop_then_abort(run)):
+        os.kill(os.getpid(), signal.SIGTERM)  # real signals: the first only marks the run
+        assert run.interrupted == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    patient = Run()
+    with signals_handled(stop_then_abort(patient, lambda seconds: repeats.append(seconds) or True)):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # judged a repeat of the first: not an abort
+    assert patient.interrupted == "SIGINT" and len(repeats) == 1 and 0 <= repeats[0] < 5
 
 
 def test_the_trainer_never_imports_the_estimator():

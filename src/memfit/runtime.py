@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -63,6 +64,26 @@ def signals_handled(handler: Callable, signums: tuple[int, ...] = (signal.SIGINT
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
+
+
+def stop_then_abort(run, ignore_repeat: Callable[[float], bool] | None = None) -> Callable:
+    """The SIGINT/SIGTERM handler of a long command: the first signal sets `run.interrupted` to its name (the run
+    stops at its next safe point, with a checkpoint or its journal written); a second one raises KeyboardInterrupt
+    (abort now), unless `ignore_repeat(seconds since the first)` says it is a repeat of the first, not the user's.
+    The first is not raised: a handler's exception surfaces wherever the main thread is, also inside a Python
+    callback that torch runs from C++ (fake tensors being freed), where it cannot propagate and ends in
+    std::terminate: SIGABRT, a core dump, the probe journal's last trial unwritten (seen once in CI)."""
+    first_at = [0.0]
+
+    def on_signal(signum, frame):
+        if run.interrupted:
+            if ignore_repeat is not None and ignore_repeat(time.monotonic() - first_at[0]):
+                return
+            raise KeyboardInterrupt
+        run.interrupted = signal.Signals(signum).name
+        first_at[0] = time.monotonic()
+
+    return on_signal
 
 
 def run_python_json(argv: list[str], timeout_s: float, env: dict | None = None) -> dict:

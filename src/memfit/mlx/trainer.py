@@ -19,7 +19,6 @@ back, so the checkpoint of the step before resumes exactly.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +38,7 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
 from memfit.mlx import checkpoint as mlx_ckpt
 from memfit.mlx import memory as mlx_memory
 from memfit.mlx.loss import make_loss
-from memfit.runtime import signals_handled
+from memfit.runtime import signals_handled, stop_then_abort
 from memfit.train import checkpoint as ckpt
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
@@ -567,12 +566,7 @@ def train_mlx(job, config: TrainConfig, on_event: Callable[[Event], None] | None
     use_dora, group_size (for --quant), export_peft, compile_step."""
     trainer = MlxTrainer(job, config, on_event, **options)
 
-    def on_signal(signum, frame):
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        trainer.interrupted = signal.Signals(signum).name
-
-    with signals_handled(on_signal):
+    with signals_handled(stop_then_abort(trainer)):
         try:
             trainer.setup()
             return trainer.run()

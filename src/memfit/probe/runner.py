@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from memfit.probe import profile as profiles
 from memfit.probe.events import ProbeEnded, ProbeStarted, TrialEnded, TrialStarted, TrialStep
 from memfit.probe.search import Outcome, allowed_batches, largest_usable
 from memfit.probe.trial import Trial, TrialSpec, child_error, failed_on_input, run_trial
-from memfit.runtime import check_device, signals_handled
+from memfit.runtime import check_device, signals_handled, stop_then_abort
 from memfit.units import GB, format_gb
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256)
@@ -411,15 +410,7 @@ def probe(job: ProbeJob, config: TrainConfig, on_event: Callable[[Event], None] 
     once."""
     runner = Probe(job, config, on_event)
 
-    def on_signal(signum, frame):
-        # Not raised here: a signal handler's exception surfaces wherever the main thread is, also inside a Python
-        # callback that torch runs from C++ (the estimator's fake tensors being freed), where it cannot propagate
-        # and ends in std::terminate: SIGABRT, a core dump, the journal's last trial unwritten (seen once in CI).
-        if runner.interrupted:
-            raise KeyboardInterrupt
-        runner.interrupted = signal.Signals(signum).name
-
-    with signals_handled(on_signal):
+    with signals_handled(stop_then_abort(runner)):
         try:
             runner.setup()
             runner.check_interrupted()

@@ -25,7 +25,6 @@ recover an out-of-memory error in the process: that rank exits 4 at once and the
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from memfit.allocator import configure as configure_allocator
 from memfit.config import TrainConfig
-from memfit.runtime import default_device, signals_handled
+from memfit.runtime import default_device, signals_handled, stop_then_abort
 from memfit.distributed.collective import Agreement
 from memfit.distributed.collective import leave as leave_process_group
 from memfit.distributed.engine import pick_engine
@@ -539,23 +538,17 @@ def train(job: TrainJob, config: TrainConfig, on_event: Callable[[Event], None] 
     import os
 
     trainer = Trainer(job, config, on_event, sizing)
-    first_signal_at = [0.0]
     # A supervised trainer (memfit.train.supervisor) asked for SIGTERM when its supervisor dies (PR_SET_PDEATHSIG).
     # The kernel sends it again at each reparenting (to another thread of the dying supervisor, then to init): once
     # the supervisor is gone, a repeated SIGTERM is that, not a user's second signal, and must not abort the stop.
     supervisor = os.getppid() if job.attempt is not None else None
 
-    def on_signal(signum, frame):
-        if trainer.interrupted:
-            if trainer.distributed and time.monotonic() - first_signal_at[0] < REPEATED_SIGNAL_S:
-                return  # the launcher passing on the Ctrl-C this worker already got from the terminal
-            if supervisor is not None and os.getppid() != supervisor:
-                return  # the parent-death signal again (see above)
-            raise KeyboardInterrupt
-        trainer.interrupted = signal.Signals(signum).name
-        first_signal_at[0] = time.monotonic()
+    def repeat_of_the_first(seconds_since: float) -> bool:
+        if trainer.distributed and seconds_since < REPEATED_SIGNAL_S:
+            return True  # the launcher passing on the Ctrl-C this worker already got from the terminal
+        return supervisor is not None and os.getppid() != supervisor  # the parent-death signal again (see above)
 
-    with signals_handled(on_signal):
+    with signals_handled(stop_then_abort(trainer, repeat_of_the_first)):
         try:
             trainer.setup()
             result = trainer.run()
