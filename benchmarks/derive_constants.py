@@ -111,6 +111,7 @@ def child(kind: str, *args: str, cache: str) -> dict:
            "TRANSFORMERS_VERBOSITY": "error"}
     return run_python_json(["-c", _CHILDREN[kind], *args], timeout_s=600, env=env)
 
+
 def measure(repeats: int, log=print) -> dict[str, list[dict]]:
     from memfit.models import init_model
 

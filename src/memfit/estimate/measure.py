@@ -147,6 +147,7 @@ def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3,
             *(["--read-weights"] if read_weights else [])]
     return run_python_json(["-m", "memfit.estimate.measure", *args], timeout_s, env)
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")

@@ -70,6 +70,7 @@ def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3,
     args = [str(model_dir), json.dumps(config_values), "--steps", str(steps)]
     return run_python_json(["-m", "memfit.mlx.measure", *args], timeout_s, env)
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
