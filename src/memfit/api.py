@@ -106,7 +106,10 @@ def estimate(model: str | None = None, *, device: str | None = None, memory_gb: 
     if target_batch is not None and target_batch < 1:
         raise UserError(f"--target-batch must be >= 1 (got {target_batch})")
     config = build_config(options, file_values)
-    training_engine = _estimate_engine(option_value(engine, file_values, "engine", str))
+    from memfit.mlx import choose_engine
+
+    # Unlike train, --engine mlx needs no MLX here: its estimate is arithmetic (memfit.estimate.mlx_memory).
+    training_engine = choose_engine(option_value(engine, file_values, "engine", str) or "torch", needs_mlx=False)
     if training_engine == "mlx":
         return _estimate_mlx(model, config, device, memory_gb, num_gpus, zero, target_batch)
     zero, engine = estimated_sharding(config, zero)  # --distributed zero3 is --zero 3; fsdp full-shards
@@ -130,19 +133,6 @@ def estimate(model: str | None = None, *, device: str | None = None, memory_gb: 
         result.planned_for_cpu = ("planning for this machine's CPU (no GPU here; memory is process RSS): for a GPU, "
                                   "pass --device cuda --memory-gb 24 (its memory in GB)")
     return result
-
-
-def _estimate_engine(engine: str | None) -> str:
-    """--engine for estimate: torch, mlx, or auto (MLX on Apple Silicon where it is installed). Unlike train, mlx
-    needs no MLX here: its estimate is arithmetic."""
-    from memfit.mlx import apple_silicon, available
-
-    engine = engine or "torch"
-    if engine == "auto":
-        return "mlx" if apple_silicon() and available() else "torch"
-    if engine not in ("torch", "mlx"):
-        raise UserError(f"unknown --engine {engine!r}", hint="choose torch, mlx or auto")
-    return engine
 
 
 def _estimate_mlx(model: str, config: TrainConfig, device: str | None, memory_gb: float | None,
@@ -257,11 +247,10 @@ def recommend(*, device: str | None = None, memory_gb: float | None = None, conf
 
 
 def _mac_engines(engine: str | None) -> tuple[str, ...]:
-    if engine in (None, "auto"):
-        return ("torch", "mlx")
-    if engine not in ("torch", "mlx"):
-        raise UserError(f"unknown --engine {engine!r}", hint="choose torch or mlx (default: both)")
-    return (engine,)
+    """recommend --device mps: both engines' tables unless one is named (auto: both)."""
+    from memfit.mlx import choose_engine
+
+    return ("torch", "mlx") if engine in (None, "auto") else (choose_engine(engine, needs_mlx=False),)
 
 
 # --- probe ---------------------------------------------------------------------------------------------------------

@@ -30,13 +30,14 @@ def apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def choose_engine(engine: str) -> str:
-    """`--engine torch|mlx|auto` -> torch or mlx. auto: MLX on Apple Silicon when it is installed, torch elsewhere."""
+def choose_engine(engine: str, needs_mlx: bool = True) -> str:
+    """`--engine torch|mlx|auto` -> torch or mlx. auto: MLX on Apple Silicon when it is installed, torch elsewhere.
+    `needs_mlx` False: mlx is a valid answer without MLX installed (the MLX estimate is arithmetic)."""
     from memfit.errors import UserError
 
     if engine == "auto":
         return "mlx" if apple_silicon() and available() else "torch"
-    if engine == "mlx" and not available():
+    if engine == "mlx" and needs_mlx and not available():
         raise UserError("--engine mlx needs mlx and mlx-lm", hint="pip install 'memfit[mlx]'")
     if engine not in ("torch", "mlx"):
         raise UserError(f"unknown --engine {engine!r}", hint="choose torch, mlx or auto")
