@@ -98,6 +98,16 @@ class PynvmlReader:
         return None
 
 
+def nvml_process_bytes(device_index: int = 0, pid: int | None = None) -> int | None:
+    """Device memory NVML counts for one process (default: this one) on the visible CUDA device `device_index`:
+    what `nvidia-smi` shows in its process list, the caching allocator's reserved blocks plus the CUDA context and
+    library workspaces. None without pynvml (the `nvidia` extra: nvidia-ml-py), a driver, or the process listed."""
+    reader = PynvmlReader.open()
+    if reader is None:
+        return None
+    return reader.process_used_bytes(device_index, os.getpid() if pid is None else pid)
+
+
 def _torch_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -180,29 +180,3 @@ def mapped_file_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def nvml_process_bytes(device_index: int = 0, pid: int | None = None) -> int | None:
-    """Device memory NVML counts for one process (default: this one) on the visible CUDA device `device_index`:
-    what `nvidia-smi` shows in its process list, the caching allocator's reserved blocks plus the CUDA context and
-    library workspaces. None without pynvml (the `nvidia` extra: nvidia-ml-py), a driver, or the process listed."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    pid = os.getpid() if pid is None else pid
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver
-        return None
-    try:
-        visible = _visible_indices(pynvml.nvmlDeviceGetCount())
-        handle = pynvml.nvmlDeviceGetHandleByIndex(visible[device_index])
-        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if process.pid == pid and process.usedGpuMemory is not None:
-                return int(process.usedGpuMemory)
-        return None
-    except Exception:  # noqa: BLE001 - NVML errors (a container's hidden pids, an old driver)
-        return None
-    finally:
-        pynvml.nvmlShutdown()

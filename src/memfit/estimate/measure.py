@@ -127,7 +127,7 @@ def _train_steps(model, optimizer, allocator, config, precision, steps: int, dev
 def _cuda_peaks() -> dict:
     import torch
 
-    from memfit.system import nvml_process_bytes
+    from memfit.cuda_context import nvml_process_bytes
 
     # What nvidia-smi shows for this process now: the caching allocator keeps what it reserved (no empty_cache),
     # so this is the reserved peak + the CUDA context and workspaces. None without pynvml.
