@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from memfit.config import TrainConfig
-from memfit.train.chunked_loss import (chunk_tokens, chunked_loss_blocker, head_returns_hidden, linear_cross_entropy,
+from memfit.train.chunk_size import chunk_tokens
+from memfit.train.chunked_loss import (chunked_loss_blocker, head_returns_hidden, linear_cross_entropy,
                                        linear_token_losses)
 from memfit.train.losses import IGNORE_INDEX, micro_step_loss, scored_tokens
 

@@ -16,7 +16,7 @@ from memfit.estimate.memory import (
 )
 from memfit.estimate.advice import suggestions
 from memfit.models import ARCHITECTURES, resolve_model
-from memfit.train.chunked_loss import MIN_CHUNK_TOKENS
+from memfit.train.chunk_size import MIN_CHUNK_TOKENS
 
 LLAMA_8B = ARCHITECTURES["llama-3.1-8b"].to_hf_config()
 

@@ -10,7 +10,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from memfit.mlx.loss import make_loss, supports_chunked_loss, weighted_ce  # noqa: E402
-from memfit.train.chunked_loss import MIN_CHUNK_TOKENS  # noqa: E402
+from memfit.train.chunk_size import MIN_CHUNK_TOKENS  # noqa: E402
 
 
 def _lora_model(model_dir):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from memfit.train.chunk_size import MIN_CHUNK_TOKENS, chunk_tokens  # noqa: F401 - callers import them here
+from memfit.train.chunk_size import chunk_tokens
 
 # Models whose logits are not just `lm_head(hidden)`: a final soft-cap or a scale applied after the head. The
 # chunked path would skip that step, so these keep the full logits.
