@@ -20,10 +20,14 @@ from memfit.train.chunk_size import chunk_tokens
 # Other architectures than MLX_PLAIN_HEAD_TYPES (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
 
 
+def _weighted_sum(logits: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+    """sum_t w_t * CE_t, the logits upcast to fp32 (as the torch engine's loss)."""
+    return (nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none") * weights).sum()
+
+
 def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
-    """sum_t w_t * CE_t over a micro-batch: logits upcast to fp32 (as the torch engine's full-logits loss)."""
-    logits = model(inputs).astype(mx.float32)
-    return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    """sum_t w_t * CE_t over a micro-batch, through the full logits."""
+    return _weighted_sum(model(inputs), targets, weights)
 
 
 def _head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] | None:
@@ -52,8 +56,7 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
     def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
         # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
         targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
-        logits = apply(module, hidden).astype(mx.float32)
-        return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        return _weighted_sum(apply(module, hidden), targets, weights)
 
     # Recomputed in the backward pass from the chunk's hidden states: only one chunk's logits at a time.
     chunk_loss = nn.utils.checkpoint(module, chunk_loss)
