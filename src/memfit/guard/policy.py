@@ -497,9 +497,9 @@ class Guard:
             self.peak_host_rss_bytes = max(self.peak_host_rss_bytes, sample.rss_bytes)
             self._host_window_rss = max(self._host_window_rss, sample.rss_bytes)
             available = sample.system_available_bytes
-            for name in ("min_system_available_bytes", "_host_window_available"):
-                current = getattr(self, name)
-                setattr(self, name, available if current is None else min(current, available))
+            lowest, window = self.min_system_available_bytes, self._host_window_available
+            self.min_system_available_bytes = available if lowest is None else min(lowest, available)
+            self._host_window_available = available if window is None else min(window, available)
 
     def _rss_crossing(self, rss: int) -> str | None:
         """The stop reason when this process's RSS is above the host RSS limit, else None."""
