@@ -1,11 +1,12 @@
 """What the trace does not see at the loss head: torch.logsumexp's own buffer, one input-sized tensor.
 
-The chunked loss (memfit.train.chunked_loss) takes `torch.logsumexp` of each chunk's fp32 logits. On CPU that
-kernel makes a temporary the size of its input ((x - max).exp(), before the sum) inside one aten op, so the fake-tensor
-trace (memfit.estimate.trace), which sees the op's output only, misses it. Measured two ways, each in this process
-with memfit's allocator policy (RSS follows tensors over 1 MiB):
-- logsumexp alone: the RSS high-water (VmHWM, reset through /proc/self/clear_refs) of one call over its input's
-  bytes, at 256, 512 and 1024 tokens of a 49,152-token vocab (smollm2-135m's);
+The chunked loss (memfit.train.chunked_loss) used to take `torch.logsumexp` of each chunk's fp32 logits. That kernel
+makes a temporary the size of its input ((x - max).exp(), before the sum) inside one aten op, so the fake-tensor
+trace (memfit.estimate.trace), which sees the op's output only, missed it; the loss now exponentiates the logits in
+their own buffer (chunked_loss._exp_in_place). Measured two ways, each in this process with memfit's allocator
+policy (RSS follows tensors over 1 MiB):
+- one call alone: the RSS high-water (VmHWM, reset through /proc/self/clear_refs) of torch.logsumexp, and of the
+  loss's in-place form, over the input's bytes, at 256, 512 and 1024 tokens of a 49,152-token vocab (smollm2-135m's);
 - a real LoRA step of the whole smollm2-135m (30 layers, fp32, checkpointing, batch 2 x 128): the RSS high-water of
   each phase over the RSS where it began (phases cut where memfit's trace cuts them: at the lm_head and at the
   last layer's gradient), next to the trace's own peak for that phase.
@@ -39,16 +40,25 @@ def _reset_high_water() -> None:
 def logsumexp_rows() -> list[dict]:
     import torch
 
+    from memfit.train.chunked_loss import _exp_in_place
+
     rows = []
     for tokens in (256, 512, 1024):
         logits = torch.randn(tokens, VOCAB)
-        highs = []
+        highs, in_place_highs = [], []
         for _ in range(3):
             _reset_high_water()
             before = _status("VmRSS")
             torch.logsumexp(logits, dim=-1)
             highs.append(_status("VmHWM") - before)
-        rows.append(dict(tokens=tokens, input_bytes=logits.numel() * 4, high_bytes=min(highs)))
+            scratch = logits.clone()  # the in-place form consumes its input
+            _reset_high_water()
+            before = _status("VmRSS")
+            _exp_in_place(scratch)
+            in_place_highs.append(_status("VmHWM") - before)
+            del scratch
+        rows.append(dict(tokens=tokens, input_bytes=logits.numel() * 4, high_bytes=min(highs),
+                         in_place_high_bytes=min(in_place_highs)))
         del logits
     return rows
 
@@ -116,13 +126,16 @@ def markdown(lse: list[dict], step: list[dict]) -> str:
     lines = [
         "### What the trace does not see at the loss head",
         "",
-        "Measured with `python benchmarks/head_transient.py --write`. `torch.logsumexp` over a tokens × 49,152 fp32 "
-        "tensor (the chunked loss's call): the RSS high-water of the call over its input's size.",
+        "Measured with `python benchmarks/head_transient.py --write`. Over a tokens × 49,152 fp32 tensor (one chunk's "
+        "logits): the RSS high-water of one call over its input's size, for `torch.logsumexp` (what the chunked loss "
+        "called before) and for the loss's own form now, which exponentiates the logits in their buffer "
+        "(`memfit.train.chunked_loss._exp_in_place`).",
         "",
-        "| tokens | input MB | high-water of the call MB |",
-        "|---:|---:|---:|",
+        "| tokens | input MB | torch.logsumexp MB | in place MB |",
+        "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {row['tokens']} | {row['input_bytes'] / MB:,.0f} | {row['high_bytes'] / MB:,.0f} |" for row in lse]
+    lines += [f"| {row['tokens']} | {row['input_bytes'] / MB:,.0f} | {row['high_bytes'] / MB:,.0f} | "
+              f"{row['in_place_high_bytes'] / MB:,.0f} |" for row in lse]
     lines += [
         "",
         "A real step of the whole smollm2-135m, LoRA fp32, checkpointing, batch 2 × 128 (3rd step): each phase's RSS "

@@ -1,10 +1,13 @@
 """The chunked cross-entropy through the lm_head: the same loss and gradients as full logits, without them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from memfit.config import TrainConfig
+from memfit.runtime import run_python_json
 from memfit.train.chunk_size import chunk_tokens
 from memfit.train.chunked_loss import (chunked_loss_blocker, head_returns_hidden, linear_cross_entropy,
                                        linear_token_losses)
@@ -132,3 +135,36 @@ def test_a_training_micro_step_matches_full_logits_on_a_lora_model():
     assert full_grads.keys() == chunked_grads.keys() and full_grads
     for name in full_grads:
         torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+_HIGH_WATER_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from memfit.allocator import fix_mmap_threshold
+from memfit.train.chunked_loss import linear_cross_entropy
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+fix_mmap_threshold()  # as training does: a freed chunk's logits go back to the OS, so VmHWM sees each call's own rise
+tokens, vocab = 256, 49152
+hidden = torch.randn(tokens, 64, requires_grad=True)
+head = torch.nn.Linear(64, vocab, bias=False).requires_grad_(False)
+targets = torch.randint(0, vocab, (tokens,))
+weights = torch.ones(tokens)
+linear_cross_entropy(hidden, head, targets, weights, chunk=tokens).backward()  # warm-up: kernels, caches
+Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM from the current RSS
+before = status("VmRSS")
+linear_cross_entropy(hidden, head, targets, weights, chunk=tokens).backward()
+print(json.dumps({"rise": status("VmHWM") - before, "chunk_logits": tokens * vocab * 4}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM reset")
+def test_a_chunk_costs_its_logits_once_no_hidden_buffer_of_the_same_size():
+    # torch.logsumexp would add a temporary the size of the chunk's logits (96 MB here instead of 48 MB) inside one
+    # op, where the estimator's trace cannot see it; the loss works in the logits' own buffer instead.
+    result = run_python_json(["-c", _HIGH_WATER_CHILD], timeout_s=120)
+    assert result["rise"] < 1.4 * result["chunk_logits"], result

@@ -97,13 +97,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = logits.float()
             target = targets[start:end]
             weights = token_weights[start:end]
-            log_norm = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            sum_exp, row_max = _exp_in_place(logits)  # logits now hold exp(logits - row max)
+            log_norm = sum_exp.log() + row_max
             loss += ((log_norm - target_logit) * weights).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
             # d(w * CE)/d(logits) = w * (softmax - onehot), built in the logits' own buffer.
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits = logits.div_(sum_exp[:, None])
             grad_logits[torch.arange(end - start, device=logits.device), target] -= 1.0
             grad_logits.mul_(weights[:, None])
             if needs_bias:
@@ -130,6 +131,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_loss).to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn fp32 `logits` (tokens x vocab) into exp(logits - row max) in their own buffer; return each row's sum of
+    those and its max, so log-sum-exp = log(sum) + max and softmax = logits / sum.
+
+    Not torch.logsumexp: its kernel makes a temporary the size of its input ((x - max).exp(), inside one aten op,
+    on every device), one more chunk of fp32 logits at the head's peak that the fake-tensor trace cannot see (48 MB
+    per 256-token chunk of a 49k vocab: `python benchmarks/head_transient.py --write`). In place there is no such
+    buffer, and one exp over the chunk instead of two (the softmax reuses it)."""
+    row_max = logits.amax(dim=-1)
+    # A row of -inf (nothing reachable) would make inf - inf: shift it by 0 instead, as torch.logsumexp does.
+    row_max = row_max.masked_fill(row_max.isinf(), 0.0)
+    logits.sub_(row_max[:, None]).exp_()
+    return logits.sum(dim=-1), row_max
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
@@ -161,6 +177,7 @@ def linear_token_losses(hidden: torch.Tensor, head: torch.nn.Linear, targets: to
         if bias is not None:
             logits = logits + bias
         logits = logits.float()
-        target = targets[start:start + chunk]
-        losses.append(torch.logsumexp(logits, -1) - logits.gather(1, target[:, None]).squeeze(1))
+        target_logit = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
+        sum_exp, row_max = _exp_in_place(logits)
+        losses.append(sum_exp.log() + row_max - target_logit)
     return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
