@@ -16,13 +16,11 @@ CASES = [
     ("smol_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True)),
 ]
 # Whole smollm2-135m: the cheapest real steps whose tensors pass glibc's 1 MiB mmap threshold (memfit.allocator),
-# as a training run's do. LoRA with gradient checkpointing is not here: -31% on the model part at batch 2 x 128
-# and -16% at 2 x 256, for two reasons the estimate does not model yet (docs/benchmarks.md, "Estimator accuracy").
-# The step's tensors under the 1 MiB threshold (at 2 x 128 tokens every hidden-sized activation, 590 KB) come from
-# glibc's heap, and what the step frees there stays resident: at the peak of 2 x 128, 222 MB of a 428 MB heap was
-# free; with a 64 KiB threshold 12 MB, and -11% (`python benchmarks/heap_retention.py --write`). And the chunked
-# loss's torch.logsumexp makes a buffer the size of a chunk's fp32 logits inside one op, which the trace does not
-# see: 48 MB per 256-token chunk here (`python benchmarks/head_transient.py --write`).
+# as a training run's do. LoRA with gradient checkpointing is not here: it is under-estimated on the model part,
+# for a reason the estimate does not model (docs/benchmarks.md, "Estimator accuracy"). The step's tensors under the
+# 1 MiB threshold (at 2 x 128 tokens every hidden-sized activation, 590 KB) come from glibc's heap, and what the step
+# frees there stays resident: at the peak of 2 x 128, 222 MB of a 428 MB heap was free; with a 64 KiB threshold
+# 12 MB (`python benchmarks/heap_retention.py --write`).
 WHOLE_CASES = [
     dict(method="full", dtype="fp32", batch_size=1, seq_len=128),
     dict(method="lora", dtype="fp32", batch_size=1, seq_len=512, grad_checkpointing=False),
