@@ -408,8 +408,9 @@ def fig_compile_full(args) -> str:
                 later = run["steps"][2:]  # steps 1-2: compilation, allocator and library warm-up
                 tokens_per_s = sum(s["tokens"] for s in later) / sum(s["step_time_s"] for s in later)
                 results[mode].append(dict(first_s=run["steps"][0]["step_time_s"], tokens_per_s=tokens_per_s,
-                                          wall_s=run["wall_s"], peak_rss_bytes=run["peak_rss_bytes"],
-                                          other_load=run["other_load_cores"]))
+                                          wall_s=run["wall_s"], cpu_s=run["cpu_s"],
+                                          guard_cpu_s=run.get("guard_thread_cpu_s"),
+                                          peak_rss_bytes=run["peak_rss_bytes"], other_load=run["other_load_cores"]))
                 print(mode, {k: round(v, 2) if isinstance(v, float) else v for k, v in results[mode][-1].items()},
                       flush=True)
     base = names[0]
@@ -422,18 +423,22 @@ def fig_compile_full(args) -> str:
                    f"order for {args.repeats} rounds, one thread (`OMP_NUM_THREADS=1`, run as `taskset -c 1 python "
                    f"benchmarks/figures.py {args.figure} --repeats {args.repeats} --write` with other work kept on "
                    "the other core). tokens/s "
-                   "counts steps 3..N (step 1 holds the compilation). Ratios are per round against the first mode.")
+                   "counts steps 3..N (step 1 holds the compilation). Ratios are per round against the first mode. "
+                   "Guard thread CPU: the sampler thread's own CPU time (`time.thread_time` in the thread, run.json's "
+                   "`guard_thread_cpu_s`) over the process's CPU time (os.wait4), the median over the runs.")
     lines += ["| mode | step 1 s | tokens/s, steps 3..N: min / median / max | ÷ eager per round | process wall s | "
-              "peak RSS MB | other load, cores |", "|---|---:|---|---|---:|---:|---:|"]
+              "guard thread CPU | peak RSS MB | other load, cores |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for mode in names:
         rows = results[mode]
         ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rows, results[base])]
         loads = [r["other_load"] for r in rows if r["other_load"] is not None]
         load = f"{max(loads):.2f}" if loads else "?"
+        shares = [r["guard_cpu_s"] / r["cpu_s"] for r in rows if r.get("guard_cpu_s") is not None and r["cpu_s"]]
+        guard = f"{statistics.median(shares):.3%}" if shares else "?"
         lines.append(f"| {mode} | {spread([r['first_s'] for r in rows], 1, '')} | "
                      f"{spread([r['tokens_per_s'] for r in rows], 1, '')} | "
                      f"{', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(r['wall_s'] for r in rows):.0f} | "
-                     f"{statistics.median(r['peak_rss_bytes'] for r in rows) / MB:,.0f} | {load} |")
+                     f"{guard} | {statistics.median(r['peak_rss_bytes'] for r in rows) / MB:,.0f} | {load} |")
     return "\n".join(lines) + "\n"
 
 

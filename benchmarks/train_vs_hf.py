@@ -233,7 +233,8 @@ def run_memfit(model_dir: Path, data: Path, work: Path, steps: int, seq_len: int
     if run["rc"] != 0 or not metrics_file.exists() or not run_json.exists():
         return {**run, "failed": f"exit {run['rc']} (see {run['log']})"}
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    return {**run, "peak_rss_bytes": json.loads(run_json.read_text())["peak_rss_bytes"],
+    ended = json.loads(run_json.read_text())
+    return {**run, "peak_rss_bytes": ended["peak_rss_bytes"], "guard_thread_cpu_s": ended.get("guard_thread_cpu_s"),
             "steps": [{key: m.get(key) for key in ("step", "loss", "tokens", "step_time_s", "time")}
                       for m in metrics]}
 

@@ -114,6 +114,25 @@ def test_sampler_thread_sees_a_spike_that_step_end_reads_miss():
     assert read_memory().peak_rss_bytes >= baseline + 390 * MB  # the spike was indeed below the high-water mark
 
 
+def test_the_sampler_counts_its_own_thread_cpu_time_and_nothing_else():
+    def slow_reader(device):  # 2 ms of CPU per reading, in the sampler's thread
+        started = time.thread_time()
+        while time.thread_time() - started < 0.002:
+            pass
+        return read_memory(device)
+
+    with MemorySampler(interval_s=0.01, reader=slow_reader) as sampler:
+        started = time.thread_time()
+        while time.thread_time() - started < 0.3:  # this (main) thread busy meanwhile: not the sampler's time
+            pass
+    # About 25 readings of 2 ms each in 0.3 s; the main thread's 0.3 s of CPU is not counted.
+    assert 0.02 < sampler.thread_cpu_s < 0.2
+    idle = MemorySampler(interval_s=0)
+    idle.start()
+    idle.stop()
+    assert idle.thread_cpu_s == 0.0  # no thread, no cost
+
+
 def test_a_child_process_peak_is_its_own_not_its_parents():
     # exec folds the replaced address space's RSS into getrusage's ru_maxrss; after Python's vfork that is this
     # (parent) process. A probe trial or measurement child must report only what it used.

@@ -62,6 +62,7 @@ def test_lora_run_writes_the_run_dir_and_a_loadable_adapter(tiny_model_dir, tmp_
     assert {"torch", "transformers", "peft", "accelerate"} <= set(run["versions"])
     assert run["hardware"]["ram_total_bytes"] > 0 and run["limit"]["auto"] is True
     assert run["data_stats"]["records"] == 330
+    assert 0 < run["guard_thread_cpu_s"] < 1.0  # ten readings a second of tens of microseconds each
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     model = PeftModel.from_pretrained(base, str(out / "final"))

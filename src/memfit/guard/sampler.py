@@ -248,6 +248,9 @@ class MemorySampler:
         self._latest: MemorySample | None = None
         self._window_max: int | None = None
         self._window_high_water: int | None = None  # the OS/allocator high-water mark when the window began
+        # CPU seconds the thread itself used (time.thread_time, read in the thread as it ends): the guard's own
+        # cost, which a with/without comparison of whole runs cannot resolve below its run-to-run noise.
+        self.thread_cpu_s = 0.0
 
     # The thread ---------------------------------------------------------------------------------------------
 
@@ -284,6 +287,7 @@ class MemorySampler:
                 self.sample_now()
             except Exception:  # a failed read or callback must not end the guard; the next one may work
                 logger.exception("memory sample failed")
+        self.thread_cpu_s += time.thread_time()  # += : a restarted sampler adds its new thread's time
 
     def sample_now(self) -> MemorySample:
         """Take one sample as the thread does (record it, call on_sample). Without a thread (interval_s <= 0) the

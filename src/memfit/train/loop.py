@@ -483,6 +483,7 @@ class Trainer:
                                         stop_reason=stop_reason, signal=signal_name,
                                         reload_after=self.job.reload_after)
         extra = {"ranks": per_rank, "estimate_per_rank_bytes": self.estimate} if per_rank else {}
+        extra["guard_thread_cpu_s"] = round(self.guard.sampler.thread_cpu_s, 4)
         if status == "guard_stop":  # which limit stopped it: device (--max-memory), host or host_available (a GPU's)
             stop_rank = self.safe.decision.stop_rank if per_rank else None
             extra.update(stop_reason=stop_reason, stop_limit=per_rank[stop_rank]["stop_limit"]
