@@ -179,8 +179,8 @@ def _setting_notes(info: ArchInfo, config: TrainConfig, precision: Precision, ha
         kv_bytes = (config.batch_size * config.seq_len * (info.num_kv_heads or info.num_heads) * head_dim
                     * precision.compute_bytes)
         if policy == "threshold" and config.uses_adapters and kv_bytes < DEFAULT_MMAP_THRESHOLD_BYTES:
-            # Not modelled: which freed heap chunks glibc reuses. In the CPU accuracy table the LoRA cases whose
-            # key/value tensors were under the threshold ran 10-27% above the estimate's model part, those above it
+            # Not modelled: which freed heap chunks glibc reuses. In the CPU accuracy table every LoRA case more than
+            # 10% short on the model part has key/value tensors under the threshold, and every LoRA case above it is
             # within 10% (benchmarks/heap_retention.py, estimate_accuracy.py); a measurement, not a fitted term.
             notes.append(f"CPU: this micro-batch's key/value tensors ({kv_bytes / 2**10:,.0f} KiB) are under glibc's "
                          "1 MiB mmap threshold, so they and smaller ones come from the heap, which keeps much of "
