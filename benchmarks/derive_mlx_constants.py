@@ -2,19 +2,22 @@
 estimator reads them (src/memfit/estimate/mlx_constants.json).
 
     python benchmarks/derive_mlx_constants.py [--out src/memfit/estimate/mlx_constants.json] [--dry-run]
+        [--refit | --shapes g]
 
 memfit.estimate.mlx_memory writes an MLX step's arrays as exact terms (weights in MLX's layout, fp32 adapters, their
-gradients and AdamW states) plus activation terms whose sizes follow from the graph (the head's fp32 logits; per
-layer the h-wide values, the MLP's i-wide values and the attention scores, with and without checkpointing:
-`term_bytes`). How many copies of each the compiled step holds at its highest point is what this script
-measures: real MLX training steps (memfit.mlx.measure: the trainer's own load, quantization, adapters, optimizer
-and compiled step) on small llamas of four shapes that differ in width, MLP width, heads, vocabulary and depth
-(none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at several batch x sequence
-sizes, with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked one
-(memfit.mlx.loss). The coefficients are fitted on the full-logits runs; the
-chunked runs are reported beside them (`chunked_errors_percent`), since the estimate counts the full logits. For each run: arrays above the exact terms =
-`mx.get_peak_memory()` - (weights + adapters + gradients + optimizer), and the coefficients are the non-negative
-least-squares fit of those bytes on the terms, each run weighted by 1/its bytes (relative error). The runtime is the
+gradients and AdamW states) plus activation terms whose sizes follow from the graph (the head's fp32 logits, or with
+the chunked loss two chunks' and the rest; per layer the h-wide values, the MLP's i-wide values and the attention
+scores, with and without checkpointing: `term_bytes`; with checkpointing the peak is at the head or at a layer's
+recomputation, whichever is larger: `peak_parts`). How many copies of each the compiled step holds at its
+highest point is what this script measures: real MLX training steps (memfit.mlx.measure: the trainer's own load,
+quantization, adapters, optimizer and compiled step) on small llamas of five shapes that differ in width, MLP width,
+heads, vocabulary (1k-32k, so the head terms range from a small share of the step to most of it) and depth (1-8
+layers; none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at 128, 512 and
+1024 tokens, with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked
+one (memfit.mlx.loss). Both losses are fitted together: they share every term but the head's. For each run:
+arrays above the exact terms = `mx.get_peak_memory()` - (weights + adapters + gradients + optimizer), and the
+coefficients are the non-negative least-squares fit of those bytes on the terms (`fit`), each run weighted by
+1/its bytes (relative error); the worst error is reported for all runs and for each loss apart. The runtime is the
 median over the runs of the child's peak RSS less MLX's peak (on a Linux CPU, MLX's arrays are inside the RSS).
 """
 
@@ -34,37 +37,46 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "memfit" / "estimate" / "mlx_constants.json"
 
 # Small llamas (memfit init-model's tiny preset with these config values): widths a multiple of 64 (MLX's group).
+# Two layer-heavy shapes with small vocabularies (b, d), two head-heavy ones (e: 16k, f: 32k) whose logits
+# dominate the step, so the head's terms are not confounded with the fixed part, and the chunked loss really cuts
+# the logits (chunk_tokens is 256 there, against 512-1024 tokens), and a deep narrow one (g: 8 layers), so the
+# terms that grow with the depth are told from those of the one layer checkpointing recomputes at a time.
 SHAPES = {
-    "a": dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, vocab_size=1024,
-              num_hidden_layers=1),
     "b": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, num_key_value_heads=2,
               vocab_size=4096, num_hidden_layers=3),
-    "c": dict(hidden_size=64, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=4096, num_hidden_layers=2),
     "d": dict(hidden_size=192, intermediate_size=256, num_attention_heads=3, num_key_value_heads=1,
               vocab_size=1024, num_hidden_layers=3),
+    "e": dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=16384, num_hidden_layers=2),
+    "f": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=32768, num_hidden_layers=1),
+    "g": dict(hidden_size=64, intermediate_size=192, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=2048, num_hidden_layers=8),
 }
-# (batch, seq, checkpointing, dtype) per shape: each sequence length with checkpointing on and off, in fp32 and
-# bf16 (the dtypes swapped between shapes, so each term is seen in both).
-_FIRST = [(1, 512, False, "fp32"), (4, 128, False, "bf16"), (2, 256, False, "bf16"),
-          (1, 512, True, "bf16"), (4, 128, True, "fp32"), (2, 256, True, "fp32")]
+# (batch, seq, checkpointing, dtype) per shape, each with the full-logits loss and the chunked one: 128, 512 and
+# 1024 tokens (the head terms scale with the tokens, the fixed part does not; the attention scores with s^2 at
+# sequences of 128-1024), checkpointing on and off, fp32 and bf16 (the dtypes swapped between shapes, so each term
+# is seen in both).
+_FIRST = [(1, 128, False, "fp32"), (4, 128, True, "bf16"), (2, 512, False, "bf16"),
+          (1, 1024, True, "fp32"), (1, 1024, False, "fp32"), (2, 256, True, "bf16")]
 _SWAPPED = [(batch, seq, checkpointing, "bf16" if dtype == "fp32" else "fp32")
             for batch, seq, checkpointing, dtype in _FIRST]
-RUNS = {"a": _FIRST, "b": _SWAPPED, "c": _FIRST, "d": _SWAPPED}
+RUNS = {"b": _FIRST, "d": _SWAPPED, "e": _FIRST, "f": _SWAPPED, "g": _FIRST}
 
 
-def measure(scratch: Path) -> list[dict]:
+def measure(scratch: Path, names: list[str]) -> list[dict]:
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
     from memfit.estimate.memory import Hardware
-    from memfit.estimate.mlx_memory import TERMS, Shape, estimate_mlx, term_bytes
+    from memfit.estimate.mlx_memory import TERMS, Shape, chunked_loss, estimate_mlx, term_bytes
     from memfit.mlx.measure import measure_in_child
     from memfit.models import init_model
     from memfit.models.arch import arch_info
 
     rows = []
-    for name, shape in SHAPES.items():
+    for name in names:
+        shape = SHAPES[name]
         values = dict(shape)
         layers = values.pop("num_hidden_layers")
         model_dir = scratch / name
@@ -77,7 +89,8 @@ def measure(scratch: Path) -> list[dict]:
             estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), model_name=name,
                                     coefficients={term: 0.0 for term in TERMS})
             exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
-            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2)
+            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2,
+                               chunked_loss(hf_config, config))
             measured = measure_in_child(model_dir, case, steps=2)
             rows.append(dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
                              peak_rss=measured["peak_rss_bytes"]))
@@ -93,7 +106,7 @@ def recorded_rows(path: Path) -> list[dict]:
 
     from memfit.config import TrainConfig
     from memfit.estimate.memory import Hardware
-    from memfit.estimate.mlx_memory import TERMS, Shape, estimate_mlx, term_bytes
+    from memfit.estimate.mlx_memory import TERMS, Shape, chunked_loss, estimate_mlx, term_bytes
     from memfit.models.arch import arch_info
     from memfit.models.registry import get_architecture
 
@@ -106,47 +119,63 @@ def recorded_rows(path: Path) -> list[dict]:
         hf_config = LlamaConfig(**{**base_values, **values})
         case = {key: run[key] for key in ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing")}
         case["chunked_loss"] = run.get("chunked_loss", False)  # runs recorded before the MLX chunked loss: full logits
-        exact_estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40),
+        config = TrainConfig(**case)
+        exact_estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40),
                                       coefficients={term: 0.0 for term in TERMS})
         exact = sum(exact_estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
         assert exact == run["exact_bytes"], (run, exact)  # the shapes rebuilt are the ones measured
         terms = term_bytes(Shape.of(arch_info(hf_config)), case["batch_size"], case["seq_len"],
-                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2)
+                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2,
+                           chunked_loss(hf_config, config))
         rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, peak=run["peak_bytes"],
                          peak_rss=run["peak_rss_bytes"]))
     return rows
 
 
-def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
+def _nnls(x, y):
     """Non-negative least squares (projected: terms whose coefficient comes out negative are dropped and the fit
-    rerun), rows weighted by 1/their bytes."""
+    rerun), rows weighted by 1/their bytes (relative error)."""
     import numpy as np
 
-    from memfit.estimate.mlx_memory import TERMS
-
-    y = np.array([row["peak"] - row["exact"] for row in rows], dtype=float)
-    x = np.array([[row["terms"][name] for name in TERMS] for row in rows], dtype=float)
     weights = 1.0 / y
-    active = [i for i in range(len(TERMS)) if x[:, i].any()]
+    active = [i for i in range(x.shape[1]) if x[:, i].any()]
     while True:
         solution, *_ = np.linalg.lstsq(x[:, active] * weights[:, None], y * weights, rcond=None)
         if (solution >= 0).all():
             break
         active = [index for index, value in zip(active, solution) if value >= 0]
-    coefficients = {name: 0.0 for name in TERMS}
-    for index, value in zip(active, solution):
-        coefficients[TERMS[index]] = round(float(value), 4)
-    predicted = x @ np.array([coefficients[name] for name in TERMS])
-    errors = [float((p + row["exact"] - row["peak"]) / row["peak"] * 100) for p, row in zip(predicted, rows)]
+    coefficients = np.zeros(x.shape[1])
+    coefficients[active] = solution
+    return coefficients
+
+
+def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
+    """The coefficients of memfit.estimate.mlx_memory.peak_parts' form: a checkpointed run's peak is at the head or
+    at a layer's recomputation, whichever holds more, so each such run is fitted on one side. Start from the
+    additive fit (every term in every run), put each checkpointed run on the side those coefficients make larger,
+    refit, and repeat until no run changes side."""
+    import numpy as np
+
+    from memfit.estimate.mlx_memory import HEAD_TERMS, RECOMPUTE_TERMS, TERMS, peak_parts
+
+    y = np.array([row["peak"] - row["exact"] for row in rows], dtype=float)
+    x = np.array([[row["terms"][name] for name in TERMS] for row in rows], dtype=float)
+    head = np.array([name in HEAD_TERMS for name in TERMS])
+    recompute = np.array([name in RECOMPUTE_TERMS for name in TERMS])
+    checkpointed = x[:, recompute].any(axis=1)
+    solution = _nnls(x, y)
+    sides = None
+    for _ in range(20):
+        at_head = ~checkpointed | (x[:, head] @ solution[head] >= x[:, recompute] @ solution[recompute])
+        if sides is not None and (at_head == sides).all():
+            break
+        sides = at_head
+        design = x * np.where(at_head[:, None], ~recompute, ~head)  # each run: its own side's terms and the rest
+        solution = _nnls(design, y)
+    coefficients = {name: round(float(value), 4) for name, value in zip(TERMS, solution)}
+    errors = [float((sum(peak_parts(row["terms"], coefficients)) + row["exact"] - row["peak"]) / row["peak"] * 100)
+              for row in rows]
     return coefficients, errors
-
-
-def _errors(coefficients: dict[str, float], rows: list[dict]) -> list[float]:
-    """(estimate - measured) / measured in % for `rows`, with these coefficients."""
-    from memfit.estimate.mlx_memory import TERMS
-
-    return [float((sum(coefficients[name] * row["terms"][name] for name in TERMS) + row["exact"] - row["peak"])
-                  / row["peak"] * 100) for row in rows]
 
 
 def recorded_on(args) -> str | None:
@@ -160,6 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--dry-run", action="store_true", help="print, write nothing")
+    parser.add_argument("--shapes", help="measure only these (e.g. g,h: a shape added to SHAPES) and keep the "
+                        "other shapes' runs --out recorded")
     parser.add_argument("--refit", action="store_true",
                         help="measure nothing: fit again on the runs --out recorded (after a change of the terms)")
     args = parser.parse_args()
@@ -170,24 +201,27 @@ def main() -> None:
         rows = recorded_rows(Path(args.out))
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            rows = measure(Path(scratch))
-    full = [row for row in rows if not row["case"].get("chunked_loss")]
-    coefficients, errors = fit(full)
-    validation = _errors(coefficients, [row for row in rows if row["case"].get("chunked_loss")])
+            names = args.shapes.split(",") if args.shapes else list(SHAPES)
+            kept = [row for row in recorded_rows(Path(args.out)) if row["shape"] not in names] if args.shapes else []
+            rows = kept + measure(Path(scratch), names)
+    coefficients, errors = fit(rows)  # both losses in one fit: they share every term but the head's
+    full = [error for error, row in zip(errors, rows) if not row["case"]["chunked_loss"]]
+    chunked = [error for error, row in zip(errors, rows) if row["case"]["chunked_loss"]]
     runtime = int(statistics.median(row["peak_rss"] - row["peak"] for row in rows))
     from importlib import metadata
 
     result = {
         "coefficients": coefficients,
         "runtime_bytes": runtime,
-        "fit": {"runs": len(full), "worst_error_percent": round(max(abs(e) for e in errors), 2),
-                "errors_percent": [round(e, 2) for e in errors],
-                "chunked_runs": len(validation),
-                "chunked_errors_percent": [round(e, 2) for e in validation]},
+        "fit": {"runs": len(rows), "worst_error_percent": round(max(abs(e) for e in errors), 2),
+                "full_logits_runs": len(full), "full_logits_worst_error_percent": round(max(map(abs, full)), 2),
+                "chunked_runs": len(chunked), "chunked_worst_error_percent": round(max(map(abs, chunked)), 2),
+                "errors_percent": [round(e, 2) for e in errors]},
         "measured_on": recorded_on(args) or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
-        "command": "python benchmarks/derive_mlx_constants.py" + (" --refit" if args.refit else ""),
+        "command": "python benchmarks/derive_mlx_constants.py" + (f" --shapes {args.shapes}" if args.shapes else "")
+                   + (" --refit" if args.refit else ""),
         "shapes": SHAPES,
         "runs": [dict(shape=row["shape"], **row["case"], peak_bytes=row["peak"], exact_bytes=row["exact"],
                       peak_rss_bytes=row["peak_rss"]) for row in rows],

@@ -11,7 +11,7 @@ error over a smaller figure: it is what the constants cannot hide. smollm2-135m 
 135M params) is the case where the model-dependent part dominates.
 
     python benchmarks/estimate_accuracy.py [--device cpu|cuda] [--quick | --moe] [--write [--out docs/benchmarks.md]]
-    python benchmarks/estimate_accuracy.py --engine mlx [--quick] [--write]
+    python benchmarks/estimate_accuracy.py --engine mlx [--quick | --only tiny,smollm2-135m:1] [--write]
 
 Without --write the table is printed, not written.
 
@@ -135,28 +135,45 @@ def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
 
 
 # MLX: tiny at its 4 layers and smollm2-135m at its whole depth (30 layers): LoRA in fp32 and bf16, MLX's 4-bit
-# (the full-logits loss, which the estimate models: memfit.estimate.mlx_memory.chunked_loss),
-# QLoRA, checkpointing on and off, two batch x sequence sizes each. Neither shape is among the ones
-# benchmarks/derive_mlx_constants.py fitted the activation coefficients on.
+# QLoRA, checkpointing on and off, with the trainer's default chunked loss and (two tiny cases, one smollm2 case)
+# the full-logits one (`--no-chunked-loss`): the estimate follows the loss the trainer runs
+# (memfit.estimate.mlx_memory.chunked_loss). Neither shape is among the ones benchmarks/derive_mlx_constants.py
+# fitted the activation coefficients on.
 MLX_MODELS = {"tiny": None, "smollm2-135m": None}
+_TINY = [
+    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False),
+    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True),
+    dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False),
+    dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True),
+    dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False),
+    dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True),
+]
 MLX_CASES = {
-    "tiny": [
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False, chunked_loss=False),
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True, chunked_loss=False),
-        dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False, chunked_loss=False),
-        dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True, chunked_loss=False),
-        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False, chunked_loss=False),
-        dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True, chunked_loss=False),
-    ],
+    "tiny": [dict(case, chunked_loss=True) for case in _TINY]
+            + [dict(case, chunked_loss=False) for case in (_TINY[0], _TINY[3])],
     "smollm2-135m": [
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=True),
+        dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=True),
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=False),
-        dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=False),
-        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True, chunked_loss=False),
+        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True,
+             chunked_loss=True),
     ],
 }
 
 
-def run_mlx(quick: bool) -> list[dict]:
+def mlx_selection(only: str | None, quick: bool) -> dict[str, list[dict]]:
+    """The cases to run: `--only tiny,smollm2-135m:1` (a preset's first N cases, or all of them), else all (or
+    with --quick the first 2 of each). A 30-layer case takes 5-15 minutes on 2 shared cores."""
+    if not only:
+        return {preset: cases[:2] if quick else cases for preset, cases in MLX_CASES.items()}
+    chosen = {}
+    for item in only.split(","):
+        preset, _, count = item.partition(":")
+        chosen[preset] = MLX_CASES[preset][:int(count)] if count else MLX_CASES[preset]
+    return chosen
+
+
+def run_mlx(selection: dict[str, list[dict]]) -> list[dict]:
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
@@ -167,11 +184,11 @@ def run_mlx(quick: bool) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for preset, layers in MLX_MODELS.items():
+        for preset, cases in selection.items():
             model_dir = Path(scratch) / preset
-            init_model(preset, model_dir, num_layers=layers)
+            init_model(preset, model_dir, num_layers=MLX_MODELS[preset])
             hf_config = AutoConfig.from_pretrained(model_dir)
-            for case in MLX_CASES[preset][:2] if quick else MLX_CASES[preset]:
+            for case in cases:
                 estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40))
                 started = time.time()
                 measured = measure_in_child(model_dir, case, steps=3)
@@ -187,7 +204,7 @@ def run_mlx(quick: bool) -> list[dict]:
     return rows
 
 
-def markdown_mlx(rows: list[dict]) -> str:
+def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
     import mlx.core as mx
 
     from importlib import metadata
@@ -198,24 +215,29 @@ def markdown_mlx(rows: list[dict]) -> str:
     lines = [
         f"### MLX estimate accuracy ({len(rows)} cases, worst error {worst:.1f}%)",
         "",
-        f"Measured with `python benchmarks/estimate_accuracy.py --engine mlx --write` on {platform.machine()} "
+        f"Measured with `{command}` on {platform.machine()} "
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, MLX {mx.__version__} "
         f"({'Metal' if mx.metal.is_available() else 'CPU, mlx[cpu]'}), mlx-lm {metadata.version('mlx-lm')}. Each "
         "case: 3 steps of memfit's MLX trainer (its own load, quantization, adapters, AdamW and compiled step: "
         "memfit.mlx.measure) in a fresh child on random full-length rows; measured = `mx.get_peak_memory()` (the "
         "arrays' high-water mark); estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes` (its total less "
         "the process runtime). The activation coefficients come from `python benchmarks/derive_mlx_constants.py` "
-        f"(other shapes; its own fit's worst error {constants()['fit']['worst_error_percent']:.1f}%).",
+        f"(other shapes; its own fit's worst error {constants()['fit']['worst_error_percent']:.1f}%). Loss: the "
+        "trainer's default chunked loss, or the full logits (`--no-chunked-loss`).",
         "",
-        "| model | method | quant | dtype | batch × seq | grad ckpt | estimate MB | measured MB | peak in | error |",
-        "|---|---|---|---|---|---|---:|---:|---|---:|",
+        "| model | method | quant | dtype | batch × seq | grad ckpt | loss | estimate MB | measured MB | peak in | "
+        "error |",
+        "|---|---|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for row in rows:
         case = row["case"]
         lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
                      f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
-                     f"{row['estimate'] / MB:,.1f} | {row['measured'] / MB:,.1f} | {row['phase']} | "
-                     f"{row['error']:+.1f}% |")
+                     f"{'chunked' if case['chunked_loss'] else 'full logits'} | {row['estimate'] / MB:,.1f} | "
+                     f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% |")
+    if left_out:
+        lines += ["", "Not run in this session (2 CPU cores shared with other jobs; a 30-layer case takes 5-15 "
+                  "minutes): " + "; ".join(left_out) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -304,12 +326,18 @@ def main() -> None:
     parser.add_argument("--moe", action="store_true", help="the mixture-of-experts cuts only (their own section)")
     parser.add_argument("--engine", default="torch", choices=("torch", "mlx"),
                         help="mlx: memfit's MLX engine against mx.get_peak_memory() (its own section)")
+    parser.add_argument("--only", help="mlx: PRESET[:N],... (a preset's first N cases, or all): e.g. "
+                        "tiny,smollm2-135m:1")
     parser.add_argument("--write", action="store_true", help="write the table into --out (else print it)")
     parser.add_argument("--out", default=str(DOCS))
     args = parser.parse_args()
     if args.engine == "mlx":
-        rows = run_mlx(args.quick)
-        publish(markdown_mlx(rows), "estimate-accuracy-mlx-cpu", args.write, args.out)
+        selection = mlx_selection(args.only, args.quick)
+        rows = run_mlx(selection)
+        left_out = [f"{preset} {case}" for preset, cases in MLX_CASES.items() for case in cases
+                    if case not in selection.get(preset, [])]
+        command = "python benchmarks/estimate_accuracy.py " + " ".join(sys.argv[1:])
+        publish(markdown_mlx(rows, command, left_out), "estimate-accuracy-mlx-cpu", args.write, args.out)
         print(f"worst error {max(abs(r['error']) for r in rows):.1f}%")
         sys.exit(0)
     marker = f"estimate-accuracy-{'moe-' if args.moe else ''}{args.device}"

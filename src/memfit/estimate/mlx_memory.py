@@ -21,13 +21,15 @@ Components (bytes, one process, unified memory):
   and their product); b x H x s^2 attention scores and probabilities (MLX runs the unfused attention in training,
   on Metal and on the CPU alike: "It's faster for training on Metal to use the unfused SDPA for both forward and
   backward", ml-explore/mlx mlx/backend/metal/scaled_dot_product_attention.cpp,
-  ScaledDotProductAttention::use_fallback); and the head's T x V logits in fp32 (memfit's loss upcasts them).
-  mlx-lm's checkpointing (mx.checkpoint around each layer) changes how many of the layer terms are live, and since
-  MLX evaluates the lazy graph as a whole, how much recomputation is live at once is not simply "one layer".
-  How many of each the step holds at once at its peak is therefore measured, not assumed: `python
-  benchmarks/derive_mlx_constants.py` runs real MLX steps on small llamas of varied width, vocabulary, depth,
-  batch, sequence and dtype, reads `mx.get_peak_memory()`, and fits the coefficient of each term by least squares;
-  the coefficients, the fit's residuals and the command are in mlx_constants.json beside this file.
+  ScaledDotProductAttention::use_fallback); and the head's T x V logits in fp32 (memfit's loss upcasts them), or
+  with the chunked loss (memfit.mlx.loss, the trainer's default) the chunks' (`_head_terms`). mlx-lm's
+  checkpointing (mx.checkpoint around each layer) keeps each layer's input and recomputes one layer at a time, and
+  the peak is then at the head or at a recomputation, not both (`peak_parts`); since MLX evaluates the lazy graph
+  as a whole, how much is live at once is not simply "one layer" or "one chunk". How many of each the step holds
+  at once at its peak is therefore measured, not assumed: `python benchmarks/derive_mlx_constants.py` runs real
+  MLX steps on small llamas of varied width, vocabulary (1k-32k), depth (1-8 layers), tokens (128-1024), dtype and
+  loss, reads `mx.get_peak_memory()`, and fits the coefficient of each term by least squares; the coefficients,
+  the fit's residuals (for each loss apart) and the command are in mlx_constants.json beside this file.
 - runtime: the process around the arrays (Python, MLX, mlx-lm, the tokenizer), measured by the same script as the
   children's peak RSS less MLX's peak; on a Mac it is ordinary memory the GPU does not wire.
 """
@@ -43,6 +45,7 @@ from memfit.config import TrainConfig
 from memfit.errors import UserError
 from memfit.estimate.memory import Estimate, Hardware
 from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, arch_info
+from memfit.train.chunk_size import chunk_tokens
 from memfit.units import GB, format_gb
 
 GROUP_SIZE = 64  # MLX's default affine group (mlx_lm.utils.quantize_model's defaults_for_mode["affine"])
@@ -50,10 +53,14 @@ _CONSTANTS_PATH = Path(__file__).with_name("mlx_constants.json")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Term names, in the order of the fitted coefficients (benchmarks/derive_mlx_constants.py writes them): a fixed part
-# (MiB), the head's logits, then per decoder layer the hidden-width values, the MLP-width values and the attention
-# scores, once without checkpointing and once with it (mlx-lm's mx.checkpoint changes which are live).
-TERMS = ("fixed", "head", "hidden", "mlp", "attention", "hidden_checkpointed", "mlp_checkpointed",
-         "attention_checkpointed")
+# (MiB); the head's fp32 logits (the full-logits loss), or with the chunked loss (memfit.mlx.loss) two chunks' and
+# the rest of them; the compute-dtype logits a bf16/fp16 step upcasts; per decoder layer the hidden-width values,
+# the MLP-width values and the attention scores (all layers' without checkpointing); with mlx-lm's checkpointing
+# the layer inputs it stores (all layers) and one layer's values as its backward recomputes them.
+TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_cast", "hidden", "mlp", "attention",
+         "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
+HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_cast")  # the breakdown's `logits`
+RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
 
 
 def constants() -> dict:
@@ -117,34 +124,78 @@ class Shape:
                    info.num_heads, info.vocab_size, info.num_layers)
 
 
-def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4) -> dict[str, float]:
-    """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens, before its fitted
-    coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's T x V logits;
-    per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer makes them),
-    T x i MLP values and b x H x s^2 attention scores, summed over the layers; the layer terms go to the
-    checkpointed set when mlx-lm's checkpointing is on. The layer values count in the compute dtype, the head and
-    the attention scores at 4 bytes (memfit's loss upcasts the logits; the scores' share is settled by the fit's
-    fp32 and bf16 runs). Counting the layer values at 4 bytes too fitted the same runs worse (worst 15.1% against
-    8.2%: `--refit` after changing this function)."""
+def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4,
+               chunked: bool = False) -> dict[str, float]:
+    """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens (T), before its fitted
+    coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's logits
+    (`_head_terms`); per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer
+    makes them), T x i MLP values and b x H x s^2 attention scores. Without checkpointing those are summed over the
+    layers (all are kept for the backward pass); with it, the stored layer inputs (T x h per layer) are, and the
+    three value terms count one layer (what the backward pass recomputes at a time; `peak_parts` says how they
+    combine with the head's). The layer values count in the compute dtype, the head and the attention scores at 4
+    bytes (memfit's loss upcasts the logits; the scores' share is settled by the fit's fp32 and bf16 runs)."""
     tokens = batch * seq
-    layers = shape.layers
-    suffix = "_checkpointed" if checkpointing else ""
     terms = {name: 0.0 for name in TERMS}
     terms["fixed"] = float(2**20)
-    terms["head"] = tokens * shape.vocab * 4.0
+    terms.update(_head_terms(shape, tokens, dtype_bytes, chunked))
+    layers, suffix = (1, "_checkpointed") if checkpointing else (shape.layers, "")
+    if checkpointing:
+        terms["stored_checkpointed"] = float(shape.layers * tokens * shape.hidden * dtype_bytes)
     terms["hidden" + suffix] = float(layers * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
     terms["mlp" + suffix] = float(layers * tokens * shape.intermediate * dtype_bytes)
     terms["attention" + suffix] = float(layers * batch * shape.heads * seq * seq * 4)
     return terms
 
 
+def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple[float, float]:
+    """(activations, logits) at the step's peak. With checkpointing the peak is either at the head (the logits and
+    their gradient, before any layer is recomputed) or while a layer is recomputed (the head's arrays freed), so
+    it is the larger of the two over what both hold (the stored layer inputs, the fixed part); the fit
+    (benchmarks/derive_mlx_constants.py) puts each checkpointed run on the side that is larger. The additive form
+    it replaces (every term counted at once, the checkpointed layer terms summed over the layers) estimated
+    benchmarks/estimate_accuracy.py's three tiny checkpointed cases with the chunked loss 29-32% over: it counted
+    the head and the layers' recomputation both. Not yet counted: where the two sides are about equal the step
+    holds more than the larger (the same script: tiny, full logits, bf16 1 x 512 with checkpointing, -19.8%; the
+    fit's own checkpointed full-logits runs of shapes b and g, -10% to -12%). Without checkpointing every layer's
+    values are still held at the head: the sum."""
+    head = sum(coefficients[name] * terms[name] for name in HEAD_TERMS)
+    recompute = sum(coefficients[name] * terms[name] for name in RECOMPUTE_TERMS)
+    rest = sum(coefficients[name] * terms[name] for name in TERMS if name not in HEAD_TERMS + RECOMPUTE_TERMS)
+    if not any(terms[name] for name in RECOMPUTE_TERMS):
+        return rest, head
+    return (rest + recompute, 0.0) if recompute > head else (rest, head)
+
+
+def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
+    """The head's terms. Full-logits loss: the T x V fp32 logits (`head`). Chunked loss (chunks of C =
+    chunk_tokens(T, V, h) tokens): the logits of min(T, 2C) tokens (`head_chunked`) and of the other tokens
+    (`head_chunked_rest`), apart, because MLX evaluates the step's lazy graph as a whole and the chunks' subgraphs
+    are independent, so more than one chunk is live at once: in benchmarks/derive_mlx_constants.py's runs one chunk
+    (C = T) held about 5.4 x its fp32 logits, two chunks 11 x one chunk's, four chunks 14 x; a second chunk costs
+    as much as the first, each further one much less. With one chunk's logits as the first term instead of two's,
+    the same fit's worst error was 18.6% (full-logits runs) / 16.6% (chunked), against 12.3% / 9.5%. Either loss,
+    bf16 or fp16: the compute-dtype logits the upcast starts from, for the tokens counted in the first term
+    (`head_cast`: a bf16 step held about one fp32-logits' worth more than an fp32 one; without this term the fit's
+    worst was 17.9% / 11.6%). Those figures: `--refit --dry-run` with this function changed."""
+    vocab = shape.vocab
+    live = min(tokens, 2 * chunk_tokens(tokens, vocab, shape.hidden)) if chunked else tokens
+    terms = {"head_cast": float(live * vocab * dtype_bytes) if dtype_bytes != 4 else 0.0}
+    if chunked:
+        terms["head_chunked"] = live * vocab * 4.0
+        terms["head_chunked_rest"] = (tokens - live) * vocab * 4.0
+    else:
+        terms["head"] = tokens * vocab * 4.0
+    return terms
+
+
 def chunked_loss(hf_config, config: TrainConfig) -> bool:
-    """Whether the MLX engine runs this model's loss chunk by chunk (memfit.mlx.loss.make_loss's rule). The estimate
-    still counts the full logits: no additive term fitted the chunked runs of benchmarks/derive_mlx_constants.py
-    (the head's peak and the layers' do not add up; a chunk term of its own came out 10x a chunk and +49% on
-    smollm2's 4-layer cut). Against those runs the full-logits estimate is -19% to +21% (mlx_constants.json's
-    `chunked_errors_percent`): on its small vocabularies the chunked loss raised the peak by up to 14%, on
-    smollm2's 49k vocab at 4 x 256 tokens it lowered it by 235 MB of 926 (tests/test_mlx_loss.py holds the saving)."""
+    """Whether the MLX engine runs this model's loss chunk by chunk (memfit.mlx.loss.make_loss's rule), and so which
+    head terms the estimate counts (`_head_terms`): the chunked ones, fitted on the chunked runs of
+    benchmarks/derive_mlx_constants.py together with the full-logits runs (mlx_constants.json's
+    `chunked_worst_error_percent` beside `full_logits_worst_error_percent`). MLX's chunked loss saves less than
+    the chunks' size suggests (more than one chunk is live at once), and with a single chunk (T <= 256 tokens) it
+    held more than the full logits in those runs (1 x 128 tokens: 43.5 MB against 36.0 at a 16k vocabulary, 104.9
+    against 81.1 at 32k), the checkpoint's recomputation on top of what the chunk's own loss holds."""
     return config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
 
 
@@ -206,15 +257,16 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     optimizer = trainable * trainable_bytes * states
     if config.optimizer == "adafactor":
         optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
-    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes)
-    activations = sum(coefficients[name] * terms[name] for name in TERMS if name != "head")
-    logits = coefficients["head"] * terms["head"]
+    chunked = chunked_loss(hf_config, config)
+    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked)
+    activations, logits = peak_parts(terms, coefficients)
     if config.grad_accum > 1:
         gradients *= 2  # the running sum and the micro-batch's own gradients are both live while they are added
     runtime = int(fitted["runtime_bytes"])
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
-    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunked_loss(hf_config, config))
+    chunk = chunk_tokens(batch * config.seq_len, info.vocab_size, info.hidden_size) if chunked else 0
+    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk)
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -229,7 +281,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
-           chunked: bool) -> list[str]:
+           chunk: int) -> list[str]:
     """The estimate's notes: the layout, what mx.get_peak_memory() will read, the chunked loss, a Mac's budget."""
     runtime = breakdown["runtime"]
     notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
@@ -238,10 +290,16 @@ def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[
              + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
              f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
              f"runtime {format_gb(runtime)} is the process around them (measured: {measured_on})"]
-    if chunked:
-        notes.append(f"the chunked loss holds one chunk's logits at a time; this estimate counts all of them "
-                     f"({format_gb(breakdown['logits'])}): not fitted to the chunked loss yet (-19% to +21% on the "
-                     "runs that fit the rest)")
+    if chunk:
+        at_peak = (f"{format_gb(breakdown['logits'])} of them at the peak" if breakdown["logits"] else
+                   "the peak is a layer's recomputation, after they are freed")
+        notes.append(f"chunked loss: the head's logits {chunk:,} tokens at a time ({at_peak}; --no-chunked-loss "
+                     "holds all of them at once)")
+    elif config.grad_checkpointing:
+        # peak_parts' known gap: with the full logits the head and a recomputed layer can be live together.
+        notes.append("full logits with gradient checkpointing: the real peak can run above this estimate (10-22% on "
+                     "the small models of benchmarks/estimate_accuracy.py and derive_mlx_constants.py, where the "
+                     "head and a recomputed layer are about the same size); the default chunked loss is within 10%")
     if hardware.device == "mps":
         notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
                      "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "
@@ -250,16 +308,23 @@ def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[
 
 
 def max_batch_mlx(hf_config, config: TrainConfig, hardware: Hardware, limit: int = 65536) -> int:
-    """The largest micro-batch whose MLX estimate fits (0: not even 1). Every term is linear in the batch, so the
-    total is too: the answer is one division, checked on both sides."""
+    """The largest micro-batch whose MLX estimate fits (0: not even 1). The estimate grows with the batch, but not
+    quite linearly (the chunked loss's chunk grows in powers of two with the tokens: chunk_tokens; with
+    checkpointing the peak is the larger of two sides: peak_parts): a division from batches 1 and 2 lands near the
+    answer, then steps on either side settle it."""
+    def fits(batch: int) -> bool:
+        return estimate_mlx(hf_config, config, hardware, batch_size=batch).total_bytes <= hardware.memory_bytes
+
     one = estimate_mlx(hf_config, config, hardware, batch_size=1).total_bytes
     if one > hardware.memory_bytes:
         return 0
     two = estimate_mlx(hf_config, config, hardware, batch_size=2).total_bytes
     slope = max(1, two - one)
     batch = min(limit, 1 + (hardware.memory_bytes - one) // slope)
-    while batch > 1 and estimate_mlx(hf_config, config, hardware, batch_size=batch).total_bytes > hardware.memory_bytes:
+    while batch > 1 and not fits(batch):
         batch -= 1
+    while batch < limit and fits(batch + 1):
+        batch += 1
     return int(batch)
 
 
