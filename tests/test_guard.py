@@ -245,12 +245,20 @@ def test_background_thread_stops_before_the_limit_when_memory_rises_fast():
     limit = MemoryLimit(baseline + 400 * MB, 16 * GB, auto=False, device="cpu")
     held = []
     with Guard(limit, interval_s=0.02) as guard:
-        for step in (1, 2):  # two steps have finished: the second's peak is the baseline (the first's is warm-up)
-            guard.note_step_time(1.0)
+        # Two steps have finished (the second's peak is the baseline; the first's is warm-up), of 10 s each: the
+        # rise is projected over what remains of the step, which a slow loop on a loaded machine does not use up.
+        for step in (1, 2):
+            guard.note_step_time(10.0)
             guard.end_step(step)
-        while not guard.stop_requested and len(held) < 80:  # 10 MB every 20 ms: about 500 MB/s, 800 MB at most
+        while not guard.stop_requested and len(held) < 80:  # 10 MB a reading, every 20 ms: ~500 MB/s, 800 MB at most
+            seen = guard.sampler.latest
             held.append(touched(10 * MB))
             time.sleep(0.02)
+            deadline = time.monotonic() + 2.0
+            # One reading per 10 MB even when a loaded machine (CI under load) starves the sampler thread, which
+            # otherwise sees the rise in few, late readings and only at the limit itself.
+            while guard.sampler.latest is seen and time.monotonic() < deadline:
+                time.sleep(0.005)
         at_stop = rss()
         _, events = guard.end_step(3)
     assert guard.stop_requested
