@@ -56,7 +56,8 @@ CASES = [
                  marks=pytest.mark.xfail(strict=True, reason="full logits + checkpointing: head and recompute overlap")),
     ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True,
                             chunked_loss=False)),
-    ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=4, seq_len=256, grad_checkpointing=True,
+    # 1 x 256, not 4 x 256: the larger case took 255 s of the suite's 20 minutes (CI, 2 cores, 2026-12-03).
+    ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True,
                             chunked_loss=True)),
 ]
 
