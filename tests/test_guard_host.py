@@ -1,9 +1,10 @@
 """Host RAM watched beside a GPU (issue 20 item 4): a fake device reader plays the GPU's allocator, the host side is
-this process's real RSS (a bytearray touched page by page) and the machine's real available memory."""
+this process's real RSS (a fresh mapping touched page by page) and the machine's real available memory."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import time
 from collections import namedtuple
 from dataclasses import replace
@@ -18,10 +19,11 @@ GB = 1024**3
 PAGE = 4096
 
 
-def resident(nbytes: int) -> bytearray:
-    """`nbytes` of real, resident memory: bytearray(n) gets zero pages the kernel maps lazily, so every page is
-    written once."""
-    block = bytearray(nbytes)
+def resident(nbytes: int) -> mmap.mmap:
+    """`nbytes` of new resident memory: a fresh anonymous mapping, every page written once. Not bytearray: malloc
+    can serve it from heap pages an earlier test in this worker freed but kept resident, and RSS would not rise
+    (seen in CI under pytest-xdist)."""
+    block = mmap.mmap(-1, nbytes)
     for offset in range(0, nbytes, PAGE):
         block[offset] = 1
     return block
