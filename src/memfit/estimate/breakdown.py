@@ -175,9 +175,7 @@ def _setting_notes(info: ArchInfo, config: TrainConfig, precision: Precision, ha
         from memfit.allocator import DEFAULT_MMAP_THRESHOLD_BYTES, DEFAULT_POLICY, POLICY_ENV, chosen_policy
 
         policy = chosen_policy()
-        head_dim = info.head_dim or info.hidden_size // max(1, info.num_heads)
-        kv_bytes = (config.batch_size * config.seq_len * (info.num_kv_heads or info.num_heads) * head_dim
-                    * precision.compute_bytes)
+        kv_bytes = config.batch_size * config.seq_len * info.kv_width * precision.compute_bytes
         if policy == "threshold" and config.uses_adapters and kv_bytes < DEFAULT_MMAP_THRESHOLD_BYTES:
             # Not modelled: which freed heap chunks glibc reuses. In the CPU accuracy table every LoRA case more than
             # 10% short on the model part has key/value tensors under the threshold, and every LoRA case above it is

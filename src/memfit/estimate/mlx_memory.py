@@ -119,9 +119,8 @@ class Shape:
 
     @classmethod
     def of(cls, info: ArchInfo) -> Shape:
-        head_dim = info.head_dim or info.hidden_size // max(1, info.num_heads)
-        return cls(info.hidden_size, info.intermediate_size, (info.num_kv_heads or info.num_heads) * head_dim,
-                   info.num_heads, info.vocab_size, info.num_layers)
+        return cls(info.hidden_size, info.intermediate_size, info.kv_width, info.num_heads, info.vocab_size,
+                   info.num_layers)
 
 
 def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4,

@@ -151,6 +151,13 @@ class ArchInfo:
         return [weight for weight in self.experts if weight.layer >= first]
 
     @property
+    def kv_width(self) -> int:
+        """Values per token in each of a layer's keys and values: kv heads x head dim (the query heads where the
+        config names no kv heads, the hidden size over the heads where it names no head dim)."""
+        head_dim = self.head_dim or self.hidden_size // max(1, self.num_heads)
+        return (self.num_kv_heads or self.num_heads) * head_dim
+
+    @property
     def largest_layer_params(self) -> int:
         return max(self.layer_params) if self.layer_params else 0
 
