@@ -64,15 +64,27 @@ _SWAPPED = [(batch, seq, checkpointing, "bf16" if dtype == "fp32" else "fp32")
 RUNS = {"b": _FIRST, "d": _SWAPPED, "e": _FIRST, "f": _SWAPPED, "g": _FIRST}
 
 
-def measure(scratch: Path, names: list[str]) -> list[dict]:
-    from transformers import AutoConfig
-
+def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float]]:
+    """A run's exact part (weights + adapters + gradients + optimizer, the estimate with every coefficient 0) and
+    its activation terms before their coefficients, for the loss the trainer runs."""
     from memfit.config import TrainConfig
     from memfit.estimate.memory import Hardware
     from memfit.estimate.mlx_memory import TERMS, Shape, chunked_loss, estimate_mlx, term_bytes
+    from memfit.models.arch import arch_info
+
+    config = TrainConfig(**case)
+    estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), coefficients={term: 0.0 for term in TERMS})
+    exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
+    terms = term_bytes(Shape.of(arch_info(hf_config)), config.batch_size, config.seq_len, config.grad_checkpointing,
+                       4 if config.dtype == "fp32" else 2, chunked_loss(hf_config, config))
+    return exact, terms
+
+
+def measure(scratch: Path, names: list[str]) -> list[dict]:
+    from transformers import AutoConfig
+
     from memfit.mlx.measure import measure_in_child
     from memfit.models import init_model
-    from memfit.models.arch import arch_info
 
     rows = []
     for name in names:
@@ -85,12 +97,7 @@ def measure(scratch: Path, names: list[str]) -> list[dict]:
         for (batch, seq, checkpointing, dtype), chunked in itertools.product(RUNS[name], (False, True)):
             case = dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing,
                         chunked_loss=chunked)
-            config = TrainConfig(**case)
-            estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), model_name=name,
-                                    coefficients={term: 0.0 for term in TERMS})
-            exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
-            terms = term_bytes(Shape.of(arch_info(hf_config)), batch, seq, checkpointing, 4 if dtype == "fp32" else 2,
-                               chunked_loss(hf_config, config))
+            exact, terms = exact_and_terms(hf_config, case)
             measured = measure_in_child(model_dir, case, steps=2)
             rows.append(dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
                              peak_rss=measured["peak_rss_bytes"]))
@@ -104,10 +111,6 @@ def recorded_rows(path: Path) -> list[dict]:
     shapes (transformers' LlamaConfig from the recorded config values: no model is written or trained)."""
     from transformers import LlamaConfig
 
-    from memfit.config import TrainConfig
-    from memfit.estimate.memory import Hardware
-    from memfit.estimate.mlx_memory import TERMS, Shape, chunked_loss, estimate_mlx, term_bytes
-    from memfit.models.arch import arch_info
     from memfit.models.registry import get_architecture
 
     recorded = json.loads(path.read_text())
@@ -119,14 +122,8 @@ def recorded_rows(path: Path) -> list[dict]:
         hf_config = LlamaConfig(**{**base_values, **values})
         case = {key: run[key] for key in ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing")}
         case["chunked_loss"] = run.get("chunked_loss", False)  # runs recorded before the MLX chunked loss: full logits
-        config = TrainConfig(**case)
-        exact_estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40),
-                                      coefficients={term: 0.0 for term in TERMS})
-        exact = sum(exact_estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
+        exact, terms = exact_and_terms(hf_config, case)
         assert exact == run["exact_bytes"], (run, exact)  # the shapes rebuilt are the ones measured
-        terms = term_bytes(Shape.of(arch_info(hf_config)), case["batch_size"], case["seq_len"],
-                           case["grad_checkpointing"], 4 if case["dtype"] == "fp32" else 2,
-                           chunked_loss(hf_config, config))
         rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, peak=run["peak_bytes"],
                          peak_rss=run["peak_rss_bytes"]))
     return rows
