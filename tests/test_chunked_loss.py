@@ -138,15 +138,12 @@ def test_a_training_micro_step_matches_full_logits_on_a_lora_model():
 
 
 _HIGH_WATER_CHILD = """
-import json, sys
-from pathlib import Path
+import json
 import torch
 from memfit.allocator import fix_mmap_threshold
+from memfit.estimate.measure import _reset_peak_rss
+from memfit.guard.sampler import peak_rss_bytes, rss_bytes
 from memfit.train.chunked_loss import linear_cross_entropy
-
-def status(key):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
 
 fix_mmap_threshold()  # as training does: a freed chunk's logits go back to the OS, so VmHWM sees each call's own rise
 tokens, vocab = 256, 49152
@@ -155,10 +152,10 @@ head = torch.nn.Linear(64, vocab, bias=False).requires_grad_(False)
 targets = torch.randint(0, vocab, (tokens,))
 weights = torch.ones(tokens)
 linear_cross_entropy(hidden, head, targets, weights, chunk=tokens).backward()  # warm-up: kernels, caches
-Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM from the current RSS
-before = status("VmRSS")
+assert _reset_peak_rss()  # restart VmHWM from the current RSS
+before = rss_bytes()
 linear_cross_entropy(hidden, head, targets, weights, chunk=tokens).backward()
-print(json.dumps({"rise": status("VmHWM") - before, "chunk_logits": tokens * vocab * 4}))
+print(json.dumps({"rise": peak_rss_bytes() - before, "chunk_logits": tokens * vocab * 4}))
 """
 
 
