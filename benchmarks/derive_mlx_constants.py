@@ -147,29 +147,47 @@ def _nnls(x, y):
 
 
 def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
-    """The coefficients of memfit.estimate.mlx_memory.peak_parts' form: a checkpointed run's peak is at the head or
-    at a layer's recomputation, whichever holds more, so each such run is fitted on one side. Start from the
-    additive fit (every term in every run), put each checkpointed run on the side those coefficients make larger,
-    refit, and repeat until no run changes side."""
+    """The coefficients of memfit.estimate.mlx_memory.peak_parts' form: a checkpointed run's peak is the larger of
+    the head and a layer's recomputation, plus, with the full logits, a share (OVERLAP) of the smaller. For each
+    share on a grid of 0.05: start from the additive fit (every term in every run), put each checkpointed run on
+    the side those coefficients make larger (a full-logits run's other side's terms scaled by the share), refit,
+    and repeat until no run changes side; keep the share whose fit has the least weighted squared error (the
+    objective _nnls minimises)."""
     import numpy as np
 
-    from memfit.estimate.mlx_memory import HEAD_TERMS, RECOMPUTE_TERMS, TERMS, peak_parts
+    from memfit.estimate.mlx_memory import HEAD_TERMS, OVERLAP, RECOMPUTE_TERMS, TERMS, peak_parts
 
     y = np.array([row["peak"] - row["exact"] for row in rows], dtype=float)
     x = np.array([[row["terms"][name] for name in TERMS] for row in rows], dtype=float)
     head = np.array([name in HEAD_TERMS for name in TERMS])
     recompute = np.array([name in RECOMPUTE_TERMS for name in TERMS])
     checkpointed = x[:, recompute].any(axis=1)
-    solution = _nnls(x, y)
-    sides = None
-    for _ in range(20):
-        at_head = ~checkpointed | (x[:, head] @ solution[head] >= x[:, recompute] @ solution[recompute])
-        if sides is not None and (at_head == sides).all():
-            break
-        sides = at_head
-        design = x * np.where(at_head[:, None], ~recompute, ~head)  # each run: its own side's terms and the rest
-        solution = _nnls(design, y)
-    coefficients = {name: round(float(value), 4) for name, value in zip(TERMS, solution)}
+    full_logits = x[:, list(TERMS).index("head")] > 0
+
+    def fit_with(share: float) -> np.ndarray:
+        solution = _nnls(x, y)
+        sides = None
+        for _ in range(30):
+            at_head = x[:, head] @ solution[head] >= x[:, recompute] @ solution[recompute]
+            if sides is not None and (at_head == sides).all():
+                break
+            sides = at_head
+            other = checkpointed[:, None] & np.where(at_head[:, None], recompute, head)  # the smaller side's terms
+            design = x * np.where(other, np.where(full_logits, share, 0.0)[:, None], 1.0)
+            solution = _nnls(design, y)
+        return solution
+
+    def predicted(coefficients: dict[str, float]) -> np.ndarray:
+        return np.array([sum(peak_parts(row["terms"], coefficients)) for row in rows])
+
+    best = None
+    for share in np.arange(0.0, 1.0001, 0.05):
+        coefficients = {name: float(value) for name, value in zip(TERMS, fit_with(float(share)))}
+        coefficients[OVERLAP] = float(share)
+        loss = float((((predicted(coefficients) - y) / y) ** 2).sum())
+        if best is None or loss < best[0]:
+            best = (loss, coefficients)
+    coefficients = {name: round(value, 4) for name, value in best[1].items()}
     errors = [float((sum(peak_parts(row["terms"], coefficients)) + row["exact"] - row["peak"]) / row["peak"] * 100)
               for row in rows]
     return coefficients, errors
