@@ -140,17 +140,19 @@ def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
 # (memfit.estimate.mlx_memory.chunked_loss). Neither shape is among the ones benchmarks/derive_mlx_constants.py
 # fitted the activation coefficients on.
 MLX_MODELS = {"tiny": None, "smollm2-135m": None}
-_TINY = [
-    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False),
-    dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=True),
-    dict(method="lora", dtype="bf16", batch_size=4, seq_len=128, grad_checkpointing=False),
-    dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True),
-    dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=False),
-    dict(method="lora", quant="4", dtype="fp32", batch_size=4, seq_len=128, grad_checkpointing=True),
+_TINY = [  # 1,024 tokens: 4 chunks of 256, the fewest the MLX trainer chunks (memfit.train.chunk_size.MLX_MIN_CHUNKS)
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=False),
+    dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True),
+    dict(method="lora", dtype="bf16", batch_size=8, seq_len=128, grad_checkpointing=False),
+    dict(method="lora", dtype="bf16", batch_size=1, seq_len=1024, grad_checkpointing=True),
+    dict(method="lora", quant="4", dtype="bf16", batch_size=4, seq_len=256, grad_checkpointing=False),
+    dict(method="lora", quant="4", dtype="fp32", batch_size=8, seq_len=128, grad_checkpointing=True),
 ]
 MLX_CASES = {
     "tiny": [dict(case, chunked_loss=True) for case in _TINY]
-            + [dict(case, chunked_loss=False) for case in (_TINY[0], _TINY[3])],
+            + [dict(case, chunked_loss=False) for case in (
+                dict(method="lora", dtype="fp32", batch_size=2, seq_len=256, grad_checkpointing=False),
+                dict(method="lora", dtype="bf16", batch_size=1, seq_len=512, grad_checkpointing=True))],
     "smollm2-135m": [
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=True),
         dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=True),
@@ -159,6 +161,18 @@ MLX_CASES = {
              chunked_loss=True),
     ],
 }
+
+
+def _loss_label(model: str, case: dict) -> str:
+    """The loss the MLX trainer ran: chunked, or the full logits (asked for, or too few tokens to chunk)."""
+    from memfit.config import TrainConfig
+    from memfit.estimate.mlx_memory import chunked_loss
+    from memfit.models.registry import get_architecture
+
+    hf_config = get_architecture(model.split(" ")[0]).to_hf_config()
+    if chunked_loss(hf_config, TrainConfig(**case), case["batch_size"] * case["seq_len"]):
+        return "chunked"
+    return "full logits (too few chunks)" if case["chunked_loss"] else "full logits"
 
 
 def mlx_selection(only: str | None, quick: bool) -> dict[str, list[dict]]:
@@ -223,7 +237,8 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
         "arrays' high-water mark); estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes` (its total less "
         "the process runtime). The activation coefficients come from `python benchmarks/derive_mlx_constants.py` "
         f"(other shapes; its own fit's worst error {constants()['fit']['worst_error_percent']:.1f}%). Loss: the "
-        "trainer's default chunked loss, or the full logits (`--no-chunked-loss`).",
+        "trainer's default chunked loss, or the full logits (`--no-chunked-loss`, or fewer tokens than "
+        "memfit.train.chunk_size.MLX_MIN_CHUNKS chunks, where the trainer runs the plain head).",
         "",
         "| model | method | quant | dtype | batch × seq | grad ckpt | loss | estimate MB | measured MB | peak in | "
         "error |",
@@ -233,7 +248,7 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
         case = row["case"]
         lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
                      f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
-                     f"{'chunked' if case['chunked_loss'] else 'full logits'} | {row['estimate'] / MB:,.1f} | "
+                     f"{_loss_label(row['model'], case)} | {row['estimate'] / MB:,.1f} | "
                      f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% |")
     if left_out:
         lines += ["", "Not run in this session (2 CPU cores shared with other jobs; a 30-layer case takes 5-15 "

@@ -77,3 +77,29 @@ def test_the_full_loss_is_the_fallback(tiny_model_dir):
     model.model_type = "gemma3_text"  # a head with scaled, soft-capped logits: not a plain projection
     assert not supports_chunked_loss(model)
     assert make_loss(model, chunked=True) is weighted_ce
+
+
+def test_tokens_that_fit_in_one_chunk_take_the_plain_head(tiny_model_dir):
+    """1 x 256 tokens, one chunk: the chunked loss computes the head as the full-logits loss does, with no
+    checkpoint around it, so the step's peak is the full-logits step's (a checkpointed single chunk held more), and
+    the loss and gradients are the same."""
+    model = _lora_model(tiny_model_dir)
+    inputs, targets, weights = _batch(model.args.vocab_size, 1, MIN_CHUNK_TOKENS)
+    peaks, results = {}, {}
+    for chunked in (False, True):
+        step = nn.value_and_grad(model, make_loss(model, chunked))
+        mx.eval(*step(model, inputs, targets, weights))  # warm-up: the same allocations both times
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        loss, grads = step(model, inputs, targets, weights)
+        mx.eval(loss, grads)
+        peaks[chunked] = mx.get_peak_memory() - before
+        results[chunked] = (float(loss), dict(tree_flatten(grads)))
+    # A checkpointed single chunk held a quarter of the logits more (256 KB here, 2026-12-03); the plain head's own
+    # reshapes move the peak by 2-70 KB from run to run.
+    logits_bytes = MIN_CHUNK_TOKENS * model.args.vocab_size * 4
+    assert abs(peaks[True] - peaks[False]) < logits_bytes / 8, {k: v / 2**20 for k, v in peaks.items()}
+    assert results[True][0] == results[False][0]
+    for name, full in results[False][1].items():
+        assert mx.array_equal(results[True][1][name], full), name

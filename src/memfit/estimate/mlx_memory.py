@@ -45,7 +45,7 @@ from memfit.config import TrainConfig
 from memfit.errors import UserError
 from memfit.estimate.memory import Estimate, Hardware
 from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, arch_info
-from memfit.train.chunk_size import chunk_tokens
+from memfit.train.chunk_size import MLX_MIN_CHUNKS, chunk_tokens, mlx_chunks
 from memfit.units import GB, format_gb
 
 GROUP_SIZE = 64  # MLX's default affine group (mlx_lm.utils.quantize_model's defaults_for_mode["affine"])
@@ -191,15 +191,14 @@ def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool) -> d
     return terms
 
 
-def chunked_loss(hf_config, config: TrainConfig) -> bool:
-    """Whether the MLX engine runs this model's loss chunk by chunk (memfit.mlx.loss.make_loss's rule), and so which
-    head terms the estimate counts (`_head_terms`): the chunked ones, fitted on the chunked runs of
-    benchmarks/derive_mlx_constants.py together with the full-logits runs (mlx_constants.json's
-    `chunked_worst_error_percent` beside `full_logits_worst_error_percent`). MLX's chunked loss saves less than
-    the chunks' size suggests (more than one chunk is live at once), and with a single chunk (T <= 256 tokens) it
-    held more than the full logits in those runs (1 x 128 tokens: 43.5 MB against 36.0 at a 16k vocabulary, 104.9
-    against 81.1 at 32k), the checkpoint's recomputation on top of what the chunk's own loss holds."""
-    return config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
+def chunked_loss(hf_config, config: TrainConfig, tokens: int) -> bool:
+    """Whether the MLX engine runs this model's loss chunk by chunk for a micro-batch of `tokens` tokens
+    (memfit.mlx.loss.make_loss's rule), and so which head terms the estimate counts (`_head_terms`): the chunked
+    ones, fitted on the chunked runs of benchmarks/derive_mlx_constants.py together with the full-logits runs
+    (mlx_constants.json's `chunked_worst_error_percent` beside `full_logits_worst_error_percent`). With fewer than
+    MLX_MIN_CHUNKS chunks the trainer runs the plain head (memfit.train.chunk_size says why)."""
+    return (config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
+            and mlx_chunks(tokens, hf_config.vocab_size, hf_config.hidden_size) > 0)
 
 
 @dataclass
@@ -260,7 +259,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     optimizer = trainable * trainable_bytes * states
     if config.optimizer == "adafactor":
         optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
-    chunked = chunked_loss(hf_config, config)
+    chunked = chunked_loss(hf_config, config, batch * config.seq_len)
     terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked)
     activations, logits = peak_parts(terms, coefficients)
     if config.grad_accum > 1:
@@ -269,7 +268,9 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     chunk = chunk_tokens(batch * config.seq_len, info.vocab_size, info.hidden_size) if chunked else 0
-    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk)
+    unchunked = config.chunked_loss and not chunked and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
+    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk,
+                   batch * config.seq_len if unchunked else 0)
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -284,8 +285,9 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
-           chunk: int) -> list[str]:
-    """The estimate's notes: the layout, what mx.get_peak_memory() will read, the chunked loss, a Mac's budget."""
+           chunk: int, unchunked_tokens: int) -> list[str]:
+    """The estimate's notes: the layout, what mx.get_peak_memory() will read, the chunked loss (`chunk` tokens at a
+    time, or `unchunked_tokens` too few to chunk), a Mac's budget."""
     runtime = breakdown["runtime"]
     notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
                                                f"{GROUP_SIZE}, {dtype} scales and biases; embeddings and lm_head "
@@ -298,11 +300,14 @@ def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[
                    "the peak is a layer's recomputation, after they are freed")
         notes.append(f"chunked loss: the head's logits {chunk:,} tokens at a time ({at_peak}; --no-chunked-loss "
                      "holds all of them at once)")
-    elif config.grad_checkpointing:
+    elif unchunked_tokens:
+        notes.append(f"chunked loss: the micro-batch's {unchunked_tokens:,} tokens make fewer than {MLX_MIN_CHUNKS} "
+                     "chunks, so the head runs whole (on MLX fewer chunks hold more than the full logits)")
+    if not chunk and config.grad_checkpointing:
         # peak_parts' share of the smaller side narrows this gap, not closes it (tests/test_mlx_estimate.py's xfail).
-        notes.append("full logits with gradient checkpointing: the real peak can run up to 11% above this estimate "
-                     "(tests/test_mlx_estimate.py's tiny 4-bit case, where the head and a recomputed layer are "
-                     "about the same size); the default chunked loss is within 10%")
+        notes.append("the head's full logits with gradient checkpointing: the real peak can run up to 11% above this "
+                     "estimate (tests/test_mlx_estimate.py's tiny 4-bit case, where the head and a recomputed layer "
+                     "are about the same size)")
     if hardware.device == "mps":
         notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
                      "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from memfit.models.arch import MLX_PLAIN_HEAD_TYPES
-from memfit.train.chunk_size import chunk_tokens
+from memfit.train.chunk_size import mlx_chunks
 
 # Other architectures than MLX_PLAIN_HEAD_TYPES (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
 
@@ -66,7 +66,9 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         rows, width, size = hidden.shape
         hidden, targets, weights = hidden.reshape(rows * width, size), targets.reshape(-1), weights.reshape(-1)
         tokens = rows * width
-        step = chunk_tokens(tokens, model.args.vocab_size, size)
+        step = mlx_chunks(tokens, model.args.vocab_size, size)
+        if not step:  # too few chunks to save memory (MLX_MIN_CHUNKS): the head as the full-logits loss runs it
+            return _weighted_sum(apply(module, hidden), targets, weights)
         total = mx.array(0.0)
         for start in range(0, tokens, step):
             end = min(start + step, tokens)

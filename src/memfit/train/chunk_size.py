@@ -17,3 +17,19 @@ def chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     chunks = math.ceil(vocab_size / hidden_size)
     liger = 2 ** math.ceil(math.log2(max(1, math.ceil(num_tokens / chunks))))
     return max(1, min(num_tokens, max(liger, MIN_CHUNK_TOKENS)))
+
+
+# MLX: fewer chunks than this hold more than the plain head. MLX evaluates the step's graph as a whole, so more than
+# one chunk is live at once: fitted on all of benchmarks/derive_mlx_constants.py's chunked runs (1, 2 and 4 chunks;
+# mlx_constants.json as of commit 9ab7840), the first two chunks' logits held 5.4x their fp32 size and the rest 1.8x
+# (head_chunked, head_chunked_rest), the full logits 4.1x (head). Break-even: 2 x 5.4 C + 1.8 (T - 2C) = 4.1 T at
+# T = 3.1 chunks; below it the chunks hold more and their checkpoint recomputes the head besides (a single chunk of smollm2-135m at 1 x 128 tokens: 739 MB against
+# mlx-lm's 670, 0.88x its tokens/s: benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m --batch-size 1 --seq-len 128).
+MLX_MIN_CHUNKS = 4
+
+
+def mlx_chunks(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """The chunk the MLX engine's loss runs its head in for `num_tokens` tokens (chunk_tokens), or 0 where it runs
+    the plain head: fewer than MLX_MIN_CHUNKS chunks."""
+    chunk = chunk_tokens(num_tokens, vocab_size, hidden_size)
+    return chunk if math.ceil(num_tokens / chunk) >= MLX_MIN_CHUNKS else 0
