@@ -213,7 +213,8 @@ def markdown(summary: dict, command: str) -> str:
 
     results = summary["results"]
     s = summary["settings"]
-    lines = ["## memfit's MLX engine vs mlx-lm (CPU build of MLX)", "",
+    depth = f"{summary['layers']} layers" if summary["layers"] else "all layers"
+    lines = [f"## memfit's MLX engine vs mlx-lm (CPU build of MLX): {summary['preset']}, {depth}", "",
              f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.system()}, "
              f"Python {platform.python_version()}, mlx {mx.__version__}, mlx-lm {metadata.version('mlx-lm')}. "
              f"Model: {summary['preset']} shapes, {summary['layers'] or 'all'} layers, random init. Both train LoRA r"
@@ -278,6 +279,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-grad-checkpointing", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
+    parser.add_argument("--seq-len", type=int, default=SETTINGS["seq_len"])
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="which of " + ", ".join(CONTENDERS) + " (mlx_lm is the anchor of the ratios)")
     parser.add_argument("--work", type=Path, default=None, help="keep the model, data and runs here")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
@@ -292,7 +297,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model, data, data_dir = prepare(work, args.preset, args.layers)
     checkpointing = not args.no_grad_checkpointing
-    names = list(CONTENDERS)
+    SETTINGS.update(batch_size=args.batch_size, seq_len=args.seq_len)  # both contenders read them
+    names = args.contenders.split(",")
+    unknown = set(names) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown --contenders {', '.join(sorted(unknown))}: choose from {', '.join(CONTENDERS)}")
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(args.repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
@@ -315,7 +324,9 @@ def main() -> int:
 
         command = "taskset -c 1 python benchmarks/mlx_vs_mlx_lm.py " + " ".join(
             a for a in sys.argv[1:] if not a.startswith("--work"))
-        write_section(ROOT / "docs" / "benchmarks.md", "mlx-vs-mlx-lm", markdown(summary, command))
+        # The tiny model's table keeps its section; each other shape has its own beside it.
+        marker = "mlx-vs-mlx-lm" if args.preset == "tiny" else f"mlx-vs-mlx-lm-{args.preset}-{args.layers or 'all'}"
+        write_section(ROOT / "docs" / "benchmarks.md", marker, markdown(summary, command))
     return 0
 
 
