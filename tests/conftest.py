@@ -6,11 +6,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    """A test session's memfit cache. Its traces (`estimate/`: what a model's layers hold, keyed by the config, the
+    settings and the library versions, written atomically) are shared by the xdist workers of one run, so a model
+    that tests on both workers estimate is traced once; the rest (probe profiles, journals) stays the worker's own."""
+    cache = tmp_path_factory.getbasetemp() / "memfit-cache"
+    cache.mkdir(exist_ok=True)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <this run's dir>/popen-gwN
+        shared = tmp_path_factory.getbasetemp().parent / "shared-estimate-cache"
+        shared.mkdir(exist_ok=True)
+        if not (cache / "estimate").exists():
+            (cache / "estimate").symlink_to(shared, target_is_directory=True)
+    return cache
+
+
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
+def _private_cache(_session_cache, monkeypatch):
     """memfit's cache (probe profiles and journals, the demo model) in a test-session dir, never the user's: a
     profile there would calibrate the estimator under test."""
-    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path_factory.getbasetemp() / "memfit-cache"))
+    monkeypatch.setenv("MEMFIT_CACHE", str(_session_cache))
 
 
 @pytest.fixture(autouse=True)
