@@ -156,7 +156,7 @@ def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple
     inside its own checkpoint: the same share there put benchmarks/estimate_accuracy.py's held-out tiny
     checkpointed chunked cases 10-22% over (within 7% without it). The fit (benchmarks/derive_mlx_constants.py)
     puts each checkpointed run on the side that is larger. Without the share the fit's full-logits runs were within
-    12.3% (8.6% with it) and estimate_accuracy.py's tiny full-logits case with checkpointing (bf16, 1 x 512, where
+    12.3% (8.7% with it) and estimate_accuracy.py's tiny full-logits case with checkpointing (bf16, 1 x 512, where
     the two sides are about equal) -19.8%; the additive form before (every term at once) estimated the tiny
     checkpointed chunked cases 29-32% over. Without checkpointing every layer's values are still held at the
     head: the sum."""
