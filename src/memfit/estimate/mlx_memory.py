@@ -191,14 +191,26 @@ def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool) -> d
     return terms
 
 
+def _asks_chunked_loss(hf_config, config: TrainConfig) -> bool:
+    """--chunked-loss on an architecture whose head the MLX engine can chunk (memfit.mlx.loss's plain heads)."""
+    return config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
+
+
+def loss_chunk(hf_config, config: TrainConfig, tokens: int) -> int:
+    """The chunk the MLX engine runs this model's loss in for a micro-batch of `tokens` tokens
+    (memfit.mlx.loss.make_loss's rule), or 0 for the full logits: asked for, a head it cannot chunk, or fewer than
+    MLX_MIN_CHUNKS chunks (memfit.train.chunk_size says why). It says which head terms the estimate counts
+    (`_head_terms`): the chunked ones, fitted on the chunked runs of benchmarks/derive_mlx_constants.py together
+    with the full-logits runs (mlx_constants.json's `chunked_worst_error_percent` beside
+    `full_logits_worst_error_percent`)."""
+    if not _asks_chunked_loss(hf_config, config):
+        return 0
+    return mlx_chunks(tokens, hf_config.vocab_size, hf_config.hidden_size)
+
+
 def chunked_loss(hf_config, config: TrainConfig, tokens: int) -> bool:
-    """Whether the MLX engine runs this model's loss chunk by chunk for a micro-batch of `tokens` tokens
-    (memfit.mlx.loss.make_loss's rule), and so which head terms the estimate counts (`_head_terms`): the chunked
-    ones, fitted on the chunked runs of benchmarks/derive_mlx_constants.py together with the full-logits runs
-    (mlx_constants.json's `chunked_worst_error_percent` beside `full_logits_worst_error_percent`). With fewer than
-    MLX_MIN_CHUNKS chunks the trainer runs the plain head (memfit.train.chunk_size says why)."""
-    return (config.chunked_loss and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
-            and mlx_chunks(tokens, hf_config.vocab_size, hf_config.hidden_size) > 0)
+    """Whether the MLX engine runs this loss chunk by chunk (`loss_chunk`)."""
+    return loss_chunk(hf_config, config, tokens) > 0
 
 
 @dataclass
@@ -259,18 +271,17 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     optimizer = trainable * trainable_bytes * states
     if config.optimizer == "adafactor":
         optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
-    chunked = chunked_loss(hf_config, config, batch * config.seq_len)
-    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked)
+    tokens = batch * config.seq_len
+    chunk = loss_chunk(hf_config, config, tokens)
+    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunk > 0)
     activations, logits = peak_parts(terms, coefficients)
     if config.grad_accum > 1:
         gradients *= 2  # the running sum and the micro-batch's own gradients are both live while they are added
     runtime = int(fitted["runtime_bytes"])
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
-    chunk = chunk_tokens(batch * config.seq_len, info.vocab_size, info.hidden_size) if chunked else 0
-    unchunked = config.chunked_loss and not chunked and getattr(hf_config, "model_type", None) in MLX_PLAIN_HEAD_TYPES
-    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk,
-                   batch * config.seq_len if unchunked else 0)
+    unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
+    notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
