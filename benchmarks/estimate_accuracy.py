@@ -163,13 +163,11 @@ MLX_CASES = {
 }
 
 
-def _loss_label(model: str, case: dict) -> str:
+def _loss_label(hf_config, case: dict) -> str:
     """The loss the MLX trainer ran: chunked, or the full logits (asked for, or too few tokens to chunk)."""
     from memfit.config import TrainConfig
     from memfit.estimate.mlx_memory import chunked_loss
-    from memfit.models.registry import get_architecture
 
-    hf_config = get_architecture(model.split(" ")[0]).to_hf_config()
     if chunked_loss(hf_config, TrainConfig(**case), case["batch_size"] * case["seq_len"]):
         return "chunked"
     return "full logits (too few chunks)" if case["chunked_loss"] else "full logits"
@@ -219,6 +217,7 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str]) -> list[dict
                 rows.append(dict(model=f"{preset} ({estimate.params / 1e6:.1f}M params, {hf_config.num_hidden_layers} "
                                  "layers)", case=case, params=estimate.params, estimate=estimate.mlx_peak_bytes,
                                  measured=peak, error=(estimate.mlx_peak_bytes - peak) / peak * 100,
+                                 loss=_loss_label(hf_config, case),
                                  phase="load" if measured["load_peak_bytes"] >= measured["train_peak_bytes"]
                                  else "step",
                                  seconds=time.time() - started))
@@ -257,7 +256,7 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
         case = row["case"]
         lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
                      f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
-                     f"{_loss_label(row['model'], case)} | {row['estimate'] / MB:,.1f} | "
+                     f"{row['loss']} | {row['estimate'] / MB:,.1f} | "
                      f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% |")
     if left_out:
         lines += ["", "Not run in this session (2 CPU cores shared with other jobs; a 30-layer case takes 5-15 "
