@@ -19,6 +19,7 @@ from memfit.guard import Guard, MemoryLimit  # noqa: E402
 from memfit.mlx import memory as mlx_memory  # noqa: E402
 from memfit.mlx import train_mlx  # noqa: E402
 from memfit.train import TrainJob  # noqa: E402
+from memfit.train.checkpoint import list_checkpoints, open_checkpoint  # noqa: E402
 
 DATA = Path(memfit.data.__file__).parent / "demo.jsonl"
 CONFIG = dict(max_steps=3, seq_len=64, batch_size=2, lora_rank=4, lr=1e-2, packing=False, save_every=1)
@@ -77,3 +78,26 @@ def test_a_leak_in_mlx_memory_is_reported():
     assert len(leaks) == 1
     assert leaks[0].leak.bytes_per_step == pytest.approx(30 * mb, rel=1e-6)
     assert "Possible memory leak" in leaks[0].message and leaks[0].leak.projected_limit_step > 24
+
+
+def test_an_oom_in_the_update_saves_nothing_from_it_and_the_newest_checkpoint_resumes_exactly(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The step's last micro-batch and the optimizer update are one graph (mlx.trainer: the peak of mlx-lm's step);
+    a failure once it is built leaves the model and optimizer part-way through the update. The run exits 4 and saves
+    nothing from them: a checkpoint of step 3 here would hold step 4's update. The newest checkpoint (step 2)
+    resumes to the clean run's losses."""
+    config = TrainConfig(**{**CONFIG, "max_steps": 4, "save_every": 2})
+    clean = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "clean"), config)
+    _fault(monkeypatch, "oom@4:backward")
+    events = []
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"), config,
+                       on_event=events.append)
+    assert result.status == "oom" and result.exit_code == EXIT_OOM and result.step == 3
+    assert result.oom_recoveries == 0 and result.checkpoint.name == "step-2"
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["step-2"]
+    assert any("optimizer update of step 4" in getattr(event, "message", "") for event in events)
+    _fault(monkeypatch, "")
+    resumed = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run",
+                                 resume=open_checkpoint(tmp_path / "run")), config)
+    assert clean.exit_code == resumed.exit_code == EXIT_OK
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "clean")

@@ -9,7 +9,9 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
                  allocator for an impossible block (2^50 bytes, on the activation's device), so the error is the
                  allocator's own (`DefaultCPUAllocator: can't allocate memory`; CUDA's torch.OutOfMemoryError),
                  raised with the autograd graph half built. A model without decoder layers memfit can find gets the
-                 same allocation at the start of the micro-batch;
+                 same allocation at the start of the micro-batch; the MLX engine (one compiled graph per micro-batch:
+                 no layer hooks) gets it before the micro-batch's graph is built, or with `:backward` once it is
+                 built and before it is evaluated (the step's last graph holds the optimizer update);
 - `leak_forward@MB[:fromK]`  from step K on (default 1), every decoder layer's forward call retains MB megabytes
                  that are never freed: memory that rises inside the forward pass, faster than any step ends;
 - `save_pause@K[:S]`  the checkpoint of step K pauses S seconds (default 60) after its first file is written,
@@ -119,12 +121,14 @@ def impossible_allocation(like: torch.Tensor | None = None) -> None:
     torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8, device=device)
 
 
-def maybe_oom(step: int, attempt: int, micro_batch: int = 1) -> None:
-    """The fallback for a model without decoder layers memfit can find: the OOM at the start of the micro-batch."""
+def maybe_oom(step: int, attempt: int, micro_batch: int = 1, phase: str | None = None) -> None:
+    """The fallback for a model without decoder layers memfit can find: the OOM at the start of the micro-batch
+    (any phase). The MLX engine, whose step is one compiled graph, names the phase: `forward` before the micro-batch's
+    graph is built, `backward` once it is (for the step's last micro-batch, that graph holds the optimizer update)."""
     fault = oom_fault()
-    if fault is not None and fault.fires(step, attempt, micro_batch):
+    if fault is not None and fault.fires(step, attempt, micro_batch) and phase in (None, fault.phase):
         fired.append({"step": step, "attempt": attempt, "micro_batch": micro_batch, "layer": None,
-                      "phase": "start", "in_backward": False})
+                      "phase": phase or "start", "in_backward": phase == "backward"})
         impossible_allocation()
 
 

@@ -1,7 +1,7 @@
 """Ground truth for the MLX estimate: real MLX training steps in a child process, and MLX's own peak counter.
 
 The child builds the model and the step exactly as `memfit train --engine mlx` does (memfit.mlx.trainer.MlxTrainer:
-load_for_training, the optimizer, the compiled micro-step and update), runs `steps` optimizer steps on random
+load_for_training, the optimizer, the compiled step: MlxTrainer.optimizer_step), runs `steps` optimizer steps on random
 full-length rows, and reports `mx.get_peak_memory()` (bytes in live MLX arrays at their highest, what the estimate
 predicts) for loading and for the steps apart (`mx.reset_peak_memory` between them), with the process's peak RSS.
 
@@ -21,12 +21,10 @@ from memfit.runtime import run_python_json
 def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     import mlx.core as mx
     import numpy as np
-    from mlx.utils import tree_map
-
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes
     from memfit.mlx import memory as mlx_memory
-    from memfit.mlx.trainer import MlxTrainer
+    from memfit.mlx.trainer import MlxTrainer, MicroBatch
 
     config = TrainConfig(**config_values)
     trainer = MlxTrainer(None, config, compile_step=True)
@@ -43,18 +41,12 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     step_peaks = []
     loss = None
     for _ in range(steps):
-        grads, loss_sum = None, mx.array(0.0)
-        for _ in range(config.grad_accum):
-            inputs = mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32))
-            targets = mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32))
-            weights = mx.ones((batch, seq), dtype=mx.float32)
-            value, micro_grads = trainer._micro(inputs, targets, weights)
-            grads = micro_grads if grads is None else tree_map(lambda a, b: a + b, grads, micro_grads)
-            loss_sum = loss_sum + value
-            mx.eval(loss_sum, grads)
-        norm = trainer._apply(grads)
-        mx.eval(trainer.model.parameters(), trainer.optimizer.state, norm)
-        del grads
+        micro_batches = [MicroBatch(mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32)),
+                                 mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32)),
+                                 mx.ones((batch, seq), dtype=mx.float32), batch * seq)
+                         for _ in range(config.grad_accum)]
+        loss_sum, _norm, _tokens = trainer.optimizer_step(micro_batches, len(micro_batches))
+        del micro_batches
         step_peaks.append(int(mx.get_peak_memory()))
         loss = float(loss_sum) / (batch * seq * config.grad_accum)
     train_peak = int(mx.get_peak_memory())

@@ -10,8 +10,9 @@ it needs no privilege). Each time the child ends:
 | 0 done                                | exits 0                                                                 |
 | 75 reload (`--reload-interval`)       | starts it again from its checkpoint; not counted as a restart           |
 | SIGKILL (the OOM killer), 3 guard stop| restarts from the newest good checkpoint with half the micro-batch      |
-| 4 out of memory (at micro-batch 1)    | restarts with micro-batch 1 again: a fresh process has no fragmentation |
-|                                       | and no leaked memory                                                    |
+| 4 out of memory                       | the same; at micro-batch 1 (the torch engine halves in-process before   |
+|                                       | that), 1 again: a fresh process has no fragmentation and no leaked      |
+|                                       | memory. The MLX engine also exits 4 when its update fails part-way.     |
 | another signal, another exit code     | restarts with the same micro-batch (a crash, a CUDA fault)              |
 | 2 bad input or disk full, 130 Ctrl-C  | exits with that code: starting again would not help, or was not wanted  |
 
@@ -155,7 +156,7 @@ class Supervisor:
                 else:
                     action = "restart"
                     restarts += 1
-                    if outcome in ("killed", "guard_stop"):
+                    if outcome in ("killed", "guard_stop", "oom"):
                         micro = _last_micro_batch(self.run_dir) or self.config_values["batch_size"]
                         max_micro_batch = max(1, min(micro, max_micro_batch or micro) // 2)
                 message = self._message(exit_code, outcome, action, step, restarts, max_micro_batch)
