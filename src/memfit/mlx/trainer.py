@@ -241,7 +241,8 @@ class MlxTrainer:
             # The last micro-batch's gradient and the optimizer update in one graph, as mlx-lm's step: MLX frees each
             # gradient (and reuses its buffer) as the update consumes it, instead of holding the whole gradient tree
             # and the backward pass's arrays at once. Measured on the whole smollm2-135m, LoRA r16, 1 x 128 with
-            # checkpointing: MLX's peak 670 MB this way, 720 MB with the gradients evaluated first (mlx-lm: 670).
+            # checkpointing (memfit.mlx.measure): MLX's peak 670 MB this way, 720 MB with the gradients evaluated
+            # first (mlx-lm: 670); 681 MB with clipping (--max-grad-norm 1: its norm needs every gradient first).
             loss, grads = accumulate(inputs, targets, weights, grads)
             norm = mx.array(0.0)
             if max_norm:
