@@ -26,7 +26,7 @@ def _config(**changes) -> TrainConfig:
     return TrainConfig(**{**values, **changes})
 
 
-def test_final_loads_in_mlx_lm_and_the_peft_export_gives_the_same_logits(tiny_model_dir, tmp_path):
+def test_final_loads_in_mlx_lm_and_the_peft_export_gives_the_same_logits(tiny_model_dir, tmp_path, capsys):
     import mlx.core as mx
     import mlx_lm
     import torch
@@ -84,6 +84,20 @@ def test_final_loads_in_mlx_lm_and_the_peft_export_gives_the_same_logits(tiny_mo
     assert tokens == evaluated[0].val_tokens
     assert torch_loss == pytest.approx(evaluated[0].val_loss, abs=1e-4)
 
+    # `memfit eval --engine mlx --adapter RUN`: mlx-lm's adapter on the MLX base, the same samples, per-sample losses
+    # and tokens as torch + PEFT, and the trainer's own validation loss.
+    capsys.readouterr()
+    assert main(["eval", "--engine", "mlx", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "run"),
+                 "--data", str(val), "--seq-len", "64", "--batch-size", "3", "--json",
+                 "--out", str(tmp_path / "mlx.jsonl")]) == 0
+    on_mlx = [json.loads(line) for line in (tmp_path / "mlx.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["tokens"]) for s in on_mlx] == [(s["line"], s["tokens"]) for s in samples]
+    assert [s["loss"] for s in on_mlx] == pytest.approx([s["loss"] for s in samples], abs=1e-4)
+    mlx_loss = sum(sample["loss"] * sample["tokens"] for sample in on_mlx) / tokens
+    assert mlx_loss == pytest.approx(evaluated[0].val_loss, abs=1e-5)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["engine"] == "mlx" and summary["peak_mlx_bytes"] > 0
+
 
 def test_a_4_bit_base_trains_and_its_adapter_loads(tiny_model_dir, tmp_path):
     import mlx.nn as nn
@@ -108,6 +122,24 @@ def test_a_4_bit_base_trains_and_its_adapter_loads(tiny_model_dir, tmp_path):
     assert json.loads((final / "adapter_config.json").read_text())["quantization"]["bits"] == 4
     model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(final))
     assert model is not None
+
+    # `memfit eval --engine mlx` quantizes the base as the adapter's run did (its adapter_config.json says how).
+    from memfit.cli import main
+    from memfit.mlx.evaluate import load_for_eval
+
+    evaluated, notes = load_for_eval(tiny_model_dir, final, "auto", "none", on_metal=False)
+    assert isinstance(evaluated.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert evaluated.layers[0].self_attn.q_proj.linear.bits == 4 and any("4-bit" in note for note in notes)
+    assert main(["eval", "--engine", "mlx", "--model", str(tiny_model_dir), "--adapter", str(final), "--data",
+                 str(DATA), "--seq-len", "64", "--json"]) == 0
+
+
+def test_eval_engine_mlx_refuses_generation_in_one_line(tiny_model_dir, capsys):
+    from memfit.cli import main
+
+    assert main(["eval", "--engine", "mlx", "--model", str(tiny_model_dir), "--data", str(DATA), "--generate"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine mlx evaluates loss and perplexity" in err and "Traceback" not in err
 
 
 def test_dora_trains_and_loads_in_mlx_lm(tiny_model_dir, tmp_path):

@@ -411,7 +411,8 @@ def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="local dir, HF id in the HF cache, or alias"),
     data: Path = typer.Option(..., "--data", "-d", help="JSONL: text, prompt+completion or messages (loss); or "
                               "code tasks with \"prompt\" and \"tests\" (with --generate)"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter dir (a run's final/, or the run dir)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="a PEFT adapter dir (a run's final/, or the run "
+                                           "dir); with --engine mlx, an MLX run's final/ (mlx-lm's format)"),
     batch_size: int = typer.Option(8, "--batch-size", help="samples per forward pass / generate call"),
     seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample scored (longer samples are cut)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32"),
@@ -426,6 +427,8 @@ def eval_command(
     allow_unsandboxed: bool = typer.Option(False, "--allow-unsandboxed",
                                            help="run generated code even where no sandbox can be made (unsafe)"),
     out: Optional[Path] = typer.Option(None, "--out", help="per-sample results as JSONL"),
+    engine: str = typer.Option("torch", "--engine", help="torch, mlx (loss and perplexity with MLX: the base and "
+                               "an MLX run's adapter, as it trained) or auto (MLX on Apple Silicon)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Loss and perplexity on a JSONL (base model or base + adapter), or generated completions; code tasks' tests
@@ -437,7 +440,7 @@ def eval_command(
                   batch_size=batch_size,
                   seq_len=seq_len, max_memory=max_memory, generate=generate, max_new_tokens=max_new_tokens,
                   temperature=temperature, seed=seed, timeout_s=timeout, allow_unsandboxed=allow_unsandboxed,
-                  out=out)
+                  out=out, engine=engine)
     renderer = EvalRenderer(Console(stderr=True) if as_json else console)
     try:
         result = run_eval(job, on_event=renderer)

@@ -49,6 +49,7 @@ class EvalJob:
     timeout_s: float = 10.0  # per code task, wall clock
     allow_unsandboxed: bool = False
     out: Path | None = None  # per-sample results, JSONL
+    engine: str = "torch"  # torch | mlx | auto (MLX on Apple Silicon when installed)
 
 
 @dataclass
@@ -156,50 +157,48 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     the model and evaluate. Bad input raises UserError before anything heavy happens."""
     from transformers import AutoTokenizer
 
-    from memfit.runtime import default_device
     from memfit.eval import codetasks
-    from memfit.guard import Guard, choose_limit, configure_cuda, cuda_alloc_conf_env, is_out_of_memory
+    from memfit.guard import Guard, choose_limit, is_out_of_memory
+    from memfit.mlx import choose_engine
     from memfit.models import resolve_model
-    from memfit.precision import resolve_precision
 
     emit = on_event or (lambda event: None)
     check_job(job)
-    device = job.device or default_device()
-    if device == "cuda":
-        cuda_alloc_conf_env()
-    precision = resolve_precision(job.dtype, device)
+    backend = _mlx_backend(job) if choose_engine(job.engine) == "mlx" else _torch_backend(job)
     resolved = resolve_model(job.model)
     model_dir = resolved.require_weights()
-    adapter = resolve_adapter(Path(job.adapter)) if job.adapter is not None else None
+    adapter = backend.resolve_adapter(Path(job.adapter)) if job.adapter is not None else None
     tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     inputs = _read_inputs(job, tokenizer, emit)
 
-    limit = choose_limit(job.max_memory, device)
+    limit = choose_limit(job.max_memory, backend.device if backend.engine == "torch" else "cpu")
     emit(Notice(limit.describe()))
-    configure_cuda(limit)
-    guard = Guard(limit, threshold=job.memory_threshold)
+    for note in backend.set_limits(limit):
+        emit(Notice(note))
+    guard = Guard(limit, threshold=job.memory_threshold, **({"reader": backend.reader} if backend.reader else {}))
     guard.start()
     started = time.perf_counter()
     summary: dict[str, Any] = {"model": resolved.name, "model_path": str(model_dir),
                                "adapter": str(adapter) if adapter else None, "data": str(job.data),
-                               "mode": inputs.mode, "device": device, "precision": precision.name,
-                               "samples": inputs.count, "limit_bytes": limit.limit_bytes}
+                               "mode": inputs.mode, "engine": backend.engine, "device": backend.device,
+                               "precision": backend.precision, "samples": inputs.count,
+                               "limit_bytes": limit.limit_bytes}
     samples: list[dict[str, Any]] = []
     try:
         try:
-            model = load_for_eval(model_dir, adapter, precision, device, job.quant)
-            emit(EvalStarted(resolved.name, str(adapter) if adapter else None, device, precision.name, inputs.mode,
-                             inputs.count, limit.limit_bytes, inputs.sandboxed))
-            samples, completions = _evaluate(model, inputs, job, tokenizer, device, precision.compute_dtype,
+            model = backend.load(model_dir, adapter, emit)
+            emit(EvalStarted(resolved.name, str(adapter) if adapter else None, backend.device, backend.precision,
+                             inputs.mode, inputs.count, limit.limit_bytes, inputs.sandboxed))
+            samples, completions = _evaluate(model, inputs, job, tokenizer, backend,
                                              _guarded_progress(guard, emit), summary)
         except _GuardStop as stop:
-            return _end(job, emit, summary, samples, guard, device, "guard_stop", EXIT_GUARD_STOP,
+            return _end(job, emit, summary, samples, guard, backend, "guard_stop", EXIT_GUARD_STOP,
                         f"stopped by the memory guard: {stop}", started)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
             if not is_out_of_memory(error):
                 raise
-            return _end(job, emit, summary, samples, guard, device, "oom", EXIT_OOM,
+            return _end(job, emit, summary, samples, guard, backend, "oom", EXIT_OOM,
                         f"out of memory: {str(error).splitlines()[0][:200]}", started)
         if inputs.mode == "code":
             del model
@@ -209,7 +208,82 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
                            sandboxed=inputs.sandboxed)
     finally:
         guard.stop()
-    return _end(job, emit, summary, samples, guard, device, "done", EXIT_OK, _done_message(summary), started)
+    return _end(job, emit, summary, samples, guard, backend, "done", EXIT_OK, _done_message(summary),
+                started)
+
+
+@dataclass
+class _Backend:
+    """What differs between the engines, chosen once: where the model runs, how it loads (with its adapter), how
+    the loss of a dataset is computed, and how memory is read and limited."""
+
+    engine: str
+    device: str
+    precision: str
+    resolve_adapter: Callable[[Path], Path]
+    load: Callable[[Path, Path | None, Callable], Any]  # (model dir, adapter, emit) -> the model, ready
+    loss: Callable[..., tuple[float, int, list[dict]]]  # (model, dataset, tokenizer, batch size, on_batch)
+    reader: Callable | None = None  # the guard's memory reader (None: the process and device defaults)
+    set_limits: Callable[[Any], list[str]] = lambda limit: []  # the engine's own limits from the guard's
+    peaks: Callable[[], dict[str, int]] = dict  # the engine's own peak counters, for the summary
+
+
+def _torch_backend(job: EvalJob) -> _Backend:
+    from memfit.guard import configure_cuda, cuda_alloc_conf_env
+    from memfit.precision import resolve_precision
+    from memfit.runtime import default_device
+
+    device = job.device or default_device()
+    if device == "cuda":
+        cuda_alloc_conf_env()
+    precision = resolve_precision(job.dtype, device)
+
+    def set_limits(limit) -> list[str]:
+        configure_cuda(limit)
+        return []
+
+    def peaks() -> dict[str, int]:
+        if device == "cuda" and torch.cuda.is_available():
+            return {"peak_cuda_reserved_bytes": torch.cuda.max_memory_reserved()}
+        return {}
+
+    return _Backend(
+        "torch", device, precision.name, resolve_adapter,
+        load=lambda model_dir, adapter, emit: load_for_eval(model_dir, adapter, precision, device, job.quant),
+        loss=lambda model, dataset, tokenizer, batch_size, on_batch: dataset_loss(
+            model, dataset, tokenizer, batch_size, device, precision.compute_dtype, on_batch),
+        set_limits=set_limits, peaks=peaks)
+
+
+def _mlx_backend(job: EvalJob) -> _Backend:
+    """MLX (memfit.mlx.evaluate): the loss only; the base and an mlx-lm adapter (an MLX run's final/) loaded as the
+    MLX trainer loads them; the guard on MLX's counters with MLX's limits set from it."""
+    if job.generate:
+        raise UserError("--engine mlx evaluates loss and perplexity; --generate runs on the torch engine",
+                        hint="drop --engine mlx (an MLX run's final/peft/ loads there)")
+    if job.device not in (None, "cpu", "mps"):
+        raise UserError(f"--engine mlx runs on the Apple GPU or the CPU, not --device {job.device}",
+                        hint="drop --device, or use --engine torch")
+    from memfit.data import pad_token_id
+    from memfit.mlx import evaluate as mlx_eval
+    from memfit.mlx import memory as mlx_memory
+
+    def load(model_dir: Path, adapter: Path | None, emit):
+        model, notes = mlx_eval.load_for_eval(model_dir, adapter, job.dtype, job.quant, mlx_memory.metal())
+        for note in notes:
+            emit(Notice(note))
+        return model
+
+    def set_limits(limit) -> list[str]:
+        return [mlx_memory.apply_limits(limit.limit_bytes, job.memory_threshold).describe()]
+
+    return _Backend(
+        "mlx", mlx_memory.device_name(), job.dtype if job.dtype != "auto" else "auto (fp32 on a CPU)",
+        mlx_eval.resolve_adapter, load,
+        loss=lambda model, dataset, tokenizer, batch_size, on_batch: mlx_eval.dataset_loss(
+            model, dataset, pad_token_id(tokenizer), batch_size, on_batch),
+        reader=mlx_memory.read_mlx_memory, set_limits=set_limits,
+        peaks=lambda: {"peak_mlx_bytes": mlx_memory.peak_bytes()})
 
 
 @dataclass
@@ -270,18 +344,19 @@ def _guarded_progress(guard, emit) -> Callable[..., None]:
     return after_batch
 
 
-def _evaluate(model, inputs: _Inputs, job: EvalJob, tokenizer, device: str, compute_dtype, after_batch,
+def _evaluate(model, inputs: _Inputs, job: EvalJob, tokenizer, backend: _Backend, after_batch,
               summary: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str] | None]:
     """The loss, or the completions: (per-sample results, the completions of code tasks); `summary` updated."""
     if inputs.mode == "loss":
-        loss, tokens, samples = dataset_loss(model, inputs.dataset, tokenizer, job.batch_size, device, compute_dtype,
+        loss, tokens, samples = backend.loss(model, inputs.dataset, tokenizer, job.batch_size,
                                              lambda done, total, tokens: after_batch(done, total, "loss", tokens))
         summary.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
         return samples, None
     from memfit.eval.generate import generate
 
     completions = generate(model, tokenizer, inputs.prompts, max_new_tokens=job.max_new_tokens,
-                           temperature=job.temperature, batch_size=job.batch_size, device=device, seed=job.seed,
+                           temperature=job.temperature, batch_size=job.batch_size, device=backend.device,
+                           seed=job.seed,
                            on_batch=lambda done, total: after_batch(done, total, "generate"))
     summary.update(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
     if inputs.mode == "code":
@@ -341,15 +416,14 @@ def _done_message(summary: dict[str, Any]) -> str:
     return f"generated {summary['samples']} completions"
 
 
-def _end(job: EvalJob, emit, summary: dict, samples: list, guard, device: str, status: str, exit_code: int,
+def _end(job: EvalJob, emit, summary: dict, samples: list, guard, backend: _Backend, status: str, exit_code: int,
          message: str, started: float) -> EvalResult:
     from memfit.guard import read_memory
 
-    memory = read_memory(device)
+    memory = read_memory(backend.device)
     summary.update(status=status, exit_code=exit_code, seconds=round(time.perf_counter() - started, 3),
-                   peak_watched_bytes=guard.peak_watched_bytes, peak_rss_bytes=memory.peak_rss_bytes)
-    if device == "cuda" and torch.cuda.is_available():
-        summary["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
+                   peak_watched_bytes=guard.peak_watched_bytes, peak_rss_bytes=memory.peak_rss_bytes,
+                   **backend.peaks())
     if job.out is not None and samples:
         _write_jsonl(job.out, samples)
         summary["out"] = str(job.out)

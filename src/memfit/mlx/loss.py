@@ -20,17 +20,17 @@ from memfit.train.chunk_size import mlx_chunks
 # Other architectures than MLX_PLAIN_HEAD_TYPES (gemma's scaled and soft-capped logits, ...) take the full-logits loss.
 
 
-def _weighted_sum(logits: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+def weighted_sum(logits: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
     """sum_t w_t * CE_t, the logits upcast to fp32 (as the torch engine's loss)."""
     return (nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none") * weights).sum()
 
 
 def weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
     """sum_t w_t * CE_t over a micro-batch, through the full logits."""
-    return _weighted_sum(model(inputs), targets, weights)
+    return weighted_sum(model(inputs), targets, weights)
 
 
-def _head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] | None:
+def plain_head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] | None:
     """(the module that holds the head's weights, how to apply it) for a plain-head architecture, else None."""
     if getattr(model, "model_type", None) not in MLX_PLAIN_HEAD_TYPES or not hasattr(model, "model"):
         return None
@@ -42,13 +42,13 @@ def _head(model) -> tuple[nn.Module, Callable[[nn.Module, mx.array], mx.array]] 
 
 
 def supports_chunked_loss(model) -> bool:
-    return _head(model) is not None
+    return plain_head(model) is not None
 
 
 def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
     """The loss function `nn.value_and_grad(model, ...)` differentiates: chunked when asked and the architecture's
     head is a plain projection, the full-logits loss otherwise."""
-    head = _head(model) if chunked else None
+    head = plain_head(model) if chunked else None
     if head is None:
         return weighted_ce
     module, apply = head
@@ -56,7 +56,7 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
     def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
         # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
         targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
-        return _weighted_sum(apply(module, hidden), targets, weights)
+        return weighted_sum(apply(module, hidden), targets, weights)
 
     # Recomputed in the backward pass from the chunk's hidden states: only one chunk's logits at a time.
     chunk_loss = nn.utils.checkpoint(module, chunk_loss)
@@ -68,7 +68,7 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         tokens = rows * width
         step = mlx_chunks(tokens, model.args.vocab_size, size)
         if not step:  # too few chunks to save memory (MLX_MIN_CHUNKS): the head as the full-logits loss runs it
-            return _weighted_sum(apply(module, hidden), targets, weights)
+            return weighted_sum(apply(module, hidden), targets, weights)
         total = mx.array(0.0)
         for start in range(0, tokens, step):
             end = min(start + step, tokens)

@@ -21,10 +21,12 @@ from memfit.runtime import run_python_json
 def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     import mlx.core as mx
     import numpy as np
+
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes
     from memfit.mlx import memory as mlx_memory
-    from memfit.mlx.trainer import MlxTrainer, MicroBatch
+    from memfit.mlx.batches import MicroBatch
+    from memfit.mlx.trainer import MlxTrainer
 
     config = TrainConfig(**config_values)
     trainer = MlxTrainer(None, config, compile_step=True)

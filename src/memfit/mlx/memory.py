@@ -90,6 +90,11 @@ def read_mlx_memory(device: str = "mlx") -> MlxMemorySample:
                            system_available_bytes=base.system_available_bytes, **mlx_counters())
 
 
+def peak_bytes() -> int | None:
+    """MLX's peak counter (`mx.get_peak_memory()`): the most bytes its arrays held at once since the last reset."""
+    return int(_peak()) if _peak is not None else None
+
+
 def reset_peak() -> None:
     if _reset_peak is not None:
         _reset_peak()

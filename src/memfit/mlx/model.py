@@ -126,12 +126,11 @@ def grad_checkpoint(layer) -> None:
         setattr(cls, _CHECKPOINTED, True)
 
 
-def load_for_training(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT_GROUP_SIZE,
-                      use_dora: bool = False, on_metal: bool = False) -> LoadedModel:
-    """The model ready to train: loaded lazily, cast, quantized (--quant), adapters added (or unfrozen for a full
-    fine-tune), and evaluated (the weights are read here, once in their final dtype and layout)."""
+def load_base(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT_GROUP_SIZE,
+              on_metal: bool = False) -> tuple[Any, dict[str, Any], Any, list[str]]:
+    """(model, its config, the compute dtype, notes): loaded lazily, cast to the compute dtype and quantized
+    (--quant), not yet evaluated."""
     from mlx_lm import load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import quantize_model
 
     notes: list[str] = []
@@ -152,6 +151,16 @@ def load_for_training(model_dir: Path, config: TrainConfig, *, group_size: int =
             model, model_config = quantize_model(model, model_config, group_size, int(config.quant))
             notes.append(f"base quantized to {config.quant}-bit with MLX (group size {group_size}; "
                          "the embeddings and lm_head too, as mlx_lm.convert does)")
+    return model, model_config, dtype, notes
+
+
+def load_for_training(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT_GROUP_SIZE,
+                      use_dora: bool = False, on_metal: bool = False) -> LoadedModel:
+    """The model ready to train: loaded lazily, cast, quantized (--quant), adapters added (or unfrozen for a full
+    fine-tune), and evaluated (the weights are read here, once in their final dtype and layout)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, model_config, dtype, notes = load_base(model_dir, config, group_size=group_size, on_metal=on_metal)
     model.freeze()
     adapter_config = None
     if config.uses_adapters:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -38,13 +37,12 @@ from memfit.errors import (EXIT_GUARD_STOP, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM,
                            UserError)
 from memfit.mlx import checkpoint as mlx_ckpt
 from memfit.mlx import memory as mlx_memory
+from memfit.mlx.batches import MicroBatch, micro_batch
 from memfit.mlx.loss import make_loss
 from memfit.runtime import signals_handled, stop_then_abort
 from memfit.train import checkpoint as ckpt
 from memfit.events import (CheckpointSaved, EvalEnd, Event, GuardNotice, MemoryReport, Notice, OomRecovered,
                                  RunEnded, RunStarted, StepEnd)
-
-PAD_MULTIPLE = 32  # rows are padded to a multiple of this (as mlx-lm does): fewer shapes, fewer recompilations
 
 
 class _StepAborted(Exception):
@@ -97,14 +95,6 @@ def build_optimizer(config: TrainConfig, schedule):
         return optim.SGD(learning_rate=schedule)
     raise UserError(f"--optimizer {config.optimizer} is not available on the MLX engine",
                     hint="choose adamw, adafactor or sgd")
-
-
-@dataclass
-class MicroBatch:
-    inputs: mx.array
-    targets: mx.array
-    weights: mx.array
-    tokens: int
 
 
 class MlxTrainer:
@@ -239,10 +229,7 @@ class MlxTrainer:
 
         def update(inputs, targets, weights, grads):
             # The last micro-batch's gradient and the optimizer update in one graph, as mlx-lm's step: MLX frees each
-            # gradient (and reuses its buffer) as the update consumes it, instead of holding the whole gradient tree
-            # and the backward pass's arrays at once. Measured on the whole smollm2-135m, LoRA r16, 1 x 128 with
-            # checkpointing (memfit.mlx.measure): MLX's peak 670 MB this way, 720 MB with the gradients evaluated
-            # first (mlx-lm: 670); 681 MB with clipping (--max-grad-norm 1: its norm needs every gradient first).
+            # gradient (and reuses its buffer) as the update consumes it, instead of holding the whole gradient tree.
             loss, grads = accumulate(inputs, targets, weights, grads)
             norm = mx.array(0.0)
             if max_norm:
@@ -306,30 +293,6 @@ class MlxTrainer:
     def _should_stop(self) -> bool:
         return self.guard.stop_requested or self.interrupted is not None
 
-    def _arrays(self, chunk, objective) -> MicroBatch:
-        """A micro-batch as MLX arrays: memfit's collate and token weights, padded to a multiple of PAD_MULTIPLE."""
-        from memfit.data import collate
-        from memfit.train.losses import IGNORE_INDEX, scored_tokens
-        from memfit.train.objective import label_weights
-
-        batch = collate(chunk, self.dataset.samples, self.pad_id)
-        if objective is None:  # evaluation: every scored token counts 1
-            weights = (batch.labels != IGNORE_INDEX).float()
-            weights[:, 0] = 0.0
-        else:
-            weights = label_weights(objective, batch)
-        scored = scored_tokens(batch.labels, weights)
-        rows, width = batch.input_ids.shape
-        padded = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
-        inputs = np.full((rows, padded), self.pad_id, dtype=np.int32)
-        targets = np.zeros((rows, padded), dtype=np.int32)
-        token_weights = np.zeros((rows, padded), dtype=np.float32)
-        inputs[:, :width] = batch.input_ids.numpy()
-        flat_targets = scored.targets.view(rows, width).numpy()
-        targets[:, :width] = np.where(flat_targets == IGNORE_INDEX, 0, flat_targets)
-        token_weights[:, :width] = scored.weights.view(rows, width).numpy()
-        return MicroBatch(mx.array(inputs), mx.array(targets), mx.array(token_weights), batch.num_tokens)
-
     def _train_step(self, rows_index: list[int], attempt: int) -> dict[str, Any]:
         from memfit.train.objective import step_objective
 
@@ -343,7 +306,7 @@ class MlxTrainer:
                     raise _StepAborted
                 faults.maybe_oom(self.step + 1, attempt, number + 1, "forward")
                 faults.maybe_die(self.step + 1, self.job.output_dir)
-                yield self._arrays(chunk, objective)
+                yield micro_batch(chunk, self.dataset.samples, self.pad_id, objective)
 
         loss_sum, norm, tokens = self.optimizer_step(
             micro_batches(), len(chunks),
@@ -367,11 +330,14 @@ class MlxTrainer:
             else:
                 loss, norm = self._update(arrays.inputs, arrays.targets, arrays.weights, grads)
                 self.update_pending = True  # the model and optimizer now hold this update's (lazy) arrays
-                grads, outputs = None, [norm, self._state]
+                grads, outputs = None, [self._state, norm]
             loss_sum = loss_sum + loss
             if built is not None:
                 built(number)
-            mx.eval(loss_sum, *outputs)
+            # The gradients or the updated state first, the loss last (as mlx-lm): MLX evaluates in this order, and
+            # with the loss first the forward pass is evaluated alone, its arrays all held for the backward pass.
+            # Whole smollm2-135m, LoRA r16, 1 x 128, checkpointing: MLX's peak 670 MB this way, 719 MB loss first.
+            mx.eval(*outputs, loss_sum)
         self.update_pending = False
         return loss_sum, norm, tokens
 
@@ -457,19 +423,11 @@ class MlxTrainer:
         return final
 
     def evaluate(self) -> None:
-        rows = self.val_dataset.rows
+        from memfit.mlx.evaluate import dataset_loss
+
         self.model.eval()
-        loss_sum, count = 0.0, 0
-        for start in range(0, len(rows), self.micro_batch):
-            dataset, self.dataset = self.dataset, self.val_dataset
-            try:
-                arrays = self._arrays(rows[start:start + self.micro_batch], None)
-            finally:
-                self.dataset = dataset
-            loss_sum += float(self._loss(self.model, arrays.inputs, arrays.targets, arrays.weights))
-            count += int(np.array(arrays.weights).sum())
+        val_loss, count, _ = dataset_loss(self.model, self.val_dataset, self.pad_id, self.micro_batch)
         self.model.train()
-        val_loss = loss_sum / max(count, 1)
         self.emit(EvalEnd(self.step, val_loss, math.exp(min(val_loss, 50.0)), count))
 
     def memory_report_text(self, sample) -> str:
