@@ -136,6 +136,9 @@ def test_an_unrecoverable_oom_is_restarted_then_given_up(tiny_model_dir, tmp_pat
     assert completed.returncode == 4, completed.stdout + completed.stderr
     assert [(life["outcome"], life["action"], life["step"]) for life in _lives(out)] == [
         ("oom", "restart", 2), ("oom", "give_up", 2)]
+    # The first life halved its micro-batch to 1 in-process before exit 4; the restart keeps it at 1 (an MLX child,
+    # which exits 4 when its update fails part-way at any micro-batch, is restarted with half of it).
+    assert [life["micro_batch"] for life in _lives(out)] == [1, None]
 
 
 @contextlib.contextmanager
