@@ -172,6 +172,7 @@ def run_eval(job: EvalJob, on_event: Callable[[Event], None] | None = None) -> E
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     inputs = _read_inputs(job, tokenizer, emit)
 
+    # MLX's memory is the system's (unified on a Mac), as the MLX trainer's limit: the CPU's reading.
     limit = choose_limit(job.max_memory, backend.device if backend.engine == "torch" else "cpu")
     emit(Notice(limit.describe()))
     for note in backend.set_limits(limit):
