@@ -103,3 +103,36 @@ def test_tokens_that_fit_in_one_chunk_take_the_plain_head(tiny_model_dir):
     assert results[True][0] == results[False][0]
     for name, full in results[False][1].items():
         assert mx.array_equal(results[True][1][name], full), name
+
+
+def test_a_rows_last_token_is_fed_only_as_a_target(tiny_model_dir):
+    """memfit.mlx.batches: the position after a row's last token is never scored, so the micro-batch leaves it out
+    (as mlx-lm does; full rows of seq_len tokens then take seq_len - 1 positions, no padding) and the loss is the
+    one of every token fed."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    import memfit.data
+    from memfit.data import build_dataset, collate, pad_token_id
+    from memfit.mlx.batches import micro_batch
+    from memfit.train.losses import IGNORE_INDEX, scored_tokens
+
+    model = _lora_model(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    dataset = build_dataset(Path(memfit.data.__file__).parent / "demo.jsonl", tokenizer, 64, packing=False)
+    rows, pad = dataset.rows[:4], pad_token_id(tokenizer)
+    assert max(len(row.input_ids) for row in rows) == 64
+    batch = micro_batch(rows, dataset.samples, pad, max_width=63)
+    assert batch.inputs.shape == batch.targets.shape == batch.weights.shape == (4, 63)
+
+    full = collate(rows, dataset.samples, pad)  # every token fed, the torch engine's layout
+    weights = (full.labels != IGNORE_INDEX).float()
+    weights[:, 0] = 0.0
+    scored = scored_tokens(full.labels, weights)
+    targets = np.where(scored.targets.view(4, 64).numpy() == IGNORE_INDEX, 0, scored.targets.view(4, 64).numpy())
+    reference = weighted_ce(model, mx.array(full.input_ids.numpy().astype(np.int32)),
+                            mx.array(targets.astype(np.int32)), mx.array(scored.weights.view(4, 64).numpy()))
+    trimmed = weighted_ce(model, batch.inputs, batch.targets, batch.weights)
+    assert float(mx.sum(batch.weights)) == float(scored.weights.sum()) > 0
+    assert float(trimmed) == pytest.approx(float(reference), rel=1e-5)

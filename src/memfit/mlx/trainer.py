@@ -306,7 +306,7 @@ class MlxTrainer:
                     raise _StepAborted
                 faults.maybe_oom(self.step + 1, attempt, number + 1, "forward")
                 faults.maybe_die(self.step + 1, self.job.output_dir)
-                yield micro_batch(chunk, self.dataset.samples, self.pad_id, objective)
+                yield micro_batch(chunk, self.dataset.samples, self.pad_id, objective, self.config.seq_len - 1)
 
         loss_sum, norm, tokens = self.optimizer_step(
             micro_batches(), len(chunks),
