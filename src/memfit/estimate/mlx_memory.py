@@ -314,11 +314,6 @@ def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[
     elif unchunked_tokens:
         notes.append(f"chunked loss: the micro-batch's {unchunked_tokens:,} tokens make fewer than {MLX_MIN_CHUNKS} "
                      "chunks, so the head runs whole (on MLX fewer chunks hold more than the full logits)")
-    if not chunk and config.grad_checkpointing:
-        # peak_parts' share of the smaller side narrows this gap, not closes it (tests/test_mlx_estimate.py's xfail).
-        notes.append("the head's full logits with gradient checkpointing: the real peak can run up to 11% above this "
-                     "estimate (tests/test_mlx_estimate.py's tiny 4-bit case, where the head and a recomputed layer "
-                     "are about the same size)")
     if hardware.device == "mps":
         notes.append(f"unified memory: the GPU may use {format_gb(hardware.memory_bytes)} (macOS's recommended "
                      "working set; `sudo sysctl iogpu.wired_limit_mb=N` raises it, and memfit sets MLX's wired "
