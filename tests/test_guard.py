@@ -1,4 +1,4 @@
-"""The memory guard: real readings on this process (torch tensors move RSS), and fake readers for the policy."""
+"""The memory guard: real readings on this process (fresh mappings move RSS), and fake readers for the policy."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import psutil
 import pytest
 from pathlib import Path
 import torch
+from resident_memory import resident
 
 from memfit.guard import (
     Guard,
@@ -32,11 +33,6 @@ from memfit.guard import (
 
 MB = 1024**2
 GB = 1024**3
-
-
-def touched(nbytes: int) -> torch.Tensor:
-    """A tensor whose pages are all resident (torch.empty would only reserve address space)."""
-    return torch.ones(nbytes, dtype=torch.uint8)
 
 
 def rss() -> int:
@@ -61,18 +57,18 @@ class FakeReader:
 # --- readings ----------------------------------------------------------------------------------------------
 
 
-def test_read_memory_is_sane_and_follows_a_tensor():
+def test_read_memory_is_sane_and_follows_new_memory():
     before = read_memory()
     assert before.rss_bytes > 10 * MB
     assert before.peak_rss_bytes >= before.rss_bytes - 8 * MB  # the kernel's counters lag a little
     assert abs(before.system_available_bytes - psutil.virtual_memory().available) < 256 * MB
     assert before.cuda_reserved_bytes is None and before.watched_bytes == before.rss_bytes
-    tensor = touched(200 * MB)
+    block = resident(200 * MB)
     after = read_memory()
     assert 190 * MB <= after.rss_bytes - before.rss_bytes <= 230 * MB
     assert after.peak_rss_bytes >= before.rss_bytes + 190 * MB
     assert after.time > before.time
-    del tensor
+    del block
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a torch without CUDA")
@@ -98,12 +94,12 @@ def test_read_memory_parses_the_cuda_allocator_stats(monkeypatch):
 
 def test_sampler_thread_sees_a_spike_that_step_end_reads_miss():
     # Raise the OS high-water mark first, so only the thread (not getrusage) can see the smaller spike below it.
-    del_me = touched(400 * MB)
+    del_me = resident(400 * MB)
     del del_me
     with MemorySampler(interval_s=0.02) as sampler:
         assert sampler.running
         baseline = sampler.take_window_peak()
-        spike = touched(300 * MB)
+        spike = resident(300 * MB)
         time.sleep(0.3)
         del spike
         step_end = rss()
@@ -136,7 +132,7 @@ def test_the_sampler_counts_its_own_thread_cpu_time_and_nothing_else():
 def test_a_child_process_peak_is_its_own_not_its_parents():
     # exec folds the replaced address space's RSS into getrusage's ru_maxrss; after Python's vfork that is this
     # (parent) process. A probe trial or measurement child must report only what it used.
-    held = touched(800 * MB)
+    held = resident(800 * MB)
     code = "from memfit.guard.sampler import peak_rss_bytes; print(peak_rss_bytes())"
     child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert rss() > 800 * MB
@@ -148,7 +144,7 @@ def test_window_peak_catches_a_new_high_water_mark_without_a_thread():
     sampler = MemorySampler(interval_s=0)  # no thread: only getrusage's high-water mark can tell
     baseline = sampler.take_window_peak()
     high_water = read_memory().peak_rss_bytes
-    spike = touched(max(high_water - baseline, 0) + 150 * MB)  # a new record for this process
+    spike = resident(max(high_water - baseline, 0) + 150 * MB)  # a new record for this process
     del spike
     peak = sampler.take_window_peak()
     assert not sampler.running
@@ -160,7 +156,7 @@ def test_rate_is_positive_while_allocating_and_flat_after():
     held = []
     with MemorySampler(interval_s=0.02) as sampler:
         for _ in range(25):  # 10 MB every 20 ms: about 500 MB/s
-            held.append(touched(10 * MB))
+            held.append(resident(10 * MB))
             time.sleep(0.02)
         rising = sampler.rate_bytes_per_s(0.4)
         time.sleep(0.4)
@@ -205,7 +201,7 @@ def test_release_memory_frees_garbage_cycles():
     gc.disable()
     try:
         before = rss()
-        cycle: list = [touched(150 * MB)]
+        cycle: list = [resident(150 * MB)]
         cycle.append(cycle)  # only the cycle collector can free this
         del cycle
         assert rss() > before + 140 * MB
@@ -226,12 +222,12 @@ def test_end_step_reports_threshold_once_then_the_limit():
     sample, events = guard.end_step(1)
     assert events == [] and not guard.stop_requested
     assert sample.window_peak_bytes >= sample.watched_bytes
-    first = touched(150 * MB)
+    first = resident(150 * MB)
     _, events = guard.end_step(2)
     assert [event.kind for event in events] == ["threshold"]
     assert "of the limit" in events[0].message and "released caches" in events[0].message
     assert not guard.stop_requested
-    second = touched(250 * MB)
+    second = resident(250 * MB)
     _, events = guard.end_step(3)
     assert [event.kind for event in events] == ["limit"]  # the threshold is not reported twice
     assert guard.stop_requested and "above the limit" in guard.stop_reason
@@ -252,7 +248,7 @@ def test_background_thread_stops_before_the_limit_when_memory_rises_fast():
             guard.end_step(step)
         while not guard.stop_requested and len(held) < 80:  # 10 MB a reading, every 20 ms: ~500 MB/s, 800 MB at most
             seen = guard.sampler.latest
-            held.append(touched(10 * MB))
+            held.append(resident(10 * MB))
             time.sleep(0.02)
             deadline = time.monotonic() + 2.0
             # One reading per 10 MB even when a loaded machine (CI under load) starves the sampler thread, which

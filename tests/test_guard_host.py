@@ -4,29 +4,19 @@ this process's real RSS (a fresh mapping touched page by page) and the machine's
 from __future__ import annotations
 
 import json
-import mmap
 import time
 from collections import namedtuple
 from dataclasses import replace
 
 import pytest
 
+from resident_memory import resident
+
 from memfit.guard import Guard, HostLimit, MemoryLimit, choose_host_limit, read_memory, watches_host
 from memfit.guard.policy import DEVICE, HOST_AVAILABLE, HOST_RSS, host_floor_bytes
 
 MB = 1024**2
 GB = 1024**3
-PAGE = 4096
-
-
-def resident(nbytes: int) -> mmap.mmap:
-    """`nbytes` of new resident memory: a fresh anonymous mapping, every page written once. Not bytearray: malloc
-    can serve it from heap pages an earlier test in this worker freed but kept resident, and RSS would not rise
-    (seen in CI under pytest-xdist)."""
-    block = mmap.mmap(-1, nbytes)
-    for offset in range(0, nbytes, PAGE):
-        block[offset] = 1
-    return block
 
 
 def rss() -> int:
