@@ -8,13 +8,15 @@ child process; rows alternate (A B C D A B C D ...), so load from elsewhere hits
 - bare, packed: the same with position ids restarting at each of the row's three documents (100 + 90 + 66 tokens),
   which transformers turns into a block-diagonal mask (what memfit's packing does);
 - bare, packed + chunked loss: the same through memfit's chunked cross-entropy (`memfit.train.chunked_loss`);
+- bare, packed + chunked loss + fused LoRA: the same with memfit's fused LoRA linear (`memfit.train.lora_linear`)
+  in place of PEFT's forward;
 - memfit train: the real CLI on packed plain text (`--seq-len 256 --batch-size 4`, ~1,024 tokens a step), with its
   guard, layer hooks, metrics and checkpoint-free run.
 
-tokens/s over steps 2..N (the first step is warm-up). The first three differ from one another only in the piece named;
-the last from the third in everything memfit does around the step.
+tokens/s over steps 2..N (the first step is warm-up). The bare rows differ from one another only in the piece named;
+memfit train from the fused row in everything memfit does around the step.
 
-    python benchmarks/step_cost.py [--layers 30] [--steps 8] [--repeats 3] [--threads 1] [--write]
+    python benchmarks/step_cost.py [--layers 30] [--steps 8] [--repeats 3] [--threads 1] [--rows ...] [--write]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MARK = "step-cost"
 ROWS = {"bare-causal": "bare transformers + PEFT, causal, HF loss",
         "bare-packed": "bare, packed position ids (block mask), HF loss",
         "bare-chunked": "bare, packed position ids, memfit's chunked loss",
+        "bare-fused": "bare, packed position ids, chunked loss, memfit's fused LoRA linear",
         "memfit": "memfit train (packed text, guard on)"}
 BATCH, SEQ, DOCS = 4, 256, (100, 90, 66)
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
@@ -52,6 +55,7 @@ def bare_child(row: str, model_dir: str, steps: int) -> None:
 
     from memfit.allocator import configure
     from memfit.train.chunked_loss import head_returns_hidden, linear_cross_entropy
+    from memfit.train.lora_linear import fuse_lora_linears
     from memfit.train.losses import every_next_token
 
     configure()  # MEMFIT_MALLOC, as memfit train does
@@ -59,6 +63,8 @@ def bare_child(row: str, model_dir: str, steps: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(**LORA))
+    if row == "bare-fused":
+        fuse_lora_linears(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
     vocab = model.config.vocab_size
     positions = torch.cat([torch.arange(n) for n in DOCS]).repeat(BATCH, 1)
@@ -113,14 +119,20 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
+def rows_flag(args) -> str:
+    return "" if args.rows == ",".join(ROWS) else f" --rows {args.rows}"
+
+
 def markdown(runs: list[dict], args, loads: tuple[float, float], text_stats: str) -> str:
-    base = statistics.median(r["tokens_per_s"] for r in runs if r["row"] == "bare-causal")
+    first = runs[0]["row"]
+    base = statistics.median(r["tokens_per_s"] for r in runs if r["row"] == first)
     lines = [
         "## What memfit adds to a step",
         "",
         f"Measured with `python benchmarks/step_cost.py --layers {args.layers} --steps {args.steps} --repeats "
-        f"{args.repeats} --threads {args.threads} --write` on {platform.machine()} {platform.system()}, {cpu_name()}, "
-        f"{time.strftime('%Y-%m-%d')}; {versions()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.",
+        f"{args.repeats} --threads {args.threads}{rows_flag(args)} --write` on {platform.machine()} "
+        f"{platform.system()}, {cpu_name()}, {time.strftime('%Y-%m-%d')}; {versions()}; load average {loads[0]:.1f} "
+        f"before, {loads[1]:.1f} after.",
         "",
         f"smollm2-135m's shapes, {args.layers} layers (random init, fp32), LoRA r16 on all linear layers, batch "
         f"{BATCH} × {SEQ}, AdamW (fused), OMP_NUM_THREADS={args.threads} and MEMFIT_MALLOC=threshold (memfit's "
@@ -128,7 +140,7 @@ def markdown(runs: list[dict], args, loads: tuple[float, float], text_stats: str
         f"median (min–max) of {args.repeats}. memfit trains on packed plain text ({text_stats}), the bare loops on "
         f"random tokens in rows of three documents ({' + '.join(map(str, DOCS))} tokens).",
         "",
-        "| row | tokens/s | vs bare causal | other load |",
+        "| row | tokens/s | ÷ the first row's | other load |",
         "|---|---:|---:|---:|",
     ]
     for row, label in ROWS.items():
@@ -147,6 +159,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated (default: all)")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--child", choices=[r for r in ROWS if r != "memfit"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -154,6 +167,9 @@ def main() -> None:
     if args.child:
         bare_child(args.child, args.model_dir, args.steps)
         return
+    rows = args.rows.split(",")
+    if unknown := [row for row in rows if row not in ROWS]:
+        parser.error(f"--rows: no row {unknown[0]!r} (rows: {', '.join(ROWS)})")
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MEMFIT_MALLOC="threshold")
     first_load = os.getloadavg()[0]
     runs = []
@@ -161,7 +177,7 @@ def main() -> None:
         work = Path(scratch)
         model_dir, data, text_stats = smollm2_and_text(work, args.layers)
         for repeat in range(args.repeats):
-            for row in ROWS:
+            for row in rows:
                 run = run_row(row, model_dir, data, work, args.steps)
                 runs.append(run)
                 print(f"{repeat + 1} {row}: {run['tokens_per_s']:.1f} tokens/s, other load {run['other_load']:.2f}",

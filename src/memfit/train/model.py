@@ -109,6 +109,9 @@ def apply_lora(model: torch.nn.Module, config: TrainConfig, precision: Precision
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
+    from memfit.train.lora_linear import fuse_lora_linears
+
+    fuse_lora_linears(model)  # after every cast: a layer is fused only when its tensors share one dtype
     return model
 
 
