@@ -102,3 +102,12 @@ def test_a_trained_model_gets_fused_layers(tiny_model_dir):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(layer.lora_A["default"].weight.grad is not None for layer in layers)
+
+
+def test_an_adapter_added_after_fusing_runs_peft_path():
+    reference, model = peft_model(), peft_model()
+    fuse_lora_linears(model)
+    for each in (reference, model):
+        each.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(model(x), reference(x))  # no crash on two adapters, and PEFT's result

@@ -7,14 +7,14 @@ their sum). On a CPU those temporaries are memory traffic, and under memfit's al
 threshold, memfit.allocator) each is a fresh mapping with a page fault per page. Here B's product is accumulated
 into the base output in place (`addmm_`), and the LoRA part of the input gradient into the base part: one tensor
 each way. What is saved for backward is what autograd saves for PEFT's graph (the input and x A^T), so the peak
-does not grow. The whole step's gain is measured by `benchmarks/step_cost.py` (docs/benchmarks.md, "What memfit adds
-to a step").
+does not grow. What it gains on a whole step: `benchmarks/step_cost.py --rows bare-chunked,bare-fused` and the
+head-to-head `benchmarks/train_vs_hf.py` (README, "Performance").
 
 Only plain LoRA on a float `nn.Linear` is fused (one adapter, no dropout, no DoRA or other variant, no LoRA bias,
 the base weight frozen, every tensor in one dtype); anything else, and a merged or disabled adapter or a mixed
 batch (`adapter_names`), or a forward under autocast (whose casts this function would not mirror in backward),
-runs PEFT's own forward. The adapter weights stay PEFT's parameters, so checkpoints,
-exports and `merge_and_unload` are unchanged.
+runs PEFT's own forward. The adapter weights stay PEFT's parameters, so checkpoints, exports and
+`merge_and_unload` are unchanged.
 """
 
 from __future__ import annotations
@@ -71,10 +71,12 @@ def _fusable(layer) -> bool:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    (name,) = self.lora_A.keys()
-    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [name]
-            or x.dtype != self.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+    names = list(self.lora_A.keys())  # an adapter added since fuse_lora_linears: PEFT's path runs both
+    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != names
+            or len(names) != 1 or x.dtype != self.base_layer.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)):
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path for everything else
+    (name,) = names
     base = self.base_layer
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              self.scaling[name])
