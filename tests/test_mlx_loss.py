@@ -99,7 +99,9 @@ def test_tokens_that_fit_in_one_chunk_take_the_plain_head(tiny_model_dir):
     # A checkpointed single chunk held a quarter of the logits more (256 KB here, 2026-12-03); the plain head's own
     # reshapes move the peak by 2-70 KB from run to run.
     logits_bytes = MIN_CHUNK_TOKENS * model.args.vocab_size * 4
-    assert abs(peaks[True] - peaks[False]) < logits_bytes / 8, {k: v / 2**20 for k, v in peaks.items()}
+    # One-sided: the single chunk must not hold more than the full-logits step. It may hold less (it skips a reshape
+    # of the hidden states; 389 KB less in one CI run, within 70 KB in others).
+    assert peaks[True] - peaks[False] < logits_bytes / 8, {k: v / 2**20 for k, v in peaks.items()}
     assert results[True][0] == results[False][0]
     for name, full in results[False][1].items():
         assert mx.array_equal(results[True][1][name], full), name
