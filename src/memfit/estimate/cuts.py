@@ -163,6 +163,9 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
 
         adapted = config.model_copy(update={"lora_layers": None})
         model = apply_lora(model, adapted, precision)
+    from memfit.train.gated_mlp import fuse_gated_mlps
+
+    fuse_gated_mlps(model)  # as memfit.train.model.load_model does
     model.train()
     fake_mode = FakeTensorMode()
     fakeify_(model, fake_mode)

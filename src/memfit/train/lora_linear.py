@@ -24,13 +24,38 @@ import types
 import torch
 
 
+def lora_forward(rows: torch.Tensor, weight, bias, lora_a, lora_b, scaling: float):
+    """rows W^T + b + s (rows A^T) B^T for `rows` (tokens x in): the output and rows A^T (tokens x r), which the
+    backward pass needs besides the rows."""
+    down = rows @ lora_a.T
+    out = torch.addmm(bias, rows, weight.T) if bias is not None else rows @ weight.T
+    out.addmm_(down, lora_b.T, alpha=scaling)
+    return out, down
+
+
+def lora_input_grad(grad_rows: torch.Tensor, weight, lora_a, lora_b, scaling: float, needs_x: bool = True):
+    """The gradient of lora_forward's rows (tokens x in; None unless `needs_x`) and grad_rows B (tokens x r,
+    unscaled), which the adapter gradients need."""
+    grad_down = grad_rows @ lora_b
+    if not needs_x:  # the first layers' input when nothing below them trains
+        return None, grad_down
+    grad_x = grad_rows @ weight
+    grad_x.addmm_(grad_down, lora_a, alpha=scaling)
+    return grad_x, grad_down
+
+
+def lora_adapter_grads(grad_rows, grad_down, rows, down, scaling: float, needs_a: bool, needs_b: bool):
+    """The gradients of A and B (None where not needed) from lora_input_grad's grad_down and lora_forward's down."""
+    grad_a = (grad_down.T @ rows).mul_(scaling) if needs_a else None
+    grad_b = (grad_rows.T @ down).mul_(scaling) if needs_b else None
+    return grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         rows = x.reshape(-1, x.shape[-1])
-        down = rows @ lora_a.T  # tokens x r
-        out = torch.addmm(bias, rows, weight.T) if bias is not None else rows @ weight.T
-        out.addmm_(down, lora_b.T, alpha=scaling)
+        out, down = lora_forward(rows, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(rows, down, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.input_shape = x.shape
@@ -39,17 +64,11 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, down, weight, lora_a, lora_b = ctx.saved_tensors
-        scaling = ctx.scaling
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_down = grad_rows @ lora_b  # tokens x r, before the scaling (applied once, below)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_rows @ weight
-            grad_x.addmm_(grad_down, lora_a, alpha=scaling)
-            grad_x = grad_x.reshape(ctx.input_shape)
-        grad_a = (grad_down.T @ rows).mul_(scaling) if ctx.needs_input_grad[3] else None
-        grad_b = (grad_rows.T @ down).mul_(scaling) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b, None
+        grad_x, grad_down = lora_input_grad(grad_rows, weight, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[0])
+        grad_a, grad_b = lora_adapter_grads(grad_rows, grad_down, rows, down, ctx.scaling,
+                                            ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        return (grad_x.reshape(ctx.input_shape) if grad_x is not None else None), None, None, grad_a, grad_b, None
 
 
 def _fusable(layer) -> bool:
@@ -70,16 +89,25 @@ def _fusable(layer) -> bool:
             and len({tensor.dtype for tensor in tensors}) == 1)
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    names = list(self.lora_A.keys())  # an adapter added since fuse_lora_linears: PEFT's path runs both
-    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != names
-            or len(names) != 1 or x.dtype != self.base_layer.weight.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path for everything else
+def fused_lora_tensors(layer, x: torch.Tensor) -> tuple | None:
+    """(weight, bias, A, B, scaling) of a layer that fuse_lora_linears fused, where its fused forward applies to
+    `x` now; None where PEFT's own forward must run (or the layer was never fused)."""
+    if getattr(layer.forward, "__func__", None) is not _fused_forward:
+        return None
+    names = list(layer.lora_A.keys())  # an adapter added since fuse_lora_linears: PEFT's path runs both
+    if (layer.disable_adapters or layer.merged or list(layer.active_adapters) != names or len(names) != 1
+            or x.dtype != layer.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type)):
+        return None
     (name,) = names
-    base = self.base_layer
-    return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                             self.scaling[name])
+    base = layer.base_layer
+    return base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    tensors = None if args or kwargs else fused_lora_tensors(self, x)
+    if tensors is None:
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path for everything else
+    return _LoraLinear.apply(x, *tensors)
 
 
 def fuse_lora_linears(model: torch.nn.Module) -> int:

@@ -176,6 +176,9 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
     elif config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
+    from memfit.train.gated_mlp import fuse_gated_mlps
+
+    fuse_gated_mlps(model)
     return model
 
 
