@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/figures.py all --write
 	$(BIN)/python benchmarks/allocator_policies.py --repeats 3 --steps 8 --layers 30 --policies threshold,trim,none,threshold+thp,trim+thp --write
 	$(BIN)/python benchmarks/step_cost.py --layers 30 --steps 8 --repeats 3 --threads 1 --write
+	$(BIN)/python benchmarks/saved_for_backward.py --write
 	$(BIN)/python benchmarks/qlora_layout.py --write
 	$(BIN)/python benchmarks/derive_constants.py --write
 	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen,smol-cut,qwen-cut --datasets text,pc --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write

@@ -15,10 +15,10 @@ from memfit.train.lora_linear import fuse_lora_linears
 INTERMEDIATE = 112
 
 
-def tiny_llama(hidden_act: str = "silu", lora_targets: list[str] | None = None) -> torch.nn.Module:
+def tiny_llama(hidden_act: str = "silu", lora_targets: list[str] | None = None, mlp_bias: bool = False):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, hidden_act=hidden_act)
+                         num_attention_heads=4, num_key_value_heads=2, hidden_act=hidden_act, mlp_bias=mlp_bias)
     model = LlamaForCausalLM(config)
     if lora_targets is None:  # full training
         return model
@@ -59,6 +59,7 @@ CASES = {
     "full training": dict(),
     "lora on every linear": dict(lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"]),
+    "lora on every MLP linear, with biases": dict(lora_targets=["gate_proj", "up_proj", "down_proj"], mlp_bias=True),
     "lora on gate/up, plain frozen down": dict(lora_targets=["gate_proj", "up_proj"]),
     "lora on down only": dict(lora_targets=["down_proj"]),
     "tanh gelu, lora on every linear": dict(hidden_act="gelu_pytorch_tanh",

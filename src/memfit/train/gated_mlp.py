@@ -94,16 +94,18 @@ class _GatedLoraDown(torch.autograd.Function):
         a, b, down, weight, lora_a, lora_b = ctx.saved_tensors
         act, scaling = ctx.act, ctx.scaling
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        needs_c = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_c, grad_down = lora_input_grad(grad_rows, weight, lora_a, lora_b, scaling, needs_c)
+        grad_down = grad_rows @ lora_b
         activated = act.forward(a)
-        rows = (activated * b).reshape(-1, a.shape[-1])  # c again, for A's gradient only
+        # c again, for A's gradient only, and freed before c's own gradient exists: one intermediate-sized tensor
+        # fewer at this layer's backward peak.
+        rows = (activated * b).reshape(-1, a.shape[-1])
         grad_lora_a, grad_lora_b = lora_adapter_grads(grad_rows, grad_down, rows, down, scaling,
                                                       ctx.needs_input_grad[5], ctx.needs_input_grad[6])
         del rows
         grad_a = grad_b = None
-        if needs_c:
-            grad_a, grad_b = _gated_product_grads(act, a, b, grad_c.reshape(a.shape), activated, True)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_c = lora_input_grad(grad_rows, grad_down, weight, lora_a, scaling).reshape(a.shape)
+            grad_a, grad_b = _gated_product_grads(act, a, b, grad_c, activated, grad_c_is_ours=True)
         return grad_a, grad_b, None, None, None, grad_lora_a, grad_lora_b, None
 
 

@@ -33,19 +33,15 @@ def lora_forward(rows: torch.Tensor, weight, bias, lora_a, lora_b, scaling: floa
     return out, down
 
 
-def lora_input_grad(grad_rows: torch.Tensor, weight, lora_a, lora_b, scaling: float, needs_x: bool = True):
-    """The gradient of lora_forward's rows (tokens x in; None unless `needs_x`) and grad_rows B (tokens x r,
-    unscaled), which the adapter gradients need."""
-    grad_down = grad_rows @ lora_b
-    if not needs_x:  # the first layers' input when nothing below them trains
-        return None, grad_down
+def lora_input_grad(grad_rows: torch.Tensor, grad_down: torch.Tensor, weight, lora_a, scaling: float):
+    """The gradient of lora_forward's rows (tokens x in), given grad_down = grad_rows B (tokens x r, unscaled)."""
     grad_x = grad_rows @ weight
     grad_x.addmm_(grad_down, lora_a, alpha=scaling)
-    return grad_x, grad_down
+    return grad_x
 
 
 def lora_adapter_grads(grad_rows, grad_down, rows, down, scaling: float, needs_a: bool, needs_b: bool):
-    """The gradients of A and B (None where not needed) from lora_input_grad's grad_down and lora_forward's down."""
+    """The gradients of A and B (None where not needed) from grad_down = grad_rows B and lora_forward's down."""
     grad_a = (grad_down.T @ rows).mul_(scaling) if needs_a else None
     grad_b = (grad_rows.T @ down).mul_(scaling) if needs_b else None
     return grad_a, grad_b
@@ -65,10 +61,13 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, down, weight, lora_a, lora_b = ctx.saved_tensors
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_down = lora_input_grad(grad_rows, weight, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[0])
+        grad_down = grad_rows @ lora_b  # tokens x r, before the scaling (applied once, in each use)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not for the first layers' input when nothing below them trains
+            grad_x = lora_input_grad(grad_rows, grad_down, weight, lora_a, ctx.scaling).reshape(ctx.input_shape)
         grad_a, grad_b = lora_adapter_grads(grad_rows, grad_down, rows, down, ctx.scaling,
                                             ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        return (grad_x.reshape(ctx.input_shape) if grad_x is not None else None), None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def _fusable(layer) -> bool:
