@@ -8,7 +8,8 @@ intermediate is 2.7-5.4x the width). Here only a and b are saved and act(a) is r
 elementwise pass); when the down projection is a fused plain LoRA linear (memfit.train.lora_linear), c is recomputed
 too and only c A^T (tokens x rank) is kept. So 2 of the 4 are saved, 3 in full training where down's weight
 gradient needs c (tests/test_gated_mlp.py counts them); the outputs and gradients are autograd's bit for bit. What
-it saves on a whole step: `benchmarks/train_vs_hf.py` (README, "Performance").
+it saves: per layer `benchmarks/saved_for_backward.py`, on a whole step `benchmarks/train_vs_hf.py` (README,
+"Performance").
 
 Fused: an MLP whose forward is transformers' `down_proj(act_fn(gate_proj(x)) * up_proj(x))` with SiLU or tanh-GELU
 (most decoder models' MLPs are copies of LlamaMLP's). Its projections stay what they are (PEFT layers, bitsandbytes
