@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from memfit.data import Record, Row, collate
-from memfit.models.attention import ISOLATING_TYPES, packing_isolated
+from memfit.models.attention import (ISOLATING_TYPES, SEGMENTED, packing_isolated, runs_by_segment,
+                                     segment_bounds, use_segmented_attention)
 from memfit.models.registry import ARCHITECTURES
 from memfit.train.losses import IGNORE_INDEX
+from memfit.train.validation import model_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,3 +207,79 @@ def test_lora_wrapper_keeps_isolation():
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
                        use_cache=False).logits
     assert max_gap(model, rows, samples, logits) < 1e-4
+
+
+# --- attention by segment ---------------------------------------------------------------------------------------
+
+
+def segmented(model_type: str):
+    model = tiny_model(model_type, "sdpa")
+    return model, use_segmented_attention(model)
+
+
+def test_segment_bounds_follow_the_position_restarts():
+    _, _, batch = collated()
+    # Rows of 12: [7 | 5], [4 | pad 8], [1 | 6 | 5]; every row start is a bound, and the end.
+    assert segment_bounds(batch.position_ids).tolist() == [0, 7, 12, 16, 24, 25, 31, 36]
+    assert segment_bounds(torch.arange(5).repeat(2, 1)).tolist() == [0, 5, 10]
+
+
+@pytest.mark.parametrize("model_type", sorted(ISOLATING_TYPES))
+def test_by_segment_logits_equal_separate_logits(model_type):
+    model, switched = segmented(model_type)
+    if not switched:
+        pytest.skip(f"{model_type} runs no sdpa here: nothing to switch")
+    assert model.config._attn_implementation == SEGMENTED and packing_isolated(model) and runs_by_segment(model)
+    rows, samples, batch = collated()
+    with torch.no_grad():
+        logits = model(**model_inputs(batch, "cpu", by_segment=True)).logits
+        unbounded = model(**model_inputs(batch, "cpu", by_segment=False)).logits  # sdpa with transformers' mask
+    assert max_gap(model, rows, samples, logits) < 1e-4
+    assert max_gap(model, rows, samples, unbounded) < 1e-4
+
+
+def test_by_segment_runs_each_segment_alone(monkeypatch):
+    # The call count proves the path taken: one SDPA per segment and layer (7 segments in 3 rows, 2 layers), where
+    # transformers' sdpa makes one per layer.
+    model, _ = segmented("llama")
+    _, _, batch = collated()
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(kwargs.get("is_causal")) or sdpa(*args, **kwargs))
+    with torch.no_grad():
+        model(**model_inputs(batch, "cpu", by_segment=True))
+        assert calls == [True] * 7 * 2
+        calls.clear()
+        model(**model_inputs(batch, "cpu", by_segment=False))
+    assert calls == [False] * 2  # the block mask, no segments
+
+
+def test_by_segment_gradients_equal_the_masked_ones():
+    # Training: loss and every gradient by segment match transformers' masked sdpa on the same packed batch (GQA
+    # heads, LoRA on the attention projections).
+    peft = pytest.importorskip("peft")
+    _, _, batch = collated()
+    grads = {}
+    for by_segment in (False, True):
+        model = peft.get_peft_model(tiny_model("llama", "sdpa").train(), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
+        if by_segment:
+            assert use_segmented_attention(model)
+        logits = model(**model_inputs(batch, "cpu", by_segment=by_segment)).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        grads[by_segment] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-6)
+    assert grads[True][1].keys() == grads[False][1].keys() and len(grads[True][1]) == 16
+    for name, grad in grads[True][1].items():
+        torch.testing.assert_close(grad, grads[False][1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_by_segment_is_not_used_where_it_does_not_apply():
+    assert not use_segmented_attention(tiny_model("llama", "eager"))  # eager stays eager
+    falcon = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "falcon", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        attn_implementation="sdpa")
+    assert not use_segmented_attention(falcon) and not runs_by_segment(falcon)  # a type not checked for isolation
+    assert not runs_by_segment(object())

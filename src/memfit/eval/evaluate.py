@@ -148,6 +148,9 @@ def load_for_eval(model_dir: Path, adapter: Path | None, precision, device: str,
                                  "names it)") from None
     if quantization is None:
         model.to(device)
+    from memfit.models.attention import use_segmented_attention
+
+    use_segmented_attention(model)  # packed rows: attention on each sample alone (dataset_loss passes the bounds)
     model.eval()
     return model
 
@@ -398,12 +401,14 @@ def dataset_loss(model, dataset, tokenizer, batch_size: int, device, compute_dty
     """(mean CE per scored token, scored tokens, per-sample loss and tokens): the trainer's validation loss
     (memfit.train.validation), with the head applied chunk by chunk where the model allows it."""
     from memfit.data import pad_token_id
+    from memfit.models.attention import runs_by_segment
     from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
     from memfit.train.validation import validation_loss
 
     with (head_returns_hidden(model) if chunked_loss_blocker(model) is None else nullcontext()) as head:
         result = validation_loss(model, dataset, dataset.rows, batch_size, pad_token_id(tokenizer), device,
-                                 head=head, compute_dtype=compute_dtype, per_sample=True, on_batch=on_batch)
+                                 head=head, compute_dtype=compute_dtype, by_segment=runs_by_segment(model),
+                                 per_sample=True, on_batch=on_batch)
     return result.loss, result.tokens, result.samples
 
 

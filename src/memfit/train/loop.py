@@ -382,7 +382,8 @@ class Trainer:
         model.eval()
         result = validation_loss(model, self.val_dataset, rows, self.micro_batch, self.data.pad_id,
                                  self.engine.device, head=self.steps.head, compute_dtype=self.precision.compute_dtype,
-                                 position_packing=self.position_packing, batches=batches)
+                                 position_packing=self.position_packing, by_segment=self.steps.by_segment,
+                                 batches=batches)
         model.train()
         loss_sum, count = result.loss_sum, result.tokens
         if self.distributed:

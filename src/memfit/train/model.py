@@ -179,6 +179,10 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
     from memfit.train.gated_mlp import fuse_gated_mlps
 
     fuse_gated_mlps(model)
+    if not config.compile:  # its loop over segments would break the compiled graph at every layer
+        from memfit.models.attention import use_segmented_attention
+
+        use_segmented_attention(model)
     return model
 
 

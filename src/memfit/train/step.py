@@ -19,6 +19,7 @@ from memfit.distributed.collective import Decision
 from memfit.distributed.ranks import shard_rows
 from memfit.errors import OutOfMemoryError
 from memfit.events import Notice, OomRecovered
+from memfit.models.attention import runs_by_segment
 from memfit.train.validation import model_inputs
 
 
@@ -144,6 +145,7 @@ class StepRunner:
         self.engine, self.data, self.config, self.precision = engine, data, config, precision
         self.safe, self.scheduler, self.emit = safe, scheduler, emit
         self.head, self.position_packing, self.trial, self.output_dir = head, position_packing, trial, output_dir
+        self.by_segment = runs_by_segment(getattr(engine, "model", None))  # attention by segment: pass the bounds
         self.micro_batch = config.batch_size
         self.effective_batch = config.batch_size * config.grad_accum  # per rank
         self.recoveries = 0
@@ -252,7 +254,7 @@ class StepRunner:
                 faults.maybe_die(self.step + 1, self.output_dir)
                 batch = collate(chunk, samples, self.data.pad_id)
                 scored = scored_tokens(batch.labels, label_weights(objective, batch)).to(device)
-                inputs = model_inputs(batch, device, self.position_packing)
+                inputs = model_inputs(batch, device, self.position_packing, self.by_segment)
                 self.in_micro_batch = (self.step + 1, attempt, number + 1)
                 loss = engine.forward_backward(
                     lambda model: micro_step_loss(model, inputs, scored, head=self.head,

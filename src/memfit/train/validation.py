@@ -12,20 +12,26 @@ import torch
 import torch.nn.functional as F
 
 
-def model_inputs(batch, device, position_packing: bool = True) -> dict[str, Any]:
+def model_inputs(batch, device, position_packing: bool = True, by_segment: bool = False) -> dict[str, Any]:
     """What the model gets, on its device (only these tensors are copied there). Causal attention needs no mask
     for right padding: real tokens never see the pads after them. Packed rows restart their position ids at
     each sample, which transformers turns into a block-diagonal mask (`position_packing`: the architecture keeps
-    them apart by position ids; else they get a 2D mask)."""
+    them apart by position ids; else they get a 2D mask). `by_segment`: the model runs attention on each segment
+    alone (memfit.models.attention.SEGMENTED), which takes the segments' bounds, kept on the CPU."""
+    from memfit.models.attention import segment_bounds
+
+    bounds = {}
     if not batch.packed:
         extra = {}
     elif position_packing:
         extra = {"position_ids": batch.position_ids}
+        if by_segment:
+            bounds = {"cu_seq_lens_q": segment_bounds(batch.position_ids)}
     else:
         extra = {"attention_mask": batch.attention_mask}
     # use_cache=False: with a KV cache, transformers ignores the position-id boundaries (memfit.models.attention).
     return {"input_ids": batch.input_ids.to(device), **{name: tensor.to(device) for name, tensor in extra.items()},
-            "use_cache": False}
+            **bounds, "use_cache": False}
 
 
 def token_losses(model, inputs: dict[str, Any], scored, head, compute_dtype) -> torch.Tensor:
@@ -54,7 +60,8 @@ class ValidationLoss:
 
 @torch.no_grad()
 def validation_loss(model, dataset, rows: list, batch_size: int, pad_id: int, device, *, head, compute_dtype,
-                    position_packing: bool = True, batches: int | None = None, per_sample: bool = False,
+                    position_packing: bool = True, by_segment: bool = False, batches: int | None = None,
+                    per_sample: bool = False,
                     on_batch: Callable[[int, int, int], None] | None = None) -> ValidationLoss:
     """The loss of `rows` (of `dataset`) in batches of `batch_size`. `batches` above the batches `rows` make: as
     many forward passes in all, the extra ones on one row with nothing counted (engines whose forward passes hold
@@ -70,7 +77,7 @@ def validation_loss(model, dataset, rows: list, batch_size: int, pad_id: int, de
         chunk = rows[:1] if start is None else rows[start:start + batch_size]
         batch = collate(chunk or dataset.rows[:1], dataset.samples, pad_id)
         scored = scored_tokens(batch.labels, (batch.labels != IGNORE_INDEX).float()).to(device)
-        losses = token_losses(model, model_inputs(batch, device, position_packing), scored, head,
+        losses = token_losses(model, model_inputs(batch, device, position_packing, by_segment), scored, head,
                               compute_dtype).double().cpu()
         if start is None:
             continue
