@@ -39,7 +39,8 @@ SCHEMA = 1
 # The code a trace runs, besides the installed libraries: a change to any of these files invalidates the cache.
 _TRACED_SOURCES = ("estimate/memory.py", "estimate/trace.py", "models/arch.py", "estimate/peaks.py",
                    "train/model.py", "train/chunked_loss.py", "train/losses.py", "precision.py",
-                   "train/lora_linear.py", "train/gated_mlp.py", "estimate/cuts.py")
+                   "train/lora_linear.py", "train/gated_mlp.py", "train/rms_norm.py",
+                   "estimate/cuts.py")
 _PACKAGES = ("torch", "transformers", "peft", "accelerate")
 
 

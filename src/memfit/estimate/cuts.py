@@ -164,8 +164,10 @@ def _trace_cut_uncached(hf_config, config: TrainConfig, precision, num_layers: i
         adapted = config.model_copy(update={"lora_layers": None})
         model = apply_lora(model, adapted, precision)
     from memfit.train.gated_mlp import fuse_gated_mlps
+    from memfit.train.rms_norm import fuse_rms_norms
 
     fuse_gated_mlps(model)  # as memfit.train.model.load_model does
+    fuse_rms_norms(model)
     model.train()
     fake_mode = FakeTensorMode()
     fakeify_(model, fake_mode)

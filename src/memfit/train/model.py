@@ -177,8 +177,10 @@ def load_model(model_dir: Path, config: TrainConfig, precision: Precision, devic
         for param in model.parameters():
             param.requires_grad_(True)
     from memfit.train.gated_mlp import fuse_gated_mlps
+    from memfit.train.rms_norm import fuse_rms_norms
 
     fuse_gated_mlps(model)
+    fuse_rms_norms(model)
     if not config.compile:  # its loop over segments would break the compiled graph at every layer
         from memfit.models.attention import use_segmented_attention
 
