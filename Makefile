@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_learning.py --write
 	$(BIN)/python benchmarks/summation_order.py --steps 8 --write
 	$(BIN)/python benchmarks/figures.py all --write
+	$(BIN)/python benchmarks/layer_kernels.py --repeats 5 --iterations 20 --write
 	$(BIN)/python benchmarks/allocator_policies.py --repeats 3 --steps 8 --layers 30 --policies threshold,trim,none,threshold+thp,trim+thp --write
 	$(BIN)/python benchmarks/step_cost.py --layers 30 --steps 8 --repeats 3 --threads 1 --write
 	$(BIN)/python benchmarks/saved_for_backward.py --write

@@ -283,3 +283,19 @@ def test_by_segment_is_not_used_where_it_does_not_apply():
         attn_implementation="sdpa")
     assert not use_segmented_attention(falcon) and not runs_by_segment(falcon)  # a type not checked for isolation
     assert not runs_by_segment(object())
+
+
+def test_by_segment_rows_of_one_segment_take_one_call(monkeypatch):
+    model, _ = segmented("llama")
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(6).repeat(2, 1)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(args[0].shape[0]) or sdpa(*args, **kwargs))
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=segment_bounds(positions),
+                       use_cache=False).logits
+        assert calls == [2, 2]  # per layer, the whole batch at once
+        plain = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)

@@ -32,9 +32,10 @@ samples apart but not cheap, since SDPA's kernels compute every query x key bloc
 row of 512 tokens costs the same with one sample as with five; on CPU `is_causal=True` does not skip the upper
 half either). `sdpa_by_segment` runs SDPA causally on each segment alone, given the segments' bounds
 (`cu_seq_lens_q`, flash-attention's varlen convention over the flattened batch, from `segment_bounds`): the same
-result (it is each sample alone, as the checks above compare) for the blocks that count. Measured on one CPU thread,
-forward + backward of one layer of smollm2-135m's attention over 2 rows of 512 tokens holding documents of 200, 180
-and 132 tokens: 37 ms masked, 16 ms by segment (scratch timing; the training figure is in docs/benchmarks.md).
+result (it is each sample alone, as the checks above compare) for the blocks that count. Forward + backward of one
+layer of smollm2-135m's attention over 2 rows of 512 tokens holding documents of 200, 180 and 132 tokens, one CPU
+thread: 45.6 ms masked, 19.4 ms by segment; rows of one document each: 36.3 and 35.4 ms (`python
+benchmarks/layer_kernels.py --repeats 5 --iterations 20 --write`, docs/benchmarks.md).
 Without bounds, with a sliding window, soft-capping, a position bias, attention sinks or a KV cache it is
 transformers' sdpa with the mask transformers built (registered for this name as for sdpa), so nothing changes
 where segments do not apply.
@@ -106,6 +107,9 @@ def sdpa_by_segment(module, query, key, value, attention_mask, dropout: float = 
     elif groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens_q.tolist()
+    if len(bounds) == batch + 1:  # one segment per row: one causal call over the batch (a call per row costs 6% more)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                              **gqa).transpose(1, 2).contiguous(), None
     pieces = []
     for row in range(batch):
         # This row's segment lengths; every row start is a bound, so a segment never crosses rows.
