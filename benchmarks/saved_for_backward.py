@@ -1,5 +1,6 @@
 """What one decoder layer saves for backward: transformers + PEFT as they come, then with memfit's fused LoRA linears
-(memfit/train/lora_linear.py), then with its fused gated MLP as well (memfit/train/gated_mlp.py).
+(memfit/train/lora_linear.py), then with its fused gated MLP as well (memfit/train/gated_mlp.py), then with its
+fused RMSNorm too (memfit/train/rms_norm.py): the last row of each method is what `memfit train` runs.
 
 Each model is built from its preset's config (real widths, 2 layers, random init, fp32) and runs one forward pass
 of `--tokens` tokens in one row; the figure is the bytes of the distinct tensors that the second decoder layer's
@@ -34,6 +35,7 @@ def build(preset: str, method: str, fused: tuple[str, ...]):
     from memfit.models.registry import get_architecture
     from memfit.train.gated_mlp import fuse_gated_mlps
     from memfit.train.lora_linear import fuse_lora_linears
+    from memfit.train.rms_norm import fuse_rms_norms
 
     torch.manual_seed(0)
     config = get_architecture(preset).to_hf_config(2)
@@ -47,6 +49,8 @@ def build(preset: str, method: str, fused: tuple[str, ...]):
         model.requires_grad_(True)
     if "mlp" in fused:
         fuse_gated_mlps(model)
+    if "norm" in fused:
+        fuse_rms_norms(model)
     return model, config
 
 
@@ -79,9 +83,11 @@ def layer_saved_bytes(model, config, tokens: int) -> int:
 VARIANTS = [
     ("lora", (), "transformers + PEFT"),
     ("lora", ("lora",), "+ fused LoRA linears"),
-    ("lora", ("lora", "mlp"), "+ fused gated MLP (memfit)"),
+    ("lora", ("lora", "mlp"), "+ fused gated MLP"),
+    ("lora", ("lora", "mlp", "norm"), "+ fused RMSNorm (memfit)"),
     ("full", (), "transformers"),
-    ("full", ("mlp",), "+ fused gated MLP (memfit)"),
+    ("full", ("mlp",), "+ fused gated MLP"),
+    ("full", ("mlp", "norm"), "+ fused RMSNorm (memfit)"),
 ]
 
 
