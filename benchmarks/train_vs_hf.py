@@ -332,8 +332,10 @@ def shared_markdown(args) -> str:
         "",
         "Contenders: **memfit (defaults)** = `python -m memfit train --method lora ... --dtype fp32 --device cpu`, "
         "packing and grouping as memfit chooses for the data (text: rows filled from the document stream, "
-        "documents kept apart; pc: one sample per row, length-grouped), its LoRA layers run as one autograd function "
-        "each (`memfit/train/lora_linear.py`; PEFT's adapter weights). **HF Trainer** + PEFT (`get_peft_model`, "
+        "documents kept apart; pc: one sample per row, length-grouped), its LoRA layers, gated MLPs and RMSNorms "
+        "each run as one autograd function (`memfit/train/lora_linear.py`, `gated_mlp.py`, `rms_norm.py`; PEFT's "
+        "adapter weights) and packed rows' attention runs on each sample alone (`memfit/models/attention.py`). "
+        "**HF Trainer** + PEFT (`get_peft_model`, "
         "`target_modules=\"all-linear\"`), TrainingArguments defaults otherwise (`adamw_torch_fused`, no saving), "
         "in three layouts: padded one-sample rows with `group_by_length` (transformers 5: "
         "`train_sampling_strategy=\"group_by_length\"`, its LengthGroupedSampler's own megabatch rule); "

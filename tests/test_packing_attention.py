@@ -267,7 +267,8 @@ def test_by_segment_gradients_equal_the_masked_ones():
         if by_segment:
             assert use_segmented_attention(model)
         logits = model(**model_inputs(batch, "cpu", by_segment=by_segment)).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
         loss.backward()
         grads[by_segment] = (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-6)

@@ -213,12 +213,14 @@ def test_a_real_kernel_oom_kill_is_survived_and_the_run_finishes_smaller(tiny_mo
 
 def test_in_a_memory_cgroup_the_guard_stops_before_the_kernel_kills(tiny_model_dir, tmp_path):
     # A 1.6 GB container on a machine with far more free memory: the auto limit comes from what the cgroup has
-    # left (80% of it), so batch 32 x 512 (~1.3 GB) is stopped by the guard with a checkpoint (exit 3), where a
-    # limit from the machine's MemAvailable would let it run into the cgroup's wall.
+    # left (80% of it, ~1.03 GB), so batch 48 x 512 (peak 1.24 GB unguarded: /usr/bin/time -v of the same command
+    # with --max-memory 10, no cgroup; 32 x 512 fell to 0.97 GB with the fused RMSNorm and no longer reached the
+    # limit) is stopped by the guard with a checkpoint (exit 3), where a limit from the machine's MemAvailable would
+    # let it run into the cgroup's wall.
     out = tmp_path / "run"
     command = train_command(tiny_model_dir, out, "--max-steps", "3")
     command[command.index("--seq-len") + 1] = "512"
-    command[command.index("--batch-size") + 1] = "32"
+    command[command.index("--batch-size") + 1] = "48"
     with _memory_cgroup(1600 * 1024**2) as cgroup:
         inside = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
         system = run([*inside, sys.executable, "-m", "memfit", "system", "--json"])
