@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from memfit.config import TrainConfig
 from memfit.runtime import run_python_json
-from memfit.train.chunk_size import chunk_tokens
+from memfit.train.chunk_size import chunk_tokens, even_chunk_tokens
 from memfit.train.chunked_loss import (chunked_loss_blocker, head_returns_hidden, linear_cross_entropy,
                                        linear_token_losses)
 from memfit.train.losses import IGNORE_INDEX, micro_step_loss, scored_tokens
@@ -74,6 +74,10 @@ def test_chunk_rule_keeps_one_chunk_of_logits_about_the_size_of_the_hidden_state
     assert chunk_tokens(1, vocab, hidden_size) == 1
     # Small models: a floor, or the many tiny matmuls cost more than full logits.
     assert chunk_tokens(1100, 49_152, 576) == 256 and chunk_tokens(100, 49_152, 576) == 100
+    # torch's loss spreads the tokens evenly over as many chunks: no chunk larger than it must be.
+    assert even_chunk_tokens(345, 151_936, 896) == 173 and even_chunk_tokens(512, 151_936, 896) == 256
+    assert even_chunk_tokens(1100, 49_152, 576) == 220 and even_chunk_tokens(100, 49_152, 576) == 100
+    assert even_chunk_tokens(0, 49_152, 576) == chunk_tokens(0, 49_152, 576)
 
 
 def _tiny_causal_lm(model_type="llama", **extra):

@@ -19,6 +19,15 @@ def chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     return max(1, min(num_tokens, max(liger, MIN_CHUNK_TOKENS)))
 
 
+def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """chunk_tokens spread evenly over as many chunks (torch's chunked loss): 345 tokens in chunks of 256 become
+    173 + 172, not 256 + 89. The same matmuls, and a smaller largest chunk of logits, which is what the step's peak
+    holds (qwen2.5-0.5b, 345 tokens: 105 MB of fp32 logits, not 156). MLX keeps chunk_tokens: its constants were
+    fitted on those chunks (mlx_chunks)."""
+    chunk = chunk_tokens(num_tokens, vocab_size, hidden_size)
+    return math.ceil(num_tokens / math.ceil(num_tokens / chunk)) if num_tokens > 0 else chunk
+
+
 # MLX: fewer chunks than this hold more than the plain head. MLX evaluates the step's graph as a whole, so more than
 # one chunk is live at once: fitted on all of benchmarks/derive_mlx_constants.py's chunked runs (1, 2 and 4 chunks;
 # mlx_constants.json as of commit 9ab7840), the first two chunks' logits held 5.4x their fp32 size and the rest 1.8x

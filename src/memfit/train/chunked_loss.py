@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from memfit.train.chunk_size import chunk_tokens
+from memfit.train.chunk_size import even_chunk_tokens
 
 # Models whose logits are not just `lm_head(hidden)`: a final soft-cap or a scale applied after the head. The
 # chunked path would skip that step, so these keep the full logits.
@@ -158,7 +158,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
     if not torch.is_grad_enabled():  # evaluation: no gradients to compute alongside
         return (linear_token_losses(hidden, head, targets, compute_dtype, chunk) * token_weights.float()).sum()
     compute_dtype = compute_dtype or head.weight.dtype
-    chunk = chunk or chunk_tokens(hidden.shape[0], head.weight.shape[0], head.weight.shape[1])
+    chunk = chunk or even_chunk_tokens(hidden.shape[0], head.weight.shape[0], head.weight.shape[1])
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, token_weights.float(),
                                      compute_dtype, chunk)
 
@@ -168,7 +168,7 @@ def linear_token_losses(hidden: torch.Tensor, head: torch.nn.Linear, targets: to
                         compute_dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
     """Each token's CE (tokens,), fp32, chunk by chunk: for evaluation, where no gradient is needed."""
     compute_dtype = compute_dtype or head.weight.dtype
-    chunk = chunk or chunk_tokens(hidden.shape[0], head.weight.shape[0], head.weight.shape[1])
+    chunk = chunk or even_chunk_tokens(hidden.shape[0], head.weight.shape[0], head.weight.shape[1])
     weight = head.weight.to(compute_dtype)
     bias = head.bias.to(compute_dtype) if head.bias is not None else None
     losses = []
