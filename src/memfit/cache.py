@@ -40,7 +40,7 @@ SCHEMA = 1
 _TRACED_SOURCES = ("estimate/memory.py", "estimate/trace.py", "models/arch.py", "estimate/peaks.py",
                    "train/model.py", "train/chunked_loss.py", "train/losses.py", "precision.py",
                    "train/lora_linear.py", "train/gated_mlp.py", "train/rms_norm.py",
-                   "estimate/cuts.py")
+                   "train/forward_source.py", "estimate/cuts.py")
 _PACKAGES = ("torch", "transformers", "peft", "accelerate")
 
 

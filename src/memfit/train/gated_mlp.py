@@ -18,13 +18,12 @@ layers, plain linears), so checkpoints, exports and merging are unchanged. Other
 
 from __future__ import annotations
 
-import functools
-import inspect
 import types
 
 import torch
 import torch.nn.functional as F
 
+from memfit.train.forward_source import forward_statements
 from memfit.train.lora_linear import fused_lora_tensors, lora_adapter_grads, lora_forward, lora_input_grad
 
 # The one statement of the forward this module replaces (transformers 5: LlamaMLP and its copies).
@@ -126,14 +125,9 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
             and _computes_gated_mlp(type(module).forward))
 
 
-@functools.cache
 def _computes_gated_mlp(forward) -> bool:
-    """Whether `forward`'s source is GATED_MLP_STATEMENT and nothing else (one look per class, not per layer)."""
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    """Whether `forward`'s source is GATED_MLP_STATEMENT and nothing else."""
+    body = forward_statements(forward)
     # `return <statement>` or `name = <statement>` then `return name`: nothing else in the forward.
     if len(body) == 1:
         return body[0] == f"return {GATED_MLP_STATEMENT}"

@@ -19,11 +19,11 @@ norms) keep their forward.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import types
 
 import torch
+
+from memfit.train.forward_source import forward_statements
 
 # The forward this module replaces, statement for statement (transformers 5: LlamaRMSNorm and its copies).
 RMS_NORM_FORWARD = (
@@ -71,24 +71,13 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RmsNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
-@functools.cache
-def _computes_rms_norm(forward) -> bool:
-    """Whether `forward`'s source is RMS_NORM_FORWARD and nothing else (one look per class, not per layer)."""
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
-    return tuple(body) == RMS_NORM_FORWARD
-
-
 def fuse_rms_norms(model: torch.nn.Module) -> int:
     """Give every RMSNorm in `model` that computes RMS_NORM_FORWARD the fused forward; the number fused."""
     fused = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(weight, torch.Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
-                and _computes_rms_norm(type(module).forward)):
+                and forward_statements(type(module).forward) == RMS_NORM_FORWARD):
             module.forward = types.MethodType(_fused_forward, module)
             fused += 1
     return fused
