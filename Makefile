@@ -63,8 +63,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/saved_for_backward.py --write
 	$(BIN)/python benchmarks/qlora_layout.py --write
 	$(BIN)/python benchmarks/derive_constants.py --write
-	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen,smol-cut,qwen-cut --datasets text,pc --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write
+	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --datasets text --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write
+	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol,qwen --datasets pc --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write
+	taskset -c 1 $(BIN)/python benchmarks/train_vs_hf.py --models smol-cut,qwen-cut --datasets text,pc --repeats 3 --steps 4 --seq-len 512 --threads 1 --malloc threshold --check-loss --write
+	$(BIN)/python benchmarks/heap_retention.py --write
+	$(BIN)/python benchmarks/head_transient.py --write
 	$(BIN)/python benchmarks/distributed_cpu.py --steps 16 --write
+	# MLX (CPU build): the estimate against real MLX steps, then memfit's engine against mlx-lm.
+	$(BIN)/python benchmarks/estimate_accuracy.py --engine mlx --only tiny,smollm2-135m:1 --write
+	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset tiny --steps 12 --repeats 3 --write
+	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m --batch-size 1 --seq-len 128 --steps 6 --repeats 3 --contenders memfit,mlx_lm --write
 
 # The newest versions pyproject.toml's ranges allow, in their own venv (the locked .venv is left alone): prints what
 # changed against the lock, then runs the suite; a failure there names what a newer release broke.

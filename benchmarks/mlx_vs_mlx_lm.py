@@ -54,8 +54,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None]:
-    """(exit code, peak RSS bytes, seconds, other load in cores) of a child process. The peak is wait4's ru_maxrss:
+def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None, float]:
+    """(exit code, peak RSS bytes, seconds, other load in cores, CPU seconds) of a child process. The peak is wait4's ru_maxrss:
     the child's exec folds in its parent's RSS there (memfit.guard.sampler), the same parent for both contenders."""
     sys.path.insert(0, str(HERE))
     from train_vs_hf import _busy_cpu_s
@@ -69,24 +69,44 @@ def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None]:
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     cpu = usage.ru_utime + usage.ru_stime
     other = (_busy_cpu_s() - busy_before - cpu) / seconds if busy_before is not None else None
-    return os.waitstatus_to_exitcode(status), rss, seconds, other
+    return os.waitstatus_to_exitcode(status), rss, seconds, other, cpu
 
 
-def prepare(work: Path, preset: str, layers: int | None) -> tuple[Path, Path, Path]:
-    """A random-init model of `preset`, memfit's demo data as memfit's JSONL and as mlx-lm's data dir."""
+def full_rows(texts: list[str], tokenizer, seq_len: int) -> list[str]:
+    """memfit's demo texts (65-136 tokens each) joined in file order into documents of at least `seq_len` + 1
+    tokens, so every row of both contenders is a full `seq_len` wide. With the texts as they are, each batch is as
+    wide as its longest row and the peak follows which batches a run happened to draw (memfit takes the longest
+    first, mlx-lm shuffles): 8 steps on the tiny model peaked at 44 MB for memfit (width 160 at step 1) and 36 MB
+    for mlx-lm (narrower batches), a difference of data order, not of memory use."""
+    documents, current, length = [], [], 0
+    for text in texts:
+        current.append(text)
+        length += len(tokenizer(text)["input_ids"])
+        if length > seq_len:
+            documents.append("\n\n".join(current))
+            current, length = [], 0
+    return documents
+
+
+def prepare(work: Path, preset: str, layers: int | None, seq_len: int) -> tuple[Path, Path, Path]:
+    """A random-init model of `preset`, memfit's demo data in full rows (full_rows) as memfit's JSONL and as
+    mlx-lm's data dir."""
     sys.path.insert(0, str(ROOT / "src"))
+    from transformers import AutoTokenizer
+
     from memfit.models import init_model
 
     model = work / "model"
     if not model.exists():
         init_model(preset, model, num_layers=layers)
     demo = ROOT / "src" / "memfit" / "data" / "demo.jsonl"
-    texts = [{"text": json.loads(line)["text"]} for line in demo.read_text().splitlines() if line.strip()]
+    texts = [json.loads(line)["text"] for line in demo.read_text().splitlines() if line.strip()]
+    records = [{"text": text} for text in full_rows(texts, AutoTokenizer.from_pretrained(model), seq_len)]
     data_dir = work / "mlx_lm_data"
     data_dir.mkdir(exist_ok=True)
-    lines = "".join(json.dumps(record) + "\n" for record in texts)
+    lines = "".join(json.dumps(record) + "\n" for record in records)
     (data_dir / "train.jsonl").write_text(lines)
-    (data_dir / "valid.jsonl").write_text("".join(json.dumps(record) + "\n" for record in texts[:8]))
+    (data_dir / "valid.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records[:8]))
     memfit_data = work / "train.jsonl"
     memfit_data.write_text(lines)
     return model, memfit_data, data_dir
@@ -102,14 +122,14 @@ def run_memfit(model: Path, data: Path, out: Path, steps: int, grad_checkpointin
                "--seq-len", str(s["seq_len"]), "--seed", str(s["seed"]), "--max-grad-norm", str(s["max_grad_norm"]),
                "--no-packing", "--save-every", str(10 * steps),
                "--grad-checkpointing" if grad_checkpointing else "--no-grad-checkpointing", *flags]
-    code, rss, seconds, other = _run(command, out.parent / f"{out.name}.log")
+    code, rss, seconds, other, cpu = _run(command, out.parent / f"{out.name}.log")
     if code != 0:
         return {"error": f"exit {code} (see {out.parent / f'{out.name}.log'})"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     run = json.loads((out / "run.json").read_text())
     return {"losses": [m["loss"] for m in metrics], "tokens_per_s": [m["tokens_per_s"] for m in metrics],
             "peak_mlx_bytes": run.get("peak_mlx_bytes"), "peak_rss_bytes": rss, "seconds": seconds,
-            "other_load": other}
+            "other_load": other, "guard_cpu_share": (run.get("guard_thread_cpu_s") or 0.0) / cpu}
 
 
 def run_mlx_lm(model: Path, data_dir: Path, out: Path, steps: int, grad_checkpointing: bool) -> dict:
@@ -119,7 +139,7 @@ def run_mlx_lm(model: Path, data_dir: Path, out: Path, steps: int, grad_checkpoi
             "grad_checkpoint": grad_checkpointing, "report": str(out) + ".jsonl", **SETTINGS}
     spec_path = Path(str(out) + ".spec.json")
     spec_path.write_text(json.dumps(spec))
-    code, rss, seconds, other = _run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+    code, rss, seconds, other, _ = _run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
                                      Path(str(out) + ".log"))
     if code != 0:
         return {"error": f"exit {code} (see {out}.log)"}
@@ -199,6 +219,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "tokens_per_s_rounds": [_rate(a) / _rate(b) for a, b in zip(runs[name], anchor)],
             "peak_mlx": table[name]["peak_mlx_gb"] / max(table["mlx_lm"]["peak_mlx_gb"], 1e-9),
             "peak_rss": table[name]["peak_rss_gb"] / table["mlx_lm"]["peak_rss_gb"]} for name in ok if name != "mlx_lm"}
+    shares = [r["guard_cpu_share"] for r in runs.get("memfit", []) if r.get("guard_cpu_share")]
+    if shares:  # the thread's own CPU time over the process's: its cost, below what whole runs can resolve
+        table["guard_thread_cpu_share"] = statistics.median(shares)
     if "memfit" in ok and "memfit_no_thread" in ok:
         table["guard_thread_overhead_rounds"] = [
             1 - _rate(a) / _rate(b) for a, b in zip(runs["memfit"], runs["memfit_no_thread"])]
@@ -219,7 +242,8 @@ def markdown(summary: dict, command: str) -> str:
              f"Python {platform.python_version()}, mlx {mx.__version__}, mlx-lm {metadata.version('mlx-lm')}. "
              f"Model: {summary['preset']} shapes, {summary['layers'] or 'all'} layers, random init. Both train LoRA r"
              f"{s['lora_rank']} (scale {s['lora_alpha'] / s['lora_rank']:g}) on every linear of every layer, AdamW, "
-             f"lr {s['lr']} cosine, batch {s['batch_size']} × {s['seq_len']} unpacked rows of memfit's demo text, "
+             f"lr {s['lr']} cosine, batch {s['batch_size']} × {s['seq_len']} full unpacked rows (memfit's demo texts "
+             "joined into documents longer than a row, so both contenders train on the same shapes), "
              f"gradient checkpointing {'on' if summary['grad_checkpointing'] else 'off'}, {summary['steps']} steps, "
              f"a fresh process per run, the contenders in rotated order for {summary['repeats']} rounds. tokens/s is "
              "the median over steps 3..N of each run; peak MLX is `mx.get_peak_memory()` (memfit's run.json, "
@@ -243,7 +267,15 @@ def markdown(summary: dict, command: str) -> str:
                      f" | {per_round} | {row['peak_mlx_gb']:.3f} | {row['peak_rss_gb']:.3f} | "
                      f"{row['first_loss']:.3f} → {row['last5_loss']:.3f} | {load} |")
     overhead = results.get("guard_thread_overhead_rounds")
-    if overhead:
+    share = results.get("guard_thread_cpu_share")
+    if share is not None:
+        lines += ["", f"The guard's sampler thread used {share:.3%} of memfit's process CPU time (the thread's own "
+                  "`time.thread_time`, run.json's `guard_thread_cpu_s`, over the child's CPU time from `wait4`; "
+                  "median over the runs): the guard's cost."
+                  + (" Whole runs with and without the thread differ by " + ", ".join(f"{x:+.1%}" for x in overhead)
+                     + " of tokens/s per round (whole runs: their noise included)."
+                     if overhead else "")]
+    elif overhead:
         lines += ["", "The guard's sampler thread costs " + ", ".join(f"{x:+.1%}" for x in overhead)
                   + " of tokens/s per round (memfit with the thread against memfit without it)."]
     return "\n".join(lines) + "\n"
@@ -297,9 +329,9 @@ def main() -> int:
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="memfit-mlx-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model, data, data_dir = prepare(work, args.preset, args.layers)
-    checkpointing = not args.no_grad_checkpointing
     SETTINGS.update(batch_size=args.batch_size, seq_len=args.seq_len)  # both contenders read them
+    model, data, data_dir = prepare(work, args.preset, args.layers, args.seq_len)
+    checkpointing = not args.no_grad_checkpointing
     names = args.contenders.split(",")
     unknown = set(names) - set(CONTENDERS)
     if unknown:

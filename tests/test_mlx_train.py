@@ -2,6 +2,7 @@
 it refuses what MLX cannot do in one line."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,8 @@ def test_loss_decreases_and_run_dir_is_written(tiny_model_dir, tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["engine"] == "mlx" and run["status"] == "done" and run["step"] == 8
     assert run["versions"]["mlx"] != "not installed"
+    # The guard's own cost, read in its thread (as the torch loop records it): some, and well under the run's.
+    assert 0 < run["guard_thread_cpu_s"] < time.process_time(), run["guard_thread_cpu_s"]
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["mlx_active_bytes"] > 0 and metrics["rss_bytes"] > 0 and metrics["tokens_per_s"] > 0
     names = [type(event).__name__ for event in events]

@@ -1,10 +1,17 @@
 """The MLX engine's loss: sum_t w_t * CE_t over a micro-batch, through the full logits or chunk by chunk.
 
 The chunked form is the MLX side of `--chunked-loss` (memfit/train/chunked_loss.py on torch): the backbone's hidden
-states go through the lm_head a chunk of tokens at a time, each chunk under `nn.utils.checkpoint`, so its fp32
-logits live only while that chunk's loss (or, in the backward pass, its gradient) is computed. Full logits of a
-49k-vocab model at 4 x 256 tokens are 200 MB in fp32, of a 152k-vocab one 620 MB; mlx-lm keeps them, and their
-gradient, for the whole backward pass.
+states go through the lm_head a chunk of tokens at a time, so a chunk's fp32 logits live only while that chunk's
+loss and gradient are computed. Full logits of a 49k-vocab model at 4 x 256 tokens are 200 MB in fp32, of a
+152k-vocab one 620 MB; mlx-lm keeps them, and their gradient, for the whole backward pass.
+
+When the head does not train (LoRA, QLoRA: the usual case), each chunk computes its loss and, in the same pass, the
+gradient w.r.t. its hidden states, which is all the backward pass needs from it (Liger-Kernel's fused linear
+cross-entropy, as memfit's torch loss does): two matmuls per chunk, as the full logits take. When the head trains,
+each chunk runs under `nn.utils.checkpoint` and its logits are recomputed in the backward pass: a third matmul.
+That recomputation cost the tiny model (2k vocab, 4 x 256) 8-14% of its tokens/s against the full logits (two
+runs of each, 12 steps, `memfit train --engine mlx`), while the fused chunks ran as fast as the full logits
+(scratch timing, value_and_grad of the LoRA model, 3 calls each way).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from memfit.models.arch import MLX_PLAIN_HEAD_TYPES
 from memfit.train.chunk_size import mlx_chunks
@@ -52,14 +60,8 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
     if head is None:
         return weighted_ce
     module, apply = head
-
-    def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
-        # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
-        targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
-        return weighted_sum(apply(module, hidden), targets, weights)
-
-    # Recomputed in the backward pass from the chunk's hidden states: only one chunk's logits at a time.
-    chunk_loss = nn.utils.checkpoint(module, chunk_loss)
+    chunk_loss = _checkpointed_chunk(module, apply) if tree_flatten(module.trainable_parameters()) \
+        else _fused_chunk(module, apply)
 
     def chunked_weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
         rows, width = inputs.shape
@@ -78,3 +80,31 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         return total
 
     return chunked_weighted_ce
+
+
+def _fused_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """One chunk's loss whose forward pass also computes d loss / d hidden, kept for the backward pass instead of
+    the chunk's logits (a frozen head: no weight gradient to make)."""
+
+    @mx.custom_function
+    def loss_and_grad(hidden: mx.array, targets: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
+        # The two are outputs of one primitive, evaluated together: the chunk's logits are freed once both exist.
+        return mx.value_and_grad(lambda h: weighted_sum(apply(module, h), targets, weights))(hidden)
+
+    @loss_and_grad.vjp
+    def loss_and_grad_vjp(primals, cotangents, outputs):
+        hidden_grad = cotangents[0] * outputs[1]
+        return hidden_grad, mx.zeros_like(primals[1]), mx.zeros_like(primals[2])  # token ids and weights: none
+
+    return lambda hidden, targets, weights: loss_and_grad(hidden, targets, weights)[0]
+
+
+def _checkpointed_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """One chunk's loss under a checkpoint (a trained head): its logits recomputed in the backward pass."""
+
+    def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+        # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
+        targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
+        return weighted_sum(apply(module, hidden), targets, weights)
+
+    return nn.utils.checkpoint(module, chunk_loss)

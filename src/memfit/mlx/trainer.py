@@ -542,7 +542,8 @@ class MlxTrainer:
         self._write_run_json(status=status, exit_code=exit_code, step=self.step,
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                             final_dir=str(final_dir) if final_dir else None, peak_rss_bytes=ending.peak_rss_bytes)
+                             final_dir=str(final_dir) if final_dir else None, peak_rss_bytes=ending.peak_rss_bytes,
+                             guard_thread_cpu_s=round(self.guard.sampler.thread_cpu_s, 4))  # as the torch loop's
         ended = RunEnded(status, exit_code, self.step, self.total_steps, message, self.last_checkpoint, final_dir,
                          resume, report, self.recoveries)
         self.emit(ended)  # the entry point writes the run report as this reaches it (memfit.report.report_at_end)
