@@ -10,8 +10,8 @@ gradient w.r.t. its hidden states, which is all the backward pass needs from it 
 cross-entropy, as memfit's torch loss does): two matmuls per chunk, as the full logits take. When the head trains,
 each chunk runs under `nn.utils.checkpoint` and its logits are recomputed in the backward pass: a third matmul.
 That recomputation cost the tiny model (2k vocab, 4 x 256) 8-14% of its tokens/s against the full logits (two
-runs of each, 12 steps, `memfit train --engine mlx`), while the fused chunks ran as fast as the full logits
-(scratch timing, value_and_grad of the LoRA model, 3 calls each way).
+runs of each, 12 steps, `memfit train --engine mlx`); the fused chunks ran at 475-477 tokens/s against the full
+logits' 474-484, and peaked at 53.4 MB against 72.3 (the checkpointed chunks: 55.1).
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
     if head is None:
         return weighted_ce
     module, apply = head
-    chunk_loss = _checkpointed_chunk(module, apply) if tree_flatten(module.trainable_parameters()) \
-        else _fused_chunk(module, apply)
+    fused = not tree_flatten(module.trainable_parameters())
+    chunk_loss = _fused_chunk(module, apply) if fused else _checkpointed_chunk(module, apply)
 
     def chunked_weighted_ce(model, inputs: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
         rows, width = inputs.shape
@@ -73,18 +73,27 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         hidden = model.model(inputs)
         hidden = hidden.reshape(tokens, hidden.shape[-1])
         targets, weights = targets.reshape(-1), weights.reshape(-1)
-        total = mx.array(0.0)
+        total, previous = mx.array(0.0), None
         for start in range(0, tokens, step):
             end = min(start + step, tokens)
-            total = total + chunk_loss(hidden[start:end], targets[start:end], weights[start:end])
+            chunk = hidden[start:end]
+            if previous is not None and fused:
+                chunk = mx.depends(chunk, previous)  # see _fused_chunk
+            loss, previous = chunk_loss(chunk, targets[start:end], weights[start:end])
+            total = total + loss
         return total
 
     return chunked_weighted_ce
 
 
-def _fused_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """One chunk's loss whose forward pass also computes d loss / d hidden, kept for the backward pass instead of
-    the chunk's logits (a frozen head: no weight gradient to make)."""
+def _fused_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """(the chunk's loss, d loss / d hidden): the forward pass computes the gradient too, kept for the backward pass
+    instead of the chunk's logits (a frozen head: no weight gradient to make).
+
+    The caller makes each chunk's hidden states depend on the previous chunk's gradient (`mx.depends`): MLX
+    evaluates the step's graph as a whole, and without that order it started several chunks' logits at once, so on
+    head-heavy shapes the chunks held more than the full logits (benchmarks/derive_mlx_constants.py's shape f, 32k
+    vocab, 2 x 512 tokens: 562 MB against 536 MB for the full logits and 466 MB for checkpointed chunks)."""
 
     @mx.custom_function
     def loss_and_grad(hidden: mx.array, targets: mx.array, weights: mx.array) -> tuple[mx.array, mx.array]:
@@ -96,15 +105,16 @@ def _fused_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.a
         hidden_grad = cotangents[0] * outputs[1]
         return hidden_grad, mx.zeros_like(primals[1]), mx.zeros_like(primals[2])  # token ids and weights: none
 
-    return lambda hidden, targets, weights: loss_and_grad(hidden, targets, weights)[0]
+    return loss_and_grad
 
 
-def _checkpointed_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """One chunk's loss under a checkpoint (a trained head): its logits recomputed in the backward pass."""
+def _checkpointed_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.array], tuple]:
+    """(one chunk's loss under a checkpoint, None) for a trained head: its logits recomputed in the backward pass."""
 
     def chunk_loss(hidden: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
         # The checkpoint differentiates with respect to every input; token ids have no gradient (MLX refuses one).
         targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)
         return weighted_sum(apply(module, hidden), targets, weights)
 
-    return nn.utils.checkpoint(module, chunk_loss)
+    checkpointed = nn.utils.checkpoint(module, chunk_loss)
+    return lambda hidden, targets, weights: (checkpointed(hidden, targets, weights), None)
