@@ -71,7 +71,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/distributed_cpu.py --steps 16 --write
 	# MLX (CPU build): the estimate against real MLX steps, then memfit's engine against mlx-lm.
 	$(BIN)/python benchmarks/estimate_accuracy.py --engine mlx --only tiny,smollm2-135m:1 --write
-	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset tiny --steps 12 --repeats 3 --write
+	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset tiny --steps 20 --repeats 5 --write
 	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m --batch-size 1 --seq-len 128 --steps 6 --repeats 3 --contenders memfit,mlx_lm --write
 
 # The newest versions pyproject.toml's ranges allow, in their own venv (the locked .venv is left alone): prints what

@@ -185,7 +185,7 @@ def mlx_selection(only: str | None, quick: bool) -> dict[str, list[dict]]:
     return chosen
 
 
-def run_mlx(selection: dict[str, list[dict]], timed_out: list[str]) -> list[dict]:
+def run_mlx(selection: dict[str, list[dict]], timed_out: list[str], timeout_s: float = 900) -> list[dict]:
     """The MLX cases' rows; a case whose child runs past measure_in_child's timeout goes into `timed_out` and the
     run goes on (4-bit smollm2-135m at 2 x 256 took over 900 s on one core: the rows before it were lost)."""
     import subprocess
@@ -208,7 +208,7 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str]) -> list[dict
                 estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40))
                 started = time.time()
                 try:
-                    measured = measure_in_child(model_dir, case, steps=3)
+                    measured = measure_in_child(model_dir, case, steps=3, timeout_s=timeout_s)
                 except subprocess.TimeoutExpired as timeout:
                     timed_out.append(f"{preset} {case} (timed out after {timeout.timeout:.0f} s)")
                     print(timed_out[-1], flush=True)
@@ -353,11 +353,13 @@ def main() -> None:
                         "tiny,smollm2-135m:1")
     parser.add_argument("--write", action="store_true", help="write the table into --out (else print it)")
     parser.add_argument("--out", default=str(DOCS))
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="mlx: seconds per measuring child (4-bit smollm2-135m at 2 x 256 runs past 900 on a core)")
     args = parser.parse_args()
     if args.engine == "mlx":
         selection = mlx_selection(args.only, args.quick)
         timed_out: list[str] = []
-        rows = run_mlx(selection, timed_out)
+        rows = run_mlx(selection, timed_out, args.timeout)
         left_out = [f"{preset} {case}" for preset, cases in MLX_CASES.items() for case in cases
                     if case not in selection.get(preset, [])] + timed_out
         command = "python benchmarks/estimate_accuracy.py " + " ".join(sys.argv[1:])
