@@ -53,13 +53,15 @@ _CONSTANTS_PATH = Path(__file__).with_name("mlx_constants.json")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Term names, in the order of the fitted coefficients (benchmarks/derive_mlx_constants.py writes them): a fixed part
-# (MiB); the head's fp32 logits (the full-logits loss), or with the chunked loss (memfit.mlx.loss) two chunks' and
-# the rest of them; the compute-dtype logits a bf16/fp16 step upcasts; per decoder layer the hidden-width values,
+# (MiB); the head's fp32 logits (the full-logits loss), or with the chunked loss (memfit.mlx.loss) the first chunk's
+# and the rest of them, without and with checkpointing; the compute-dtype logits a bf16/fp16 step upcasts; per decoder layer the hidden-width values,
 # the MLP-width values and the attention scores (all layers' without checkpointing); with mlx-lm's checkpointing
 # the layer inputs it stores (all layers) and one layer's values as its backward recomputes them.
-TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_cast", "hidden", "mlp", "attention",
+TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
+         "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
-HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_cast")  # the breakdown's `logits`
+HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed", "head_chunked_rest_checkpointed",
+              "head_cast")  # the breakdown's `logits`
 RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
 OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
 
@@ -137,7 +139,7 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     tokens = batch * seq
     terms = {name: 0.0 for name in TERMS}
     terms["fixed"] = float(2**20)
-    terms.update(_head_terms(shape, tokens, dtype_bytes, chunked))
+    terms.update(_head_terms(shape, tokens, dtype_bytes, chunked, checkpointing))
     layers, suffix = (1, "_checkpointed") if checkpointing else (shape.layers, "")
     if checkpointing:
         terms["stored_checkpointed"] = float(shape.layers * tokens * shape.hidden * dtype_bytes)
@@ -169,23 +171,24 @@ def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple
     return (rest + recompute, share * head) if recompute > head else (rest + share * recompute, head)
 
 
-def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
+def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool, checkpointing: bool) -> dict[str, float]:
     """The head's terms. Full-logits loss: the T x V fp32 logits (`head`). Chunked loss (chunks of C =
-    chunk_tokens(T, V, h) tokens): the logits of min(T, 2C) tokens (`head_chunked`) and of the other tokens
-    (`head_chunked_rest`), apart, because MLX evaluates the step's lazy graph as a whole and the chunks' subgraphs
-    are independent, so more than one chunk is live at once: in benchmarks/derive_mlx_constants.py's runs one chunk
-    (C = T) held about 5.4 x its fp32 logits, two chunks 11 x one chunk's, four chunks 14 x; a second chunk costs
-    as much as the first, each further one much less. With one chunk's logits as the first term instead of two's,
-    the same fit's worst error was 18.6% (full-logits runs) / 16.6% (chunked), against 12.3% / 9.5%. Either loss,
-    bf16 or fp16: the compute-dtype logits the upcast starts from, for the tokens counted in the first term
-    (`head_cast`: a bf16 step held about one fp32-logits' worth more than an fp32 one; without this term the fit's
-    worst was 17.9% / 11.6%). Those figures: `--refit --dry-run` with this function changed."""
+    chunk_tokens(T, V, h) tokens, one after another: memfit.mlx.loss): the first chunk's logits (`head_chunked`)
+    and the other chunks' (`head_chunked_rest`), each with a coefficient of its own when the layers are checkpointed
+    (`..._checkpointed`): in benchmarks/derive_mlx_constants.py's runs a further chunk added little without
+    checkpointing and much more with it (shape f: 466 -> 507 MB from four chunks to eight without, 299 -> 490 with).
+    Either loss, bf16 or fp16: the compute-dtype logits the upcast starts from, for the tokens counted in the first
+    term (`head_cast`: a bf16 step held about one fp32-logits' worth more than an fp32 one). On the fused chunks'
+    77 runs before the 4 x 256 ones joined, the form before (two chunks and the rest, one coefficient each for both
+    modes) fitted within 21.4% and put the held-out tiny cases of estimate_accuracy.py within 11.4%; this one
+    17.6% / 11.8% with the 4 x 256 runs (`--refit --dry-run` with this function changed)."""
     vocab = shape.vocab
-    live = min(tokens, 2 * chunk_tokens(tokens, vocab, shape.hidden)) if chunked else tokens
+    live = min(tokens, chunk_tokens(tokens, vocab, shape.hidden)) if chunked else tokens
     terms = {"head_cast": float(live * vocab * dtype_bytes) if dtype_bytes != 4 else 0.0}
     if chunked:
-        terms["head_chunked"] = live * vocab * 4.0
-        terms["head_chunked_rest"] = (tokens - live) * vocab * 4.0
+        suffix = "_checkpointed" if checkpointing else ""
+        terms["head_chunked" + suffix] = live * vocab * 4.0
+        terms["head_chunked_rest" + suffix] = (tokens - live) * vocab * 4.0
     else:
         terms["head"] = tokens * vocab * 4.0
     return terms

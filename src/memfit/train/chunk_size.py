@@ -28,13 +28,15 @@ def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int
     return math.ceil(num_tokens / math.ceil(num_tokens / chunk)) if num_tokens > 0 else chunk
 
 
-# MLX: fewer chunks than this hold more than the plain head. MLX evaluates the step's graph as a whole, so more than
-# one chunk is live at once: fitted on all of benchmarks/derive_mlx_constants.py's chunked runs (1, 2 and 4 chunks;
-# mlx_constants.json as of commit 9ab7840), the first two chunks' logits held 5.4x their fp32 size and the rest 1.8x
-# (head_chunked, head_chunked_rest), the full logits 4.1x (head). Break-even: 2 x 5.4 C + 1.8 (T - 2C) = 4.1 T at
-# T = 3.1 chunks; below it the chunks hold more and their checkpoint recomputes the head besides (a single chunk
-# of smollm2-135m at 1 x 128 tokens: 739 MB against mlx-lm's 670, 0.88x its tokens/s: one round of
-# benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m --batch-size 1 --seq-len 128).
+# MLX: fewer chunks than this held more than the plain head. Measured with the chunks under a checkpoint, before
+# the fused chunks of memfit.mlx.loss: MLX evaluates the step's graph as a whole, so more than one chunk was live at
+# once; fitted on all of benchmarks/derive_mlx_constants.py's chunked runs then (1, 2 and 4 chunks;
+# mlx_constants.json as of commit 9ab7840), the first two chunks' logits held 5.4x their fp32 size and the rest 1.8x,
+# the full logits 4.1x. Break-even: 2 x 5.4 C + 1.8 (T - 2C) = 4.1 T at T = 3.1 chunks; below it the chunks held
+# more and their checkpoint recomputed the head besides (a single chunk of smollm2-135m at 1 x 128 tokens: 739 MB
+# against mlx-lm's 670, 0.88x its tokens/s: one round of benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m
+# --batch-size 1 --seq-len 128). Not measured again with the fused chunks, which run one after another and hold
+# less (the checkpointed runs of the head-heavy shapes e, f, h: a third less at four chunks).
 MLX_MIN_CHUNKS = 4
 
 
