@@ -70,7 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/head_transient.py --write
 	$(BIN)/python benchmarks/distributed_cpu.py --steps 16 --write
 	# MLX (CPU build): the estimate against real MLX steps, then memfit's engine against mlx-lm.
-	$(BIN)/python benchmarks/estimate_accuracy.py --engine mlx --only tiny,smollm2-135m:1 --write
+	$(BIN)/python benchmarks/estimate_accuracy.py --engine mlx --timeout 1800 --write
 	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset tiny --steps 20 --repeats 5 --write
 	taskset -c 1 $(BIN)/python benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m --batch-size 1 --seq-len 128 --steps 6 --repeats 3 --contenders memfit,mlx_lm --write
 
