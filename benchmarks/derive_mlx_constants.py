@@ -118,10 +118,10 @@ def measure(scratch: Path, names: list[str]) -> list[dict]:
         model_dir = scratch / name
         init_model("tiny", model_dir, num_layers=layers, overrides=values)
         hf_config = AutoConfig.from_pretrained(model_dir)
-        dtype = RUNS[name][0][3]
+        first_dtype = RUNS[name][0][3]  # the chunked-only runs take the shape's first dtype
         for (batch, seq, checkpointing, dtype), chunked in [
                 *itertools.product(RUNS[name], (False, True)),
-                *(((batch, seq, checkpointing, dtype), True) for batch, seq, checkpointing in CHUNKED_ONLY)]:
+                *(((batch, seq, checkpointing, first_dtype), True) for batch, seq, checkpointing in CHUNKED_ONLY)]:
             case = dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing,
                         chunked_loss=chunked)
             if obsolete(hf_config, case):

@@ -55,8 +55,9 @@ def _env() -> dict[str, str]:
 
 
 def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None, float]:
-    """(exit code, peak RSS bytes, seconds, other load in cores, CPU seconds) of a child process. The peak is wait4's ru_maxrss:
-    the child's exec folds in its parent's RSS there (memfit.guard.sampler), the same parent for both contenders."""
+    """(exit code, peak RSS bytes, seconds, other load in cores, CPU seconds) of a child process. The peak is
+    wait4's ru_maxrss: the child's exec folds in its parent's RSS there (memfit.guard.sampler), the same parent for
+    both contenders."""
     sys.path.insert(0, str(HERE))
     from train_vs_hf import _busy_cpu_s
 

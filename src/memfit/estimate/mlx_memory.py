@@ -54,14 +54,14 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Term names, in the order of the fitted coefficients (benchmarks/derive_mlx_constants.py writes them): a fixed part
 # (MiB); the head's fp32 logits (the full-logits loss), or with the chunked loss (memfit.mlx.loss) the first chunk's
-# and the rest of them, without and with checkpointing; the compute-dtype logits a bf16/fp16 step upcasts; per decoder layer the hidden-width values,
-# the MLP-width values and the attention scores (all layers' without checkpointing); with mlx-lm's checkpointing
+# and the rest of them, without and with checkpointing; the compute-dtype logits a bf16/fp16 step upcasts; per
+# decoder layer the hidden-width values, the MLP-width values and the attention scores (all layers' without checkpointing); with mlx-lm's checkpointing
 # the layer inputs it stores (all layers) and one layer's values as its backward recomputes them.
 TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
          "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
-HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed", "head_chunked_rest_checkpointed",
-              "head_cast")  # the breakdown's `logits`
+HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
+              "head_chunked_rest_checkpointed", "head_cast")  # the breakdown's `logits`
 RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed")
 OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
 
