@@ -34,6 +34,21 @@ def _batch(vocab: int, rows: int, width: int):
             mx.array(rng.integers(0, vocab, (rows, width)).astype(np.int32)), mx.array(weights))
 
 
+def _step_peaks(model, rows: int, width: int) -> tuple[dict[bool, int], int]:
+    """MLX's peak over one value_and_grad step with the full logits (False) and chunked (True), and the bytes of
+    the full fp32 logits."""
+    inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
+    peaks = {}
+    for chunked in (False, True):
+        step = nn.value_and_grad(model, make_loss(model, chunked))
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(*step(model, inputs, targets, weights))
+        peaks[chunked] = mx.get_peak_memory() - before
+    return peaks, rows * width * model.args.vocab_size * 4
+
+
 @pytest.mark.parametrize("head_trains", [False, True], ids=["frozen-head-fused", "trained-head-checkpointed"])
 def test_chunked_loss_equals_the_full_logits_loss(tiny_model_dir, head_trains):
     """Both forms of a chunk: a frozen head's chunks compute their hidden-state gradient in the forward pass, a
@@ -65,16 +80,7 @@ def test_chunked_loss_lowers_the_peak_by_the_logits(tiny_model_dir):
     the vocab (benchmarks/mlx_vs_mlx_lm.py measures it on smollm2-135m)."""
     model = _lora_model(tiny_model_dir)
     rows, width = 4, 256
-    inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
-    peaks = {}
-    for chunked in (False, True):
-        step = nn.value_and_grad(model, make_loss(model, chunked))
-        mx.clear_cache()
-        before = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(*step(model, inputs, targets, weights))
-        peaks[chunked] = mx.get_peak_memory() - before
-    logits_bytes = rows * width * model.args.vocab_size * 4
+    peaks, logits_bytes = _step_peaks(model, rows, width)
     assert peaks[False] - peaks[True] > logits_bytes / 2, {k: v / 2**20 for k, v in peaks.items()}
 
 
@@ -164,14 +170,5 @@ def test_chunks_run_one_after_another(head_heavy_model_dir):
     (489 against 525 MB here, the full logits being 128 MB); with it, 329 MB."""
     model = _lora_model(head_heavy_model_dir)
     rows, width = 2, 512
-    inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
-    peaks = {}
-    for chunked in (False, True):
-        step = nn.value_and_grad(model, make_loss(model, chunked))
-        mx.clear_cache()
-        before = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(*step(model, inputs, targets, weights))
-        peaks[chunked] = mx.get_peak_memory() - before
-    logits_bytes = rows * width * model.args.vocab_size * 4
+    peaks, logits_bytes = _step_peaks(model, rows, width)
     assert peaks[False] - peaks[True] > logits_bytes, {k: v / 2**20 for k, v in peaks.items()}
