@@ -9,7 +9,11 @@ policy (RSS follows tensors over 1 MiB):
   loss's in-place form, over the input's bytes, at 256, 512 and 1024 tokens of a 49,152-token vocab (smollm2-135m's);
 - a real LoRA step of the whole smollm2-135m (30 layers, fp32, checkpointing, batch 2 x 128): the RSS high-water of
   each phase over the RSS where it began (phases cut where memfit's trace cuts them: at the lm_head and at the
-  last layer's gradient), next to the trace's own peak for that phase.
+  last layer's gradient), next to the trace's own peak for that phase;
+- a tied embedding's two gradients (the head's and the lookup's) summed by the autograd engine: full fine-tuning of
+  qwen2.5-0.5b cut to 4 layers (its 151,936 x 896 embedding is 519 MB in fp32), fp32, 2 x 256, with memfit's chunked
+  loss and with the full logits: each phase's RSS high-water over the RSS where the step began, next to the trace's
+  peak (memfit.estimate.trace._accumulate_in_place says what the engine adds in place).
 
     python benchmarks/head_transient.py [--write]
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 MB = 1024**2
 VOCAB = 49152
 STEP_CASE = dict(method="lora", dtype="fp32", batch_size=2, seq_len=128)
+TIED_CASE = dict(method="full", dtype="fp32", batch_size=2, seq_len=256)
 
 
 def _status(key: str) -> int:
@@ -63,7 +68,7 @@ def logsumexp_rows() -> list[dict]:
     return rows
 
 
-def step_rows(model_dir: Path) -> list[dict]:
+def step_rows(model_dir: Path, case: dict) -> list[dict]:
     import torch
     from transformers import AutoConfig
 
@@ -80,13 +85,13 @@ def step_rows(model_dir: Path) -> list[dict]:
 
     hide_bitsandbytes_from_peft()
     import_peft()
-    config = TrainConfig(**STEP_CASE)
+    config = TrainConfig(**case)
     precision = resolve_precision(config.dtype, "cpu")
     model = load_model(model_dir, config, precision, "cpu")
     model.train()
     optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
     marks: list[tuple[str, int, int]] = []  # (phase, its high-water, the RSS it began at)
-    current = {"phase": "", "start": 0}
+    current = {"phase": "", "start": 0, "step_start": 0}
 
     def mark(phase: str) -> None:
         if current["phase"]:
@@ -102,12 +107,13 @@ def step_rows(model_dir: Path) -> list[dict]:
     model.get_output_embeddings().register_forward_pre_hook(lambda *_: mark("head"))
     decoder_layers(model)[-1].register_forward_hook(on_layer_output)
     bypass = head_returns_hidden(model)
-    head = bypass.__enter__()
+    head = bypass.__enter__() if config.chunked_loss else None
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):  # the last step's phases are reported (the first allocates the optimizer states)
         marks.clear()
         mark("forward")
+        current["step_start"] = current["start"]
         input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator)
         loss = micro_step_loss(model, {"input_ids": input_ids}, every_next_token(input_ids), head=head,
                                compute_dtype=precision.compute_dtype)
@@ -118,8 +124,8 @@ def step_rows(model_dir: Path) -> list[dict]:
     hf_config = AutoConfig.from_pretrained(model_dir)
     traced = cuts.traced_peaks(hf_config, arch_info(hf_config), config, resolve_dtypes(config.dtype, "cpu"),
                                config.batch_size)
-    return [dict(phase=phase, measured_bytes=high - start, traced_bytes=traced[phase].total)
-            for phase, high, start in marks]
+    return [dict(phase=phase, measured_bytes=high - start, over_step_bytes=high - current["step_start"],
+                 traced_bytes=traced[phase].total) for phase, high, start in marks]
 
 
 def markdown(lse: list[dict], step: list[dict]) -> str:
@@ -150,6 +156,24 @@ def markdown(lse: list[dict], step: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tied_markdown(by_loss: dict[str, list[dict]]) -> str:
+    lines = [
+        "",
+        "Full fine-tuning with a tied embedding: qwen2.5-0.5b cut to 4 layers (its 151,936 × 896 embedding: 519 MB in "
+        "fp32), fp32, 2 × 256 (3rd step). Each phase's RSS high-water over the RSS where the step began, and the "
+        "trace's peak for that phase. In the backward phase the autograd engine sums the head's and the lookup's "
+        "gradients of the embedding: in place into the head's when that is a fresh tensor (memfit's chunked loss), "
+        "out of place when it is a view (the full logits' transposed matmul); the trace follows "
+        "(`memfit.estimate.trace._accumulate_in_place`).",
+        "",
+        "| loss | phase | measured over the step's start MB | traced peak MB |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {loss} | {row['phase']} | {row['over_step_bytes'] / MB:,.0f} | {row['traced_bytes'] / MB:,.0f} |"
+              for loss, rows in by_loss.items() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
@@ -160,8 +184,11 @@ def main() -> None:
     configure()
     lse = logsumexp_rows()
     with tempfile.TemporaryDirectory() as scratch:
-        step = step_rows(Path(init_model("smollm2-135m", Path(scratch) / "smol30")))
-    table = markdown(lse, step)
+        step = step_rows(Path(init_model("smollm2-135m", Path(scratch) / "smol30")), STEP_CASE)
+        qwen = Path(init_model("qwen2.5-0.5b", Path(scratch) / "qwen4", num_layers=4))
+        tied = {loss: step_rows(qwen, dict(TIED_CASE, chunked_loss=chunked))
+                for loss, chunked in (("chunked", True), ("full logits", False))}
+    table = markdown(lse, step) + tied_markdown(tied)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from estimate_accuracy import publish
 
