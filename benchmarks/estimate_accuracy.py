@@ -157,7 +157,10 @@ MLX_CASES = {
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=True),
         dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=True),
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=False),
-        dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256, grad_checkpointing=True,
+        # 4-bit: MLX's CPU build runs a quantized matmul ~20x slower than a bf16 one (512 x 576 x 1536: 2.6 s
+        # against 0.13), so 2 x 256 ran past 1,800 s on one core; 1 x 64 is the real model's quantized layout at a
+        # few minutes.
+        dict(method="lora", quant="4", dtype="bf16", batch_size=1, seq_len=64, grad_checkpointing=False,
              chunked_loss=True),
     ],
 }

@@ -69,63 +69,21 @@ def logsumexp_rows() -> list[dict]:
 
 
 def step_rows(model_dir: Path, case: dict) -> list[dict]:
-    import torch
+    """The 3rd step's phases measured in a fresh child (memfit.estimate.measure.phase_rises), beside the trace's
+    peak of each phase for the same configuration."""
     from transformers import AutoConfig
 
     from memfit.config import TrainConfig
     from memfit.estimate import cuts
     from memfit.estimate.memory import arch_info, resolve_dtypes
-    from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
-    from memfit.models.arch import decoder_layers
-    from memfit.precision import resolve_precision
-    from memfit.train.chunked_loss import head_returns_hidden
-    from memfit.train.losses import every_next_token, micro_step_loss
-    from memfit.train.model import load_model
-    from memfit.train.optim import build_optimizer
+    from memfit.estimate.measure import phase_rises_in_child
 
-    hide_bitsandbytes_from_peft()
-    import_peft()
     config = TrainConfig(**case)
-    precision = resolve_precision(config.dtype, "cpu")
-    model = load_model(model_dir, config, precision, "cpu")
-    model.train()
-    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
-    marks: list[tuple[str, int, int]] = []  # (phase, its high-water, the RSS it began at)
-    current = {"phase": "", "start": 0, "step_start": 0}
-
-    def mark(phase: str) -> None:
-        if current["phase"]:
-            marks.append((current["phase"], _status("VmHWM"), current["start"]))
-        _reset_high_water()
-        current.update(phase=phase, start=_status("VmRSS"))
-
-    def on_layer_output(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.requires_grad:
-            hidden.register_hook(lambda grad: mark("backward"))
-
-    model.get_output_embeddings().register_forward_pre_hook(lambda *_: mark("head"))
-    decoder_layers(model)[-1].register_forward_hook(on_layer_output)
-    bypass = head_returns_hidden(model)
-    head = bypass.__enter__() if config.chunked_loss else None
-    vocab = model.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3):  # the last step's phases are reported (the first allocates the optimizer states)
-        marks.clear()
-        mark("forward")
-        current["step_start"] = current["start"]
-        input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator)
-        loss = micro_step_loss(model, {"input_ids": input_ids}, every_next_token(input_ids), head=head,
-                               compute_dtype=precision.compute_dtype)
-        loss.backward()
-        mark("")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    measured = phase_rises_in_child(model_dir, case, steps=3)
     hf_config = AutoConfig.from_pretrained(model_dir)
     traced = cuts.traced_peaks(hf_config, arch_info(hf_config), config, resolve_dtypes(config.dtype, "cpu"),
                                config.batch_size)
-    return [dict(phase=phase, measured_bytes=high - start, over_step_bytes=high - current["step_start"],
-                 traced_bytes=traced[phase].total) for phase, high, start in marks]
+    return [dict(row, traced_bytes=traced[row["phase"]].total) for row in measured]
 
 
 def markdown(lse: list[dict], step: list[dict]) -> str:
@@ -151,7 +109,7 @@ def markdown(lse: list[dict], step: list[dict]) -> str:
         "| phase | measured rise MB | traced peak MB |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {row['phase']} | {row['measured_bytes'] / MB:,.0f} | {row['traced_bytes'] / MB:,.0f} |"
+    lines += [f"| {row['phase']} | {row['rise_bytes'] / MB:,.0f} | {row['traced_bytes'] / MB:,.0f} |"
               for row in step]
     return "\n".join(lines) + "\n"
 

@@ -247,3 +247,29 @@ def test_a_cpu_lora_estimate_says_when_the_heap_serves_its_key_value_tensors():
     assert len(small) == 1 and "(192 KiB)" in small[0]
     assert heap_notes(method="lora", dtype="fp32", batch_size=4, seq_len=512) == []
     assert heap_notes(method="full", dtype="fp32", batch_size=2, seq_len=128) == []  # not measured for full
+
+
+def test_a_tied_embeddings_two_gradients_are_summed_as_a_real_step_sums_them(tmp_path):
+    """Full fp32 training of a tied model whose embedding is much of the step (32,768 x 256: 32 MB): the trace's
+    backward peak follows a real step's, measured in a child (the 3rd step's RSS high-water after the gradient
+    reaches the last layer, over the RSS where the step began). The autograd engine sums the head's gradient and
+    the lookup's in place; fake tensors make that sum out of place, and counted so the trace was 30 MB over
+    (105 against 75 MB), with the buffer handed over 12 MB (memfit.estimate.trace._accumulate_in_place). About 15 s."""
+    from transformers import AutoConfig
+
+    from memfit.estimate import cuts
+    from memfit.estimate.dtypes import resolve_dtypes
+    from memfit.estimate.measure import phase_rises_in_child
+    from memfit.models import init_model
+
+    model_dir = init_model("tiny", tmp_path / "tied", num_layers=4,
+                           overrides=dict(vocab_size=32768, hidden_size=256, intermediate_size=512))
+    case = dict(method="full", dtype="fp32", batch_size=4, seq_len=512)
+    measured = {row["phase"]: row["over_step_bytes"] for row in phase_rises_in_child(model_dir, case)}
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    assert hf_config.tie_word_embeddings
+    config = TrainConfig(**case)
+    traced = cuts.traced_peaks(hf_config, arch_info(hf_config), config, resolve_dtypes("fp32", "cpu"), 4)
+    embedding_bytes = 32768 * 256 * 4
+    assert abs(traced["backward"].total - measured["backward"]) < embedding_bytes / 2, (
+        f"backward: traced {traced['backward'].total / 2**20:.0f} MB, measured {measured['backward'] / 2**20:.0f} MB")

@@ -124,6 +124,79 @@ def _train_steps(model, optimizer, allocator, config, precision, steps: int, dev
     return step_rss, float(loss.detach()) * config.grad_accum
 
 
+def phase_rises(model_dir: str, config_values: dict, steps: int = 3) -> list[dict]:
+    """The last of `steps` micro-steps on CPU, cut into the trace's phases (memfit.estimate.trace: "forward" until
+    the lm_head runs, "head" until the gradient reaches the last decoder layer's output, then "backward"): each
+    phase's RSS high-water (VmHWM, reset between phases) over the RSS where the phase began and over the RSS where
+    the step began. The earlier steps make the optimizer states, so the step starts from what training keeps."""
+    import torch
+
+    from memfit.allocator import configure
+    from memfit.config import TrainConfig
+    from memfit.guard.sampler import peak_rss_bytes, rss_bytes
+    from memfit.models.arch import decoder_layers
+    from memfit.precision import resolve_precision
+    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
+    from memfit.train.losses import every_next_token, micro_step_loss
+    from memfit.train.model import load_model
+    from memfit.train.optim import build_optimizer
+
+    configure()
+    config = TrainConfig(**config_values)
+    if config.quant == "none":
+        from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
+
+        hide_bitsandbytes_from_peft()
+        import_peft()
+    precision = resolve_precision(config.dtype, "cpu")
+    model = load_model(Path(model_dir), config, precision, "cpu")
+    model.train()
+    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
+    marks: list[dict] = []
+    current = {"phase": "", "start": 0, "step_start": 0}
+
+    def mark(phase: str) -> None:
+        if current["phase"]:
+            high = peak_rss_bytes()
+            marks.append(dict(phase=current["phase"], rise_bytes=high - current["start"],
+                              over_step_bytes=high - current["step_start"]))
+        _reset_peak_rss()
+        current.update(phase=phase, start=rss_bytes())
+
+    def on_layer_output(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: mark("backward"))
+
+    model.get_output_embeddings().register_forward_pre_hook(lambda *_: mark("head"))
+    decoder_layers(model)[-1].register_forward_hook(on_layer_output)
+    head = None
+    if config.chunked_loss and chunked_loss_blocker(model) is None:
+        bypass = head_returns_hidden(model)  # held: a collected generator would restore the head
+        head = bypass.__enter__()
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(steps):
+        marks.clear()
+        mark("forward")
+        current["step_start"] = current["start"]
+        input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator)
+        with torch.autocast(device_type="cpu", dtype=precision.compute_dtype, enabled=precision.autocast):
+            loss = micro_step_loss(model, {"input_ids": input_ids}, every_next_token(input_ids), head=head,
+                                   compute_dtype=precision.compute_dtype)
+        loss.backward()
+        mark("")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return list(marks)
+
+
+def phase_rises_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, timeout_s: float = 900) -> list:
+    """`phase_rises` in a fresh interpreter (it sets the allocator policy and resets the RSS high-water)."""
+    args = [str(model_dir), json.dumps(config_values), "--steps", str(steps), "--phases"]
+    return run_python_json(["-m", "memfit.estimate.measure", *args], timeout_s)
+
+
 def _cuda_peaks() -> dict:
     import torch
 
@@ -156,7 +229,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--read-weights", action="store_true",
                         help="read every weight once after loading (the host side of moving it to a GPU)")
+    parser.add_argument("--phases", action="store_true", help="print `phase_rises` of the last step instead")
     args = parser.parse_args()
+    if args.phases:
+        print(json.dumps(phase_rises(args.model_dir, json.loads(args.config_json), args.steps)))
+        return
     print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.device,
                                args.read_weights)))
 
