@@ -35,8 +35,9 @@ def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int
 # the full logits 4.1x. Break-even: 2 x 5.4 C + 1.8 (T - 2C) = 4.1 T at T = 3.1 chunks; below it the chunks held
 # more and their checkpoint recomputed the head besides (a single chunk of smollm2-135m at 1 x 128 tokens: 739 MB
 # against mlx-lm's 670, 0.88x its tokens/s: one round of benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m
-# --batch-size 1 --seq-len 128). Not measured again with the fused chunks, which run one after another and hold
-# less (the checkpointed runs of the head-heavy shapes e, f, h: a third less at four chunks).
+# --batch-size 1 --seq-len 128). With the fused chunks (a frozen head: no recomputation), the same run with
+# MLX_MIN_CHUNKS = 1, one fused chunk of 127 tokens: 4.34 tokens/s, MLX's peak 713 MB against the plain head's 670
+# (4.31 tokens/s; docs/benchmarks.md's table): the plain head stays below four chunks.
 MLX_MIN_CHUNKS = 4
 
 
