@@ -37,7 +37,10 @@ def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int
 # against mlx-lm's 670, 0.88x its tokens/s: one round of benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m
 # --batch-size 1 --seq-len 128). With the fused chunks (a frozen head: no recomputation), the same run with
 # MLX_MIN_CHUNKS = 1, one fused chunk of 127 tokens: 4.34 tokens/s, MLX's peak 713 MB against the plain head's 670
-# (4.31 tokens/s; docs/benchmarks.md's table): the plain head stays below four chunks.
+# (4.31 tokens/s; docs/benchmarks.md's table). With MLX_MIN_CHUNKS = 2, two fused chunks of the tiny model at
+# 2 x 256 (`mlx_vs_mlx_lm.py --preset tiny --batch-size 2 --seq-len 256 --steps 12 --repeats 1 --contenders
+# memfit`): 29.9 MB at 444 tokens/s against the plain head's 39.3 MB at 448. Two or three chunks of a real-size
+# model are not measured yet (smollm2-135m at 2 x 256: ~13 minutes a run on one core here), so the rule stays.
 MLX_MIN_CHUNKS = 4
 
 
