@@ -157,9 +157,9 @@ MLX_CASES = {
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=True),
         dict(method="lora", dtype="fp32", batch_size=2, seq_len=128, grad_checkpointing=False, chunked_loss=True),
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=False),
-        # 4-bit: MLX's CPU build runs a quantized matmul ~20x slower than a bf16 one (512 x 576 x 1536: 2.6 s
-        # against 0.13), so 2 x 256 ran past 1,800 s on one core; 1 x 64 is the real model's quantized layout at a
-        # few minutes.
+        # 4-bit: quantized matmuls are slow on MLX's CPU build (one of 512 x 576 by 1536 x 576, 4-bit: 2.6 s, in
+        # bf16 0.13 s, timed by hand), so 2 x 256 ran past 1,800 s on one core; 1 x 64 is the real model's
+        # quantized layout at a few minutes.
         dict(method="lora", quant="4", dtype="bf16", batch_size=1, seq_len=64, grad_checkpointing=False,
              chunked_loss=True),
     ],
