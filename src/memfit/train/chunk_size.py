@@ -39,8 +39,9 @@ def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int
 # MLX_MIN_CHUNKS = 1, one fused chunk of 127 tokens: 4.34 tokens/s, MLX's peak 713 MB against the plain head's 670
 # (4.31 tokens/s; docs/benchmarks.md's table). With MLX_MIN_CHUNKS = 2, two fused chunks of the tiny model at
 # 2 x 256 (`mlx_vs_mlx_lm.py --preset tiny --batch-size 2 --seq-len 256 --steps 12 --repeats 1 --contenders
-# memfit`): 29.9 MB at 444 tokens/s against the plain head's 39.3 MB at 448. Two or three chunks of a real-size
-# model are not measured yet (smollm2-135m at 2 x 256: ~13 minutes a run on one core here), so the rule stays.
+# memfit`): 29.9 MB at 444 tokens/s against the plain head's 39.3 MB at 448; but two fused chunks of the whole
+# smollm2-135m at 2 x 256 (`--preset smollm2-135m --batch-size 2 --seq-len 256 --steps 4 --repeats 1 --contenders
+# memfit`): 1,053 MB at 4.26 tokens/s against the plain head's 892 MB at 4.22. The rule stays at four.
 MLX_MIN_CHUNKS = 4
 
 
