@@ -40,33 +40,48 @@ def read_every_weight(model) -> None:
                 tensor.detach().reshape(-1).view(torch.uint8).max()
 
 
-def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read_weights: bool = False) -> dict:
+def _prepare(config, device: str):
+    """The child's process as training sets it up: the allocator policy (RSS then follows live tensors), PEFT
+    imported, the seed. Returns (allocator, precision)."""
     import torch
 
     from memfit.allocator import configure
-    from memfit.config import TrainConfig
-    from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.precision import resolve_precision
-    from memfit.system import mapped_file_bytes
-    from memfit.train.model import load_model
-    from memfit.train.optim import build_optimizer
 
-    allocator = configure()  # as training does: RSS then follows live tensors
-    config = TrainConfig(**config_values)
+    allocator = configure()
     if config.quant == "none":
         from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
 
         # As memfit.train.loop does: no 4/8-bit layer here, so PEFT is imported without bitsandbytes (~43 MB less).
         hide_bitsandbytes_from_peft()
         import_peft()
-    precision = resolve_precision(config.dtype, device)
     torch.manual_seed(config.seed)
-    baseline_rss = rss_bytes()
+    return allocator, resolve_precision(config.dtype, device)
+
+
+def _load(model_dir: str, config, precision, device: str, read_weights: bool = False):
+    """(model, optimizer) as training builds them."""
+    from memfit.train.model import load_model
+    from memfit.train.optim import build_optimizer
+
     model = load_model(Path(model_dir), config, precision, device)
     if read_weights:
         read_every_weight(model)
     model.train()
-    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
+    return model, build_optimizer(config.optimizer, model.parameters(), config.lr)
+
+
+def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read_weights: bool = False) -> dict:
+    import torch
+
+    from memfit.config import TrainConfig
+    from memfit.guard.sampler import peak_rss_bytes, rss_bytes
+    from memfit.system import mapped_file_bytes
+
+    config = TrainConfig(**config_values)
+    allocator, precision = _prepare(config, device)
+    baseline_rss = rss_bytes()
+    model, optimizer = _load(model_dir, config, precision, device, read_weights)
     load_peak_rss = peak_rss_bytes()
     after_load_rss = rss_bytes()
     can_reset = _reset_peak_rss()
@@ -90,9 +105,11 @@ def run_steps(model_dir: str, config_values: dict, steps: int, device: str, read
     return result
 
 
-def _train_steps(model, optimizer, allocator, config, precision, steps: int, device: str) -> tuple[list[int], float]:
+def _train_steps(model, optimizer, allocator, config, precision, steps: int, device: str,
+                 before_step=None, after_backward=None) -> tuple[list[int], float]:
     """`steps` optimizer steps on random full-length sequences, as training runs them: the RSS after each step and
-    the last loss."""
+    the last loss. `before_step()` runs as each step begins, `after_backward()` once its micro-steps' backward
+    passes are done, before the optimizer (phase_rises marks the step's phases with them)."""
     import torch
 
     from memfit.guard.sampler import rss_bytes
@@ -107,6 +124,8 @@ def _train_steps(model, optimizer, allocator, config, precision, steps: int, dev
     generator = torch.Generator().manual_seed(config.seed)
     step_rss = []
     for _ in range(steps):
+        if before_step is not None:
+            before_step()
         for _ in range(config.grad_accum):
             input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator).to(device)
             # The training step's own loss (chunked through the head as configured); every token scored.
@@ -115,6 +134,8 @@ def _train_steps(model, optimizer, allocator, config, precision, steps: int, dev
                 loss = micro_step_loss(model, {"input_ids": input_ids}, scored, head=head,
                                        compute_dtype=precision.compute_dtype)
             (loss / config.grad_accum).backward()
+        if after_backward is not None:
+            after_backward()
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -125,33 +146,18 @@ def _train_steps(model, optimizer, allocator, config, precision, steps: int, dev
 
 
 def phase_rises(model_dir: str, config_values: dict, steps: int = 3) -> list[dict]:
-    """The last of `steps` micro-steps on CPU, cut into the trace's phases (memfit.estimate.trace: "forward" until
-    the lm_head runs, "head" until the gradient reaches the last decoder layer's output, then "backward"): each
-    phase's RSS high-water (VmHWM, reset between phases) over the RSS where the phase began and over the RSS where
-    the step began. The earlier steps make the optimizer states, so the step starts from what training keeps."""
-    import torch
-
-    from memfit.allocator import configure
+    """The last of `steps` training steps on CPU (`_train_steps`), cut into the trace's phases
+    (memfit.estimate.trace: "forward" until the lm_head runs, "head" until the gradient reaches the last decoder
+    layer's output, then "backward" until the backward pass ends): each phase's RSS high-water (VmHWM, reset between
+    phases) over the RSS where the phase began and over the RSS where the step began. The earlier steps make the
+    optimizer states, so the step starts from what training keeps."""
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.models.arch import decoder_layers
-    from memfit.precision import resolve_precision
-    from memfit.train.chunked_loss import chunked_loss_blocker, head_returns_hidden
-    from memfit.train.losses import every_next_token, micro_step_loss
-    from memfit.train.model import load_model
-    from memfit.train.optim import build_optimizer
 
-    configure()
     config = TrainConfig(**config_values)
-    if config.quant == "none":
-        from memfit.libraries import hide_bitsandbytes_from_peft, import_peft
-
-        hide_bitsandbytes_from_peft()
-        import_peft()
-    precision = resolve_precision(config.dtype, "cpu")
-    model = load_model(Path(model_dir), config, precision, "cpu")
-    model.train()
-    optimizer = build_optimizer(config.optimizer, model.parameters(), config.lr)
+    allocator, precision = _prepare(config, "cpu")
+    model, optimizer = _load(model_dir, config, precision, "cpu")
     marks: list[dict] = []
     current = {"phase": "", "start": 0, "step_start": 0}
 
@@ -163,6 +169,11 @@ def phase_rises(model_dir: str, config_values: dict, steps: int = 3) -> list[dic
         _reset_peak_rss()
         current.update(phase=phase, start=rss_bytes())
 
+    def begin_step() -> None:
+        marks.clear()
+        mark("forward")
+        current["step_start"] = current["start"]
+
     def on_layer_output(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         if hidden.requires_grad:
@@ -170,24 +181,8 @@ def phase_rises(model_dir: str, config_values: dict, steps: int = 3) -> list[dic
 
     model.get_output_embeddings().register_forward_pre_hook(lambda *_: mark("head"))
     decoder_layers(model)[-1].register_forward_hook(on_layer_output)
-    head = None
-    if config.chunked_loss and chunked_loss_blocker(model) is None:
-        bypass = head_returns_hidden(model)  # held: a collected generator would restore the head
-        head = bypass.__enter__()
-    vocab = model.config.get_text_config().vocab_size
-    generator = torch.Generator().manual_seed(config.seed)
-    for _ in range(steps):
-        marks.clear()
-        mark("forward")
-        current["step_start"] = current["start"]
-        input_ids = torch.randint(0, vocab, (config.batch_size, config.seq_len), generator=generator)
-        with torch.autocast(device_type="cpu", dtype=precision.compute_dtype, enabled=precision.autocast):
-            loss = micro_step_loss(model, {"input_ids": input_ids}, every_next_token(input_ids), head=head,
-                                   compute_dtype=precision.compute_dtype)
-        loss.backward()
-        mark("")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    _train_steps(model, optimizer, allocator, config, precision, steps, "cpu", before_step=begin_step,
+                 after_backward=lambda: mark(""))
     return list(marks)
 
 
