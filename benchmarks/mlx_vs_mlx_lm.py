@@ -43,6 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GB = 1024**3
+MB = 1e6  # peak MLX in MB (10^6 bytes): mlx-lm reports its peak in 10^9 bytes
 
 SETTINGS = dict(lora_rank=16, lora_alpha=32, lr=2e-4, batch_size=4, seq_len=256, seed=0, max_grad_norm=0.0)
 
@@ -209,6 +210,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         loads = [r["other_load"] for r in good if r.get("other_load") is not None]
         table[name] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_runs": rates,
                        "peak_mlx_gb": max(r["peak_mlx_bytes"] or 0 for r in good) / GB,
+                       "peak_mlx_mb_runs": [(r["peak_mlx_bytes"] or 0) / MB for r in good],
                        "peak_rss_gb": max(r["peak_rss_bytes"] for r in good) / GB,
                        "first_loss": good[0]["losses"][0], "last_loss": good[0]["losses"][-1],
                        "last5_loss": statistics.mean(good[0]["losses"][-5:]),
@@ -218,6 +220,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         anchor = runs["mlx_lm"]
         table["ratios"] = {name: {
             "tokens_per_s_rounds": [_rate(a) / _rate(b) for a, b in zip(runs[name], anchor)],
+            "peak_mlx_rounds": [(a["peak_mlx_bytes"] or 0) / max(b["peak_mlx_bytes"] or 0, 1)
+                                for a, b in zip(runs[name], anchor)],
             "peak_mlx": table[name]["peak_mlx_gb"] / max(table["mlx_lm"]["peak_mlx_gb"], 1e-9),
             "peak_rss": table[name]["peak_rss_gb"] / table["mlx_lm"]["peak_rss_gb"]} for name in ok if name != "mlx_lm"}
     shares = [r["guard_cpu_share"] for r in runs.get("memfit", []) if r.get("guard_cpu_share")]
@@ -247,25 +251,29 @@ def markdown(summary: dict, command: str) -> str:
              "joined into documents longer than a row, so both contenders train on the same shapes), "
              f"gradient checkpointing {'on' if summary['grad_checkpointing'] else 'off'}, {summary['steps']} steps, "
              f"a fresh process per run, the contenders in rotated order for {summary['repeats']} rounds. tokens/s is "
-             "the median over steps 3..N of each run; peak MLX is `mx.get_peak_memory()` (memfit's run.json, "
-             "mlx-lm's own report); peak RSS is `wait4`'s. The data orders differ (mlx-lm sorts by length and "
+             "the median over steps 3..N of each run; peak MLX is `mx.get_peak_memory()` over the whole run, loading "
+             "included (memfit's run.json, mlx-lm's own report), in 10^6 bytes; peak RSS is `wait4`'s. The data orders differ (mlx-lm sorts by length and "
              "shuffles batches), so the losses agree in level and trend, not step by step.", "",
-             "| contender | tokens/s: median (runs) | ÷ mlx-lm per round | peak MLX GB | peak RSS GB | loss step 1 → "
-             "mean of last 5 | other load, cores |", "|---|---|---|---:|---:|---|---:|"]
+             "| contender | tokens/s: median (runs) | ÷ mlx-lm per round | peak MLX MB: max (runs) | "
+             "÷ mlx-lm per round | peak RSS GB | loss step 1 → mean of last 5 | other load, cores |",
+             "|---|---|---|---|---|---:|---|---:|"]
     for name, label in CONTENDERS.items():
         row = results.get(name)
         if row is None:
             continue
         if "error" in row:
-            lines.append(f"| {label} | {row['error']} | | | | | |")
+            lines.append(f"| {label} | {row['error']} | | | | | | |")
             continue
         ratios = results.get("ratios", {}).get(name)
         per_round = ", ".join(f"{x:.3f}" for x in ratios["tokens_per_s_rounds"]) if ratios else "1"
+        peak_rounds = ", ".join(f"{x:.4f}" for x in ratios["peak_mlx_rounds"]) if ratios else "1"
+        peaks = row["peak_mlx_mb_runs"]
         load = f"{row['max_other_load']:.2f}" if row["max_other_load"] is not None else "?"
         digits = 1 if row["tokens_per_s"] >= 10 else 2  # a few tokens/s (real shapes on MLX's CPU build): 2 digits
         lines.append(f"| {label} | {row['tokens_per_s']:.{digits}f} "
                      f"({', '.join(f'{x:.{digits}f}' for x in row['tokens_per_s_runs'])})"
-                     f" | {per_round} | {row['peak_mlx_gb']:.3f} | {row['peak_rss_gb']:.3f} | "
+                     f" | {per_round} | {max(peaks):,.1f} ({', '.join(f'{x:,.1f}' for x in peaks)}) | {peak_rounds}"
+                     f" | {row['peak_rss_gb']:.3f} | "
                      f"{row['first_loss']:.3f} → {row['last5_loss']:.3f} | {load} |")
     overhead = results.get("guard_thread_overhead_rounds")
     share = results.get("guard_thread_cpu_share")

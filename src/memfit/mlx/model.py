@@ -130,12 +130,13 @@ def load_base(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT
               on_metal: bool = False) -> tuple[Any, dict[str, Any], Any, list[str]]:
     """(model, its config, the compute dtype, notes): loaded lazily, cast to the compute dtype and quantized
     (--quant), not yet evaluated."""
-    from mlx_lm import load
-    from mlx_lm.utils import quantize_model
+    from mlx_lm.utils import load_model, quantize_model
 
     notes: list[str] = []
     try:
-        model, _tokenizer, model_config = load(str(model_dir), lazy=True, return_config=True)
+        # load_model, not mlx_lm.load: load also builds a tokenizer, a second one beside the trainer's own (the
+        # whole smollm2-135m's run reached its first step 0.5 s sooner without it; its peak RSS did not change).
+        model, model_config = load_model(Path(model_dir), lazy=True)
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise UserError(f"mlx-lm cannot load {model_dir}: {' '.join(str(error).split())[:200]}",
                         hint="use --engine torch for this architecture") from None
