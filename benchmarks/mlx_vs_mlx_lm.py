@@ -189,6 +189,114 @@ def child(spec_path: str) -> int:
     return 0
 
 
+def same_rows_child(spec_path: str) -> int:
+    """`--same-rows`: one contender's own training step, run `steps` times on the same random token rows as the
+    other's (the spec's seed), MLX's peak read after each step. memfit: its trainer's load, adapters, optimizer and
+    compiled step (MlxTrainer.optimizer_step, as memfit.mlx.measure drives it). mlx-lm: mlx_lm.tuner.trainer.train
+    itself, its batches given by a stand-in for iterate_batches (the rows, each fully scored), no validation."""
+    import mlx.core as mx
+    import numpy as np
+
+    spec = json.loads(Path(spec_path).read_text())
+    s, steps, rows, width = spec["settings"], spec["steps"], spec["batch_size"], spec["seq_len"]
+    vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
+    tokens = np.random.default_rng(s["seed"]).integers(0, vocab, (steps, rows, width), dtype=np.int32)
+    peaks: list[int] = []
+    if spec["contender"] == "memfit":
+        from memfit.config import TrainConfig
+        from memfit.mlx.batches import MicroBatch
+        from memfit.mlx.trainer import MlxTrainer
+
+        config = TrainConfig(method="lora", lora_rank=s["lora_rank"], lora_alpha=s["lora_alpha"], lr=s["lr"],
+                             batch_size=rows, seq_len=width, seed=s["seed"], max_grad_norm=s["max_grad_norm"],
+                             grad_checkpointing=spec["grad_checkpoint"])
+        trainer = MlxTrainer(None, config, compile_step=True)
+        trainer.total_steps = steps
+        trainer._build(Path(spec["model"]))
+        for batch in tokens:
+            micro = MicroBatch(mx.array(batch[:, :-1]), mx.array(batch[:, 1:]),
+                               mx.ones((rows, width - 1), dtype=mx.float32), rows * (width - 1))
+            trainer.optimizer_step([micro], 1)
+            peaks.append(int(mx.get_peak_memory()))
+    else:
+        import mlx.optimizers as optim
+        from mlx_lm import load
+        from mlx_lm.tuner.callbacks import TrainingCallback
+        from mlx_lm.tuner.trainer import TrainingArgs, train
+        from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+
+        mx.random.seed(s["seed"])
+        model, _tokenizer = load(spec["model"])
+        model.freeze()
+        linear_to_lora_layers(model, len(model.layers), {"rank": s["lora_rank"],
+                                                         "scale": s["lora_alpha"] / s["lora_rank"], "dropout": 0.0})
+        schedule = build_schedule({"name": "cosine_decay", "arguments": [s["lr"], steps], "warmup": 0})
+        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
+
+        def batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+            for batch in tokens:
+                yield mx.array(batch), mx.array([[0, width]] * rows)
+
+        class Record(TrainingCallback):
+            def on_train_loss_report(self, info):
+                peaks.append(int(mx.get_peak_memory()))
+
+        args = TrainingArgs(batch_size=rows, iters=steps, steps_per_report=1, steps_per_eval=10 * steps,
+                            steps_per_save=10 * steps, max_seq_length=width, grad_checkpoint=spec["grad_checkpoint"],
+                            adapter_file=spec["adapter_file"])
+        train(model, optimizer, list(range(rows)), None, args, iterate_batches=batches, training_callback=Record())
+    Path(spec["out"]).write_text(json.dumps({"step_peak_bytes": peaks}))
+    return 0
+
+
+def same_rows(work: Path, model: Path, steps: int, grad_checkpointing: bool, repeats: int) -> dict:
+    """Each contender's step on the same rows, in a fresh child per run, alternating; per-step peaks."""
+    found: dict[str, list[list[int]]] = {"memfit": [], "mlx_lm": []}
+    for repeat in range(repeats):
+        for name in (["memfit", "mlx_lm"] if repeat % 2 == 0 else ["mlx_lm", "memfit"]):
+            spec = {"contender": name, "model": str(model), "steps": steps, "batch_size": SETTINGS["batch_size"],
+                    "seq_len": SETTINGS["seq_len"], "settings": SETTINGS, "grad_checkpoint": grad_checkpointing,
+                    "adapter_file": str(work / f"same-{name}-{repeat}.safetensors"),
+                    "out": str(work / f"same-{name}-{repeat}.json")}
+            spec_path = work / f"same-{name}-{repeat}.spec.json"
+            spec_path.write_text(json.dumps(spec))
+            code = _run([sys.executable, str(Path(__file__).resolve()), "--same-rows-child", str(spec_path)],
+                        work / f"same-{name}-{repeat}.log")[0]
+            if code != 0:
+                raise SystemExit(f"{name} exited {code}: see {work / f'same-{name}-{repeat}.log'}")
+            found[name].append(json.loads(Path(spec["out"]).read_text())["step_peak_bytes"])
+    return found
+
+
+def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
+    import platform
+
+    import mlx.core as mx
+    from importlib import metadata
+
+    s = summary["settings"]
+    lines = [f"### The same rows through each contender's step: {summary['preset']}, "
+             f"{summary['layers'] or 'all'} layers", "",
+             f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.system()}, "
+             f"Python {platform.python_version()}, mlx {mx.__version__}, mlx-lm {metadata.version('mlx-lm')}. Both "
+             f"contenders' own training step on the same random token rows ({s['batch_size']} × {s['seq_len']}, "
+             f"every token scored), LoRA r{s['lora_rank']} on every linear, AdamW, no clipping, gradient "
+             f"checkpointing {'on' if summary['grad_checkpointing'] else 'off'}, {summary['steps']} steps, a fresh "
+             "process per run, alternating: memfit's trainer (its load, adapters, optimizer and compiled step, "
+             "`MlxTrainer.optimizer_step`) and `mlx_lm.tuner.trainer.train` itself (rows handed to it in place of "
+             "its batch iterator, no validation). MLX's peak (`mx.get_peak_memory()`, loading included) after each "
+             "step, in 10^6 bytes.", "",
+             "| contender | peak after each step, MB (per run) | peak over the run, MB | ÷ mlx-lm per round |",
+             "|---|---|---|---|"]
+    anchor = [max(run) for run in found["mlx_lm"]]
+    for name, label in (("memfit", "`memfit train --engine mlx`'s step"), ("mlx_lm", "`mlx_lm.lora`'s `train`")):
+        runs = found[name]
+        steps_shown = "; ".join(", ".join(f"{x / MB:,.2f}" for x in run) for run in runs)
+        ratios = ", ".join(f"{max(run) / a:.5f}" for run, a in zip(runs, anchor)) if name == "memfit" else "1"
+        lines.append(f"| {label} | {steps_shown} | {', '.join(f'{max(run) / MB:,.2f}' for run in runs)} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
 CONTENDERS = {"memfit": "`memfit train --engine mlx`",
               "memfit_no_thread": "the same, guard thread off (`--memory-sample-interval 0`)",
               "mlx_lm": "`mlx_lm.lora` (its `train_model`)"}
@@ -314,9 +422,27 @@ def matmul_rates(repeats: int = 3) -> dict[str, float]:
     return rates
 
 
+def write_section(path: Path, marker: str, text: str) -> None:
+    sys.path.insert(0, str(HERE))
+    from estimate_accuracy import write_section as write
+
+    write(path, marker, text)
+
+
+def _command_line() -> str:
+    """This run's command as the docs show it: the core it was pinned to, without --work's directory."""
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--work" and sys.argv[i] != "--work"]
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = f"taskset -c {','.join(map(str, cores))} " if len(cores) < os.cpu_count() else ""
+    return f"{pinned}python benchmarks/mlx_vs_mlx_lm.py " + " ".join(argv)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--same-rows-child", help=argparse.SUPPRESS)
+    parser.add_argument("--same-rows", action="store_true",
+                        help="only each contender's own step on the same random rows: MLX's peak after every step")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the preset's)")
     parser.add_argument("--steps", type=int, default=20)
@@ -333,6 +459,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.same_rows_child:
+        return same_rows_child(args.same_rows_child)
     if args.matmul:
         print(json.dumps({key: round(value, 1) for key, value in matmul_rates().items()}))
         return 0
@@ -341,6 +469,15 @@ def main() -> int:
     SETTINGS.update(batch_size=args.batch_size, seq_len=args.seq_len)  # both contenders read them
     model, data, data_dir = prepare(work, args.preset, args.layers, args.seq_len)
     checkpointing = not args.no_grad_checkpointing
+    if args.same_rows:
+        found = same_rows(work, model, args.steps, checkpointing, args.repeats)
+        print(json.dumps(found))
+        if args.write:
+            summary = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "settings": SETTINGS,
+                       "grad_checkpointing": checkpointing}
+            write_section(ROOT / "docs" / "benchmarks.md", f"mlx-same-rows-{args.preset}-{args.layers or 'all'}",
+                          same_rows_markdown(found, summary, _command_line()))
+        return 0
     names = args.contenders.split(",")
     unknown = set(names) - set(CONTENDERS)
     if unknown:
@@ -362,13 +499,7 @@ def main() -> int:
                "losses": {name: results[0].get("losses") for name, results in runs.items()}}
     print(json.dumps(summary, indent=None if args.json else 2))
     if args.write:
-        sys.path.insert(0, str(HERE))
-        from estimate_accuracy import write_section
-
-        argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--work" and sys.argv[i] != "--work"]  # not the dir
-        cores = sorted(os.sched_getaffinity(0))
-        pinned = f"taskset -c {','.join(map(str, cores))} " if len(cores) < os.cpu_count() else ""
-        command = f"{pinned}python benchmarks/mlx_vs_mlx_lm.py " + " ".join(argv)
+        command = _command_line()
         # The tiny model's table keeps its section; each other shape has its own beside it.
         marker = "mlx-vs-mlx-lm" if args.preset == "tiny" else f"mlx-vs-mlx-lm-{args.preset}-{args.layers or 'all'}"
         write_section(ROOT / "docs" / "benchmarks.md", marker, markdown(summary, command))
