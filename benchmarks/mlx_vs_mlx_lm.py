@@ -199,6 +199,10 @@ def same_rows_child(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     s, steps, rows, width = spec["settings"], spec["steps"], spec["batch_size"], spec["seq_len"]
+    if spec["no_cache"]:
+        # Without MLX's buffer cache every array gets a buffer of its own size: a cached buffer may serve a request
+        # up to two pages smaller (mlx/backend/common/buffer_cache.h), and counts at its own size while it does.
+        mx.set_cache_limit(0)
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     tokens = np.random.default_rng(s["seed"]).integers(0, vocab, (steps, rows, width), dtype=np.int32)
     peaks: list[int] = []
@@ -249,13 +253,15 @@ def same_rows_child(spec_path: str) -> int:
     return 0
 
 
-def same_rows(work: Path, model: Path, steps: int, grad_checkpointing: bool, repeats: int) -> dict:
+def same_rows(work: Path, model: Path, steps: int, grad_checkpointing: bool, repeats: int,
+              no_cache: bool = False) -> dict:
     """Each contender's step on the same rows, in a fresh child per run, alternating; per-step peaks."""
     found: dict[str, list[list[int]]] = {"memfit": [], "mlx_lm": []}
     for repeat in range(repeats):
         for name in (["memfit", "mlx_lm"] if repeat % 2 == 0 else ["mlx_lm", "memfit"]):
             spec = {"contender": name, "model": str(model), "steps": steps, "batch_size": SETTINGS["batch_size"],
                     "seq_len": SETTINGS["seq_len"], "settings": SETTINGS, "grad_checkpoint": grad_checkpointing,
+                    "no_cache": no_cache,
                     "adapter_file": str(work / f"same-{name}-{repeat}.safetensors"),
                     "out": str(work / f"same-{name}-{repeat}.json")}
             spec_path = work / f"same-{name}-{repeat}.spec.json"
@@ -275,8 +281,9 @@ def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
     from importlib import metadata
 
     s = summary["settings"]
+    cache = ", MLX's buffer cache off" if summary.get("no_cache") else ""
     lines = [f"### The same rows through each contender's step: {summary['preset']}, "
-             f"{summary['layers'] or 'all'} layers", "",
+             f"{summary['layers'] or 'all'} layers{cache}", "",
              f"Measured with `{command}` on {time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.system()}, "
              f"Python {platform.python_version()}, mlx {mx.__version__}, mlx-lm {metadata.version('mlx-lm')}. Both "
              f"contenders' own training step on the same random token rows ({s['batch_size']} × {s['seq_len']}, "
@@ -285,7 +292,10 @@ def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
              "process per run, alternating: memfit's trainer (its load, adapters, optimizer and compiled step, "
              "`MlxTrainer.optimizer_step`) and `mlx_lm.tuner.trainer.train` itself (rows handed to it in place of "
              "its batch iterator, no validation). MLX's peak (`mx.get_peak_memory()`, loading included) after each "
-             "step, in 10^6 bytes.", "",
+             "step, in 10^6 bytes."
+             + (" Both with `mx.set_cache_limit(0)`: no buffer is reused from MLX's cache, so each array counts at "
+                "its own size (a cached buffer serves requests up to two pages smaller than itself and counts at its "
+                "own size, mlx/backend/common/buffer_cache.h)." if summary.get("no_cache") else ""), "",
              "| contender | peak after each step, MB (per run) | peak over the run, MB | ÷ mlx-lm per round |",
              "|---|---|---|---|"]
     anchor = [max(run) for run in found["mlx_lm"]]
@@ -443,6 +453,8 @@ def main() -> int:
     parser.add_argument("--same-rows-child", help=argparse.SUPPRESS)
     parser.add_argument("--same-rows", action="store_true",
                         help="only each contender's own step on the same random rows: MLX's peak after every step")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="with --same-rows: MLX's buffer cache off (mx.set_cache_limit(0)) in both")
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the preset's)")
     parser.add_argument("--steps", type=int, default=20)
@@ -470,12 +482,14 @@ def main() -> int:
     model, data, data_dir = prepare(work, args.preset, args.layers, args.seq_len)
     checkpointing = not args.no_grad_checkpointing
     if args.same_rows:
-        found = same_rows(work, model, args.steps, checkpointing, args.repeats)
+        found = same_rows(work, model, args.steps, checkpointing, args.repeats, args.no_cache)
         print(json.dumps(found))
         if args.write:
             summary = {"preset": args.preset, "layers": args.layers, "steps": args.steps, "settings": SETTINGS,
-                       "grad_checkpointing": checkpointing}
-            write_section(ROOT / "docs" / "benchmarks.md", f"mlx-same-rows-{args.preset}-{args.layers or 'all'}",
+                       "grad_checkpointing": checkpointing, "no_cache": args.no_cache}
+            cache = "-no-cache" if args.no_cache else ""
+            write_section(ROOT / "docs" / "benchmarks.md",
+                          f"mlx-same-rows-{args.preset}-{args.layers or 'all'}{cache}",
                           same_rows_markdown(found, summary, _command_line()))
         return 0
     names = args.contenders.split(",")

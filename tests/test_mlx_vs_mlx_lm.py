@@ -17,13 +17,15 @@ def test_same_rows_runs_both_contenders_steps_and_mlx_lm_really_trains(tiny_mode
 
     monkeypatch.setitem(bench.SETTINGS, "batch_size", 2)
     monkeypatch.setitem(bench.SETTINGS, "seq_len", 64)
-    found = bench.same_rows(tmp_path, tiny_model_dir, steps=2, grad_checkpointing=True, repeats=1)
+    found = bench.same_rows(tmp_path, tiny_model_dir, steps=2, grad_checkpointing=True, repeats=1, no_cache=True)
     for name in ("memfit", "mlx_lm"):
         (peaks,) = found[name]
         assert len(peaks) == 2 and all(peak > 0 for peak in peaks), (name, peaks)
     # mlx-lm's own train() ran to its end: it saves its adapters there.
     assert (tmp_path / "same-mlx_lm-0.safetensors").stat().st_size > 0
-    summary = {"preset": "tiny", "layers": None, "steps": 2, "settings": bench.SETTINGS, "grad_checkpointing": True}
+    summary = {"preset": "tiny", "layers": None, "steps": 2, "settings": bench.SETTINGS, "grad_checkpointing": True,
+               "no_cache": True}
     table = bench.same_rows_markdown(found, summary, "CMD")
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert len(rows) == 2 and f"{max(found['mlx_lm'][0]) / 1e6:,.2f}" in rows[1]
+    assert "mx.set_cache_limit(0)" in table
