@@ -552,8 +552,8 @@ class MlxTrainer:
 
     def _release_arrays(self) -> None:
         """Everything is saved: drop the model, its optimizer state and the compiled steps that capture them, and
-        give MLX's buffers back, so that the run report (drawn as RunEnded reaches the entry point; its plotting
-        library alone adds ~35 MB) is drawn in memory the model held instead of on top of it."""
+        give MLX's buffers back, so that the run report (drawn as RunEnded reaches the entry point, with its plotting
+        library) is drawn in memory the model held instead of on top of it."""
         import gc
 
         self.model = self.optimizer = self.loaded = None
