@@ -49,6 +49,31 @@ def test_limits_are_set_from_the_guard_limit_and_read_back(restore_limits):
     assert mlx_memory.memory_limit_bytes() == limits.previous_memory_limit_bytes
 
 
+@pytest.mark.parametrize("working_set_gb, expected_gb", [(48, 3), (2, 2)])
+def test_on_metal_the_wired_limit_is_the_limit_at_most_the_working_set(restore_limits, monkeypatch, working_set_gb,
+                                                                        expected_gb):
+    """No Mac here: Metal's recommended working set and its set_wired_limit are stood in for, MLX's memory and cache
+    limits are set for real. The wired limit is the guard's limit, capped at what macOS lets the GPU keep wired,
+    and restore_limits puts the previous one back."""
+    GB = 1024**3
+    wired_calls = []
+
+    def set_wired_limit(value):
+        wired_calls.append(value)
+        return 7 * GB if len(wired_calls) == 1 else wired_calls[-2]
+
+    real_setter = mlx_memory._setter
+    monkeypatch.setattr(mlx_memory, "recommended_working_set_bytes", lambda: working_set_gb * GB)
+    monkeypatch.setattr(mlx_memory, "_setter",
+                        lambda name: set_wired_limit if name == "set_wired_limit" else real_setter(name))
+    limits = mlx_memory.apply_limits(3 * GB, threshold=0.8)
+    assert limits.wired_limit_bytes == wired_calls[0] == expected_gb * GB
+    assert limits.previous_wired_limit_bytes == 7 * GB
+    assert f"wired limit {expected_gb:.2f} GB" in limits.describe()
+    mlx_memory.restore_limits(limits)
+    assert wired_calls[-1] == 7 * GB
+
+
 def test_the_guard_policy_runs_on_mlx_readings():
     """The torch engine's guard, given MLX readings: MLX memory the RSS does not show (Metal buffers) still counts,
     the step's peak goes over the limit, the guard asks to stop."""
