@@ -296,14 +296,14 @@ def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
              + (" Both with `mx.set_cache_limit(0)`: no buffer is reused from MLX's cache, so each array counts at "
                 "its own size (a cached buffer serves requests up to two pages smaller than itself and counts at its "
                 "own size, mlx/backend/common/buffer_cache.h)." if summary.get("no_cache") else ""), "",
-             "| contender | peak after each step, MB (per run) | peak over the run, MB | ÷ mlx-lm per round |",
+             "| contender | peak after each step, MB (per run) | peak over the run, bytes | ÷ mlx-lm per round |",
              "|---|---|---|---|"]
     anchor = [max(run) for run in found["mlx_lm"]]
     for name, label in (("memfit", "`memfit train --engine mlx`'s step"), ("mlx_lm", "`mlx_lm.lora`'s `train`")):
         runs = found[name]
         steps_shown = "; ".join(", ".join(f"{x / MB:,.2f}" for x in run) for run in runs)
-        ratios = ", ".join(f"{max(run) / a:.5f}" for run, a in zip(runs, anchor)) if name == "memfit" else "1"
-        lines.append(f"| {label} | {steps_shown} | {', '.join(f'{max(run) / MB:,.2f}' for run in runs)} | {ratios} |")
+        ratios = ", ".join(f"{max(run) / a:.6f}" for run, a in zip(runs, anchor)) if name == "memfit" else "1"
+        lines.append(f"| {label} | {steps_shown} | {', '.join(f'{max(run):,}' for run in runs)} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
