@@ -54,6 +54,26 @@ def test_loss_decreases_and_run_dir_is_written(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-8" / "meta.json").is_file()
 
 
+def test_the_models_arrays_are_released_before_the_run_report(tiny_model_dir, tmp_path):
+    """The entry point draws the run report as RunEnded reaches it: by then the trainer has let go of the model and
+    its optimizer state, so the report's plotting library does not add to a run's peak on top of them."""
+    import mlx.core as mx
+
+    active_at = {}
+
+    def sink(event):
+        if type(event).__name__ == "StepEnd":
+            active_at["step"] = mx.get_active_memory()
+        elif type(event).__name__ == "RunEnded":
+            active_at["end"] = mx.get_active_memory()
+
+    train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"), _config(max_steps=2),
+              on_event=sink)
+    weights = (tiny_model_dir / "model.safetensors").stat().st_size  # the tiny model's fp32 weights
+    assert active_at["step"] > weights  # while training, the model is there
+    assert active_at["end"] < weights / 10, active_at
+
+
 def test_exact_resume(tiny_model_dir, tmp_path):
     """4 steps straight == 2 steps, a checkpoint, a fresh trainer resuming, 2 steps: the same losses and adapters,
     with dropout (MLX's RNG), warmup (the schedule) and accumulation in play."""
