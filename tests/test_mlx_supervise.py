@@ -44,3 +44,24 @@ def test_reload_interval_under_supervise_matches_a_straight_run(tiny_model_dir, 
                          TrainConfig(**flags, max_memory=8))
     assert straight.exit_code == 0
     assert _losses(out) == _losses(tmp_path / "straight")
+
+
+def test_the_seeds_command_runs_as_written_with_memfits_names(tiny_model_dir, tmp_path):
+    """Seeds 000/001/003's `--model llama-8b --quant 4 --max-memory 70 --reload-interval 40 --batch-size 1
+    --lora-rank 64` under the supervisor, on the tiny model (the run's length and rows are the only flags added):
+    the 4-bit base, the MLX limit, one reload at step 40 and the run's end. ~20 s: 42 steps in two lives."""
+    out = tmp_path / "seed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "memfit", "train", "--engine", "mlx", "--model", str(tiny_model_dir),
+               "--quant", "4", "--max-memory", "8", "--reload-interval", "40", "--batch-size", "1",
+               "--lora-rank", "64", "--supervise", "--data", str(DATA), "-o", str(out), "--seq-len", "64",
+               "--max-steps", "42"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Set MLX memory limit to 8.00 GB" in done.stdout and "finished 42 steps" in done.stdout
+    lives = [json.loads(line) for line in (out / "supervisor.jsonl").read_text().splitlines()]
+    ended = [life for life in lives if life["event"] == "ChildEnded"]
+    assert [life["outcome"] for life in ended] == ["reload", "done"] and ended[0]["step"] == 40
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"] == "mlx" and run["config"]["quant"] == "4" and run["config"]["lora_rank"] == 64
+    assert (out / "final" / "adapters.safetensors").is_file()
