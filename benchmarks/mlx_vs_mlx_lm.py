@@ -22,6 +22,11 @@ stays), measures the guard's overhead (the issue's bar: <= 1%).
 
     taskset -c 1 python benchmarks/mlx_vs_mlx_lm.py [--preset smollm2-135m] [--layers N] [--steps 20] [--repeats 3]
         [--json] [--write]
+    taskset -c 1 python benchmarks/mlx_vs_mlx_lm.py --same-rows [--no-cache] ... [--write]
+
+`--same-rows` leaves the CLI and the data out: each contender's own training step runs on the same random token rows
+(same_rows_child), MLX's peak read after every step; `--no-cache` turns MLX's buffer cache off in both, so every
+array counts at its own size.
 
 `--write` puts the table in docs/benchmarks.md (section `mlx-vs-mlx-lm`). Pinned to one core (`taskset -c 1`) with
 other work on the other core, the "other load" column shows how much else ran on the benchmark's core.
@@ -299,7 +304,7 @@ def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
              "| contender | peak after each step, MB (per run) | peak over the run, bytes | ÷ mlx-lm per round |",
              "|---|---|---|---|"]
     anchor = [max(run) for run in found["mlx_lm"]]
-    for name, label in (("memfit", "`memfit train --engine mlx`'s step"), ("mlx_lm", "`mlx_lm.lora`'s `train`")):
+    for name, label in (("memfit", "memfit's `MlxTrainer.optimizer_step`"), ("mlx_lm", "`mlx_lm.tuner.trainer.train`")):
         runs = found[name]
         steps_shown = "; ".join(", ".join(f"{x / MB:,.2f}" for x in run) for run in runs)
         ratios = ", ".join(f"{max(run) / a:.6f}" for run, a in zip(runs, anchor)) if name == "memfit" else "1"
@@ -370,8 +375,9 @@ def markdown(summary: dict, command: str) -> str:
              f"gradient checkpointing {'on' if summary['grad_checkpointing'] else 'off'}, {summary['steps']} steps, "
              f"a fresh process per run, the contenders in rotated order for {summary['repeats']} rounds. tokens/s is "
              "the median over steps 3..N of each run; peak MLX is `mx.get_peak_memory()` over the whole run, loading "
-             "included (memfit's run.json, mlx-lm's own report), in 10^6 bytes; peak RSS is `wait4`'s. The data orders differ (mlx-lm sorts by length and "
-             "shuffles batches), so the losses agree in level and trend, not step by step.", "",
+             "included (memfit's run.json, mlx-lm's own report), in 10^6 bytes; peak RSS is `wait4`'s. The data "
+             "orders differ (mlx-lm sorts by length and shuffles batches), so the losses agree in level and trend, "
+             "not step by step.", "",
              "| contender | tokens/s: median (runs) | ÷ mlx-lm per round | peak MLX MB: max (runs) | "
              "÷ mlx-lm per round | peak RSS GB | loss step 1 → mean of last 5 | other load, cores |",
              "|---|---|---|---|---|---:|---|---:|"]
