@@ -31,20 +31,11 @@ STEP_CASE = dict(method="lora", dtype="fp32", batch_size=2, seq_len=128)
 TIED_CASE = dict(method="full", dtype="fp32", batch_size=2, seq_len=256)
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_high_water() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def logsumexp_rows() -> list[dict]:
     import torch
 
+    from memfit.estimate.measure import _reset_peak_rss
+    from memfit.guard.sampler import peak_rss_bytes, rss_bytes
     from memfit.train.chunked_loss import _exp_in_place
 
     rows = []
@@ -52,15 +43,15 @@ def logsumexp_rows() -> list[dict]:
         logits = torch.randn(tokens, VOCAB)
         highs, in_place_highs = [], []
         for _ in range(3):
-            _reset_high_water()
-            before = _status("VmRSS")
+            _reset_peak_rss()
+            before = rss_bytes()
             torch.logsumexp(logits, dim=-1)
-            highs.append(_status("VmHWM") - before)
+            highs.append(peak_rss_bytes() - before)
             scratch = logits.clone()  # the in-place form consumes its input
-            _reset_high_water()
-            before = _status("VmRSS")
+            _reset_peak_rss()
+            before = rss_bytes()
             _exp_in_place(scratch)
-            in_place_highs.append(_status("VmHWM") - before)
+            in_place_highs.append(peak_rss_bytes() - before)
             del scratch
         rows.append(dict(tokens=tokens, input_bytes=logits.numel() * 4, high_bytes=min(highs),
                          in_place_high_bytes=min(in_place_highs)))
