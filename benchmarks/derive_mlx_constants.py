@@ -224,11 +224,11 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
     return coefficients, errors
 
 
-def recorded_on(args) -> str | None:
-    """--refit keeps where and when the runs were measured."""
+def recorded(args, key: str):
+    """--refit keeps where, when and how long the runs were measured."""
     if not args.refit:
         return None
-    return json.loads(Path(args.out).read_text())["measured_on"]
+    return json.loads(Path(args.out).read_text()).get(key)
 
 
 def main() -> None:
@@ -263,7 +263,7 @@ def main() -> None:
                 "full_logits_runs": len(full), "full_logits_worst_error_percent": round(max(map(abs, full)), 2),
                 "chunked_runs": len(chunked), "chunked_worst_error_percent": round(max(map(abs, chunked)), 2),
                 "errors_percent": [round(e, 2) for e in errors]},
-        "measured_on": recorded_on(args) or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
+        "measured_on": recorded(args, "measured_on") or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
         "command": "python benchmarks/derive_mlx_constants.py" + (f" --shapes {args.shapes}" if args.shapes else "")
@@ -271,7 +271,7 @@ def main() -> None:
         "shapes": SHAPES,
         "runs": [dict(shape=row["shape"], **row["case"], peak_bytes=row["peak"], exact_bytes=row["exact"],
                       peak_rss_bytes=row["peak_rss"]) for row in rows],
-        "seconds": round(time.time() - started),
+        "seconds": recorded(args, "seconds") or round(time.time() - started),
     }
     print(json.dumps({key: result[key] for key in ("coefficients", "runtime_bytes", "fit")}, indent=1))
     if not args.dry_run:
