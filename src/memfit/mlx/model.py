@@ -1,5 +1,6 @@
-"""Load a model for MLX training: mlx_lm.load, the compute dtype, MLX quantization of the base (`--quant 4|8`),
-the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and mlx-lm's gradient checkpointing.
+"""Load a model for MLX training: mlx_lm.utils.load_model, the compute dtype, MLX quantization of the base
+(`--quant 4|8`), the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and mlx-lm's gradient
+checkpointing.
 
 memfit's adapter settings map onto mlx-lm's as follows: rank -> `rank`; alpha -> `scale = alpha / rank` (PEFT's
 scaling; mlx-lm's `scale` multiplies the low-rank product directly, its default 20 is alpha = 20 x rank); dropout ->
