@@ -4,9 +4,9 @@ with `mlx[cpu]`, which is how it is tested here).
 What it owns is what differs from torch: loading (`mlx_lm.utils.load_model`), quantizing the base (`--quant 4|8`),
 the adapters (`linear_to_lora_layers`, LoRA or DoRA), `mlx.optimizers` with memfit's schedule, the step
 (`nn.value_and_grad`, accumulation, clipping, mlx-lm's gradient checkpointing), MLX's memory counters and limits, and
-the adapter files (mlx-lm's format in `final/`, a PEFT export in `final/peft/`). What it shares with torch: TrainConfig, the data
-pipeline (tokenisation, masking, packing, the row order), the step objective (CE and distrust weights), the guard's
-policy, events, the run directory, the checkpoint format's atomic and checksummed writes.
+the adapter files (mlx-lm's format in `final/`, a PEFT export in `final/peft/`). What it shares with torch:
+TrainConfig, the data pipeline (tokenisation, masking, packing, the row order), the step objective (CE and distrust
+weights), the guard's policy, events, the run directory, the checkpoint format's atomic and checksummed writes.
 
 Nothing here is imported by memfit unless the MLX engine is asked for: `import memfit` works without mlx.
 """
