@@ -22,12 +22,14 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from memfit.allocator import configure as configure_allocator
     from memfit.config import TrainConfig
     from memfit.guard.sampler import peak_rss_bytes
     from memfit.mlx import memory as mlx_memory
     from memfit.mlx.batches import MicroBatch
     from memfit.mlx.trainer import MlxTrainer
 
+    configure_allocator()  # the trainer's malloc policy (MlxTrainer._start_guard), so the RSS is a run's
     config = TrainConfig(**config_values)
     trainer = MlxTrainer(None, config, compile_step=True)
     trainer.total_steps = steps

@@ -14,7 +14,8 @@ unified memory that the RSS need not show; MLX's own counters are then the figur
 
 Limits (`apply_limits`): MLX's memory limit is set to the guard's limit (the seeds' `--max-memory 70` meant this:
 "Set MLX memory limit to 70.0 GB"); the cache limit to the part of the limit above the warning threshold, so freed
-buffers MLX keeps can never by themselves reach the threshold; on Metal the wired limit to the limit, at most the
+buffers MLX keeps can never by themselves reach the threshold, or MLX's own when that is lower (its CPU build's
+32 MB); on Metal the wired limit to the limit, at most the
 device's recommended working-set size (what mlx-lm's trainer sets). Each setter returns the previous value, and the
 returned `MlxLimits` says what was set and what it was before.
 """
@@ -147,9 +148,15 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
     """Set MLX's memory, cache and (Metal) wired limits from the guard's limit; returns what was set."""
     set_memory, set_cache = _setter("set_memory_limit"), _setter("set_cache_limit")
     limit_bytes = int(limit_bytes)
-    cache_bytes = max(0, int(limit_bytes * (1.0 - threshold)))
     previous_memory = int(set_memory(limit_bytes))
-    previous_cache = int(set_cache(cache_bytes))
+    # Lower the cache limit to the part of the limit above the threshold, never raise it: MLX's CPU build keeps up
+    # to 32 MB of freed buffers by default and gives none back under pressure (mlx/backend/no_gpu/allocator.cpp has
+    # no gc limit, unlike Metal's allocator), so a raised limit is that much more resident memory for nothing.
+    wanted_cache = max(0, int(limit_bytes * (1.0 - threshold)))
+    previous_cache = int(set_cache(wanted_cache))
+    cache_bytes = min(wanted_cache, previous_cache)
+    if cache_bytes != wanted_cache:
+        set_cache(cache_bytes)
     wired, previous_wired = None, None
     set_wired = _setter("set_wired_limit")
     working_set = recommended_working_set_bytes()
