@@ -2,7 +2,7 @@
 estimator reads them (src/memfit/estimate/mlx_constants.json).
 
     python benchmarks/derive_mlx_constants.py [--out src/memfit/estimate/mlx_constants.json] [--dry-run]
-        [--refit | --shapes g]
+        [--refit | --shapes g | --missing]
 
 memfit.estimate.mlx_memory writes an MLX step's arrays as exact terms (weights in MLX's layout, fp32 adapters, their
 gradients and AdamW states) plus activation terms whose sizes follow from the graph (the head's fp32 logits, or with
@@ -74,6 +74,23 @@ RUNS = {"b": _FIRST, "d": _SWAPPED, "e": _FIRST, "f": _SWAPPED, "g": _FIRST, "h"
 # four chunks of one row each: without checkpointing the chunks saved more there than at 1 x 1024 (the tiny model:
 # 18.8 MB against the full logits at 4 x 256, 10.4 MB at 1 x 1024), which the runs above had only at 1 x 1024.
 CHUNKED_ONLY = [(2, 1024, True), (2, 1024, False), (4, 256, False)]
+# Batches of the size a probe tries (16,384 tokens; the tiny model's first trial at --max-memory 2 was 95 x 256),
+# both losses, without checkpointing in the shape's second dtype and with it in its first: fitted on the runs
+# above alone (at most 2,048 tokens), the estimate was -11.2% on the tiny model at 32 x 512 bf16 without
+# checkpointing and -7.4% at 48 x 256 fp32 (full logits), measured by hand with memfit.mlx.measure.
+LARGE = [(32, 512, False), (64, 256, True)]
+
+
+def cases(name: str) -> list[dict]:
+    """The runs of one shape: RUNS with both losses, CHUNKED_ONLY and LARGE."""
+    first = RUNS[name][0][3]
+    second = "bf16" if first == "fp32" else "fp32"
+    chosen = [*itertools.product(RUNS[name], (False, True)),
+              *(((batch, seq, checkpointing, first), True) for batch, seq, checkpointing in CHUNKED_ONLY),
+              *itertools.product([(batch, seq, checkpointing, first if checkpointing else second)
+                                  for batch, seq, checkpointing in LARGE], (False, True))]
+    return [dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing,
+                 chunked_loss=chunked) for (batch, seq, checkpointing, dtype), chunked in chosen]
 
 
 def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float]]:
@@ -104,7 +121,8 @@ def obsolete(hf_config, case: dict) -> bool:
     return case["chunked_loss"] and not chunked_loss(hf_config, TrainConfig(**case), tokens)
 
 
-def measure(scratch: Path, names: list[str]) -> list[dict]:
+def measure(scratch: Path, names: list[str], done: list[dict] = ()) -> list[dict]:
+    """Each named shape's runs (`cases`), but those in `done` (rows recorded before: --missing)."""
     from transformers import AutoConfig
 
     from memfit.mlx.measure import measure_in_child
@@ -112,18 +130,16 @@ def measure(scratch: Path, names: list[str]) -> list[dict]:
 
     rows = []
     for name in names:
+        todo = [case for case in cases(name) if not any(row["shape"] == name and row["case"] == case for row in done)]
+        if not todo:
+            continue
         shape = SHAPES[name]
         values = dict(shape)
         layers = values.pop("num_hidden_layers")
         model_dir = scratch / name
         init_model("tiny", model_dir, num_layers=layers, overrides=values)
         hf_config = AutoConfig.from_pretrained(model_dir)
-        first_dtype = RUNS[name][0][3]  # the chunked-only runs take the shape's first dtype
-        for (batch, seq, checkpointing, dtype), chunked in [
-                *itertools.product(RUNS[name], (False, True)),
-                *(((batch, seq, checkpointing, first_dtype), True) for batch, seq, checkpointing in CHUNKED_ONLY)]:
-            case = dict(method="lora", dtype=dtype, batch_size=batch, seq_len=seq, grad_checkpointing=checkpointing,
-                        chunked_loss=chunked)
+        for case in todo:
             if obsolete(hf_config, case):
                 continue
             exact, terms = exact_and_terms(hf_config, case)
@@ -225,10 +241,17 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
 
 
 def recorded(args, key: str):
-    """--refit keeps where, when and how long the runs were measured."""
-    if not args.refit:
+    """--refit keeps where, when and how long the runs were measured; --missing adds to them."""
+    if not (args.refit or args.missing):
         return None
     return json.loads(Path(args.out).read_text()).get(key)
+
+
+def _added(measured_on: str | None, args) -> str | None:
+    """Where and when: the recorded runs', with the day the --missing ones were added."""
+    if measured_on and args.missing:
+        return f"{measured_on}; runs added {time.strftime('%Y-%m-%d')}"
+    return measured_on
 
 
 def main() -> None:
@@ -239,6 +262,8 @@ def main() -> None:
                         "other shapes' runs --out recorded")
     parser.add_argument("--refit", action="store_true",
                         help="measure nothing: fit again on the runs --out recorded (after a change of the terms)")
+    parser.add_argument("--missing", action="store_true",
+                        help="measure only the runs --out has not recorded (after runs were added), keep the rest")
     args = parser.parse_args()
     import mlx.core as mx
 
@@ -248,8 +273,9 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as scratch:
             names = args.shapes.split(",") if args.shapes else list(SHAPES)
-            kept = [row for row in recorded_rows(Path(args.out)) if row["shape"] not in names] if args.shapes else []
-            rows = kept + measure(Path(scratch), names)
+            recorded_before = recorded_rows(Path(args.out)) if args.shapes or args.missing else []
+            kept = [row for row in recorded_before if args.missing or row["shape"] not in names]
+            rows = kept + measure(Path(scratch), names, kept if args.missing else [])
     coefficients, errors = fit(rows)  # both losses in one fit: they share every term but the head's
     full = [error for error, row in zip(errors, rows) if not row["case"]["chunked_loss"]]
     chunked = [error for error, row in zip(errors, rows) if row["case"]["chunked_loss"]]
@@ -263,15 +289,15 @@ def main() -> None:
                 "full_logits_runs": len(full), "full_logits_worst_error_percent": round(max(map(abs, full)), 2),
                 "chunked_runs": len(chunked), "chunked_worst_error_percent": round(max(map(abs, chunked)), 2),
                 "errors_percent": [round(e, 2) for e in errors]},
-        "measured_on": recorded(args, "measured_on") or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
+        "measured_on": _added(recorded(args, "measured_on"), args) or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
         "command": "python benchmarks/derive_mlx_constants.py" + (f" --shapes {args.shapes}" if args.shapes else "")
-                   + (" --refit" if args.refit else ""),
+                   + (" --missing" if args.missing else "") + (" --refit" if args.refit else ""),
         "shapes": SHAPES,
         "runs": [dict(shape=row["shape"], **row["case"], peak_bytes=row["peak"], exact_bytes=row["exact"],
                       peak_rss_bytes=row["peak_rss"]) for row in rows],
-        "seconds": recorded(args, "seconds") or round(time.time() - started),
+        "seconds": (recorded(args, "seconds") or 0) + (0 if args.refit else round(time.time() - started)),
     }
     print(json.dumps({key: result[key] for key in ("coefficients", "runtime_bytes", "fit")}, indent=1))
     if not args.dry_run:
