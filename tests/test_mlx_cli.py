@@ -46,12 +46,15 @@ def test_train_engine_mlx_runs_the_seed_command_and_resumes(tiny_model_dir, tmp_
     (["--optimizer", "adamw8bit"], "bitsandbytes"),
     (["--reload-interval", "2"], "--reload-interval needs --supervise"),
     (["--distributed", "fsdp"], "--distributed fsdp"),
+    # The MLX engine's own sentence, not the torch engine's (DDP cannot offload: use zero2 or fsdp).
+    (["--offload", "cpu"], "--engine mlx cannot run --offload cpu (unified memory"),
 ])
 def test_train_engine_mlx_refuses_in_one_line(tiny_model_dir, tmp_path, capsys, extra, words):
     code, stdout, stderr = _train(capsys, "--engine", "mlx", "--model", str(tiny_model_dir), "--data", DATA,
                                   "-o", str(tmp_path / "run"), *extra)
     assert code == 2
     assert words in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_engine_is_a_usage_error(tiny_model_dir, tmp_path, capsys):

@@ -348,22 +348,20 @@ def train(model: str | None = None, data: str | Path | None = None, output_dir: 
     checkpoint of `output_dir`; its model, data and config are the defaults. `profile`: "auto" (this machine's
     `probe` profile of the model) or a profile file, whose settings apply where none was given. `engine`: "torch",
     "mlx" (memfit.mlx) or "auto"; default torch, or a resumed checkpoint's engine."""
-    job, config = training_job(model, data, output_dir, val_data=val_data, device=device, resume=resume,
-                               force=force, profile=profile, config_file=config_file, on_event=on_event,
-                               options=options)
-    from memfit.mlx import choose_engine
-
-    saved = job.resume.meta.get("engine") if job.resume is not None else None
-    return run_job(job, config, on_event, engine=choose_engine(engine or saved or "torch"))
+    job, config, chosen = training_job(model, data, output_dir, val_data=val_data, device=device, resume=resume,
+                                       force=force, profile=profile, config_file=config_file, on_event=on_event,
+                                       options=options, engine=engine)
+    return run_job(job, config, on_event, engine=chosen)
 
 
 def training_job(model: str | None, data: str | Path | None, output_dir: str | Path | None, *,
                  val_data: str | Path | None = None, device: str | None = None,
                  resume: str | Path | bool | None = None, force: bool = False, profile: str | None = None,
                  config_file: str | Path | None = None, on_event: EventSink | None = None,
-                 options: dict[str, Any] | None = None) -> tuple[TrainJob, TrainConfig]:
+                 options: dict[str, Any] | None = None, engine: str | None = None) -> tuple[TrainJob, TrainConfig, str]:
     """The job and config `train` runs, every setting taken from where it has the highest priority (see the module
-    docstring); checked before anything is written or loaded."""
+    docstring), and the engine (`engine`, else a resumed checkpoint's, else torch); checked before anything is
+    written or loaded."""
     from memfit.train import TrainJob
     from memfit.train.checkpoint import open_checkpoint
 
@@ -399,15 +397,19 @@ def training_job(model: str | None, data: str | Path | None, output_dir: str | P
                             hint="drop --profile")
         base, device = _profile_settings(profile, str(job_model), {**file_values, **options}, device, on_event)
     config = build_config(options, file_values, base=base)
-    from memfit.distributed.engines import check_engine
+    from memfit.mlx import choose_engine
 
-    check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
+    chosen = choose_engine(engine or saved.get("engine") or "torch")
+    if chosen == "torch":  # the MLX engine refuses what it cannot run itself (memfit.mlx.trainer.check_supported)
+        from memfit.distributed.engines import check_engine
+
+        check_engine(config, device)  # a missing DeepSpeed or an engine that cannot run here, before anything loads
     job_val = pick(val_data, "val_data")
     if config.eval_every and job_val is None:
         raise UserError("--eval-every needs --val-data", hint="pass a validation JSONL with --val-data")
     job = TrainJob(model=str(job_model), data=Path(job_data), output_dir=Path(job_out),
                    val_data=Path(job_val) if job_val else None, device=device, resume=checkpoint, force=force)
-    return job, config
+    return job, config, chosen
 
 
 def _profile_settings(choice: str, model: str, explicit: dict[str, Any], device: str | None,
