@@ -132,6 +132,25 @@ def test_the_shipped_coefficients_are_the_scripts_fit_of_its_recorded_runs():
     assert round(max(map(abs, errors)), 2) == shipped["fit"]["worst_error_percent"]
 
 
+def test_the_recorded_runs_are_the_scripts_runs_and_probe_sized_ones_among_them():
+    """Every run mlx_constants.json records is one benchmarks/derive_mlx_constants.py's `cases` makes (so
+    `--missing` measures exactly the runs added since), and the fit includes batches of the size a probe tries
+    (16,384 tokens), both losses, with and without checkpointing, on every shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from derive_mlx_constants import SHAPES, cases
+
+    from memfit.estimate.mlx_memory import constants
+
+    runs = constants()["runs"]
+    keys = ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing", "chunked_loss")
+    for run in runs:
+        assert {key: run[key] for key in keys} in cases(run["shape"]), run
+    for shape in SHAPES:
+        large = {(run["grad_checkpointing"], run["chunked_loss"]) for run in runs
+                 if run["shape"] == shape and run["batch_size"] * run["seq_len"] >= 16384}
+        assert large == {(False, False), (False, True), (True, False), (True, True)}, shape
+
+
 @pytest.mark.parametrize("fixture, case", CASES)
 def test_mlx_estimate_within_10_percent_of_mlx_peak(request, fixture, case):
     """Slow (10-40 s a case on 2 loaded cores): 3 steps of memfit's MLX trainer in a fresh child, its

@@ -15,9 +15,9 @@ unified memory that the RSS need not show; MLX's own counters are then the figur
 Limits (`apply_limits`): MLX's memory limit is set to the guard's limit (the seeds' `--max-memory 70` meant this:
 "Set MLX memory limit to 70.0 GB"); the cache limit to the part of the limit above the warning threshold, so freed
 buffers MLX keeps can never by themselves reach the threshold, or MLX's own when that is lower (its CPU build's
-32 MB); on Metal the wired limit to the limit, at most the
-device's recommended working-set size (what mlx-lm's trainer sets). Each setter returns the previous value, and the
-returned `MlxLimits` says what was set and what it was before.
+32 MB); on Metal the wired limit to the limit, at most the device's recommended working-set size (what mlx-lm's
+trainer sets). Each setter returns the previous value, and the returned `MlxLimits` says what was set and what it
+was before.
 """
 
 from __future__ import annotations
