@@ -10,10 +10,10 @@ the chunked loss two chunks' and the rest; per layer the h-wide values, the MLP'
 scores, with and without checkpointing: `term_bytes`; with checkpointing the peak is at the head or at a layer's
 recomputation, whichever is larger: `peak_parts`). How many copies of each the compiled step holds at its
 highest point is what this script measures: real MLX training steps (memfit.mlx.measure: the trainer's own load,
-quantization, adapters, optimizer and compiled step) on small llamas of five shapes that differ in width, MLP width,
+quantization, adapters, optimizer and compiled step) on small llamas of seven shapes that differ in width, MLP width,
 heads, vocabulary (1k-32k, so the head terms range from a small share of the step to most of it) and depth (1-8
-layers; none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at 128, 512 and
-1024 tokens, with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked
+layers; none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at 128 to 2,048
+tokens and at 16,384 (the batches a probe tries), with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked
 one (memfit.mlx.loss). Both losses are fitted together: they share every term but the head's. For each run:
 arrays above the exact terms = `mx.get_peak_memory()` - (weights + adapters + gradients + optimizer), and the
 coefficients are the non-negative least-squares fit of those bytes on the terms (`fit`), each run weighted by

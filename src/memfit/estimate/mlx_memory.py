@@ -27,7 +27,7 @@ Components (bytes, one process, unified memory):
   the peak is then at the head or at a recomputation, not both (`peak_parts`); since MLX evaluates the lazy graph
   as a whole, how much is live at once is not simply "one layer" or "one chunk". How many of each the step holds
   at once at its peak is therefore measured, not assumed: `python benchmarks/derive_mlx_constants.py` runs real
-  MLX steps on small llamas of varied width, vocabulary (1k-32k), depth (1-8 layers), tokens (128-1024), dtype and
+  MLX steps on small llamas of varied width, vocabulary (1k-32k), depth (1-8 layers), tokens (128-16,384), dtype and
   loss, reads `mx.get_peak_memory()`, and fits the coefficient of each term by least squares; the coefficients,
   the fit's residuals (for each loss apart) and the command are in mlx_constants.json beside this file.
 - runtime: the process around the arrays (Python, MLX, mlx-lm, the tokenizer), measured by the same script as the
