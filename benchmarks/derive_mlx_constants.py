@@ -13,11 +13,11 @@ highest point is what this script measures: real MLX training steps (memfit.mlx.
 quantization, adapters, optimizer and compiled step) on small llamas of seven shapes that differ in width, MLP width,
 heads, vocabulary (1k-32k, so the head terms range from a small share of the step to most of it) and depth (1-8
 layers; none of them the shapes benchmarks/estimate_accuracy.py checks the estimate on), each at 128 to 2,048
-tokens and at 16,384 (the batches a probe tries), with and without gradient checkpointing, in fp32 and bf16, with the full-logits loss and the chunked
-one (memfit.mlx.loss). Both losses are fitted together: they share every term but the head's. For each run:
-arrays above the exact terms = `mx.get_peak_memory()` - (weights + adapters + gradients + optimizer), and the
-coefficients are the non-negative least-squares fit of those bytes on the terms (`fit`), each run weighted by
-1/its bytes (relative error); the worst error is reported for all runs and for each loss apart. The runtime is the
+tokens and at 16,384 (the batches a probe tries), with and without gradient checkpointing, in fp32 and bf16, with
+the full-logits loss and the chunked one (memfit.mlx.loss). Both losses are fitted together: they share every
+term but the head's. For each run: arrays above the exact terms = `mx.get_peak_memory()` - (weights + adapters +
+gradients + optimizer), and the coefficients are the non-negative least-squares fit of those bytes on the terms
+(`fit`), each run weighted by 1/its bytes (relative error); the worst error is reported for all runs and for each loss apart. The runtime is the
 median over the runs of the child's peak RSS less MLX's peak (on a Linux CPU, MLX's arrays are inside the RSS).
 """
 
@@ -289,7 +289,8 @@ def main() -> None:
                 "full_logits_runs": len(full), "full_logits_worst_error_percent": round(max(map(abs, full)), 2),
                 "chunked_runs": len(chunked), "chunked_worst_error_percent": round(max(map(abs, chunked)), 2),
                 "errors_percent": [round(e, 2) for e in errors]},
-        "measured_on": _added(recorded(args, "measured_on"), args) or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
+        "measured_on": _added(recorded(args, "measured_on"), args)
+                       or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
         "command": "python benchmarks/derive_mlx_constants.py" + (f" --shapes {args.shapes}" if args.shapes else "")
