@@ -17,8 +17,9 @@ tokens and at 16,384 (the batches a probe tries), with and without gradient chec
 the full-logits loss and the chunked one (memfit.mlx.loss). Both losses are fitted together: they share every
 term but the head's. For each run: arrays above the exact terms = `mx.get_peak_memory()` - (weights + adapters +
 gradients + optimizer), and the coefficients are the non-negative least-squares fit of those bytes on the terms
-(`fit`), each run weighted by 1/its bytes (relative error); the worst error is reported for all runs and for each loss apart. The runtime is the
-median over the runs of the child's peak RSS less MLX's peak (on a Linux CPU, MLX's arrays are inside the RSS).
+(`fit`), each run weighted by 1/its bytes (relative error); the worst error is reported for all runs and for each
+loss apart. The runtime is the median over the runs of the child's peak RSS less MLX's peak (on a Linux CPU, MLX's
+arrays are inside the RSS).
 """
 
 from __future__ import annotations
