@@ -18,7 +18,9 @@ orders differ: mlx-lm sorts by length and shuffles batches, memfit groups by len
 curves agree in level and trend, not step by step).
 
 A third contender, memfit with the guard's sampler thread off (`--memory-sample-interval 0`; the step-end reading
-stays), measures the guard's overhead (the issue's bar: <= 1%).
+stays), measures the guard's overhead (the issue's bar: <= 1%). A fourth, memfit with glibc's malloc as it comes
+(`MEMFIT_MALLOC=none`, as mlx-lm's process has it), measures what memfit's default allocator policy (memfit.allocator:
+the mmap threshold fixed at 1 MiB, so the RSS falls back after each step) costs in tokens/s and saves in RSS.
 
     taskset -c 1 python benchmarks/mlx_vs_mlx_lm.py [--preset smollm2-135m] [--layers N] [--steps 20] [--repeats 3]
         [--json] [--write]
@@ -53,14 +55,15 @@ MB = 1e6  # peak MLX in MB (10^6 bytes): mlx-lm reports its peak in 10^9 bytes
 SETTINGS = dict(lora_rank=16, lora_alpha=32, lr=2e-4, batch_size=4, seq_len=256, seed=0, max_grad_norm=0.0)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 
-def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None, float]:
+def _run(command: list[str], log: Path, env: dict[str, str] | None = None
+         ) -> tuple[int, int, float, float | None, float]:
     """(exit code, peak RSS bytes, seconds, other load in cores, CPU seconds) of a child process. The peak is
     wait4's ru_maxrss: the child's exec folds in its parent's RSS there (memfit.guard.sampler), the same parent for
     both contenders."""
@@ -70,7 +73,7 @@ def _run(command: list[str], log: Path) -> tuple[int, int, float, float | None, 
     busy_before = _busy_cpu_s()
     started = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(env), cwd=ROOT)
         _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
@@ -120,7 +123,7 @@ def prepare(work: Path, preset: str, layers: int | None, seq_len: int) -> tuple[
 
 
 def run_memfit(model: Path, data: Path, out: Path, steps: int, grad_checkpointing: bool,
-               flags: tuple[str, ...] = ()) -> dict:
+               flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
     s = SETTINGS
     shutil.rmtree(out, ignore_errors=True)  # --work reused: memfit refuses to start a new run in a run dir
     command = [sys.executable, "-m", "memfit", "train", "--engine", "mlx", "--model", str(model), "--data",
@@ -129,7 +132,7 @@ def run_memfit(model: Path, data: Path, out: Path, steps: int, grad_checkpointin
                "--seq-len", str(s["seq_len"]), "--seed", str(s["seed"]), "--max-grad-norm", str(s["max_grad_norm"]),
                "--no-packing", "--save-every", str(10 * steps),
                "--grad-checkpointing" if grad_checkpointing else "--no-grad-checkpointing", *flags]
-    code, rss, seconds, other, cpu = _run(command, out.parent / f"{out.name}.log")
+    code, rss, seconds, other, cpu = _run(command, out.parent / f"{out.name}.log", env)
     if code != 0:
         return {"error": f"exit {code} (see {out.parent / f'{out.name}.log'})"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -314,6 +317,7 @@ def same_rows_markdown(found: dict, summary: dict, command: str) -> str:
 
 CONTENDERS = {"memfit": "`memfit train --engine mlx`",
               "memfit_no_thread": "the same, guard thread off (`--memory-sample-interval 0`)",
+              "memfit_glibc": "the same, glibc's malloc as it comes (`MEMFIT_MALLOC=none`)",
               "mlx_lm": "`mlx_lm.lora` (its `train_model`)"}
 
 
@@ -510,7 +514,8 @@ def main() -> int:
                 runs[name].append(run_mlx_lm(model, data_dir, out, args.steps, checkpointing))
             else:
                 flags = ("--memory-sample-interval", "0") if name == "memfit_no_thread" else ()
-                runs[name].append(run_memfit(model, data, out, args.steps, checkpointing, flags))
+                env = {"MEMFIT_MALLOC": "none"} if name == "memfit_glibc" else None
+                runs[name].append(run_memfit(model, data, out, args.steps, checkpointing, flags, env))
             if not args.json:
                 shown = {key: value for key, value in runs[name][-1].items() if key != "losses"}
                 print(f"repeat {repeat} {name}: {json.dumps(shown)[:300]}", flush=True)

@@ -29,3 +29,22 @@ def test_same_rows_runs_both_contenders_steps_and_mlx_lm_really_trains(tiny_mode
     rows = table.split("|---|---|---|---|\n")[1].splitlines()
     assert len(rows) == 2 and f"{max(found['mlx_lm'][0]):,}" in rows[1]
     assert "mx.set_cache_limit(0)" in table
+
+
+def test_memfit_glibc_contender_runs_memfit_with_glibcs_malloc(tmp_path, monkeypatch):
+    """The contender that measures what memfit's allocator policy costs really runs under MEMFIT_MALLOC=none (the
+    trainer says so in its events), and the default contender under memfit's own policy (no such notice)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("MEMFIT_MALLOC", raising=False)
+    import mlx_vs_mlx_lm as bench
+
+    monkeypatch.setitem(bench.SETTINGS, "batch_size", 2)
+    monkeypatch.setitem(bench.SETTINGS, "seq_len", 64)
+    model, data, _ = bench.prepare(tmp_path, "tiny", None, 64)
+    notices = {}
+    for name, env in (("memfit", None), ("memfit_glibc", {"MEMFIT_MALLOC": "none"})):
+        found = bench.run_memfit(model, data, tmp_path / name, steps=1, grad_checkpointing=True, env=env)
+        assert "error" not in found, found
+        notices[name] = (tmp_path / name / "events.jsonl").read_text()
+    assert "glibc as it comes" in notices["memfit_glibc"]
+    assert "glibc as it comes" not in notices["memfit"]
