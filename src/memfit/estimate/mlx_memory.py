@@ -295,6 +295,8 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
     notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
+    if chunk and config.grad_checkpointing:
+        notes.append(_deep_checkpointing_caution(fitted))
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -306,6 +308,26 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     estimate.compute_dtype = dtype
     estimate.unified_bytes = unified_bytes
     return estimate
+
+
+def held_out_worst_under(fitted: dict, checkpointed: bool = True, chunked: bool = True) -> float | None:
+    """The most the step held above the estimate (a negative %) among mlx_constants.json's held-out runs (the deep
+    shape benchmarks/derive_mlx_constants.py measures but does not fit) with this checkpointing and loss; None when
+    the file records none."""
+    held = fitted.get("held_out") or {}
+    runs = [run for run in fitted.get("runs", []) if run["shape"] in held.get("shapes", ())]
+    errors = [error for run, error in zip(runs, held.get("errors_percent", ()))
+              if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
+    return min(errors) if errors else None
+
+
+def _deep_checkpointing_caution(fitted: dict) -> str:
+    """Checkpointing with the chunked loss: the held-out deep shape's step held more than the form's one recomputed
+    layer, so the estimate is no ceiling there (docs/mlx.md)."""
+    worst = held_out_worst_under(fitted)
+    held = f" (a 24-layer model held {-worst:.0f}% more than estimated)" if worst is not None and worst < 0 else ""
+    return (f"checkpointing with the chunked loss: on deep models MLX can hold several recomputed layers at once{held}; "
+            "run `memfit probe --engine mlx` before a long run")
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
