@@ -322,12 +322,13 @@ def held_out_worst_under(fitted: dict, checkpointed: bool = True, chunked: bool 
 
 
 def _deep_checkpointing_caution(fitted: dict) -> str:
-    """Checkpointing with the chunked loss: the held-out deep shape's step held more than the form's one recomputed
-    layer, so the estimate is no ceiling there (docs/mlx.md)."""
+    """Checkpointing with the chunked loss: the held-out deep shape's step held more than the form's stored inputs
+    and one recomputed layer (the trainer's gradient clipping inside the update's graph keeps much of every layer's
+    backward alive: docs/mlx.md), so the estimate is no ceiling there."""
     worst = held_out_worst_under(fitted)
     held = f" (a 24-layer model held {-worst:.0f}% more than estimated)" if worst is not None and worst < 0 else ""
-    return (f"checkpointing with the chunked loss: on deep models MLX can hold several recomputed layers at once{held}; "
-            "run `memfit probe --engine mlx` before a long run")
+    return (f"checkpointing with the chunked loss: on deep models the step can hold more than this{held}; run "
+            "`memfit probe --engine mlx` before a long run")
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
