@@ -67,8 +67,8 @@ SHAPES = {
 # 32x the width) at 24 layers, where the fit's shapes have 1-8. Its runs check the fitted form at a depth the fit
 # lacks (`held_out` in mlx_constants.json). Fitted with the rest (`--shapes m`, 2026-12-05) it moved
 # benchmarks/estimate_accuracy.py's tiny 32 x 512 bf16 case from -8.1% to -10.8% and left its own 64 x 256
-# checkpointed chunked run at -37.6%: the step held far more than one recomputed layer, which no coefficient of the
-# form (`peak_parts`) scales with the depth.
+# checkpointed chunked run at -37.6%: with gradient clipping inside the update's graph the step keeps much of every
+# layer's backward alive (benchmarks/mlx_step_phases.py, docs/mlx.md), which no term of the form (`peak_parts`) has.
 HELD_OUT = ("m",)
 # (batch, seq, checkpointing, dtype) per shape, each with the full-logits loss and the chunked one: 128, 512 and
 # 1024 tokens (the head terms scale with the tokens, the fixed part does not; the attention scores with s^2 at
