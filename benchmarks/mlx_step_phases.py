@@ -7,10 +7,11 @@ uncompiled in one process, one part at a time (`mx.reset_peak_memory` between th
 Parts, each as bytes above the model's own arrays:
 - forward: the loss alone;
 - forward + backward: `nn.value_and_grad` of the loss, gradients and loss evaluated together;
-- step as the trainer fuses it: the trainer's `_update` uncompiled (the gradient, `clip_grad_norm` at
-  `--max-grad-norm`, the AdamW update, one graph);
+- fused step: the gradient, `clip_grad_norm` at `--max-grad-norm` and the AdamW update in one graph (the trainer's
+  step until 2026-12-05);
 - step without clipping: the gradient and the update in one graph;
-- gradients first: the gradients evaluated, then clipping and the update.
+- gradients first: the gradients evaluated, then clipping and the update;
+- trainer step: the trainer's own `optimizer_step`, uncompiled (gradients first when it clips).
 The model directory is one `memfit init-model` (or memfit.models.init_model) wrote. Prints one JSON object.
 """
 
@@ -37,6 +38,7 @@ def main() -> None:
     import numpy as np
 
     from memfit.config import TrainConfig
+    from memfit.mlx.batches import MicroBatch
     from memfit.mlx.trainer import MlxTrainer
 
     config = TrainConfig(method="lora", dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -63,7 +65,9 @@ def main() -> None:
         mx.eval(grads, loss)
 
     def fused_step():
-        loss, norm = trainer._update(inputs, targets, weights, None)
+        loss, grads = loss_and_grad(model, inputs, targets, weights)
+        clipped, norm = optim.clip_grad_norm(grads, args.max_grad_norm)
+        trainer.optimizer.update(model, clipped)
         mx.eval(trainer._state, norm, loss)
 
     def unclipped_step():
@@ -78,12 +82,16 @@ def main() -> None:
         trainer.optimizer.update(model, clipped)
         mx.eval(trainer._state, norm)
 
+    def trainer_step():
+        trainer.optimizer_step([MicroBatch(inputs, targets, weights, args.batch_size * args.seq_len)], 1)
+
     mx.clear_cache()
     base = mx.get_active_memory()
     found = {"model_bytes": int(base), "config": {key: getattr(config, key) for key in (
         "batch_size", "seq_len", "dtype", "grad_checkpointing", "chunked_loss", "max_grad_norm")}}
     for name, part in (("forward", forward), ("forward_backward", forward_backward), ("fused_step", fused_step),
-                       ("unclipped_step", unclipped_step), ("gradients_first", gradients_first)):
+                       ("unclipped_step", unclipped_step), ("gradients_first", gradients_first),
+                       ("trainer_step", trainer_step)):
         mx.clear_cache()
         mx.reset_peak_memory()
         part()

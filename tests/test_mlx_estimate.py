@@ -137,21 +137,41 @@ def test_the_shipped_coefficients_are_the_scripts_fit_of_its_recorded_runs():
     assert [round(error, 2) for error in errors_with(held, coefficients)] == shipped["held_out"]["errors_percent"]
 
 
-def test_estimate_cautions_checkpointing_with_the_chunked_loss_with_the_held_out_figure(tiny_model_dir):
-    """The held-out deep shape's checkpointed chunked runs held more than the estimate: the estimate says so, with
-    the recorded figure, where it applies (checkpointing and the chunked loss), and not elsewhere."""
-    from memfit.estimate.mlx_memory import constants, held_out_worst_under
+def test_every_recorded_run_carries_the_shipped_coefficients_error():
+    """recorded_errors pairs each run mlx_constants.json records with its error: recomputed from the run's terms
+    (benchmarks/derive_mlx_constants.py's errors_with), the fitted and the held-out runs alike."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from derive_mlx_constants import errors_with, recorded_rows
 
-    worst = held_out_worst_under(constants())
-    assert worst is not None and worst < -10  # what the caution is for; -45.8% as recorded 2026-12-05
+    from memfit.estimate.mlx_memory import _CONSTANTS_PATH, constants, recorded_errors
+
+    shipped = constants()
+    paired = recorded_errors(shipped)
+    rows = recorded_rows(_CONSTANTS_PATH)
+    assert [run["shape"] for run, _ in paired] == [row["shape"] for row in rows]
+    recomputed = errors_with(rows, shipped["coefficients"])
+    assert [error for _, error in paired] == pytest.approx(recomputed, abs=0.006)
+
+
+def test_estimate_says_how_far_over_it_measured_runs_of_its_kind_went(tiny_model_dir):
+    """Each MLX estimate names the worst under-estimate among the recorded runs of its checkpointing and loss at a
+    similar batch, and that figure is the recorded runs' own."""
+    from memfit.estimate.mlx_memory import constants, recorded_errors, worst_under
+
     hf_config = AutoConfig.from_pretrained(tiny_model_dir)
-    both = dict(method="lora", batch_size=8, seq_len=256, chunked_loss=True)
-    notes = " ".join(estimate_mlx(hf_config, TrainConfig(**both, grad_checkpointing=True),
-                                  Hardware("cpu", 16 * GB)).notes)
-    assert f"held {-worst:.0f}% more than estimated" in notes and "memfit probe --engine mlx" in notes
-    without = " ".join(estimate_mlx(hf_config, TrainConfig(**both, grad_checkpointing=False),
-                                    Hardware("cpu", 16 * GB)).notes)
-    assert "more than estimated" not in without
+    for checkpointing in (True, False):
+        config = TrainConfig(method="lora", batch_size=64, seq_len=256, chunked_loss=True,
+                             grad_checkpointing=checkpointing)
+        error, tokens = worst_under(constants(), checkpointing, True, 64 * 256)
+        runs = [err for run, err in recorded_errors(constants()) if run["grad_checkpointing"] == checkpointing
+                and run["chunked_loss"] and run["batch_size"] * run["seq_len"] == 16384]
+        assert tokens == 16384 and error == min(runs) < -10  # what the note is for: -28% and -21% on 2026-12-05
+        notes = " ".join(estimate_mlx(hf_config, config, Hardware("cpu", 16 * GB)).notes)
+        assert f"16,384 tokens) held up to {-error:.0f}% more than estimated" in notes
+        assert "memfit probe --engine mlx" in notes
+    # A batch between the recorded sizes takes the runs within a factor of 2 of it: 1,024 tokens, 512 to 2,048.
+    error, tokens = worst_under(constants(), True, True, 1024)
+    assert 512 <= tokens <= 2048
 
 
 def test_the_recorded_runs_are_the_scripts_runs_and_probe_sized_ones_among_them():

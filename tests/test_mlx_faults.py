@@ -80,15 +80,16 @@ def test_a_leak_in_mlx_memory_is_reported():
     assert "Possible memory leak" in leaks[0].message and leaks[0].leak.projected_limit_step > 24
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 def test_an_oom_in_the_update_saves_nothing_from_it_and_the_newest_checkpoint_resumes_exactly(
-        tiny_model_dir, tmp_path, monkeypatch):
-    """The step's last micro-batch and the optimizer update are one graph (mlx.trainer: the peak of mlx-lm's step);
-    a failure once it is built leaves the model and optimizer part-way through the update. The run exits 4 and saves
-    nothing from them: a checkpoint of step 3 here would hold step 4's update. The newest checkpoint (step 2)
-    resumes to the clean run's losses."""
-    config = TrainConfig(**{**CONFIG, "max_steps": 4, "save_every": 2})
+        tiny_model_dir, tmp_path, monkeypatch, max_grad_norm):
+    """The optimizer update's graph (with clipping, a graph of its own after the gradients; without, one graph with
+    the last micro-batch's gradient, as mlx-lm's step): a failure once it is built leaves the model and optimizer
+    part-way through the update. The run exits 4 and saves nothing from them: a checkpoint of step 3 here would hold
+    step 4's update. The newest checkpoint (step 2) resumes to the clean run's losses."""
+    config = TrainConfig(**{**CONFIG, "max_steps": 4, "save_every": 2, "max_grad_norm": max_grad_norm})
     clean = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "clean"), config)
-    _fault(monkeypatch, "oom@4:backward")
+    _fault(monkeypatch, "oom@4:update")
     events = []
     result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"), config,
                        on_event=events.append)
@@ -101,3 +102,16 @@ def test_an_oom_in_the_update_saves_nothing_from_it_and_the_newest_checkpoint_re
                                  resume=open_checkpoint(tmp_path / "run")), config)
     assert clean.exit_code == resumed.exit_code == EXIT_OK
     assert _losses(tmp_path / "run") == _losses(tmp_path / "clean")
+
+
+def test_with_clipping_an_oom_in_the_last_backward_pass_is_retried(tiny_model_dir, tmp_path, monkeypatch):
+    """With clipping the last micro-batch's gradients are evaluated before the update's graph is built: an
+    out-of-memory error there leaves the model untouched, so the step is retried with half the micro-batch, to the
+    clean run's losses."""
+    config = TrainConfig(**{**CONFIG, "max_grad_norm": 1.0})
+    clean = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "clean"), config)
+    _fault(monkeypatch, "oom@2:backward")
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"), config)
+    assert result.exit_code == EXIT_OK and result.oom_recoveries == 1
+    assert faults.fired and faults.fired[-1]["phase"] == "backward" and faults.fired[-1]["micro_batch"] == 1
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(tmp_path / "clean"), abs=1e-5)

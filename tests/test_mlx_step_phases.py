@@ -20,7 +20,9 @@ def test_step_phases_measures_every_part(tiny_model_dir):
                                 "128", "--dtype", "fp32"], capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     found = json.loads(completed.stdout.strip().splitlines()[-1])
-    parts = ("forward", "forward_backward", "fused_step", "unclipped_step", "gradients_first")
+    parts = ("forward", "forward_backward", "fused_step", "unclipped_step", "gradients_first", "trainer_step")
     assert all(found[f"{part}_bytes"] > 0 for part in parts), found
     assert found["forward_backward_bytes"] > found["forward_bytes"]
     assert found["gradients_first_bytes"] >= found["forward_backward_bytes"] * 0.95, found
+    # The trainer clips (max_grad_norm 1, the default) with its gradients evaluated first: the same graphs.
+    assert found["trainer_step_bytes"] == pytest.approx(found["gradients_first_bytes"], rel=0.05), found

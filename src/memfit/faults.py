@@ -1,7 +1,7 @@
 """Fault injection for tests: make the rare failures happen on demand, through the real code paths.
 
 Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
-- `oom@K[+][:forward|:backward][:mbN][:layerL]`  the first attempt of optimizer step K (with `+`: every attempt,
+- `oom@K[+][:forward|:backward|:update][:mbN][:layerL]`  the first attempt of optimizer step K (with `+`: every attempt,
                  so even micro-batch 1 fails: the unrecoverable case) runs out of memory for real inside its N-th
                  micro-batch (default 1): in the forward pass of decoder layer L (default: the middle one), or, with
                  `:backward`, when the backward pass reaches that layer's output (which must be part of the
@@ -10,8 +10,9 @@ Set `MEMFIT_FAULTS` to a comma-separated list (read once per process):
                  allocator's own (`DefaultCPUAllocator: can't allocate memory`; CUDA's torch.OutOfMemoryError),
                  raised with the autograd graph half built. A model without decoder layers memfit can find gets the
                  same allocation at the start of the micro-batch; the MLX engine (one compiled graph per micro-batch:
-                 no layer hooks) gets it before the micro-batch's graph is built, or with `:backward` once it is
-                 built and before it is evaluated (the step's last graph holds the optimizer update);
+                 no layer hooks) gets it before the micro-batch's graph is built, with `:backward` once it is
+                 built and before it is evaluated, or with `:update` once the optimizer update's graph is built
+                 (with clipping the update is a graph of its own, after the last micro-batch's gradients);
 - `leak_forward@MB[:fromK]`  from step K on (default 1), every decoder layer's forward call retains MB megabytes
                  that are never freed: memory that rises inside the forward pass, faster than any step ends;
 - `save_pause@K[:S]`  the checkpoint of step K pauses S seconds (default 60) after its first file is written,
@@ -82,11 +83,11 @@ def _faults() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class OomFault:
-    """`oom@K[+][:forward|:backward][:mbN][:layerL]`, parsed."""
+    """`oom@K[+][:forward|:backward|:update][:mbN][:layerL]`, parsed (`update`: the MLX engine's optimizer update)."""
 
     step: int
     every_attempt: bool = False
-    phase: str = "forward"  # forward | backward
+    phase: str = "forward"  # forward | backward | update
     micro_batch: int = 1  # 1-based, within the step's attempt
     layer: int | None = None  # decoder layer index; None: the middle one
 
@@ -95,14 +96,14 @@ class OomFault:
         head, *parts = spec.split(":")
         fault = {"step": int(head.rstrip("+")), "every_attempt": head.endswith("+")}
         for part in parts:
-            if part in ("forward", "backward"):
+            if part in ("forward", "backward", "update"):
                 fault["phase"] = part
             elif part.startswith("mb") and part[2:].isdigit() and int(part[2:]) >= 1:
                 fault["micro_batch"] = int(part[2:])
             elif part.startswith("layer") and part[5:].isdigit():
                 fault["layer"] = int(part[5:])
             else:
-                raise ValueError(f"{ENV}: oom@{spec}: unknown part {part!r} (forward, backward, mbN, layerL)")
+                raise ValueError(f"{ENV}: oom@{spec}: unknown part {part!r} (forward, backward, update, mbN, layerL)")
         return cls(**fault)
 
     def fires(self, step: int, attempt: int, micro_batch: int) -> bool:
@@ -123,8 +124,9 @@ def impossible_allocation(like: torch.Tensor | None = None) -> None:
 
 def maybe_oom(step: int, attempt: int, micro_batch: int = 1, phase: str | None = None) -> None:
     """The fallback for a model without decoder layers memfit can find: the OOM at the start of the micro-batch
-    (any phase). The MLX engine, whose step is one compiled graph, names the phase: `forward` before the micro-batch's
-    graph is built, `backward` once it is (for the step's last micro-batch, that graph holds the optimizer update)."""
+    (any phase). The MLX engine, whose micro-batch is one compiled graph, names the phase: `forward` before the
+    micro-batch's graph is built, `backward` once it is, `update` once the optimizer update's graph is (without
+    clipping, the last micro-batch's graph holds the update: `backward` and `update` fire at the same point)."""
     fault = oom_fault()
     if fault is not None and fault.fires(step, attempt, micro_batch) and phase in (None, fault.phase):
         fired.append({"step": step, "attempt": attempt, "micro_batch": micro_batch, "layer": None,

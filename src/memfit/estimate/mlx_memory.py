@@ -36,6 +36,8 @@ Components (bytes, one process, unified memory):
 
 from __future__ import annotations
 
+import math
+
 import json
 
 from dataclasses import dataclass
@@ -295,8 +297,9 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
     notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
-    if chunk and config.grad_checkpointing:
-        notes.append(_deep_checkpointing_caution(fitted))
+    caution = _recorded_caution(fitted, config.grad_checkpointing, chunk > 0, tokens)
+    if caution:
+        notes.append(caution)
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -310,25 +313,46 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     return estimate
 
 
-def held_out_worst_under(fitted: dict, checkpointed: bool = True, chunked: bool = True) -> float | None:
-    """The most the step held above the estimate (a negative %) among mlx_constants.json's held-out runs (the deep
-    shape benchmarks/derive_mlx_constants.py measures but does not fit) with this checkpointing and loss; None when
-    the file records none."""
-    held = fitted.get("held_out") or {}
-    runs = [run for run in fitted.get("runs", []) if run["shape"] in held.get("shapes", ())]
-    errors = [error for run, error in zip(runs, held.get("errors_percent", ()))
-              if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
-    return min(errors) if errors else None
+def recorded_errors(fitted: dict) -> list[tuple[dict, float]]:
+    """Each run mlx_constants.json records with the shipped coefficients' error on it (% of its measured peak): the
+    fit's errors for the fitted runs, the held-out ones for the shapes benchmarks/derive_mlx_constants.py measures
+    and does not fit (both lists in the runs' order)."""
+    held_shapes = set((fitted.get("held_out") or {}).get("shapes", ()))
+    fitted_errors = iter(fitted["fit"]["errors_percent"])
+    held_errors = iter((fitted.get("held_out") or {}).get("errors_percent", ()))
+    return [(run, next(held_errors) if run["shape"] in held_shapes else next(fitted_errors))
+            for run in fitted.get("runs", [])]
 
 
-def _deep_checkpointing_caution(fitted: dict) -> str:
-    """Checkpointing with the chunked loss: the held-out deep shape's step held more than the form's stored inputs
-    and one recomputed layer (the trainer's gradient clipping inside the update's graph keeps much of every layer's
-    backward alive: docs/mlx.md), so the estimate is no ceiling there."""
-    worst = held_out_worst_under(fitted)
-    held = f" (a 24-layer model held {-worst:.0f}% more than estimated)" if worst is not None and worst < 0 else ""
-    return (f"checkpointing with the chunked loss: on deep models the step can hold more than this{held}; run "
-            "`memfit probe --engine mlx` before a long run")
+def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> tuple[float, int] | None:
+    """(the most a recorded run held above its estimate, a negative %, and that run's tokens) among the runs of this
+    checkpointing and loss at a similar batch: within a factor of 2 of `tokens`, else at the nearest token count
+    recorded. The under-estimates grow with the batch (mlx_constants.json: down to -28% at 16,384 tokens, -13% at
+    most up to 1,024). None when none of those runs held more than estimated."""
+    same = [(run, error) for run, error in recorded_errors(fitted)
+            if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
+    if not same:
+        return None
+    sizes = {run["batch_size"] * run["seq_len"] for run, _ in same}
+    near = {size for size in sizes if tokens / 2 <= size <= tokens * 2} or {
+        min(sizes, key=lambda size: abs(math.log(size / tokens)))}
+    run, error = min(((run, error) for run, error in same if run["batch_size"] * run["seq_len"] in near),
+                     key=lambda pair: pair[1])
+    return (error, run["batch_size"] * run["seq_len"]) if error < 0 else None
+
+
+def _recorded_caution(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> str | None:
+    """What the runs the coefficients come from say about an estimate of this kind: MLX's scheduler keeps a varying
+    share of the chunked loss's and the recomputed layers' arrays live at large batches (docs/mlx.md), which no term
+    of the fitted form follows, so the estimate is an expectation there, not a ceiling."""
+    worst = worst_under(fitted, checkpointed, chunked, tokens)
+    if worst is None:
+        return None
+    error, at_tokens = worst
+    kind = ("checkpointing" if checkpointed else "no checkpointing") + (", the chunked loss" if chunked else
+                                                                         ", the full logits")
+    return (f"measured runs like this one ({kind}, {at_tokens:,} tokens) held up to {-error:.0f}% more than "
+            "estimated; run `memfit probe --engine mlx` before a long run near the limit")
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
