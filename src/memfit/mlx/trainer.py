@@ -586,7 +586,7 @@ class MlxTrainer:
         import gc
 
         self.model = self.optimizer = self.loaded = None
-        self._accumulate = self._update = self._loss = self._state = None
+        self._accumulate = self._update = self._clip_and_update = self._loss = self._state = None
         gc.collect()  # the compiled steps' closures hold the model in reference cycles
         mlx_memory.clear_cache()
 
