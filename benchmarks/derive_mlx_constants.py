@@ -193,6 +193,11 @@ def fitted_rows(rows: list[dict]) -> list[dict]:
     return [row for row in rows if row["shape"] not in HELD_OUT]
 
 
+def held_out_rows(rows: list[dict]) -> list[dict]:
+    """The runs of the HELD_OUT shapes: measured and recorded, never fitted."""
+    return [row for row in rows if row["shape"] in HELD_OUT]
+
+
 def errors_with(rows: list[dict], coefficients: dict[str, float]) -> list[float]:
     """Each run's estimate error (% of its measured peak) with these coefficients."""
     from memfit.estimate.mlx_memory import peak_parts
@@ -306,7 +311,7 @@ def main() -> None:
     full = [error for error, row in zip(errors, fitted) if not row["case"]["chunked_loss"]]
     chunked = [error for error, row in zip(errors, fitted) if row["case"]["chunked_loss"]]
     runtime = int(statistics.median(row["peak_rss"] - row["peak"] for row in fitted))
-    held = [row for row in rows if row["shape"] in HELD_OUT]
+    held = held_out_rows(rows)
     from importlib import metadata
 
     result = {

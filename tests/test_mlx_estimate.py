@@ -122,7 +122,7 @@ def test_the_shipped_coefficients_are_the_scripts_fit_of_its_recorded_runs():
     """mlx_constants.json's coefficients (the overlap share included) are what benchmarks/derive_mlx_constants.py
     fits on the runs the file records (`--refit`, measuring nothing): no coefficient was set by hand."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from derive_mlx_constants import HELD_OUT, errors_with, fit, fitted_rows, recorded_rows
+    from derive_mlx_constants import errors_with, fit, fitted_rows, held_out_rows, recorded_rows
 
     from memfit.estimate.mlx_memory import _CONSTANTS_PATH, OVERLAP, constants
 
@@ -132,7 +132,7 @@ def test_the_shipped_coefficients_are_the_scripts_fit_of_its_recorded_runs():
     assert coefficients == shipped["coefficients"] and OVERLAP in coefficients
     assert round(max(map(abs, errors)), 2) == shipped["fit"]["worst_error_percent"]
     # The held-out deep shape is recorded, not fitted, and its errors are the shipped coefficients' on its runs.
-    held = [row for row in rows if row["shape"] in HELD_OUT]
+    held = held_out_rows(rows)
     assert len(held) == shipped["held_out"]["runs"] > 0 and len(fitted_rows(rows)) == shipped["fit"]["runs"]
     assert [round(error, 2) for error in errors_with(held, coefficients)] == shipped["held_out"]["errors_percent"]
 
@@ -166,8 +166,10 @@ def test_estimate_says_how_far_over_it_measured_runs_of_its_kind_went(tiny_model
         runs = [err for run, err in recorded_errors(constants()) if run["grad_checkpointing"] == checkpointing
                 and run["chunked_loss"] and run["batch_size"] * run["seq_len"] == 16384]
         assert tokens == 16384 and error == min(runs) < -10  # what the note is for: -28% and -21% on 2026-12-05
-        notes = " ".join(estimate_mlx(hf_config, config, Hardware("cpu", 16 * GB)).notes)
+        estimate = estimate_mlx(hf_config, config, Hardware("cpu", 16 * GB))
+        notes = " ".join(estimate.notes)
         assert f"16,384 tokens) held up to {-error:.0f}% more than estimated" in notes
+        assert estimate.extra_json()["recorded_worst_under"] == {"percent": error, "tokens": 16384}
         assert "memfit probe --engine mlx" in notes
     # A batch between the recorded sizes takes the runs within a factor of 2 of it: 1,024 tokens, 512 to 2,048.
     error, tokens = worst_under(constants(), True, True, 1024)

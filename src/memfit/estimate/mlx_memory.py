@@ -236,6 +236,7 @@ class MlxEstimate(Estimate):
     usable_bytes: int = 0  # what the device lets this process use (on a Mac: the GPU's working set)
     unified_bytes: int = 0  # a Mac's RAM (0 on a CPU)
     compute_dtype: str = "float32"
+    recorded_worst_under: dict | None = None  # worst_under's figure for this kind of step: {"percent", "tokens"}
 
     @property
     def fits(self) -> bool:
@@ -249,6 +250,7 @@ class MlxEstimate(Estimate):
         """What `memfit estimate --engine mlx --json` adds to memfit.estimate.memory.to_json's object."""
         return {"engine": "mlx", "mlx_peak_bytes": self.mlx_peak_bytes, "compute_dtype": self.compute_dtype,
                 "unified_memory_bytes": self.unified_bytes or None,
+                "recorded_worst_under": self.recorded_worst_under,
                 "quantization": ({"bits": int(self.config.quant), "group_size": GROUP_SIZE, "mode": "affine"}
                                  if self.config.quant != "none" else None)}
 
@@ -297,9 +299,9 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
     notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
-    caution = _recorded_caution(fitted, config.grad_checkpointing, chunk > 0, tokens)
-    if caution:
-        notes.append(caution)
+    under = worst_under(fitted, config.grad_checkpointing, chunk > 0, tokens)
+    if under:
+        notes.append(_recorded_caution(config.grad_checkpointing, chunk > 0, *under))
     if config.quant != "none" and config.method == "full":
         raise UserError("--quant with --method full: a quantized base cannot be fully fine-tuned",
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
@@ -310,6 +312,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     estimate.usable_bytes = hardware.memory_bytes
     estimate.compute_dtype = dtype
     estimate.unified_bytes = unified_bytes
+    estimate.recorded_worst_under = {"percent": under[0], "tokens": under[1]} if under else None
     return estimate
 
 
@@ -341,14 +344,11 @@ def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) ->
     return (error, run["batch_size"] * run["seq_len"]) if error < 0 else None
 
 
-def _recorded_caution(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> str | None:
-    """What the runs the coefficients come from say about an estimate of this kind: MLX's scheduler keeps a varying
-    share of the chunked loss's and the recomputed layers' arrays live at large batches (docs/mlx.md), which no term
-    of the fitted form follows, so the estimate is an expectation there, not a ceiling."""
-    worst = worst_under(fitted, checkpointed, chunked, tokens)
-    if worst is None:
-        return None
-    error, at_tokens = worst
+def _recorded_caution(checkpointed: bool, chunked: bool, error: float, at_tokens: int) -> str:
+    """What the runs the coefficients come from say about an estimate of this kind (`worst_under`): MLX's scheduler
+    keeps a varying share of the chunked loss's and the recomputed layers' arrays live at large batches
+    (docs/mlx.md), which no term of the fitted form follows, so the estimate is an expectation there, not a
+    ceiling."""
     kind = ("checkpointing" if checkpointed else "no checkpointing") + (", the chunked loss" if chunked else
                                                                          ", the full logits")
     return (f"measured runs like this one ({kind}, {at_tokens:,} tokens) held up to {-error:.0f}% more than "
