@@ -208,7 +208,8 @@ def test_mlx_estimate_within_10_percent_of_mlx_peak(request, fixture, case):
     error = (estimate.mlx_peak_bytes - measured) / measured
     # Under by at most 10% (an under-estimate is a run that dies), over by at most 15% (a batch left unused): since
     # the probe-sized runs joined the fit (benchmarks/derive_mlx_constants.py --missing, 2026-12-05) the first case
-    # is +13.4% (+7.6% before, when the tiny model at 32 x 512 bf16 was -12.5%).
+    # is +13.4% (+7.6% before, when the tiny model at 32 x 512 bf16 was -12.5%); +13.0% with every run measured
+    # again on the trainer that evaluates clipped gradients first (benchmarks/estimate_accuracy.py --engine mlx).
     assert -0.10 <= error <= 0.15, (f"estimate {estimate.mlx_peak_bytes / 2**20:.1f} MB vs measured "
                                     f"{measured / 2**20:.1f} MB: {error:+.1%}")
 
