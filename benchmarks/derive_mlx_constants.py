@@ -67,7 +67,7 @@ SHAPES = {
 # 32x the width) at 24 layers, where the fit's shapes have 1-8. Its runs check the fitted form at a depth the fit
 # lacks (`held_out` in mlx_constants.json). With gradient clipping inside the update's graph (the trainer until
 # 2026-12-05) the step kept much of every layer's backward alive (benchmarks/mlx_step_phases.py): its 64 x 256
-# checkpointed chunked run was 45.8% over the estimate. With the gradients evaluated first (every run measured again)
+# checkpointed chunked run peaked 1.8x the estimate (-45.8%). With the gradients evaluated first (every run measured again)
 # the worst is -20.8%, the fitted shapes' own worst -28.4%.
 HELD_OUT = ("m",)
 # (batch, seq, checkpointing, dtype) per shape, each with the full-logits loss and the chunked one: 128, 512 and

@@ -36,9 +36,8 @@ Components (bytes, one process, unified memory):
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,8 +329,8 @@ def recorded_errors(fitted: dict) -> list[tuple[dict, float]]:
 def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> tuple[float, int] | None:
     """(the most a recorded run held above its estimate, a negative %, and that run's tokens) among the runs of this
     checkpointing and loss at a similar batch: within a factor of 2 of `tokens`, else at the nearest token count
-    recorded. The under-estimates grow with the batch (mlx_constants.json: down to -28% at 16,384 tokens, -13% at
-    most up to 1,024). None when none of those runs held more than estimated."""
+    recorded. The under-estimates grow with the batch (mlx_constants.json: down to -28% at 16,384 tokens and -26% at
+    2,048, -11% at most up to 1,024). None when none of those runs peaked above its estimate."""
     same = [(run, error) for run, error in recorded_errors(fitted)
             if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
     if not same:
@@ -351,8 +350,8 @@ def _recorded_caution(checkpointed: bool, chunked: bool, error: float, at_tokens
     ceiling."""
     kind = ("checkpointing" if checkpointed else "no checkpointing") + (", the chunked loss" if chunked else
                                                                          ", the full logits")
-    return (f"measured runs like this one ({kind}, {at_tokens:,} tokens) held up to {-error:.0f}% more than "
-            "estimated; run `memfit probe --engine mlx` before a long run near the limit")
+    return (f"estimates of this kind were up to {-error:.0f}% under the measured peak ({kind}, {at_tokens:,} tokens: "
+            "mlx_constants.json's runs); run `memfit probe --engine mlx` before a long run near the limit")
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,

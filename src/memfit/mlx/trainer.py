@@ -247,7 +247,9 @@ class MlxTrainer:
         def clip_and_update(grads):
             # With clipping, the update is a graph of its own, on gradients already evaluated. Every gradient waits
             # for the norm, so inside the fused graph MLX kept the backward pass's arrays too: 24 layers, 2 x 1024,
-            # checkpointing, peak 564 MB fused against 107 MB gradients first (benchmarks/mlx_step_phases.py).
+            # checkpointing, peak 564 MB fused against 107 MB gradients first (benchmarks/mlx_step_phases.py). So the
+            # clipped step holds what the unclipped one does; the fused order held less in one real case (smollm2-135m,
+            # 4 x 256, chunked loss: 931 MB against 1,174, the unclipped step's; docs/mlx.md).
             grads, norm = optim.clip_grad_norm(grads, max_norm)
             optimizer.update(model, grads)
             return norm
