@@ -2,7 +2,7 @@
 uncompiled in one process, one part at a time (`mx.reset_peak_memory` between them).
 
     python benchmarks/mlx_step_phases.py MODEL_DIR [--batch-size 2 --seq-len 1024 --dtype bf16]
-        [--no-grad-checkpointing] [--no-chunked-loss]
+        [--no-grad-checkpointing] [--no-chunked-loss] [--min-chunk-tokens N]
 
 Parts, each as bytes above the model's own arrays:
 - forward: the loss alone;
@@ -12,7 +12,9 @@ Parts, each as bytes above the model's own arrays:
 - step without clipping: the gradient and the update in one graph;
 - gradients first: the gradients evaluated, then clipping and the update;
 - trainer step: the trainer's own `optimizer_step`, uncompiled (gradients first when it clips).
-The model directory is one `memfit init-model` (or memfit.models.init_model) wrote. Prints one JSON object.
+`--min-chunk-tokens N` replaces memfit.train.chunk_size.MIN_CHUNK_TOKENS (the chunked loss's floor on a chunk,
+256) for this run: what smaller chunks would hold. The model directory is one `memfit init-model` (or
+memfit.models.init_model) wrote. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--no-grad-checkpointing", action="store_true")
     parser.add_argument("--no-chunked-loss", action="store_true")
+    parser.add_argument("--min-chunk-tokens", type=int)
     args = parser.parse_args()
+    if args.min_chunk_tokens:
+        from memfit.train import chunk_size
+
+        chunk_size.MIN_CHUNK_TOKENS = args.min_chunk_tokens  # read by chunk_tokens at each call
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -87,8 +94,12 @@ def main() -> None:
 
     mx.clear_cache()
     base = mx.get_active_memory()
+    from memfit.train.chunk_size import mlx_chunks
+
     found = {"model_bytes": int(base), "config": {key: getattr(config, key) for key in (
-        "batch_size", "seq_len", "dtype", "grad_checkpointing", "chunked_loss", "max_grad_norm")}}
+        "batch_size", "seq_len", "dtype", "grad_checkpointing", "chunked_loss", "max_grad_norm")},
+        "chunk_tokens": mlx_chunks(args.batch_size * args.seq_len, vocab, int(trainer.loaded.config["hidden_size"]))
+        if config.chunked_loss else 0}
     for name, part in (("forward", forward), ("forward_backward", forward_backward), ("fused_step", fused_step),
                        ("unclipped_step", unclipped_step), ("gradients_first", gradients_first),
                        ("trainer_step", trainer_step)):

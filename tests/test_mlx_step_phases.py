@@ -26,3 +26,14 @@ def test_step_phases_measures_every_part(tiny_model_dir):
     assert found["gradients_first_bytes"] >= found["forward_backward_bytes"] * 0.95, found
     # The trainer clips (max_grad_norm 1, the default) with its gradients evaluated first: the same graphs.
     assert found["trainer_step_bytes"] == pytest.approx(found["gradients_first_bytes"], rel=0.05), found
+
+
+def test_step_phases_min_chunk_tokens_sets_the_chunk(tiny_model_dir):
+    """--min-chunk-tokens replaces the chunked loss's floor for the run: 4 x 256 tokens of the tiny model run in
+    chunks of 64 instead of 256 (docs/mlx.md measures what smaller chunks hold)."""
+    completed = subprocess.run([sys.executable, str(SCRIPT), str(tiny_model_dir), "--batch-size", "4", "--seq-len",
+                                "256", "--dtype", "fp32", "--min-chunk-tokens", "64"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert found["chunk_tokens"] == 64 and found["trainer_step_bytes"] > 0
