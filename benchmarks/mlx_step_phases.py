@@ -47,6 +47,7 @@ def main() -> None:
     from memfit.config import TrainConfig
     from memfit.mlx.batches import MicroBatch
     from memfit.mlx.trainer import MlxTrainer
+    from memfit.train.chunk_size import mlx_chunks
 
     config = TrainConfig(method="lora", dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                          max_grad_norm=args.max_grad_norm, grad_checkpointing=not args.no_grad_checkpointing,
@@ -94,8 +95,6 @@ def main() -> None:
 
     mx.clear_cache()
     base = mx.get_active_memory()
-    from memfit.train.chunk_size import mlx_chunks
-
     found = {"model_bytes": int(base), "config": {key: getattr(config, key) for key in (
         "batch_size", "seq_len", "dtype", "grad_checkpointing", "chunked_loss", "max_grad_norm")},
         "chunk_tokens": mlx_chunks(args.batch_size * args.seq_len, vocab, int(trainer.loaded.config["hidden_size"]))

@@ -345,8 +345,9 @@ class MlxTrainer:
         grads, loss_sum, tokens, norm = None, mx.array(0.0), 0, mx.array(0.0)
 
         def evaluate(number: int, phases: tuple[str, ...], *outputs: Any) -> None:
-            for phase in phases if built is not None else ():
-                built(number, phase)
+            if built is not None:
+                for phase in phases:
+                    built(number, phase)
             # The gradients or the updated state first, the loss last (as mlx-lm): MLX evaluates in this order, and
             # with the loss first the forward pass is evaluated alone, its arrays all held for the backward pass.
             # Whole smollm2-135m, LoRA r16, 1 x 128, checkpointing: MLX's peak 670 MB this way, 719 MB loss first.
