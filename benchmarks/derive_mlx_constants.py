@@ -2,7 +2,7 @@
 estimator reads them (src/memfit/estimate/mlx_constants.json).
 
     python benchmarks/derive_mlx_constants.py [--out src/memfit/estimate/mlx_constants.json] [--dry-run]
-        [--refit | --shapes g | --missing]
+        [--refit | --shapes g | --missing | --chunked [--shapes g]]
 
 memfit.estimate.mlx_memory writes an MLX step's arrays as exact terms (weights in MLX's layout, fp32 adapters, their
 gradients and AdamW states) plus activation terms whose sizes follow from the graph (the head's fp32 logits, or with
@@ -270,13 +270,16 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
 
 def recorded(args, key: str):
     """--refit keeps where, when and how long the runs were measured; --missing and --shapes add to them."""
-    if not (args.refit or args.missing or args.shapes):
+    if not (args.refit or args.missing or args.shapes or args.chunked):
         return None
     return json.loads(Path(args.out).read_text()).get(key)
 
 
 def _added(measured_on: str | None, args) -> str | None:
     """Where and when: the recorded runs', with the day the --missing ones were added."""
+    if measured_on and args.chunked:
+        return f"{measured_on}; chunked-loss runs{' of ' + args.shapes if args.shapes else ''} measured again " \
+               f"{time.strftime('%Y-%m-%d')}"
     if measured_on and args.missing:
         return f"{measured_on}; runs added {time.strftime('%Y-%m-%d')}"
     if measured_on and args.shapes:
@@ -294,6 +297,9 @@ def main() -> None:
                         help="measure nothing: fit again on the runs --out recorded (after a change of the terms)")
     parser.add_argument("--missing", action="store_true",
                         help="measure only the runs --out has not recorded (after runs were added), keep the rest")
+    parser.add_argument("--chunked", action="store_true",
+                        help="measure the chunked-loss runs again (of --shapes, or all), keep the full-logits ones "
+                        "(after a change of the chunked loss)")
     args = parser.parse_args()
     import mlx.core as mx
 
@@ -303,9 +309,13 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as scratch:
             names = args.shapes.split(",") if args.shapes else list(SHAPES)
-            recorded_before = recorded_rows(Path(args.out)) if args.shapes or args.missing else []
-            kept = [row for row in recorded_before if args.missing or row["shape"] not in names]
-            rows = kept + measure(Path(scratch), names, kept if args.missing else [])
+            recorded_before = recorded_rows(Path(args.out)) if args.shapes or args.missing or args.chunked else []
+            if args.chunked:
+                kept = [row for row in recorded_before
+                        if not (row["case"]["chunked_loss"] and row["shape"] in names)]
+            else:
+                kept = [row for row in recorded_before if args.missing or row["shape"] not in names]
+            rows = kept + measure(Path(scratch), names, kept if args.missing or args.chunked else [])
     fitted = fitted_rows(rows)
     coefficients, errors = fit(fitted)  # both losses in one fit: they share every term but the head's
     full = [error for error, row in zip(errors, fitted) if not row["case"]["chunked_loss"]]
@@ -327,8 +337,8 @@ def main() -> None:
                        or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
-        "command": "python benchmarks/derive_mlx_constants.py" + (f" --shapes {args.shapes}" if args.shapes else "")
-                   + (" --missing" if args.missing else "") + (" --refit" if args.refit else ""),
+        "command": "python benchmarks/derive_mlx_constants.py" + (" --chunked" if args.chunked else "")
+                   + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "") + (" --refit" if args.refit else ""),
         "shapes": SHAPES,
         "runs": [dict(shape=row["shape"], **row["case"], peak_bytes=row["peak"], exact_bytes=row["exact"],
                       peak_rss_bytes=row["peak_rss"]) for row in rows],

@@ -12,7 +12,7 @@ Parts, each as bytes above the model's own arrays:
 - step without clipping: the gradient and the update in one graph;
 - gradients first: the gradients evaluated, then clipping and the update;
 - trainer step: the trainer's own `optimizer_step`, uncompiled (gradients first when it clips).
-`--min-chunk-tokens N` replaces memfit.train.chunk_size.MIN_CHUNK_TOKENS (the chunked loss's floor on a chunk,
+`--min-chunk-tokens N` replaces memfit.train.chunk_size.MLX_MIN_CHUNK_TOKENS (the MLX chunked loss's floor on a chunk,
 256) for this run: what smaller chunks would hold. The model directory is one `memfit init-model` (or
 memfit.models.init_model) wrote. Prints one JSON object.
 """
@@ -38,7 +38,7 @@ def main() -> None:
     if args.min_chunk_tokens:
         from memfit.train import chunk_size
 
-        chunk_size.MIN_CHUNK_TOKENS = args.min_chunk_tokens  # read by chunk_tokens at each call
+        chunk_size.MLX_MIN_CHUNK_TOKENS = args.min_chunk_tokens  # read by mlx_chunk_tokens at each call
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim

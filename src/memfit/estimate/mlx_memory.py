@@ -46,7 +46,7 @@ from memfit.config import TrainConfig
 from memfit.errors import UserError
 from memfit.estimate.memory import Estimate, Hardware
 from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, arch_info
-from memfit.train.chunk_size import MLX_MIN_CHUNKS, chunk_tokens, mlx_chunks
+from memfit.train.chunk_size import MLX_MIN_CHUNKS, mlx_chunk_tokens, mlx_chunks
 from memfit.units import GB, format_gb
 
 GROUP_SIZE = 64  # MLX's default affine group (mlx_lm.utils.quantize_model's defaults_for_mode["affine"])
@@ -184,7 +184,7 @@ def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple
 
 def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool, checkpointing: bool) -> dict[str, float]:
     """The head's terms. Full-logits loss: the T x V fp32 logits (`head`). Chunked loss (chunks of C =
-    chunk_tokens(T, V, h) tokens, one after another: memfit.mlx.loss): the first chunk's logits (`head_chunked`)
+    mlx_chunk_tokens(T, V, h) tokens, one after another: memfit.mlx.loss): the first chunk's logits (`head_chunked`)
     and the other chunks' (`head_chunked_rest`), each with a coefficient of its own when the layers are checkpointed
     (`..._checkpointed`): in benchmarks/derive_mlx_constants.py's runs a further chunk added little without
     checkpointing and much more with it (shape f: 466 -> 507 MB from four chunks to eight without, 299 -> 490 with).
@@ -194,7 +194,7 @@ def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool, chec
     modes) fitted within 21.4% and put the held-out tiny cases of estimate_accuracy.py within 11.4%; this one
     17.6% / 11.8% with the 4 x 256 runs (`--refit --dry-run` with this function changed)."""
     vocab = shape.vocab
-    live = min(tokens, chunk_tokens(tokens, vocab, shape.hidden)) if chunked else tokens
+    live = min(tokens, mlx_chunk_tokens(tokens, vocab, shape.hidden)) if chunked else tokens
     terms = {"head_cast": float(live * vocab * dtype_bytes) if dtype_bytes != 4 else 0.0}
     if chunked:
         suffix = "_checkpointed" if checkpointing else ""

@@ -11,12 +11,12 @@ import math
 MIN_CHUNK_TOKENS = 256
 
 
-def chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+def chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int, floor: int | None = None) -> int:
     """Tokens per chunk so one chunk's logits are about the size of all the hidden states (Liger's rule), but not
-    fewer than MIN_CHUNK_TOKENS."""
+    fewer than `floor` (MIN_CHUNK_TOKENS, torch's)."""
     chunks = math.ceil(vocab_size / hidden_size)
     liger = 2 ** math.ceil(math.log2(max(1, math.ceil(num_tokens / chunks))))
-    return max(1, min(num_tokens, max(liger, MIN_CHUNK_TOKENS)))
+    return max(1, min(num_tokens, max(liger, MIN_CHUNK_TOKENS if floor is None else floor)))
 
 
 def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
@@ -28,25 +28,32 @@ def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int
     return math.ceil(num_tokens / math.ceil(num_tokens / chunk)) if num_tokens > 0 else chunk
 
 
-# MLX: fewer chunks than this held more than the plain head. Measured with the chunks under a checkpoint, before
-# the fused chunks of memfit.mlx.loss: MLX evaluates the step's graph as a whole, so more than one chunk was live at
-# once; fitted on all of benchmarks/derive_mlx_constants.py's chunked runs then (1, 2 and 4 chunks;
-# mlx_constants.json as of commit 9ab7840), the first two chunks' logits held 5.4x their fp32 size and the rest 1.8x,
-# the full logits 4.1x. Break-even: 2 x 5.4 C + 1.8 (T - 2C) = 4.1 T at T = 3.1 chunks; below it the chunks held
-# more and their checkpoint recomputed the head besides (a single chunk of smollm2-135m at 1 x 128 tokens: 739 MB
-# against mlx-lm's 670, 0.88x its tokens/s: one round of benchmarks/mlx_vs_mlx_lm.py --preset smollm2-135m
-# --batch-size 1 --seq-len 128). With the fused chunks (a frozen head: no recomputation), the same run with
-# MLX_MIN_CHUNKS = 1, one fused chunk of 127 tokens: 4.34 tokens/s, MLX's peak 713 MB against the plain head's 670
-# (4.31 tokens/s; docs/benchmarks.md's table). With MLX_MIN_CHUNKS = 2, two fused chunks of the tiny model at
-# 2 x 256 (`mlx_vs_mlx_lm.py --preset tiny --batch-size 2 --seq-len 256 --steps 12 --repeats 1 --contenders
-# memfit`): 29.9 MB at 444 tokens/s against the plain head's 39.3 MB at 448; but two fused chunks of the whole
-# smollm2-135m at 2 x 256 (`--preset smollm2-135m --batch-size 2 --seq-len 256 --steps 4 --repeats 1 --contenders
-# memfit`): 1,053 MB at 4.26 tokens/s against the plain head's 892 MB at 4.22. The rule stays at four.
-MLX_MIN_CHUNKS = 4
+# MLX: fewer chunks than this held more than the plain head. With MLX_MIN_CHUNK_TOKENS' 32-token chunks, on the
+# whole smollm2-135m (30 layers, 49k vocabulary) with checkpointing, MLX's peak in the compiled trainer
+# (/tmp/s42/chunkexp.py: memfit.mlx.measure's run_steps with the floor set, 3 steps; 2026-12-05): 1 x 128 fp32,
+# four chunks, 694.6 MB against the plain head's 671.1; 1 x 256 fp32, eight chunks, 710.5 against 746.5; 1 x 256
+# bf16, eight, 438.7 against 485.7; without checkpointing 2 x 128 fp32, eight, 1,087.9 against 1,208.7. (Before,
+# with the floor at 256, the rule was four: measured on the checkpointed chunks that came before the fused ones.)
+MLX_MIN_CHUNKS = 8
+
+
+# MLX's floor on a chunk. MLX evaluates the step's graph as a whole, so more than one chunk's logits and softmax are
+# live at once; smaller chunks cut that where torch's 256 did not: smollm2-135m cut to 4 layers, 4 x 256 bf16 with
+# checkpointing, MLX's peak in the compiled trainer with the floor at 256 / 64 / 32 / 16: 666.1 / 304.5 / 230.4 /
+# 234.4 MB, 36.1 / 36.2 / 36.6 / 36.5 s a step on one core, the same loss to six digits (/tmp/s42/chunkexp.py:
+# memfit.mlx.measure's run_steps with MLX_MIN_CHUNK_TOKENS set; 2026-12-05). Reproduce with `python
+# benchmarks/mlx_step_phases.py DIR --batch-size 4 --seq-len 256 --dtype bf16 --min-chunk-tokens N` (uncompiled).
+# Metal's speed at 32-token chunks is not measured (no Mac here): each chunk is still 32 x h x V multiply-adds.
+MLX_MIN_CHUNK_TOKENS = 32
+
+
+def mlx_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """chunk_tokens with MLX's floor (MLX_MIN_CHUNK_TOKENS)."""
+    return chunk_tokens(num_tokens, vocab_size, hidden_size, MLX_MIN_CHUNK_TOKENS)
 
 
 def mlx_chunks(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """The chunk the MLX engine's loss runs its head in for `num_tokens` tokens (chunk_tokens), or 0 where it runs
-    the plain head: fewer than MLX_MIN_CHUNKS chunks."""
-    chunk = chunk_tokens(num_tokens, vocab_size, hidden_size)
+    """The chunk the MLX engine's loss runs its head in for `num_tokens` tokens (mlx_chunk_tokens), or 0 where it
+    runs the plain head: fewer than MLX_MIN_CHUNKS chunks."""
+    chunk = mlx_chunk_tokens(num_tokens, vocab_size, hidden_size)
     return chunk if math.ceil(num_tokens / chunk) >= MLX_MIN_CHUNKS else 0
