@@ -140,7 +140,7 @@ def run(device: str, quick: bool, moe: bool = False, on_row=None) -> list[dict]:
 # (memfit.estimate.mlx_memory.chunked_loss). Neither shape is among the ones benchmarks/derive_mlx_constants.py
 # fitted the activation coefficients on.
 MLX_MODELS = {"tiny": None, "smollm2-135m": None}
-_TINY = [  # 1,024 tokens: 4 chunks of 256, the fewest the MLX trainer chunks (memfit.train.chunk_size.MLX_MIN_CHUNKS)
+_TINY = [  # 1,024 tokens: 16 chunks of 64 (memfit.train.chunk_size.mlx_chunk_tokens: Liger's rule on this vocabulary)
     dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=False),
     dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True),
     dict(method="lora", dtype="bf16", batch_size=8, seq_len=128, grad_checkpointing=False),

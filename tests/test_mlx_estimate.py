@@ -48,7 +48,7 @@ def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
 
 # The trainer's default chunked loss and the full logits (--no-chunked-loss): the estimate follows the one it runs.
 CASES = [
-    # 4 x 256: four chunks, the fewest the MLX trainer chunks (MLX_MIN_CHUNKS).
+    # 4 x 256: sixteen chunks of 64 (Liger's rule on a 2,048 vocabulary, 128 wide).
     ("tiny_model_dir", dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=False,
                             chunked_loss=True)),
     # The full logits with checkpointing where the head and a recomputed layer are about the same size, 4-bit base:
@@ -56,8 +56,7 @@ CASES = [
     # seven shapes (benchmarks/derive_mlx_constants.py, 2026-12-04).
     ("tiny_model_dir", dict(method="lora", quant="4", dtype="bf16", batch_size=2, seq_len=256,
                             grad_checkpointing=True, chunked_loss=False)),
-    # 1 x 256 tokens fit in one chunk, where the trainer takes the plain head whatever --chunked-loss says: this case
-    # is the default's too. Two chunks of smollm2 (2 x 256 and up) took 255 s of the suite's 20 minutes at 4 x 256
+    # The whole smollm2-135m with the full logits. Its chunked steps at 4 x 256 took 255 s of the suite's 20 minutes
     # (CI, 2 cores, 2026-12-03); the tiny cases above cover the chunked head.
     ("smol_model_dir", dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True,
                             chunked_loss=False)),
@@ -65,7 +64,7 @@ CASES = [
 
 
 def test_chunked_estimate_drops_the_logits_it_no_longer_holds():
-    """smollm2-135m at 4 x 512 tokens, no checkpointing: the chunked loss cuts the head into chunks of 256 tokens,
+    """smollm2-135m at 4 x 512 tokens, no checkpointing: the chunked loss cuts the head into chunks of 32 tokens,
     and the estimate with it is below the full-logits one by the difference of the fitted head terms, a large share
     of the full logits' (arithmetic: no MLX step runs). An estimate that ignored the chunked loss would not drop."""
     from memfit.estimate.mlx_memory import HEAD_TERMS, Shape, constants, term_bytes
@@ -83,8 +82,8 @@ def test_chunked_estimate_drops_the_logits_it_no_longer_holds():
         logits[chunked] = sum(coefficients[name] * terms[name] for name in HEAD_TERMS)
         assert estimates[chunked].breakdown["logits"] == int(logits[chunked])
     vocab = hf_config.vocab_size
-    assert terms["head_chunked"] == 256 * vocab * 4  # the first chunk: chunk_tokens' 256 of the 2048
-    assert terms["head_chunked_rest"] == (2048 - 256) * vocab * 4 and terms["head"] == 0
+    assert terms["head_chunked"] == 32 * vocab * 4  # the first chunk: MLX_MIN_CHUNK_TOKENS' 32 of the 2048
+    assert terms["head_chunked_rest"] == (2048 - 32) * vocab * 4 and terms["head"] == 0
     assert terms["head_chunked_checkpointed"] == terms["head_chunked_rest_checkpointed"] == 0  # no checkpointing
     saved = estimates[False].mlx_peak_bytes - estimates[True].mlx_peak_bytes
     assert abs(saved - (logits[False] - logits[True])) <= 2
@@ -96,26 +95,26 @@ def test_chunked_estimate_drops_the_logits_it_no_longer_holds():
 
 
 def test_fewer_chunks_than_mlx_min_chunks_are_estimated_with_the_plain_head():
-    """smollm2-135m with checkpointing: 1 x 256 and 2 x 256 tokens make 1 and 2 chunks of 256, fewer than
-    MLX_MIN_CHUNKS, which the trainer runs through the plain head (memfit.mlx.loss), so the estimate with
-    --chunked-loss is the full-logits one; 4 x 256 make 4 chunks, and the chunked estimate is lower (arithmetic: no
-    MLX step runs)."""
+    """smollm2-135m with checkpointing: 1 x 128 tokens make 4 chunks of 32, fewer than MLX_MIN_CHUNKS, which the
+    trainer runs through the plain head (memfit.mlx.loss), so the estimate with --chunked-loss is the full-logits
+    one; 2 x 128 and 1 x 256 make 8 chunks, and the chunked estimate is lower (arithmetic: no MLX step runs)."""
     from memfit.models.registry import get_architecture
     from memfit.train.chunk_size import MLX_MIN_CHUNKS
 
-    assert MLX_MIN_CHUNKS == 4
+    assert MLX_MIN_CHUNKS == 8
     hf_config = get_architecture("smollm2-135m").to_hf_config()
     peaks = {}
-    for batch in (1, 2, 4):
+    for batch, seq in ((1, 128), (2, 128), (1, 256)):
         for chunked in (False, True):
-            config = TrainConfig(method="lora", dtype="bf16", batch_size=batch, seq_len=256, grad_checkpointing=True,
+            config = TrainConfig(method="lora", dtype="bf16", batch_size=batch, seq_len=seq, grad_checkpointing=True,
                                  chunked_loss=chunked)
             estimate = estimate_mlx(hf_config, config, Hardware("cpu", 64 * GB))
-            peaks[batch, chunked] = estimate.mlx_peak_bytes
-            assert any("tokens at a time" in note for note in estimate.notes) == (chunked and batch == 4)
-            assert any("the head runs whole" in note for note in estimate.notes) == (chunked and batch < 4)
-    assert peaks[1, True] == peaks[1, False] and peaks[2, True] == peaks[2, False]
-    assert peaks[4, True] < peaks[4, False]
+            peaks[batch, seq, chunked] = estimate.mlx_peak_bytes
+            whole = batch * seq < 256
+            assert any("tokens at a time" in note for note in estimate.notes) == (chunked and not whole)
+            assert any("the head runs whole" in note for note in estimate.notes) == (chunked and whole)
+    assert peaks[1, 128, True] == peaks[1, 128, False]
+    assert peaks[2, 128, True] < peaks[2, 128, False] and peaks[1, 256, True] < peaks[1, 256, False]
 
 
 def test_the_shipped_coefficients_are_the_scripts_fit_of_its_recorded_runs():
@@ -189,10 +188,15 @@ def test_the_recorded_runs_are_the_scripts_runs_and_probe_sized_ones_among_them(
     keys = ("method", "dtype", "batch_size", "seq_len", "grad_checkpointing", "chunked_loss")
     for run in runs:
         assert {key: run[key] for key in keys} in cases(run["shape"]), run
-    for shape in SHAPES:
+    from memfit.train.chunk_size import mlx_chunks
+
+    for shape, values in SHAPES.items():
         large = {(run["grad_checkpointing"], run["chunked_loss"]) for run in runs
                  if run["shape"] == shape and run["batch_size"] * run["seq_len"] >= 16384}
-        assert large == {(False, False), (False, True), (True, False), (True, True)}, shape
+        # Shape d (vocabulary 1,024, hidden 192) makes fewer than MLX_MIN_CHUNKS chunks even there: the plain head.
+        chunks = bool(mlx_chunks(16384, values["vocab_size"], values["hidden_size"]))
+        assert large == {(False, False), (True, False)} | ({(False, True), (True, True)} if chunks else set()), shape
+    assert sum(run["chunked_loss"] for run in runs) >= 60
 
 
 @pytest.mark.parametrize("fixture, case", CASES)

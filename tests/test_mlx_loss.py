@@ -10,7 +10,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from memfit.mlx.loss import make_loss, supports_chunked_loss, weighted_ce  # noqa: E402
-from memfit.train.chunk_size import MIN_CHUNK_TOKENS  # noqa: E402
+from memfit.train.chunk_size import MLX_MIN_CHUNKS, mlx_chunks  # noqa: E402
 
 
 def _lora_model(model_dir):
@@ -58,7 +58,7 @@ def test_chunked_loss_equals_the_full_logits_loss(tiny_model_dir, head_trains):
         model.unfreeze()  # full training: the (tied) embedding that is the head trains too
     assert supports_chunked_loss(model)
     rows, width = 4, 256
-    assert rows * width >= 4 * MIN_CHUNK_TOKENS  # several chunks
+    assert mlx_chunks(rows * width, model.args.vocab_size, model.args.hidden_size)  # the trainer chunks
     inputs, targets, weights = _batch(model.args.vocab_size, rows, width)
     results = {}
     for chunked in (False, True):
@@ -75,8 +75,8 @@ def test_chunked_loss_equals_the_full_logits_loss(tiny_model_dir, head_trains):
 
 
 def test_chunked_loss_lowers_the_peak_by_the_logits(tiny_model_dir):
-    """The full logits (4 x 256 tokens x the vocab, fp32) live through the backward pass; the chunked loss holds one
-    256-token chunk's at a time. The tiny model keeps it fast (MLX's CPU matmuls are slow); the saving scales with
+    """The full logits (4 x 256 tokens x the vocab, fp32) live through the backward pass; the chunked loss holds a
+    few 64-token chunks' at a time. The tiny model keeps it fast (MLX's CPU matmuls are slow); the saving scales with
     the vocab (benchmarks/mlx_vs_mlx_lm.py measures it on smollm2-135m)."""
     model = _lora_model(tiny_model_dir)
     rows, width = 4, 256
@@ -92,12 +92,14 @@ def test_the_full_loss_is_the_fallback(tiny_model_dir):
     assert make_loss(model, chunked=True) is weighted_ce
 
 
-def test_tokens_that_fit_in_one_chunk_take_the_plain_head(tiny_model_dir):
-    """1 x 256 tokens, one chunk: the chunked loss computes the head as the full-logits loss does, with no
-    checkpoint around it, so the step's peak is the full-logits step's (a checkpointed single chunk held more), and
+def test_fewer_chunks_than_mlx_min_chunks_take_the_plain_head(tiny_model_dir):
+    """1 x 128 tokens, four chunks of 32, fewer than MLX_MIN_CHUNKS: the chunked loss computes the head as the
+    full-logits loss does, so the step's peak is the full-logits step's (a checkpointed single chunk held more), and
     the loss and gradients are the same."""
     model = _lora_model(tiny_model_dir)
-    inputs, targets, weights = _batch(model.args.vocab_size, 1, MIN_CHUNK_TOKENS)
+    width = 128
+    assert MLX_MIN_CHUNKS > 4 and not mlx_chunks(width, model.args.vocab_size, model.args.hidden_size)
+    inputs, targets, weights = _batch(model.args.vocab_size, 1, width)
     peaks, results = {}, {}
     for chunked in (False, True):
         step = nn.value_and_grad(model, make_loss(model, chunked))
@@ -109,9 +111,9 @@ def test_tokens_that_fit_in_one_chunk_take_the_plain_head(tiny_model_dir):
         mx.eval(loss, grads)
         peaks[chunked] = mx.get_peak_memory() - before
         results[chunked] = (float(loss), dict(tree_flatten(grads)))
-    # A checkpointed single chunk held a quarter of the logits more (256 KB here, 2026-12-03); the plain head's own
-    # reshapes move the peak by 2-70 KB from run to run.
-    logits_bytes = MIN_CHUNK_TOKENS * model.args.vocab_size * 4
+    # A checkpointed single chunk held a quarter of the logits more (256 KB at 256 tokens, 2026-12-03); the plain
+    # head's own reshapes move the peak by 2-70 KB from run to run.
+    logits_bytes = 256 * model.args.vocab_size * 4
     # One-sided: the single chunk must not hold more than the full-logits step. It may hold less (it skips a reshape
     # of the hidden states; 389 KB less in one CI run, within 70 KB in others).
     assert peaks[True] - peaks[False] < logits_bytes / 8, {k: v / 2**20 for k, v in peaks.items()}

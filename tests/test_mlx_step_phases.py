@@ -30,10 +30,10 @@ def test_step_phases_measures_every_part(tiny_model_dir):
 
 def test_step_phases_min_chunk_tokens_sets_the_chunk(tiny_model_dir):
     """--min-chunk-tokens replaces the chunked loss's floor for the run: 4 x 256 tokens of the tiny model run in
-    chunks of 64 instead of 256 (docs/mlx.md measures what smaller chunks hold)."""
+    chunks of 128 instead of 64 (docs/mlx.md measures what other chunks hold)."""
     completed = subprocess.run([sys.executable, str(SCRIPT), str(tiny_model_dir), "--batch-size", "4", "--seq-len",
-                                "256", "--dtype", "fp32", "--min-chunk-tokens", "64"],
+                                "256", "--dtype", "fp32", "--min-chunk-tokens", "128"],
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     found = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert found["chunk_tokens"] == 64 and found["trainer_step_bytes"] > 0
+    assert found["chunk_tokens"] == 128 and found["trainer_step_bytes"] > 0

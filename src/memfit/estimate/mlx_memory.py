@@ -276,7 +276,8 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     dtype = compute_dtype(config, hardware.device, str(stored).replace("torch.", "") if stored else None)
     dtype_bytes = _DTYPE_BYTES[dtype]
     fitted = constants()
-    coefficients = fitted["coefficients"] if coefficients is None else coefficients
+    shipped = coefficients is None  # the recorded errors (worst_under) are the shipped coefficients' errors
+    coefficients = fitted["coefficients"] if shipped else coefficients
     batch = batch_size or config.batch_size
     trainable = trainable_params(info, config)
     trainable_bytes = 4 if config.uses_adapters else dtype_bytes
@@ -298,7 +299,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
     notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
-    under = worst_under(fitted, config.grad_checkpointing, chunk > 0, tokens)
+    under = worst_under(fitted, config.grad_checkpointing, chunk > 0, tokens) if shipped else None
     if under:
         notes.append(_recorded_caution(config.grad_checkpointing, chunk > 0, *under))
     if config.quant != "none" and config.method == "full":

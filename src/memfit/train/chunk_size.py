@@ -47,9 +47,20 @@ MLX_MIN_CHUNKS = 8
 MLX_MIN_CHUNK_TOKENS = 32
 
 
+# MLX: at most this many chunks. Many chunks held more at large batches: at 16,384 tokens, shape f of
+# benchmarks/derive_mlx_constants.py (vocabulary 32k, hidden 64) without checkpointing held 1,193.7 MB in 512 chunks
+# of 32 against 741.1 in 64 of 256, shape e (16k, 128) with checkpointing 856.7 in 128 chunks against 613.1 in 64;
+# f with checkpointing held less in 512 (572.3 against 666.8) and e without about the same (648.7, 644.1). The
+# runs: `--chunked --shapes b,e,f,k` before this cap, and the same runs in mlx_constants.json before it.
+MLX_MAX_CHUNKS = 64
+
+
 def mlx_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """chunk_tokens with MLX's floor (MLX_MIN_CHUNK_TOKENS)."""
-    return chunk_tokens(num_tokens, vocab_size, hidden_size, MLX_MIN_CHUNK_TOKENS)
+    """chunk_tokens with MLX's floor (MLX_MIN_CHUNK_TOKENS), raised to a power of two that makes at most
+    MLX_MAX_CHUNKS chunks."""
+    chunk = chunk_tokens(num_tokens, vocab_size, hidden_size, MLX_MIN_CHUNK_TOKENS)
+    capped = 2 ** math.ceil(math.log2(max(1, math.ceil(num_tokens / MLX_MAX_CHUNKS))))
+    return max(1, min(num_tokens, max(chunk, capped)))
 
 
 def mlx_chunks(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
