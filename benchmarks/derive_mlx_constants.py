@@ -41,7 +41,7 @@ OUT = ROOT / "src" / "memfit" / "estimate" / "mlx_constants.json"
 # Small llamas (memfit init-model's tiny preset with these config values): widths a multiple of 64 (MLX's group).
 # Two layer-heavy shapes with small vocabularies (b, d), two head-heavy ones (e: 16k, f: 32k) whose logits
 # dominate the step, so the head's terms are not confounded with the fixed part, and the chunked loss really cuts
-# the logits (chunk_tokens is 256 there, against 512-1024 tokens), a deep narrow one (g: 8 layers), so the
+# the logits (mlx_chunk_tokens is 32-256 there, against 512-1024 tokens), a deep narrow one (g: 8 layers), so the
 # terms that grow with the depth are told from those of the one layer checkpointing recomputes at a time, and two
 # in the proportions of released models (h, k: MLP 3-3.5x the width, 64-wide heads, vocabulary 32x the width), added
 # when the held-out tiny model's checkpointed chunked cases came out 14-17% over with the first five alone.
@@ -80,9 +80,11 @@ _SWAPPED = [(batch, seq, checkpointing, "bf16" if dtype == "fp32" else "fp32")
             for batch, seq, checkpointing, dtype in _FIRST]
 RUNS = {"b": _FIRST, "d": _SWAPPED, "e": _FIRST, "f": _SWAPPED, "g": _FIRST, "h": _SWAPPED, "k": _FIRST,
         "m": _SWAPPED}
-# The chunked loss only: at 2 x 1024 tokens, eight chunks of 256 where the runs above make four, so the first chunk
-# and the others are told apart (with four chunks only, their terms were proportional and the fit could not):
-# shape f at eight chunks held 507 MB without checkpointing (466 at four) and 490 with (299 at four). At 4 x 256,
+# The chunked loss only: at 2 x 1024 tokens, twice the chunks of the runs above (they were added when the chunks were
+# 256 tokens, four at 1 x 1024, and the first chunk's terms and the others' were proportional: the fit could not
+# tell them apart; shape f at eight chunks held 507 MB without checkpointing (466 at four) and 490 with (299 at
+# four)). Since the 32-token floor (memfit.train.chunk_size.MLX_MIN_CHUNK_TOKENS, 2026-12-05) they are 64 chunks of
+# 32 on shape f, 16 of 128 on b: `--chunked` measured every chunked run again. At 4 x 256,
 # four chunks of one row each: without checkpointing the chunks saved more there than at 1 x 1024 (the tiny model:
 # 18.8 MB against the full logits at 4 x 256, 10.4 MB at 1 x 1024), which the runs above had only at 1 x 1024.
 CHUNKED_ONLY = [(2, 1024, True), (2, 1024, False), (4, 256, False)]

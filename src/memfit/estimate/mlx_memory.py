@@ -187,7 +187,10 @@ def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool, chec
     mlx_chunk_tokens(T, V, h) tokens, one after another: memfit.mlx.loss): the first chunk's logits (`head_chunked`)
     and the other chunks' (`head_chunked_rest`), each with a coefficient of its own when the layers are checkpointed
     (`..._checkpointed`): in benchmarks/derive_mlx_constants.py's runs a further chunk added little without
-    checkpointing and much more with it (shape f: 466 -> 507 MB from four chunks to eight without, 299 -> 490 with).
+    checkpointing and much more with it (256-token chunks, shape f: 466 -> 507 MB from four chunks to eight without,
+    299 -> 490 with); with the 32-token floor (2026-12-05) the fit makes the first chunk's coefficient 13.3 without
+    checkpointing and 13.2 with it, the others' 0.05 and 0.10: about thirteen chunks' logits at once, and a further
+    chunk adds little either way.
     Either loss, bf16 or fp16: the compute-dtype logits the upcast starts from, for the tokens counted in the first
     term (`head_cast`: a bf16 step held about one fp32-logits' worth more than an fp32 one). On the fused chunks'
     77 runs before the 4 x 256 ones joined, the form before (two chunks and the rest, one coefficient each for both
@@ -330,8 +333,8 @@ def recorded_errors(fitted: dict) -> list[tuple[dict, float]]:
 def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> tuple[float, int] | None:
     """(the most a recorded run held above its estimate, a negative %, and that run's tokens) among the runs of this
     checkpointing and loss at a similar batch: within a factor of 2 of `tokens`, else at the nearest token count
-    recorded. The under-estimates grow with the batch (mlx_constants.json: down to -28% at 16,384 tokens and -26% at
-    2,048, -11% at most up to 1,024). None when none of those runs peaked above its estimate."""
+    recorded. The chunked runs' under-estimates go to -18% at 512-1,024 tokens and -17% at 16,384 (mlx_constants.json,
+    2026-12-05; -28% at 16,384 when the chunks were 256 tokens or more). None when none of those runs peaked above its estimate."""
     same = [(run, error) for run, error in recorded_errors(fitted)
             if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
     if not same:
