@@ -67,8 +67,9 @@ SHAPES = {
 # 32x the width) at 24 layers, where the fit's shapes have 1-8. Its runs check the fitted form at a depth the fit
 # lacks (`held_out` in mlx_constants.json). With gradient clipping inside the update's graph (the trainer until
 # 2026-12-05) the step kept much of every layer's backward alive (benchmarks/mlx_step_phases.py): its 64 x 256
-# checkpointed chunked run peaked 1.8x the estimate (-45.8%). With the gradients evaluated first (every run measured again)
-# the worst is -20.8%, the fitted shapes' own worst -28.4%.
+# checkpointed chunked run peaked 1.8x the estimate (-45.8%). With the gradients evaluated first (every run measured
+# again) the worst was -20.8%, the fitted shapes' own worst -28.4%; with the 32-token loss chunks (the chunked runs
+# measured again, 2026-12-05) its runs are -4.4% to +24.2%, the fitted shapes' worst -18.1%.
 HELD_OUT = ("m",)
 # (batch, seq, checkpointing, dtype) per shape, each with the full-logits loss and the chunked one: 128, 512 and
 # 1024 tokens (the head terms scale with the tokens, the fixed part does not; the attention scores with s^2 at
@@ -340,7 +341,8 @@ def main() -> None:
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
         "command": "python benchmarks/derive_mlx_constants.py" + (" --chunked" if args.chunked else "")
-                   + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "") + (" --refit" if args.refit else ""),
+                   + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "")
+                   + (" --refit" if args.refit else ""),
         "shapes": SHAPES,
         "runs": [dict(shape=row["shape"], **row["case"], peak_bytes=row["peak"], exact_bytes=row["exact"],
                       peak_rss_bytes=row["peak_rss"]) for row in rows],

@@ -23,5 +23,6 @@ def test_each_floor_runs_its_chunk_and_the_same_loss(tiny_model_dir):
     # The tiny model (vocabulary 2,048, hidden 128): Liger's rule gives 64-token chunks for 1,024 tokens, so a floor
     # of 128 raises the chunk and a floor of 32 leaves it.
     assert runs["128"][0]["chunk_tokens"] == 128 and runs["32"][0]["chunk_tokens"] == 64
-    assert all(run["train_peak_bytes"] > 0 and len(run["step_seconds"]) == 2 for found in runs.values() for run in found)
+    assert all(run["train_peak_bytes"] > 0 and len(run["step_seconds"]) == 2
+               for found in runs.values() for run in found)
     assert runs["128"][0]["loss"] == pytest.approx(runs["32"][0]["loss"], rel=1e-5)

@@ -334,7 +334,8 @@ def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) ->
     """(the most a recorded run held above its estimate, a negative %, and that run's tokens) among the runs of this
     checkpointing and loss at a similar batch: within a factor of 2 of `tokens`, else at the nearest token count
     recorded. The chunked runs' under-estimates go to -18% at 512-1,024 tokens and -17% at 16,384 (mlx_constants.json,
-    2026-12-05; -28% at 16,384 when the chunks were 256 tokens or more). None when none of those runs peaked above its estimate."""
+    2026-12-05; -28% at 16,384 when the chunks were 256 tokens or more). None when none of those runs peaked above
+    its estimate."""
     same = [(run, error) for run, error in recorded_errors(fitted)
             if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
     if not same:

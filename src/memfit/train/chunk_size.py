@@ -22,28 +22,27 @@ def chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int, floor: int 
 def even_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     """chunk_tokens spread evenly over as many chunks (torch's chunked loss): 345 tokens in chunks of 256 become
     173 + 172, not 256 + 89. The same matmuls, and a smaller largest chunk of logits, which is what the step's peak
-    holds (qwen2.5-0.5b, 345 tokens: 105 MB of fp32 logits, not 156). MLX keeps chunk_tokens: its constants were
-    fitted on those chunks (mlx_chunks)."""
+    holds (qwen2.5-0.5b, 345 tokens: 105 MB of fp32 logits, not 156). MLX keeps whole chunks (mlx_chunk_tokens):
+    its constants were fitted on those chunks."""
     chunk = chunk_tokens(num_tokens, vocab_size, hidden_size)
     return math.ceil(num_tokens / math.ceil(num_tokens / chunk)) if num_tokens > 0 else chunk
 
 
 # MLX: fewer chunks than this held more than the plain head. With MLX_MIN_CHUNK_TOKENS' 32-token chunks, on the
-# whole smollm2-135m (30 layers, 49k vocabulary) with checkpointing, MLX's peak in the compiled trainer
-# (/tmp/s42/chunkexp.py: memfit.mlx.measure's run_steps with the floor set, 3 steps; 2026-12-05): 1 x 128 fp32,
-# four chunks, 694.6 MB against the plain head's 671.1; 1 x 256 fp32, eight chunks, 710.5 against 746.5; 1 x 256
-# bf16, eight, 438.7 against 485.7; without checkpointing 2 x 128 fp32, eight, 1,087.9 against 1,208.7. (Before,
-# with the floor at 256, the rule was four: measured on the checkpointed chunks that came before the fused ones.)
+# whole smollm2-135m (30 layers, 49k vocabulary), MLX's peak in the compiled trainer: 1 x 128 fp32 with
+# checkpointing, four chunks, 694.6 MB against the plain head's 671.1; eight chunks held less: 1 x 256 fp32 710.5
+# against 746.5, 1 x 256 bf16 438.7 against 485.7, 2 x 128 fp32 without checkpointing 1,087.9 against 1,208.7; the
+# same speed (`python benchmarks/mlx_chunk_floor.py DIR --floors 256,32 ...`, docs/benchmarks.md, 2026-12-05). The
+# rule was four chunks at 256 tokens a chunk, measured on the checkpointed chunks that came before the fused ones.
 MLX_MIN_CHUNKS = 8
 
 
 # MLX's floor on a chunk. MLX evaluates the step's graph as a whole, so more than one chunk's logits and softmax are
 # live at once; smaller chunks cut that where torch's 256 did not: smollm2-135m cut to 4 layers, 4 x 256 bf16 with
-# checkpointing, MLX's peak in the compiled trainer with the floor at 256 / 64 / 32 / 16: 666.1 / 304.5 / 230.4 /
-# 234.4 MB, 36.1 / 36.2 / 36.6 / 36.5 s a step on one core, the same loss to six digits (/tmp/s42/chunkexp.py:
-# memfit.mlx.measure's run_steps with MLX_MIN_CHUNK_TOKENS set; 2026-12-05). Reproduce with `python
-# benchmarks/mlx_step_phases.py DIR --batch-size 4 --seq-len 256 --dtype bf16 --min-chunk-tokens N` (uncompiled).
-# Metal's speed at 32-token chunks is not measured (no Mac here): each chunk is still 32 x h x V multiply-adds.
+# checkpointing, MLX's peak in the compiled trainer with the floor at 256 (four chunks) / 64 / 32 / 16: 666.1 /
+# 304.5 / 230.4 / 234.5 MB at the same speed and loss (`python benchmarks/mlx_chunk_floor.py DIR --floors
+# 256,64,32,16 --batch-size 4 --seq-len 256 --dtype bf16`, docs/benchmarks.md, 2026-12-05). Metal's speed at
+# 32-token chunks is not measured (no Mac here): each chunk is still 32 x h x V multiply-adds.
 MLX_MIN_CHUNK_TOKENS = 32
 
 
