@@ -525,8 +525,11 @@ def main() -> int:
     print(json.dumps(summary, indent=None if args.json else 2))
     if args.write:
         command = _command_line()
-        # The tiny model's table keeps its section; each other shape has its own beside it.
+        # The tiny model's table keeps its section; each other shape has its own beside it, and a batch shape other
+        # than the one that section was first measured at (smollm2-135m: 1 x 128) its own.
         marker = "mlx-vs-mlx-lm" if args.preset == "tiny" else f"mlx-vs-mlx-lm-{args.preset}-{args.layers or 'all'}"
+        if args.preset != "tiny" and (args.batch_size, args.seq_len) != (1, 128):
+            marker += f"-{args.batch_size}x{args.seq_len}"
         write_section(ROOT / "docs" / "benchmarks.md", marker, markdown(summary, command))
     return 0
 
