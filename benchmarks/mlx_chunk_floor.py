@@ -36,23 +36,12 @@ def child(model_dir: str, config_values: dict, floor: int, steps: int, min_chunk
     if min_chunks:
         chunk_size.MLX_MIN_CHUNKS = min_chunks  # read by mlx_chunks at each call
     from memfit.mlx.measure import run_steps
-    from memfit.mlx.trainer import MlxTrainer
 
-    seconds = []
-    step = MlxTrainer.optimizer_step
-
-    def timed(self, *args, **kwargs):
-        started = time.perf_counter()
-        result = step(self, *args, **kwargs)
-        seconds.append(time.perf_counter() - started)  # optimizer_step evaluates its results before it returns
-        return result
-
-    MlxTrainer.optimizer_step = timed
     found = run_steps(model_dir, config_values, steps)
     hf = json.loads((Path(model_dir) / "config.json").read_text())
     tokens = config_values["batch_size"] * config_values["seq_len"]
     return {"floor": floor, "chunk_tokens": chunk_size.mlx_chunks(tokens, hf["vocab_size"], hf["hidden_size"]),
-            "train_peak_bytes": found["train_peak_bytes"], "step_seconds": seconds, "loss": found["loss"]}
+            "train_peak_bytes": found["train_peak_bytes"], "step_seconds": found["step_seconds"], "loss": found["loss"]}
 
 
 def measure(model_dir: str, config_values: dict, floors: list[int], steps: int, repeats: int,

@@ -13,7 +13,7 @@ Parts, each as bytes above the model's own arrays:
 - gradients first: the gradients evaluated, then clipping and the update;
 - trainer step: the trainer's own `optimizer_step`, uncompiled (gradients first when it clips).
 `--min-chunk-tokens N` replaces memfit.train.chunk_size.MLX_MIN_CHUNK_TOKENS (the MLX chunked loss's floor on a chunk,
-256) for this run: what smaller chunks would hold. The model directory is one `memfit init-model` (or
+32) for this run: what smaller chunks would hold. The model directory is one `memfit init-model` (or
 memfit.models.init_model) wrote. Prints one JSON object.
 """
 

@@ -57,9 +57,9 @@ def test_loss_decreases_and_run_dir_is_written(tiny_model_dir, tmp_path):
 def test_the_models_arrays_are_released_before_the_run_report(tiny_model_dir, tmp_path):
     """The entry point draws the run report as RunEnded reaches it: by then the trainer has let go of the model and
     its optimizer state, so the report's plotting library does not add to a run's peak on top of them."""
-    import mlx.core as mx
-
     import gc
+
+    import mlx.core as mx
 
     gc.collect()  # arrays an earlier test in this process left in reference cycles (test_mlx_faults' OOM runs did)
     before = mx.get_active_memory()

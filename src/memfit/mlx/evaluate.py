@@ -16,7 +16,7 @@ import mlx.core as mx
 from memfit.errors import UserError
 from memfit.mlx.batches import MicroBatch, micro_batch
 from memfit.mlx.loss import plain_head, weighted_sum
-from memfit.train.chunk_size import mlx_chunk_tokens
+from memfit.train.chunk_size import chunk_tokens
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 
@@ -35,7 +35,9 @@ def row_losses(model, batch: MicroBatch) -> list[tuple[float, float]]:
             continue
         module, apply = plain
         width, size = hidden.shape[1], hidden.shape[2]
-        step = mlx_chunk_tokens(width, model.args.vocab_size, size)
+        # Each chunk is evaluated on its own here (no gradient graph keeps several alive), so the training floor's
+        # reason (memfit.train.chunk_size.MLX_MIN_CHUNK_TOKENS) does not apply: fewer, larger chunks, fewer syncs.
+        step = chunk_tokens(width, model.args.vocab_size, size)
         total = 0.0
         for start in range(0, width, step):
             part = weighted_sum(apply(module, hidden[row, start:start + step]), targets[start:start + step],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from memfit.runtime import run_python_json
@@ -42,20 +43,22 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     vocab = int(trainer.loaded.config["vocab_size"])
     rng = np.random.default_rng(config.seed)
     batch, seq = config.batch_size, config.seq_len
-    step_peaks = []
+    step_peaks, step_seconds = [], []
     loss = None
     for _ in range(steps):
         micro_batches = [MicroBatch(mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32)),
                                  mx.array(rng.integers(0, vocab, (batch, seq), dtype=np.int32)),
                                  mx.ones((batch, seq), dtype=mx.float32), batch * seq)
                          for _ in range(config.grad_accum)]
-        loss_sum, _norm, _tokens = trainer.optimizer_step(micro_batches, len(micro_batches))
+        started = time.perf_counter()
+        loss_sum, _norm, _tokens = trainer.optimizer_step(micro_batches, len(micro_batches))  # evaluated on return
+        step_seconds.append(time.perf_counter() - started)
         del micro_batches
         step_peaks.append(int(mx.get_peak_memory()))
         loss = float(loss_sum) / (batch * seq * config.grad_accum)
     train_peak = int(mx.get_peak_memory())
     return {"load_peak_bytes": load_peak, "after_load_active_bytes": after_load, "train_peak_bytes": train_peak,
-            "peak_bytes": max(load_peak, train_peak), "step_peak_bytes": step_peaks,
+            "peak_bytes": max(load_peak, train_peak), "step_peak_bytes": step_peaks, "step_seconds": step_seconds,
             "active_bytes": int(mx.get_active_memory()), "peak_rss_bytes": peak_rss_bytes(), "loss": loss,
             "dtype": trainer.loaded.dtype, "trainable_params": trainer.loaded.counts()[0]}
 
