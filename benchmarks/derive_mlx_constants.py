@@ -136,17 +136,23 @@ def obsolete(hf_config, case: dict) -> bool:
     return case["chunked_loss"] and not chunked_loss(hf_config, TrainConfig(**case), tokens)
 
 
-def measure(scratch: Path, names: list[str], done: list[dict] = ()) -> list[dict]:
-    """Each named shape's runs (`cases`), but those in `done` (rows recorded before: --missing)."""
+def measure(scratch: Path, names: list[str], done: list[dict] = (), memory_limit_bytes: int = 0,
+            jobs: int = 1) -> list[dict]:
+    """Each named shape's runs (`cases`), but those in `done` (rows recorded before: --missing); `jobs` children at a
+    time, each on one thread (the peak is a count of bytes, not of time); `memory_limit_bytes`: MLX's memory limit
+    in each child (memfit.mlx.measure.run_steps; 1 measures the step's need: --need)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoConfig
 
     from memfit.mlx.measure import measure_in_child
     from memfit.models import init_model
 
-    rows = []
+    todo = []
     for name in names:
-        todo = [case for case in cases(name) if not any(row["shape"] == name and row["case"] == case for row in done)]
-        if not todo:
+        cases_left = [case for case in cases(name)
+                      if not any(row["shape"] == name and row["case"] == case for row in done)]
+        if not cases_left:
             continue
         shape = SHAPES[name]
         values = dict(shape)
@@ -154,16 +160,21 @@ def measure(scratch: Path, names: list[str], done: list[dict] = ()) -> list[dict
         model_dir = scratch / name
         init_model("tiny", model_dir, num_layers=layers, overrides=values)
         hf_config = AutoConfig.from_pretrained(model_dir)
-        for case in todo:
-            if obsolete(hf_config, case):
-                continue
-            exact, terms = exact_and_terms(hf_config, case)
-            measured = measure_in_child(model_dir, case, steps=2)
-            rows.append(dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
-                             peak_rss=measured["peak_rss_bytes"]))
-            print(f"{name} {case}: peak {measured['peak_bytes'] / 2**20:.1f} MB, exact part "
-                  f"{exact / 2**20:.1f} MB", flush=True)
-    return rows
+        todo += [(name, model_dir, hf_config, case) for case in cases_left if not obsolete(hf_config, case)]
+    one_thread = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def run(item) -> dict:
+        name, model_dir, hf_config, case = item
+        exact, terms = exact_and_terms(hf_config, case)
+        measured = measure_in_child(model_dir, case, steps=2, timeout_s=3600, env=one_thread if jobs > 1 else None,
+                                    memory_limit_bytes=memory_limit_bytes)
+        print(f"{name} {case}: peak {measured['peak_bytes'] / 2**20:.1f} MB, exact part "
+              f"{exact / 2**20:.1f} MB", flush=True)
+        return dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
+                    peak_rss=measured["peak_rss_bytes"])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(run, todo))
 
 
 def recorded_rows(path: Path) -> list[dict]:
@@ -300,6 +311,10 @@ def main() -> None:
                         help="measure nothing: fit again on the runs --out recorded (after a change of the terms)")
     parser.add_argument("--missing", action="store_true",
                         help="measure only the runs --out has not recorded (after runs were added), keep the rest")
+    parser.add_argument("--need", action="store_true",
+                        help="measure every run under a 1-byte MLX memory limit: the step's need, nothing run ahead "
+                        "(memfit.mlx.measure.run_steps)")
+    parser.add_argument("--jobs", type=int, default=1, help="children measured at a time (one thread each)")
     parser.add_argument("--chunked", action="store_true",
                         help="measure the chunked-loss runs again (of --shapes, or all), keep the full-logits ones "
                         "(after a change of the chunked loss)")
@@ -307,6 +322,8 @@ def main() -> None:
     import mlx.core as mx
 
     started = time.time()
+    # What the runs' peaks are: a --refit, --missing, --shapes or --chunked keeps the recorded runs' kind
+    need = args.need or recorded(args, "peak") == "need"
     if args.refit:
         rows = recorded_rows(Path(args.out))
     else:
@@ -318,7 +335,8 @@ def main() -> None:
                         if not (row["case"]["chunked_loss"] and row["shape"] in names)]
             else:
                 kept = [row for row in recorded_before if args.missing or row["shape"] not in names]
-            rows = kept + measure(Path(scratch), names, kept if args.missing or args.chunked else [])
+            rows = kept + measure(Path(scratch), names, kept if args.missing or args.chunked else [],
+                                  1 if need else 0, args.jobs)
     fitted = fitted_rows(rows)
     coefficients, errors = fit(fitted)  # both losses in one fit: they share every term but the head's
     full = [error for error, row in zip(errors, fitted) if not row["case"]["chunked_loss"]]
@@ -336,11 +354,13 @@ def main() -> None:
                 "errors_percent": [round(e, 2) for e in errors]},
         "held_out": {"shapes": list(HELD_OUT), "runs": len(held),
                      "errors_percent": [round(e, 2) for e in errors_with(held, coefficients)]},
+        "peak": "need" if need else "unconstrained",
         "measured_on": _added(recorded(args, "measured_on"), args)
                        or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
                        f"{time.strftime('%Y-%m-%d')}",
-        "command": "python benchmarks/derive_mlx_constants.py" + (" --chunked" if args.chunked else "")
+        "command": "python benchmarks/derive_mlx_constants.py" + (" --need" if need else "")
+                   + (" --chunked" if args.chunked else "")
                    + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "")
                    + (" --refit" if args.refit else ""),
         "shapes": SHAPES,

@@ -16,9 +16,11 @@ error over a smaller figure: it is what the constants cannot hide. smollm2-135m 
 Without --write the table is printed, not written.
 
 With `--engine mlx`: memfit's MLX engine (mlx[cpu] here). Each case runs 3 steps of the MLX trainer's own compiled
-step in a fresh child (memfit.mlx.measure) and reads `mx.get_peak_memory()`; the estimate is
-memfit.estimate.mlx_memory's arrays' peak (`mlx_peak_bytes`, the total less the process runtime), for the same
-configuration. Its own section in docs/benchmarks.md.
+step in two fresh children at once (memfit.mlx.measure), one under a 1-byte MLX memory limit and one without a limit,
+and reads `mx.get_peak_memory()` in each: the first is the step's need (nothing run ahead), what the estimate
+(memfit.estimate.mlx_memory's `mlx_peak_bytes`, the total less the process runtime) predicts and is compared with;
+the second is what MLX holds when it may run ahead of the ops running (memfit.mlx.measure.run_steps says how). Its
+own section in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MB = 1024**2
@@ -209,6 +212,7 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str], timeout_s: f
     from memfit.mlx.measure import measure_in_child
     from memfit.models import init_model
 
+    one_thread = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for preset, cases in selection.items():
@@ -218,22 +222,25 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str], timeout_s: f
             for case in cases:
                 estimate = estimate_mlx(hf_config, TrainConfig(**case), Hardware("cpu", 1 << 40))
                 started = time.time()
-                try:
-                    measured = measure_in_child(model_dir, case, steps=3, timeout_s=timeout_s)
+                try:  # the need and the unconstrained peak side by side, one core each
+                    with ThreadPoolExecutor(2) as pool:
+                        need, free = pool.map(lambda limit: measure_in_child(
+                            model_dir, case, steps=3, timeout_s=timeout_s, env=one_thread,
+                            memory_limit_bytes=limit), (1, 0))
                 except subprocess.TimeoutExpired as timeout:
                     timed_out.append(f"{preset} {case} (timed out after {timeout.timeout:.0f} s)")
                     print(timed_out[-1], flush=True)
                     continue
-                peak = measured["peak_bytes"]
+                peak = need["peak_bytes"]
                 rows.append(dict(model=f"{preset} ({estimate.params / 1e6:.1f}M params, {hf_config.num_hidden_layers} "
                                  "layers)", case=case, params=estimate.params, estimate=estimate.mlx_peak_bytes,
                                  measured=peak, error=(estimate.mlx_peak_bytes - peak) / peak * 100,
-                                 loss=_loss_label(hf_config, case),
-                                 phase="load" if measured["load_peak_bytes"] >= measured["train_peak_bytes"]
-                                 else "step",
+                                 unconstrained=free["peak_bytes"], loss=_loss_label(hf_config, case),
+                                 phase="load" if need["load_peak_bytes"] >= need["train_peak_bytes"] else "step",
                                  seconds=time.time() - started))
-                print(f"{rows[-1]['model']:32s} {case} est {estimate.mlx_peak_bytes / MB:7.1f} MB  measured "
-                      f"{peak / MB:7.1f} MB  error {rows[-1]['error']:+5.1f}%", flush=True)
+                print(f"{rows[-1]['model']:32s} {case} est {estimate.mlx_peak_bytes / MB:7.1f} MB  need "
+                      f"{peak / MB:7.1f} MB  error {rows[-1]['error']:+5.1f}%  no limit {free['peak_bytes'] / MB:7.1f} "
+                      "MB", flush=True)
     return rows
 
 
@@ -252,23 +259,27 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, MLX {mx.__version__} "
         f"({'Metal' if mx.metal.is_available() else 'CPU, mlx[cpu]'}), mlx-lm {metadata.version('mlx-lm')}. Each "
         "case: 3 steps of memfit's MLX trainer (its own load, quantization, adapters, AdamW and compiled step: "
-        "memfit.mlx.measure) in a fresh child on random full-length rows; measured = `mx.get_peak_memory()` (the "
-        "arrays' high-water mark); estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes` (its total less "
-        "the process runtime). The activation coefficients come from `python benchmarks/derive_mlx_constants.py` "
+        "memfit.mlx.measure) on random full-length rows in two fresh children at once, one core each: need = "
+        "`mx.get_peak_memory()` (the arrays' high-water mark) under a 1-byte MLX memory limit, where MLX waits for "
+        "the running ops before each allocation, so nothing is run ahead; no limit = the same without a limit, "
+        "where MLX allocates up to 10 ops ahead of those running (mlx/transforms.cpp, MAX_ACTIVE_TASKS) and how "
+        "much that holds depends on timing; estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes` (its "
+        "total less the process runtime), the need. The activation coefficients come from `python benchmarks/derive_mlx_constants.py` "
         f"(other shapes; its own fit's worst error {constants()['fit']['worst_error_percent']:.1f}%). Loss: the "
         "trainer's default chunked loss, or the full logits (`--no-chunked-loss`, or fewer tokens than "
         "memfit.train.chunk_size.MLX_MIN_CHUNKS chunks, where the trainer runs the plain head).",
         "",
-        "| model | method | quant | dtype | batch × seq | grad ckpt | loss | estimate MB | measured MB | peak in | "
-        "error |",
-        "|---|---|---|---|---|---|---|---:|---:|---|---:|",
+        "| model | method | quant | dtype | batch × seq | grad ckpt | loss | estimate MB | need MB | peak in | "
+        "error | no limit MB |",
+        "|---|---|---|---|---|---|---|---:|---:|---|---:|---:|",
     ]
     for row in rows:
         case = row["case"]
         lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
                      f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
                      f"{row['loss']} | {row['estimate'] / MB:,.1f} | "
-                     f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% |")
+                     f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% | "
+                     f"{row['unconstrained'] / MB:,.1f} ({(row['unconstrained'] / row['measured'] - 1) * 100:+.0f}%) |")
     if left_out:
         lines += ["", "Not run in this session (2 CPU cores shared with other jobs; a 30-layer case takes 5-15 "
                   "minutes): " + "; ".join(left_out) + "."]

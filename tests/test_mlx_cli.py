@@ -30,7 +30,7 @@ def test_train_engine_mlx_runs_the_seed_command_and_resumes(tiny_model_dir, tmp_
                                   "--lora-rank", "64", "--seq-len", "64", "--max-steps", "2", "--save-every", "1",
                                   "--no-packing")
     assert code == 0, stderr
-    assert "Set MLX memory limit to 8.00 GB" in stdout and "finished 2 steps" in stdout
+    assert "80% of the 8.00 GB limit" in stdout and "finished 2 steps" in stdout
     run = json.loads((out / "run.json").read_text())
     assert run["engine"] == "mlx" and run["config"]["quant"] == "4" and run["config"]["lora_rank"] == 64
     assert (out / "final" / "adapters.safetensors").is_file()

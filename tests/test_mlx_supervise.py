@@ -58,7 +58,7 @@ def test_the_seeds_command_runs_as_written_with_memfits_names(tiny_model_dir, tm
                "--max-steps", "42"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Set MLX memory limit to 8.00 GB" in done.stdout and "finished 42 steps" in done.stdout
+    assert "Set MLX memory limit to" in done.stdout and "80% of the 8.00 GB limit" in done.stdout and "finished 42 steps" in done.stdout
     lives = [json.loads(line) for line in (out / "supervisor.jsonl").read_text().splitlines()]
     ended = [life for life in lives if life["event"] == "ChildEnded"]
     assert [life["outcome"] for life in ended] == ["reload", "done"] and ended[0]["step"] == 40

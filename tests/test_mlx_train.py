@@ -122,7 +122,11 @@ def test_guard_stops_at_the_limit_with_a_checkpoint(tiny_model_dir, tmp_path, mo
     assert 1 <= result.step < 40 and result.checkpoint is not None and result.checkpoint.is_dir()
     assert "--engine mlx --resume" in result.resume_command
     limits = json.loads((tmp_path / "run" / "run.json").read_text())["mlx_limits"]
-    assert limits["memory_limit_bytes"] == limits["read_back_bytes"] == int(limit_gb * 1024**3)
+    assert limits["guard_limit_bytes"] == int(limit_gb * 1024**3)
+    # MLX's limit: the arrays' share of the warning threshold (mlx_memory.arrays_limit_bytes), set and read back
+    assert limits["memory_limit_bytes"] == limits["read_back_bytes"] == max(
+        1, int(limits["guard_limit_bytes"] * limits["threshold"]) - limits["outside_bytes"])
+    assert limits["outside_bytes"] > 50 * 1024**2  # the interpreter, torch-free MLX and mlx-lm: the RSS beside MLX
     assert mlx_memory.memory_limit_bytes() == limits["previous_memory_limit_bytes"]  # put back after the run
     assert any(type(event).__name__ == "GuardNotice" for event in events)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "guard_stop"

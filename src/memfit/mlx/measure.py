@@ -19,7 +19,13 @@ from pathlib import Path
 from memfit.runtime import run_python_json
 
 
-def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
+def run_steps(model_dir: str, config_values: dict, steps: int, memory_limit_bytes: int = 0) -> dict:
+    """`steps` optimizer steps; `memory_limit_bytes` > 0 sets mx.set_memory_limit for them (after the load). MLX's
+    eval allocates each op's output when it schedules it, up to 10 ops ahead of those running
+    (mlx/transforms.cpp, MAX_ACTIVE_TASKS), and waits for running ops first only while the active memory is over the
+    limit: at 1 byte it waits every time, so the peak is what the step needs in MLX's evaluation order, with nothing
+    run ahead (the peak a run under a memory limit at that size holds; `memfit train --engine mlx` sets the limit
+    from --max-memory)."""
     import mlx.core as mx
     import numpy as np
 
@@ -39,6 +45,8 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
     load_peak = int(mx.get_peak_memory())
     after_load = int(mx.get_active_memory())
     mx.clear_cache()
+    if memory_limit_bytes:
+        mx.set_memory_limit(memory_limit_bytes)
     mlx_memory.reset_peak()
     vocab = int(trainer.loaded.config["vocab_size"])
     rng = np.random.default_rng(config.seed)
@@ -64,9 +72,10 @@ def run_steps(model_dir: str, config_values: dict, steps: int) -> dict:
 
 
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, timeout_s: float = 900,
-                     env: dict | None = None) -> dict:
+                     env: dict | None = None, memory_limit_bytes: int = 0) -> dict:
     """`run_steps` in a fresh interpreter: MLX's peak counter then holds this configuration's arrays alone."""
-    args = [str(model_dir), json.dumps(config_values), "--steps", str(steps)]
+    args = [str(model_dir), json.dumps(config_values), "--steps", str(steps),
+            "--memory-limit", str(memory_limit_bytes)]
     return run_python_json(["-m", "memfit.mlx.measure", *args], timeout_s, env)
 
 
@@ -75,8 +84,10 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("config_json")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--memory-limit", type=int, default=0,
+                        help="MLX's memory limit for the steps, bytes (1: the step's need; run_steps says why)")
     args = parser.parse_args()
-    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps)))
+    print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.memory_limit)))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,14 @@ interpreter and libraries, as on the torch engine's CPU path). On Apple Silicon 
 unified memory that the RSS need not show; MLX's own counters are then the figure, and they are what
 `mx.set_memory_limit` is measured against.
 
-Limits (`apply_limits`): MLX's memory limit is set to the guard's limit (the seeds' `--max-memory 70` meant this:
-"Set MLX memory limit to 70.0 GB"); the cache limit to the part of the limit above the warning threshold, so freed
+Limits (`apply_limits`): MLX's memory limit is set to what its arrays may hold before the guard's warning threshold
+(`arrays_limit_bytes`). The seeds set it to the whole limit (`--max-memory 70`: "Set MLX memory limit to 70.0 GB"),
+but MLX's limit does not cap the arrays: it is where MLX's eval stops allocating ahead. MLX allocates each op's
+output when it schedules the op, up to 10 ops ahead of those running (mlx/transforms.cpp, MAX_ACTIVE_TASKS), and only
+while its active memory is over the limit does it wait for running ops first (relaxed: past the last one it
+allocates anyway). What runs ahead held 14-64% more than the step needs in benchmarks/derive_mlx_constants.py's
+runs (docs/mlx.md), so at the guard's whole limit a step whose need fits could be stopped by what MLX ran ahead;
+below the threshold MLX waits instead, and the guard's stop is left for what the step really needs. The cache limit to the part of the limit above the warning threshold, so freed
 buffers MLX keeps can never by themselves reach the threshold, or MLX's own when that is lower (its CPU build's
 32 MB); on Metal the wired limit to the limit, at most the device's recommended working-set size (what mlx-lm's
 trainer sets). Each setter returns the previous value, and the returned `MlxLimits` says what was set and what it
@@ -116,10 +122,17 @@ class MlxLimits:
     wired_limit_bytes: int | None  # None: not set (no Metal, or this MLX has no set_wired_limit)
     previous_wired_limit_bytes: int | None
     read_back_bytes: int | None = None  # MLX's memory limit read back after setting it
+    guard_limit_bytes: int = 0  # the guard's limit the others come from
+    threshold: float = 0.8
+    outside_bytes: int = 0  # what the guard's figure held beside MLX's arrays when they were set
 
     def describe(self) -> str:
         text = (f"Set MLX memory limit to {format_gb(self.memory_limit_bytes)} (was "
-                f"{format_gb(self.previous_memory_limit_bytes)}); cache limit {format_gb(self.cache_limit_bytes)}")
+                f"{format_gb(self.previous_memory_limit_bytes)}): {self.threshold:.0%} of the "
+                f"{format_gb(self.guard_limit_bytes)} limit"
+                + (f" less {format_gb(self.outside_bytes)} outside MLX's arrays" if self.outside_bytes else "")
+                + f", above which MLX waits for running ops instead of allocating ahead; "
+                f"cache limit {format_gb(self.cache_limit_bytes)}")
         if self.wired_limit_bytes is not None:
             text += f"; wired limit {format_gb(self.wired_limit_bytes)}"
         return text
@@ -144,11 +157,30 @@ def recommended_working_set_bytes() -> int | None:
         return None
 
 
+def arrays_limit_bytes(limit_bytes: int, threshold: float, outside_bytes: int) -> int:
+    """MLX's memory limit for a guard limit: the warning threshold's share of it, less what the guard's figure holds
+    outside MLX's arrays (`outside_bytes`: on a CPU the process's RSS beside MLX's buffers, the interpreter and
+    libraries; 0 on Metal, where the guard compares MLX's own counters). At least 1 byte: a limit the process
+    outside the arrays already fills makes MLX wait for every op, the least it can hold."""
+    return max(1, int(limit_bytes * threshold) - int(outside_bytes))
+
+
+def outside_arrays_bytes() -> int:
+    """What the guard's figure holds beside MLX's arrays now: on a CPU the RSS less MLX's active and cached buffers
+    (MLX's buffers are malloc's, inside the RSS); 0 on Metal (its buffers are not in the RSS the guard compares)."""
+    if metal():
+        return 0
+    sample = read_mlx_memory()
+    return max(0, sample.rss_bytes - sample.mlx_bytes)
+
+
 def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
     """Set MLX's memory, cache and (Metal) wired limits from the guard's limit; returns what was set."""
     set_memory, set_cache = _setter("set_memory_limit"), _setter("set_cache_limit")
     limit_bytes = int(limit_bytes)
-    previous_memory = int(set_memory(limit_bytes))
+    outside = outside_arrays_bytes()
+    arrays_limit = arrays_limit_bytes(limit_bytes, threshold, outside)
+    previous_memory = int(set_memory(arrays_limit))
     # Lower the cache limit to the part of the limit above the threshold, never raise it: MLX's CPU build keeps up
     # to 32 MB of freed buffers by default and gives none back under pressure (mlx/backend/no_gpu/allocator.cpp has
     # no gc limit, unlike Metal's allocator), so a raised limit is that much more resident memory for nothing.
@@ -163,8 +195,8 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
     if set_wired is not None and working_set is not None:
         wired = min(limit_bytes, working_set)
         previous_wired = int(set_wired(wired))
-    return MlxLimits(limit_bytes, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
-                     memory_limit_bytes())
+    return MlxLimits(arrays_limit, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
+                     memory_limit_bytes(), limit_bytes, threshold, outside)
 
 
 def restore_limits(limits: MlxLimits) -> None:
