@@ -220,12 +220,11 @@ def errors_with(rows: list[dict], coefficients: dict[str, float]) -> list[float]
             for row in rows]
 
 
-def _nnls(x, y):
+def _nnls(x, y, weights):
     """Non-negative least squares (projected: terms whose coefficient comes out negative are dropped and the fit
-    rerun), rows weighted by 1/their bytes (relative error)."""
+    rerun), rows weighted by `weights` (1/their activations' bytes: relative error)."""
     import numpy as np
 
-    weights = 1.0 / y
     active = [i for i in range(x.shape[1]) if x[:, i].any()]
     while True:
         solution, *_ = np.linalg.lstsq(x[:, active] * weights[:, None], y * weights, rcond=None)
@@ -246,17 +245,22 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
     objective _nnls minimises)."""
     import numpy as np
 
-    from memfit.estimate.mlx_memory import HEAD_TERMS, OVERLAP, RECOMPUTE_TERMS, TERMS, peak_parts
+    from memfit.estimate.mlx_memory import FIXED, HEAD_TERMS, OVERLAP, RECOMPUTE_TERMS, TERMS, peak_parts
 
     y = np.array([row["peak"] - row["exact"] for row in rows], dtype=float)
     x = np.array([[row["terms"][name] for name in TERMS] for row in rows], dtype=float)
+    activations = y
+    weights = 1.0 / activations
+    for name, count in FIXED.items():  # not fitted: taken off the bytes the fitted terms account for
+        y = y - count * x[:, TERMS.index(name)]
+        x[:, TERMS.index(name)] = 0.0
     head = np.array([name in HEAD_TERMS for name in TERMS])
     recompute = np.array([name in RECOMPUTE_TERMS for name in TERMS])
     checkpointed = x[:, recompute].any(axis=1)
     full_logits = x[:, list(TERMS).index("head")] > 0
 
     def fit_with(share: float) -> np.ndarray:
-        solution = _nnls(x, y)
+        solution = _nnls(x, y, weights)
         sides = None
         for _ in range(30):
             at_head = x[:, head] @ solution[head] >= x[:, recompute] @ solution[recompute]
@@ -265,7 +269,7 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
             sides = at_head
             other = checkpointed[:, None] & np.where(at_head[:, None], recompute, head)  # the smaller side's terms
             design = x * np.where(other, np.where(full_logits, share, 0.0)[:, None], 1.0)
-            solution = _nnls(design, y)
+            solution = _nnls(design, y, weights)
         return solution
 
     def predicted(coefficients: dict[str, float]) -> np.ndarray:
@@ -273,9 +277,9 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
 
     best = None
     for share in np.arange(0.0, 1.0001, 0.05):
-        coefficients = {name: float(value) for name, value in zip(TERMS, fit_with(float(share)))}
+        coefficients = {name: float(value) for name, value in zip(TERMS, fit_with(float(share)))} | FIXED
         coefficients[OVERLAP] = float(share)
-        loss = float((((predicted(coefficients) - y) / y) ** 2).sum())
+        loss = float((((predicted(coefficients) - activations) * weights) ** 2).sum())
         if best is None or loss < best[0]:
             best = (loss, coefficients)
     coefficients = {name: round(value, 4) for name, value in best[1].items()}

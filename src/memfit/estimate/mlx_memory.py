@@ -1,5 +1,14 @@
-"""The memory of one MLX training configuration (`memfit estimate --engine mlx`): what `mx.get_peak_memory()` will
-read in memfit's MLX trainer (memfit.mlx.trainer), plus the process around the arrays.
+"""The memory of one MLX training configuration (`memfit estimate --engine mlx`): what a step of memfit's MLX trainer
+(memfit.mlx.trainer) needs of MLX's arrays, plus the process around them.
+
+The need, not whatever peak a run reads: MLX's eval allocates each op's output when it schedules the op, up to 10
+ops ahead of the ops running (mlx/transforms.cpp, MAX_ACTIVE_TASKS), and waits for the running ones first only while
+its active memory is over its memory limit. With no limit in reach, what it ran ahead added 14% to 290% to the
+activations of benchmarks/derive_mlx_constants.py's runs, by timing; under a limit at or above the need the step runs
+within the limit plus one op's outputs (benchmarks/mlx_memory_limit.py), and memfit's MLX engine sets that limit
+below the guard's warning threshold (memfit.mlx.memory.arrays_limit_bytes). So the need is what decides whether a
+run fits, and what is estimated: `mx.get_peak_memory()` of the step under a 1-byte limit, where MLX waits before
+every allocation (memfit.mlx.measure.run_steps). A run with no limit near its need (mlx_lm.lora's) reads more.
 
 Why here and not in memfit.mlx: this is arithmetic on a model config, like the rest of memfit.estimate, and must
 work where MLX is not installed (planning a Mac's run from Linux, `recommend --device mps`); memfit.mlx imports mlx
@@ -66,7 +75,13 @@ TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_che
 HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
               "head_chunked_rest_checkpointed", "head_cast")  # the breakdown's `logits`
 RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed", "attention_cast_checkpointed")
-OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
+OVERLAP = "checkpointed_overlap"
+# Counts set by what the graph holds, not fitted: mx.checkpoint keeps one array per layer, the layer's input (the
+# layer before's output). Fitted, with the step's need as the target (2026-12-05), the count came out 4.2 on shapes
+# of 1-8 layers, where a per-layer term also takes up what does not grow with the depth, and the 24-layer shape held
+# out of the fit (benchmarks/derive_mlx_constants.py's HELD_OUT) was then estimated 34-37% over in its checkpointed
+# runs; at 1 its runs came within 10%, the fitted shapes' worst residual unchanged (22.5% -> 21.5%).
+FIXED = {"stored_checkpointed": 1.0}  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
 
 
 def constants() -> dict:
@@ -232,7 +247,8 @@ def chunked_loss(hf_config, config: TrainConfig, tokens: int) -> bool:
 
 @dataclass
 class MlxEstimate(Estimate):
-    """An Estimate for the MLX engine; `mlx_peak_bytes` is what `mx.get_peak_memory()` will read."""
+    """An Estimate for the MLX engine; `mlx_peak_bytes` is what the step needs of MLX arrays (the module says which
+    peak that is)."""
 
     mlx_peak_bytes: int = 0
     usable_bytes: int = 0  # what the device lets this process use (on a Mac: the GPU's working set)
@@ -355,21 +371,23 @@ def _recorded_caution(checkpointed: bool, chunked: bool, error: float, at_tokens
     ceiling."""
     kind = ("checkpointing" if checkpointed else "no checkpointing") + (", the chunked loss" if chunked else
                                                                          ", the full logits")
-    return (f"estimates of this kind were up to {-error:.0f}% under the measured peak ({kind}, {at_tokens:,} tokens: "
+    return (f"estimates of this kind were up to {-error:.0f}% under the measured need ({kind}, {at_tokens:,} tokens: "
             "mlx_constants.json's runs); run `memfit probe --engine mlx` before a long run near the limit")
 
 
 def _notes(config: TrainConfig, hardware: Hardware, dtype: str, breakdown: dict[str, int], measured_on: str,
            chunk: int, unchunked_tokens: int) -> list[str]:
-    """The estimate's notes: the layout, what mx.get_peak_memory() will read, the chunked loss (`chunk` tokens at a
+    """The estimate's notes: the layout, what the step needs of MLX arrays, the chunked loss (`chunk` tokens at a
     time, or `unchunked_tokens` too few to chunk), a Mac's budget."""
     runtime = breakdown["runtime"]
     notes = [f"MLX engine: {dtype} compute" + (f", base quantized to {config.quant}-bit (affine, group "
                                                f"{GROUP_SIZE}, {dtype} scales and biases; embeddings and lm_head "
                                                "too)" if config.quant != "none" else "")
              + "; LoRA adapters and their Adam states in fp32" * config.uses_adapters,
-             f"the arrays' peak (what mx.get_peak_memory() reads) is {format_gb(sum(breakdown.values()) - runtime)}; "
-             f"runtime {format_gb(runtime)} is the process around them (measured: {measured_on})"]
+             f"the step needs {format_gb(sum(breakdown.values()) - runtime)} of MLX arrays (mx.get_peak_memory() with "
+             "nothing run ahead: MLX waits for running ops above its memory limit, which memfit sets under the "
+             f"guard's threshold; with no limit near, it allocates ahead and reads more); runtime "
+             f"{format_gb(runtime)} is the process around them (measured: {measured_on})"]
     if chunk:
         at_peak = (f"{format_gb(breakdown['logits'])} of them at the peak" if breakdown["logits"] else
                    "the peak is a layer's recomputation, after they are freed")

@@ -17,11 +17,12 @@ Limits (`apply_limits`): MLX's memory limit is set to what its arrays may hold b
 but MLX's limit does not cap the arrays: it is where MLX's eval stops allocating ahead. MLX allocates each op's
 output when it schedules the op, up to 10 ops ahead of those running (mlx/transforms.cpp, MAX_ACTIVE_TASKS), and only
 while its active memory is over the limit does it wait for running ops first (relaxed: past the last one it
-allocates anyway). What runs ahead held 14-64% more than the step needs in benchmarks/derive_mlx_constants.py's
+allocates anyway). What it ran ahead added 14% to 290% to the activations of benchmarks/derive_mlx_constants.py's
 runs (docs/mlx.md), so at the guard's whole limit a step whose need fits could be stopped by what MLX ran ahead;
-below the threshold MLX waits instead, and the guard's stop is left for what the step really needs. The cache limit to the part of the limit above the warning threshold, so freed
-buffers MLX keeps can never by themselves reach the threshold, or MLX's own when that is lower (its CPU build's
-32 MB); on Metal the wired limit to the limit, at most the device's recommended working-set size (what mlx-lm's
+below the threshold MLX waits instead, and the guard's stop is left for what the step really needs, at no cost in
+speed where the limit sits above the need (benchmarks/mlx_memory_limit.py). The cache limit is set to the part of the
+limit above the warning threshold, so freed buffers MLX keeps can never by themselves reach the threshold, or MLX's
+own when that is lower (its CPU build's 32 MB); on Metal the wired limit to the limit, at most the device's recommended working-set size (what mlx-lm's
 trainer sets). Each setter returns the previous value, and the returned `MlxLimits` says what was set and what it
 was before.
 """
