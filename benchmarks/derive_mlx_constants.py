@@ -2,7 +2,11 @@
 estimator reads them (src/memfit/estimate/mlx_constants.json).
 
     python benchmarks/derive_mlx_constants.py [--out src/memfit/estimate/mlx_constants.json] [--dry-run]
-        [--refit | --shapes g | --missing | --chunked [--shapes g]]
+        [--need] [--jobs N] [--refit | --shapes g | --missing | --chunked [--shapes g]]
+
+The shipped constants: `--need --jobs 2` (every run under a 1-byte MLX memory limit, so each peak is the step's
+need: memfit.mlx.measure.run_steps; memfit.estimate.mlx_memory says why the estimate predicts it), then `--refit`.
+The counts in memfit.estimate.mlx_memory.FIXED are not fitted: their terms' bytes are taken off before the fit.
 
 memfit.estimate.mlx_memory writes an MLX step's arrays as exact terms (weights in MLX's layout, fp32 adapters, their
 gradients and AdamW states) plus activation terms whose sizes follow from the graph (the head's fp32 logits, or with
