@@ -59,6 +59,14 @@ def measure(model_dir: str, config_values: dict, floors: list[int], steps: int, 
     return runs
 
 
+def command_line(script: str, model_dir: str) -> str:
+    """This run's command as the docs quote it: `taskset -c N` when pinned, the model directory as MODEL_DIR."""
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = f"taskset -c {','.join(map(str, cores))} " if len(cores) < (os.cpu_count() or 1) else ""
+    argv = " ".join(["MODEL_DIR" if a == model_dir else a for a in sys.argv[1:]])
+    return f"{pinned}python benchmarks/{script} {argv}"
+
+
 def markdown(runs: dict[int, list], config_values: dict, model_dir: str, command: str,
              min_chunks: int | None = None) -> str:
     import mlx.core as mx
@@ -113,14 +121,11 @@ def main() -> int:
     if not args.write:
         print(json.dumps({str(floor): found for floor, found in runs.items()}))
         return 0
-    cores = sorted(os.sched_getaffinity(0))
-    pinned = f"taskset -c {','.join(map(str, cores))} " if len(cores) < (os.cpu_count() or 1) else ""
-    argv = " ".join(["MODEL_DIR" if a == args.model_dir else a for a in sys.argv[1:]])
     sys.path.insert(0, str(HERE))
     from estimate_accuracy import write_section
 
     write_section(DOCS, args.write, markdown(runs, config_values, args.model_dir,
-                                              f"{pinned}python benchmarks/mlx_chunk_floor.py {argv}", args.min_chunks))
+                                              command_line("mlx_chunk_floor.py", args.model_dir), args.min_chunks))
     print(f"wrote {DOCS} ({args.write})")
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -105,14 +104,12 @@ def main() -> int:
     if not args.write:
         print(json.dumps(runs))
         return 0
-    cores = sorted(os.sched_getaffinity(0))
-    pinned = f"taskset -c {','.join(map(str, cores))} " if len(cores) < (os.cpu_count() or 1) else ""
-    argv = " ".join(["MODEL_DIR" if a == args.model_dir else a for a in sys.argv[1:]])
     sys.path.insert(0, str(HERE))
     from estimate_accuracy import write_section
+    from mlx_chunk_floor import command_line
 
     write_section(DOCS, args.write, markdown(runs, config_values, args.model_dir,
-                                              f"{pinned}python benchmarks/mlx_memory_limit.py {argv}"))
+                                              command_line("mlx_memory_limit.py", args.model_dir)))
     print(f"wrote {DOCS} ({args.write})")
     return 0
 
