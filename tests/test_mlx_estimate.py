@@ -46,6 +46,24 @@ def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
     assert estimate.breakdown["adapters"] == trainable * 4  # mlx-lm's LoRA matrices are fp32
 
 
+@pytest.mark.parametrize("quant", ["none", "4", "8"])
+def test_load_peak_is_the_modules_done_and_one_more(smol_model_dir, quant):
+    """smollm2-135m's shapes cut to 4 layers, stored in fp32 and trained in bf16 (a cast at load, and a quantization
+    under --quant), in a fresh child: the load's mx.get_peak_memory() equals loading_bytes to 1%. Read in one
+    mx.eval, as mlx_lm.load does, every stored tensor was live beside its cast (what the last line rules out); memfit reads one
+    module at a time (memfit.mlx.model.evaluate_by_module)."""
+    from memfit.estimate.mlx_memory import loading_bytes
+    from memfit.mlx.measure import measure_in_child
+    from memfit.models.arch import arch_info
+
+    case = dict(method="lora", quant=quant, dtype="bf16", batch_size=1, seq_len=32, grad_checkpointing=False)
+    measured = measure_in_child(smol_model_dir, case, steps=1)["load_peak_bytes"]
+    info, config = arch_info(AutoConfig.from_pretrained(smol_model_dir)), TrainConfig(**case)
+    estimated = loading_bytes(info, config, dtype_bytes=2, stored_bytes=4)
+    assert abs(estimated - measured) <= 0.01 * measured, (estimated, measured)
+    assert measured < info.params * (4 + 2)  # never the whole base as stored and as cast at once
+
+
 # The trainer's default chunked loss and the full logits (--no-chunked-loss): the estimate follows the one it runs.
 CASES = [
     # 4 x 256: sixteen chunks of 64 (Liger's rule on a 2,048 vocabulary, 128 wide).

@@ -119,20 +119,46 @@ def weight_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int) -> int:
     return total
 
 
-def quantizing_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int) -> int:
-    """The arrays' peak while a --quant base is quantized (0 without --quant): memfit.mlx.model.load_for_training
-    casts the whole base to the compute dtype, then nn.quantize replaces one matrix at a time, so at its highest the
-    cast base and the largest matrix's quantized copy are live. The whole smollm2-135m, 4-bit, bf16: 269.1 + 15.9 MB
-    against a measured load peak of 286.4 MB (benchmarks/estimate_accuracy.py --engine mlx, 2026-12-05), where the
-    step itself holds less."""
-    if config.quant == "none":
-        return 0
-    bits = int(config.quant)
-    shapes = [(linear.out_features, linear.in_features) for linear in info.linears]
-    shapes.append((info.vocab_size, info.hidden_size))  # the embedding (and an untied lm_head of the same shape)
-    largest = max((_quantized_bytes(rows, cols, bits, dtype_bytes) for rows, cols in shapes if cols % GROUP_SIZE == 0),
-                  default=0)
-    return info.params * dtype_bytes + largest
+def _module_bytes(rows: int, cols: int, config: TrainConfig, dtype_bytes: int) -> int:
+    """One matrix (rows x cols, cols the input width) as the trained model holds it: quantized where --quant says and
+    the shape allows, else in the compute dtype."""
+    if config.quant != "none" and cols % GROUP_SIZE == 0:
+        return _quantized_bytes(rows, cols, int(config.quant), dtype_bytes)
+    return rows * cols * dtype_bytes
+
+
+def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_bytes: int) -> int:
+    """The arrays' peak while memfit's MLX engine loads the base (memfit.mlx.model.evaluate_by_module): one module
+    at a time (the embeddings, each decoder layer with its adapters, the final norm, an untied head), each read as
+    stored (`stored_bytes` a parameter), cast to the compute dtype where that differs, and quantized under --quant,
+    all three live at once (MLX reads a module's tensors before it casts them, and casts before it quantizes), beside
+    the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7 measured (at
+    its last layer); quantized to 4-bit: 185.8 and 185.8 (at its embeddings): load_peak_bytes of `python -m
+    memfit.mlx.measure DIR '{"method": "lora", "dtype": "bf16", "quant": "none", "batch_size": 1, "seq_len": 64,
+    "grad_checkpointing": false}' --steps 1` (and "quant": "4"), 2026-12-06. Stored in bf16: 288.6, 102.3 and
+    169.6 MB measured unquantized, 4- and 8-bit, the same to 0.1 MB estimated. tests/test_mlx_estimate.py checks it."""
+    cast = stored_bytes != dtype_bytes
+    quantized = config.quant != "none"
+    h, vocab = info.hidden_size, info.vocab_size
+    adapted = (config.lora_layers or info.num_layers) if config.uses_adapters else 0  # the last `adapted` layers
+    adapters_per_layer = trainable_params(info, config) * 4 // adapted if adapted else 0
+    groups: list[tuple[int, int]] = []  # (params, bytes once loaded), in the order the model stores them
+    groups.append((vocab * h, _module_bytes(vocab, h, config, dtype_bytes)))
+    for layer, params in enumerate(info.layer_params):
+        matrices = [(lin.out_features, lin.in_features) for lin in info.linears if lin.layer == layer]
+        rest = params - sum(rows * cols for rows, cols in matrices)
+        loaded = sum(_module_bytes(rows, cols, config, dtype_bytes) for rows, cols in matrices)
+        adapters = adapters_per_layer if layer >= info.num_layers - adapted else 0
+        groups.append((params, loaded + rest * dtype_bytes + adapters))
+    groups.append((info.other_params, info.other_params * dtype_bytes))
+    if info.lm_head_params:
+        groups.append((info.lm_head_params, _module_bytes(vocab, h, config, dtype_bytes)))
+    done = peak = 0
+    for params, loaded in groups:
+        transient = params * stored_bytes + (params * dtype_bytes if cast else 0) + (loaded if quantized else 0)
+        peak = max(peak, done + max(transient, loaded))
+        done += loaded
+    return peak
 
 
 def trainable_params(info: ArchInfo, config: TrainConfig) -> int:
@@ -308,7 +334,8 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
         stored = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     except Exception:  # noqa: BLE001 - a cached config record without the field: as if unknown
         stored = None
-    dtype = compute_dtype(config, hardware.device, str(stored).replace("torch.", "") if stored else None)
+    stored_name = str(stored).replace("torch.", "") if stored else "float32"  # mlx-lm's default, as load_base's
+    dtype = compute_dtype(config, hardware.device, stored_name if stored else None)
     dtype_bytes = _DTYPE_BYTES[dtype]
     fitted = constants()
     shipped = coefficients is None  # the recorded errors (worst_under) are the shipped coefficients' errors
@@ -343,11 +370,15 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     estimate = MlxEstimate(model=model_name, config=config.model_copy(update={"batch_size": batch}),
                            hardware=hardware, precision=dtype, params=info.params, trainable_params=trainable,
                            breakdown=breakdown, notes=notes, peak_phase="backward", active_params=info.active_params)
-    loading = quantizing_bytes(info, config, dtype_bytes)
+    stored_bytes = _DTYPE_BYTES.get(stored_name, 4)
+    loading = loading_bytes(info, config, dtype_bytes, stored_bytes)
     estimate.load_peak_bytes = loading + runtime if loading > sum(breakdown.values()) - runtime else 0
     if estimate.load_peak_bytes:
-        notes.append(f"the peak is while the base is quantized ({format_gb(loading)} of MLX arrays: the base cast to "
-                     f"{dtype}, and its largest matrix quantized), above the training step's")
+        notes.append(f"the peak is while the base loads ({format_gb(loading)} of MLX arrays: the modules loaded "
+                     f"and one more as stored ({stored_name})" + (f", cast to {dtype}" if stored_bytes != dtype_bytes
+                                                                   else "")
+                     + (f" and quantized to {config.quant}-bit" if config.quant != "none" else "")
+                     + "), above the training step's")
     estimate.mlx_peak_bytes = max(sum(breakdown.values()) - runtime, loading)
     estimate.usable_bytes = hardware.memory_bytes
     estimate.compute_dtype = dtype

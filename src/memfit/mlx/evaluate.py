@@ -88,7 +88,7 @@ def load_for_eval(model_dir: Path, adapter: Path | None, dtype: str, quant: str,
     from mlx_lm.tuner.utils import load_adapters
 
     from memfit.config import TrainConfig
-    from memfit.mlx.model import load_base
+    from memfit.mlx.model import evaluate_by_module, load_base
 
     group_size = 64
     if adapter is not None and quant == "none":  # a QLoRA run's adapter: its base quantized as in training
@@ -106,5 +106,5 @@ def load_for_eval(model_dir: Path, adapter: Path | None, dtype: str, quant: str,
                             f"{' '.join(str(error).split())[:200]}",
                             hint="use the base model the adapter was trained on") from None
     model.eval()
-    mx.eval(model.parameters())
+    evaluate_by_module(model)  # the base read one module at a time, as for training (its docstring says why)
     return model, notes
