@@ -129,10 +129,10 @@ def _module_bytes(rows: int, cols: int, config: TrainConfig, dtype_bytes: int) -
 
 def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_bytes: int) -> int:
     """The arrays' peak while memfit's MLX engine loads the base (memfit.mlx.model.evaluate_by_module): one module
-    at a time (the embeddings, each decoder layer with its adapters, the final norm, an untied head), each read as
-    stored (`stored_bytes` a parameter), cast to the compute dtype where that differs, and quantized under --quant,
-    all three live at once (MLX reads a module's tensors before it casts them, and casts before it quantizes), beside
-    the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7 measured (at
+    at a time, the largest first (the embeddings, an untied head, each decoder layer with its adapters, the final
+    norm), each read as stored (`stored_bytes` a parameter), cast to the compute dtype where that differs, and
+    quantized under --quant, all three live at once (MLX reads a module's tensors before it casts them, and casts
+    before it quantizes), beside the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7 measured (at
     its last layer); quantized to 4-bit: 185.8 and 185.8 (at its embeddings): load_peak_bytes of `python -m
     memfit.mlx.measure DIR '{"method": "lora", "dtype": "bf16", "quant": "none", "batch_size": 1, "seq_len": 64,
     "grad_checkpointing": false}' --steps 1` (and "quant": "4"), 2026-12-06. Stored in bf16: 288.6, 102.3 and
@@ -142,7 +142,7 @@ def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_
     h, vocab = info.hidden_size, info.vocab_size
     adapted = (config.lora_layers or info.num_layers) if config.uses_adapters else 0  # the last `adapted` layers
     adapters_per_layer = trainable_params(info, config) * 4 // adapted if adapted else 0
-    groups: list[tuple[int, int]] = []  # (params, bytes once loaded), in the order the model stores them
+    groups: list[tuple[int, int]] = []  # (params, bytes once loaded)
     groups.append((vocab * h, _module_bytes(vocab, h, config, dtype_bytes)))
     for layer, params in enumerate(info.layer_params):
         matrices = [(lin.out_features, lin.in_features) for lin in info.linears if lin.layer == layer]
@@ -154,7 +154,7 @@ def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_
     if info.lm_head_params:
         groups.append((info.lm_head_params, _module_bytes(vocab, h, config, dtype_bytes)))
     done = peak = 0
-    for params, loaded in groups:
+    for params, loaded in sorted(groups, key=lambda group: -group[1]):  # the largest first, as they are read
         transient = params * stored_bytes + (params * dtype_bytes if cast else 0) + (loaded if quantized else 0)
         peak = max(peak, done + max(transient, loaded))
         done += loaded

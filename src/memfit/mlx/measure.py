@@ -5,8 +5,9 @@ load_for_training, the optimizer, the compiled step: MlxTrainer.optimizer_step),
 full-length rows, and reports `mx.get_peak_memory()` (bytes in live MLX arrays at their highest, what the estimate
 predicts) for loading and for the steps apart (`mx.reset_peak_memory` between them), with the process's peak RSS.
 
-Run as `python -m memfit.mlx.measure MODEL_DIR CONFIG_JSON [--steps N]`; prints one JSON object on its last line
-(mlx-lm's quantizer prints an [INFO] line of its own before it).
+Run as `python -m memfit.mlx.measure MODEL_DIR CONFIG_JSON [--steps N]` (`--steps 0`: the load alone, for models
+whose steps take too long here); prints one JSON object on its last line (mlx-lm's quantizer prints an [INFO] line
+of its own before it).
 """
 
 from __future__ import annotations
