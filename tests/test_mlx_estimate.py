@@ -64,6 +64,27 @@ def test_load_peak_is_the_modules_done_and_one_more(smol_model_dir, quant):
     assert measured < info.params * (4 + 2)  # never the whole base as stored and as cast at once
 
 
+def test_an_untied_head_loads_before_the_layers(tmp_path):
+    """smollm2-135m's shapes cut to 2 layers with an untied head (as Llama-3.1-8B's), 4-bit: the head is read
+    second, after the embeddings, not last on top of everything else, and the load's peak is the estimate's."""
+    from memfit.estimate.mlx_memory import loading_bytes
+    from memfit.mlx.measure import measure_in_child
+    from memfit.models import init_model
+    from memfit.models.arch import arch_info
+
+    model_dir = init_model("smollm2-135m", tmp_path / "untied", num_layers=2, dtype="bf16",
+                           overrides={"tie_word_embeddings": False})
+    case = dict(method="lora", quant="4", dtype="bf16", batch_size=1, seq_len=32, grad_checkpointing=False)
+    measured = measure_in_child(model_dir, case, steps=0)
+    info, config = arch_info(AutoConfig.from_pretrained(model_dir)), TrainConfig(**case)
+    assert info.lm_head_params == info.vocab_size * info.hidden_size
+    assert abs(loading_bytes(info, config, dtype_bytes=2, stored_bytes=2) - measured["load_peak_bytes"]) <= (
+        0.01 * measured["load_peak_bytes"])
+    head_as_stored = info.lm_head_params * 2
+    # Read last, the bf16 head would sit on top of the whole quantized model.
+    assert measured["load_peak_bytes"] < measured["after_load_active_bytes"] + head_as_stored
+
+
 # The trainer's default chunked loss and the full logits (--no-chunked-loss): the estimate follows the one it runs.
 CASES = [
     # 4 x 256: sixteen chunks of 64 (Liger's rule on a 2,048 vocabulary, 128 wide).
