@@ -29,10 +29,11 @@ HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 
 
-def run(model_dir: str, config_values: dict, limit: int, steps: int) -> dict:
+def run(model_dir: str, config_values: dict, limit: int, steps: int, env: dict | None = None) -> dict:
     from memfit.mlx.measure import measure_in_child
 
-    found = measure_in_child(model_dir, config_values, steps=steps, timeout_s=7200, memory_limit_bytes=limit)
+    found = measure_in_child(model_dir, config_values, steps=steps, timeout_s=7200, env=env,
+                             memory_limit_bytes=limit)
     return {"limit_bytes": limit, "train_peak_bytes": found["train_peak_bytes"],
             "seconds": statistics.median(found["step_seconds"][1:] or found["step_seconds"]), "loss": found["loss"]}
 

@@ -88,6 +88,7 @@ def load_for_eval(model_dir: Path, adapter: Path | None, dtype: str, quant: str,
     from mlx_lm.tuner.utils import load_adapters
 
     from memfit.config import TrainConfig
+    from memfit.mlx.memory import set_eval_width
     from memfit.mlx.model import evaluate_by_module, load_base
 
     group_size = 64
@@ -96,6 +97,7 @@ def load_for_eval(model_dir: Path, adapter: Path | None, dtype: str, quant: str,
         if trained.get("bits") in (4, 8):
             quant, group_size = str(trained["bits"]), int(trained.get("group_size", 64))
     config = TrainConfig(method="qlora" if quant != "none" else "lora", quant=quant, dtype=dtype)
+    set_eval_width()  # the trainer's order of evaluation (memfit.mlx.memory)
     model, _config, _dtype, notes = load_base(model_dir, config, group_size=group_size, on_metal=on_metal)
     model.freeze()
     if adapter is not None:

@@ -38,6 +38,7 @@ def run_steps(model_dir: str, config_values: dict, steps: int, memory_limit_byte
     from memfit.mlx.trainer import MlxTrainer
 
     configure_allocator()  # the trainer's malloc policy (MlxTrainer._start_guard), so the RSS is a run's
+    mlx_memory.set_eval_width()  # and its order of evaluation
     config = TrainConfig(**config_values)
     trainer = MlxTrainer(None, config, compile_step=True)
     trainer.total_steps = steps

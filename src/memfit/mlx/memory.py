@@ -29,6 +29,8 @@ was before.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -198,6 +200,23 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
         previous_wired = int(set_wired(wired))
     return MlxLimits(arrays_limit, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
                      memory_limit_bytes(), limit_bytes, threshold, outside)
+
+
+# MLX's evaluation order: mlx/transforms.cpp builds the order it runs a graph in breadth first from the outputs, up
+# to MLX_BFS_MAX_WIDTH arrays a level (20 unless set). A training step's outputs include every adapted layer's
+# gradients, so a wide order starts many layers' backward work before any of it is consumed and holds it all; at
+# width 1 the order is depth first. benchmarks/mlx_eval_order.py (docs/benchmarks.md): the tiny model at 4 x 256
+# fp32 with checkpointing needs 28.7 MB at width 1 against 40.4 at 20, at 0.93-0.99x the seconds per step, the
+# same loss.
+EVAL_WIDTH_VARIABLE = "MLX_BFS_MAX_WIDTH"
+EVAL_WIDTH = 1
+
+
+def set_eval_width(width: int = EVAL_WIDTH) -> str:
+    """Ask MLX for `width` (depth first at 1) unless MLX_BFS_MAX_WIDTH is set already (the user's choice stands);
+    returns the value in force. MLX reads the variable once, at its first evaluation in the process: the engine calls
+    this before its first (a library caller who evaluated MLX arrays before keeps MLX's order of then)."""
+    return os.environ.setdefault(EVAL_WIDTH_VARIABLE, str(width))
 
 
 def restore_limits(limits: MlxLimits) -> None:
