@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -329,6 +330,8 @@ def main() -> None:
     args = parser.parse_args()
     import mlx.core as mx
 
+    from memfit.mlx.memory import EVAL_WIDTH, EVAL_WIDTH_VARIABLE  # the children's order (run_steps sets it)
+
     started = time.time()
     # What the runs' peaks are: a --refit, --missing, --shapes or --chunked keeps the recorded runs' kind
     need = args.need or recorded(args, "peak") == "need"
@@ -366,7 +369,8 @@ def main() -> None:
         "measured_on": _added(recorded(args, "measured_on"), args)
                        or f"{platform.machine()} {platform.system()}, MLX {mx.__version__} "
                        f"({'Metal' if mx.metal.is_available() else 'CPU'}), mlx-lm {metadata.version('mlx-lm')}, "
-                       f"{time.strftime('%Y-%m-%d')}",
+                       f"{time.strftime('%Y-%m-%d')}, {EVAL_WIDTH_VARIABLE}="
+                       f"{os.environ.get(EVAL_WIDTH_VARIABLE) or EVAL_WIDTH}",
         "command": "python benchmarks/derive_mlx_constants.py" + (" --need" if need else "")
                    + (" --chunked" if args.chunked else "")
                    + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "")

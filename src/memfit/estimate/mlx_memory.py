@@ -8,7 +8,9 @@ activations of benchmarks/derive_mlx_constants.py's runs, by timing; under a lim
 within the limit plus one op's outputs (benchmarks/mlx_memory_limit.py), and memfit's MLX engine sets that limit
 below the guard's warning threshold (memfit.mlx.memory.arrays_limit_bytes). So the need is what decides whether a
 run fits, and what is estimated: `mx.get_peak_memory()` of the step under a 1-byte limit, where MLX waits before
-every allocation (memfit.mlx.measure.run_steps). A run with no limit near its need (mlx_lm.lora's) reads more.
+every allocation (memfit.mlx.measure.run_steps), in the depth-first order memfit's engine asks MLX for
+(MLX_BFS_MAX_WIDTH=1: memfit.mlx.memory.set_eval_width). A run with no limit near its need, or in MLX's default
+breadth-first order (mlx_lm.lora's), reads more.
 
 Why here and not in memfit.mlx: this is arithmetic on a model config, like the rest of memfit.estimate, and must
 work where MLX is not installed (planning a Mac's run from Linux, `recommend --device mps`); memfit.mlx imports mlx
@@ -132,12 +134,14 @@ def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_
     at a time, the largest first (the embeddings, an untied head, each decoder layer with its adapters, the final
     norm), each read as stored (`stored_bytes` a parameter), cast to the compute dtype where that differs, and
     quantized under --quant, all three live at once (MLX reads a module's tensors before it casts them, and casts
-    before it quantizes), beside the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7 measured (at
-    its last layer); quantized to 4-bit: 185.8 and 185.8 (at its embeddings): load_peak_bytes of `python -m
+    before it quantizes: in MLX's breadth-first order; depth first, as the engine asks for, one tensor at a time),
+    beside the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7
+    measured at MLX's default width (at its last layer), 299.2 depth first; quantized to 4-bit: 185.8 estimated and
+    measured (at its embeddings): load_peak_bytes of `python -m
     memfit.mlx.measure DIR '{"method": "lora", "dtype": "bf16", "quant": "none", "batch_size": 1, "seq_len": 64,
     "grad_checkpointing": false}' --steps 1` (and "quant": "4"), 2026-12-06. Stored in bf16: 288.6, 101.8 and
     169.6 MB measured unquantized, 4- and 8-bit, 288.6, 102.3 and 169.6 estimated; Llama-3.1-8B in 4-bit, r64, from
-    a bf16 checkpoint (`--steps 0`): 5,624.7 MB both (docs/mlx.md, "Loading"). tests/test_mlx_estimate.py checks it."""
+    a bf16 checkpoint (`--steps 0`): 5,624.7 MB both, 5,555.7 measured depth first (docs/mlx.md, "Loading"). tests/test_mlx_estimate.py checks it."""
     cast = stored_bytes != dtype_bytes
     quantized = config.quant != "none"
     h, vocab = info.hidden_size, info.vocab_size
