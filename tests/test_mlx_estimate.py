@@ -50,8 +50,8 @@ def test_quantized_weights_are_mlx_layout_to_the_byte(tiny_model_dir, quant):
 def test_load_peak_is_the_modules_done_and_one_more(smol_model_dir, quant):
     """smollm2-135m's shapes cut to 4 layers, stored in fp32 and trained in bf16 (a cast at load, and a quantization
     under --quant), in a fresh child: the load's mx.get_peak_memory() equals loading_bytes to 1%. Read in one
-    mx.eval, as mlx_lm.load does, every stored tensor was live beside its cast (what the last line rules out); memfit reads one
-    module at a time (memfit.mlx.model.evaluate_by_module)."""
+    mx.eval, as mlx_lm.load does, every stored tensor was live beside its cast (what the last line rules out);
+    memfit reads one module at a time (memfit.mlx.model.evaluate_by_module)."""
     from memfit.estimate.mlx_memory import loading_bytes
     from memfit.mlx.measure import measure_in_child
     from memfit.models.arch import arch_info

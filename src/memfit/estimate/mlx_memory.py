@@ -137,11 +137,11 @@ def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_
     before it quantizes: in MLX's breadth-first order; depth first, as the engine asks for, one tensor at a time),
     beside the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7
     measured at MLX's default width (at its last layer), 299.2 depth first; quantized to 4-bit: 185.8 estimated and
-    measured (at its embeddings): load_peak_bytes of `python -m
-    memfit.mlx.measure DIR '{"method": "lora", "dtype": "bf16", "quant": "none", "batch_size": 1, "seq_len": 64,
-    "grad_checkpointing": false}' --steps 1` (and "quant": "4"), 2026-12-06. Stored in bf16: 288.6, 101.8 and
-    169.6 MB measured unquantized, 4- and 8-bit, 288.6, 102.3 and 169.6 estimated; Llama-3.1-8B in 4-bit, r64, from
-    a bf16 checkpoint (`--steps 0`): 5,624.7 MB both, 5,555.7 measured depth first (docs/mlx.md, "Loading"). tests/test_mlx_estimate.py checks it."""
+    measured (at its embeddings): load_peak_bytes of `python -m memfit.mlx.measure DIR '{"method": "lora", "dtype":
+    "bf16", "quant": "none", "batch_size": 1, "seq_len": 64, "grad_checkpointing": false}' --steps 1` (and "quant":
+    "4"), 2026-12-06. Stored in bf16: 288.6, 101.8 and 169.6 MB measured unquantized, 4- and 8-bit (width 20),
+    288.6, 102.3 and 169.6 estimated; Llama-3.1-8B in 4-bit, r64, from a bf16 checkpoint (`--steps 0`): 5,624.7 MB
+    both at width 20, 5,555.7 measured depth first (docs/mlx.md, "Loading"). tests/test_mlx_estimate.py checks it."""
     cast = stored_bytes != dtype_bytes
     quantized = config.quant != "none"
     h, vocab = info.hidden_size, info.vocab_size
