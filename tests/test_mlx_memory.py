@@ -187,9 +187,9 @@ def test_a_runs_rss_falls_back_after_each_step(tiny_model_dir, tmp_path):
 
 
 def test_depth_first_the_checkpointed_step_needs_less(tiny_model_dir):
-    """Why memfit asks MLX to evaluate depth first (MLX_BFS_MAX_WIDTH=1): the tiny model's checkpointed step at
-    4 x 256 needs less than in MLX's default breadth-first order (28.7 against 40.4 MB when measured,
-    benchmarks/mlx_eval_order.py), with the same loss. Fresh children: MLX reads the variable once a process."""
+    """What MLX_BFS_MAX_WIDTH=1 (the opt-in) does: the tiny model's checkpointed step at 4 x 256 needs less than in
+    MLX's default breadth-first order (28.7 against 40.4 MB when measured, benchmarks/mlx_eval_order.py), with the
+    same loss. Fresh children: MLX reads the variable once a process."""
     from memfit.mlx.measure import measure_in_child
 
     case = dict(method="lora", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=True, chunked_loss=True)
@@ -202,6 +202,6 @@ def test_depth_first_the_checkpointed_step_needs_less(tiny_model_dir):
 def test_eval_width_is_memfits_unless_the_environment_sets_one(monkeypatch):
     monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "")  # recorded, so the worker's environment comes back as it was
     monkeypatch.delenv("MLX_BFS_MAX_WIDTH")
-    assert mlx_memory.set_eval_width() == "1" == os.environ["MLX_BFS_MAX_WIDTH"]
-    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "20")
-    assert mlx_memory.set_eval_width() == "20"
+    assert mlx_memory.set_eval_width() == "20" == os.environ["MLX_BFS_MAX_WIDTH"]
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "1")
+    assert mlx_memory.set_eval_width() == "1"

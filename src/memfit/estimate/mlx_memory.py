@@ -8,9 +8,9 @@ activations of benchmarks/derive_mlx_constants.py's runs, by timing; under a lim
 within the limit plus one op's outputs (benchmarks/mlx_memory_limit.py), and memfit's MLX engine sets that limit
 below the guard's warning threshold (memfit.mlx.memory.arrays_limit_bytes). So the need is what decides whether a
 run fits, and what is estimated: `mx.get_peak_memory()` of the step under a 1-byte limit, where MLX waits before
-every allocation (memfit.mlx.measure.run_steps), in the depth-first order memfit's engine asks MLX for
-(MLX_BFS_MAX_WIDTH=1: memfit.mlx.memory.set_eval_width). A run with no limit near its need, or in MLX's default
-breadth-first order (mlx_lm.lora's), reads more.
+every allocation (memfit.mlx.measure.run_steps), in MLX's default order (MLX_BFS_MAX_WIDTH=20, which memfit's
+engine sets unless the environment has one: memfit.mlx.memory.set_eval_width). A run with no limit near its need
+(mlx_lm.lora's) reads more.
 
 Why here and not in memfit.mlx: this is arithmetic on a model config, like the rest of memfit.estimate, and must
 work where MLX is not installed (planning a Mac's run from Linux, `recommend --device mps`); memfit.mlx imports mlx
@@ -134,7 +134,7 @@ def loading_bytes(info: ArchInfo, config: TrainConfig, dtype_bytes: int, stored_
     at a time, the largest first (the embeddings, an untied head, each decoder layer with its adapters, the final
     norm), each read as stored (`stored_bytes` a parameter), cast to the compute dtype where that differs, and
     quantized under --quant, all three live at once (MLX reads a module's tensors before it casts them, and casts
-    before it quantizes: in MLX's breadth-first order; depth first, as the engine asks for, one tensor at a time),
+    before it quantizes: in MLX's breadth-first order; depth first (MLX_BFS_MAX_WIDTH=1), one tensor at a time),
     beside the modules done. The whole smollm2-135m stored in fp32, trained in bf16: 302.1 MB estimated, 302.7
     measured at MLX's default width (at its last layer), 299.2 depth first; quantized to 4-bit: 185.8 estimated and
     measured (at its embeddings): load_peak_bytes of `python -m memfit.mlx.measure DIR '{"method": "lora", "dtype":

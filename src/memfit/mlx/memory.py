@@ -203,19 +203,20 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
 
 
 # MLX's evaluation order: mlx/transforms.cpp builds the order it runs a graph in breadth first from the outputs, up
-# to MLX_BFS_MAX_WIDTH arrays a level (20 unless set). A training step's outputs include every adapted layer's
-# gradients, so a wide order starts many layers' backward work before any of it is consumed and holds it all; at
-# width 1 the order is depth first. benchmarks/mlx_eval_order.py (docs/benchmarks.md): the tiny model at 4 x 256
-# fp32 with checkpointing needs 28.7 MB at width 1 against 40.4 at 20, at 0.93-0.99x the seconds per step, the
-# same loss.
+# to MLX_BFS_MAX_WIDTH arrays a level (20 unless set); at width 1 it is depth first. Depth first, a checkpointed step
+# of a deep, narrow model needs much less (a 6-layer llama of hidden 128 at 64 x 256 bf16: 252.4 against 404.5 MB)
+# and a head-heavy one with the chunked loss more (derive_mlx_constants.py's shape e, vocabulary 16,384, hidden 128,
+# at 64 x 256 fp32: 581.4 against 446.7 MB): docs/mlx.md, "The order of evaluation". memfit keeps MLX's default,
+# which the estimate is fitted in, and sets it explicitly so that every MLX process of a run evaluates in the same
+# order; MLX_BFS_MAX_WIDTH=1 in the environment opts in to depth first.
 EVAL_WIDTH_VARIABLE = "MLX_BFS_MAX_WIDTH"
-EVAL_WIDTH = 1
+EVAL_WIDTH = 20
 
 
 def set_eval_width(width: int = EVAL_WIDTH) -> str:
-    """Ask MLX for `width` (depth first at 1) unless MLX_BFS_MAX_WIDTH is set already (the user's choice stands);
-    returns the value in force. MLX reads the variable once, at its first evaluation in the process: the engine calls
-    this before its first (a library caller who evaluated MLX arrays before keeps MLX's order of then)."""
+    """Ask MLX for `width` unless MLX_BFS_MAX_WIDTH is set already (the user's choice stands); returns the value in
+    force. MLX reads the variable once, at its first evaluation in the process: the engine calls this before its
+    first (a library caller who evaluated MLX arrays before keeps MLX's order of then)."""
     return os.environ.setdefault(EVAL_WIDTH_VARIABLE, str(width))
 
 

@@ -205,10 +205,10 @@ class MlxTrainer:
         self.mlx_limits = mlx_memory.apply_limits(self.limit.limit_bytes, self.config.memory_threshold)
         self.emit(Notice(self.mlx_limits.describe()))
         width = mlx_memory.set_eval_width()
-        self.emit(Notice(f"MLX evaluates the step {'depth first' if width == '1' else 'breadth first'} "
-                         f"({mlx_memory.EVAL_WIDTH_VARIABLE}={width}"
-                         + ("; memfit's default, which holds less at once" if width == str(mlx_memory.EVAL_WIDTH)
-                            else ", set in the environment") + ")"))
+        if width != str(mlx_memory.EVAL_WIDTH):  # the user's order: the estimate was fitted in MLX's default
+            self.emit(Notice(f"MLX evaluates the step {'depth first' if width == '1' else 'breadth first'} "
+                             f"({mlx_memory.EVAL_WIDTH_VARIABLE}={width}, set in the environment; memfit's estimate "
+                             f"is fitted at {mlx_memory.EVAL_WIDTH})"))
         self.guard = Guard(self.limit, threshold=self.config.memory_threshold,
                            interval_s=self.config.memory_sample_interval, reader=mlx_memory.read_mlx_memory)
         self.guard.start()
