@@ -17,7 +17,6 @@ median of the steps after the first (which compiles). `--write MARKER` puts the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs" / "benchmarks.md"
 sys.path.insert(0, str(HERE))
 
-from mlx_memory_limit import run  # noqa: E402  (the same child run, with an environment)
+from mlx_memory_limit import run, step_config, step_parser  # noqa: E402  (the same child run and flags)
 
 
 def measure(model_dir: str, config_values: dict, widths: list[int], steps: int, repeats: int) -> dict:
@@ -75,20 +74,10 @@ def markdown(found: dict, config_values: dict, model_dir: str, command: str) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--no-grad-checkpointing", action="store_true")
-    parser.add_argument("--no-chunked-loss", action="store_true")
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--widths", default="1,20", help="MLX_BFS_MAX_WIDTH values, comma-separated")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--write", metavar="MARKER")
     args = parser.parse_args()
-    config_values = {"method": "lora", "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "grad_checkpointing": not args.no_grad_checkpointing, "chunked_loss": not args.no_chunked_loss}
+    config_values = step_config(args)
     widths = sorted(int(width) for width in args.widths.split(",") if width)
     found = measure(args.model_dir, config_values, widths, args.steps, args.repeats)
     if not args.write:

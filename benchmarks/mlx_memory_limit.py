@@ -85,21 +85,32 @@ def markdown(runs: dict[str, list], config_values: dict, model_dir: str, command
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The model and step flags this script and mlx_eval_order.py share (the run flags are each script's own)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model_dir")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--no-grad-checkpointing", action="store_true")
     parser.add_argument("--no-chunked-loss", action="store_true")
-    parser.add_argument("--headroom", default="0.05,0.25", help="limits at need x (1 + h), comma-separated")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--write", metavar="MARKER")
+    return parser
+
+
+def step_config(args) -> dict:
+    """The TrainConfig values of the step `step_parser`'s flags describe (LoRA)."""
+    return {"method": "lora", "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "grad_checkpointing": not args.no_grad_checkpointing, "chunked_loss": not args.no_chunked_loss}
+
+
+def main() -> int:
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--headroom", default="0.05,0.25", help="limits at need x (1 + h), comma-separated")
     args = parser.parse_args()
-    config_values = {"method": "lora", "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "grad_checkpointing": not args.no_grad_checkpointing, "chunked_loss": not args.no_chunked_loss}
+    config_values = step_config(args)
     headrooms = [float(h) for h in args.headroom.split(",") if h]
     runs = measure(args.model_dir, config_values, headrooms, args.steps, args.repeats)
     if not args.write:
