@@ -118,15 +118,14 @@ def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float]]:
     its activation terms before their coefficients, for the loss the trainer runs."""
     from memfit.config import TrainConfig
     from memfit.estimate.memory import Hardware
-    from memfit.estimate.mlx_memory import TERMS, Shape, chunked_loss, estimate_mlx, term_bytes
+    from memfit.estimate.mlx_memory import TERMS, chunked_loss, config_terms, estimate_mlx
     from memfit.models.arch import arch_info
 
     config = TrainConfig(**case)
     estimate = estimate_mlx(hf_config, config, Hardware("cpu", 1 << 40), coefficients={term: 0.0 for term in TERMS})
     exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
-    terms = term_bytes(Shape.of(arch_info(hf_config)), config.batch_size, config.seq_len, config.grad_checkpointing,
-                       4 if config.dtype == "fp32" else 2,
-                       chunked_loss(hf_config, config, config.batch_size * config.seq_len))
+    terms = config_terms(arch_info(hf_config), config, config.batch_size, 4 if config.dtype == "fp32" else 2,
+                         chunked_loss(hf_config, config, config.batch_size * config.seq_len))
     return exact, terms
 
 

@@ -163,6 +163,14 @@ MLX_CASES = {
             + [dict(method="lora", dtype="fp32", batch_size=95, seq_len=256, grad_checkpointing=True,
                     chunked_loss=True),
                dict(method="lora", dtype="bf16", batch_size=32, seq_len=512, grad_checkpointing=False,
+                    chunked_loss=True)]
+            # Adapters on some linears or in the last layers, and a full fine-tune (every other case adapts every
+            # linear of every layer, as the coefficients' runs do): memfit.estimate.mlx_memory.layer_saves.
+            + [dict(method="lora", dtype="fp32", batch_size=8, seq_len=128, grad_checkpointing=False,
+                    chunked_loss=False, lora_targets="q_proj,v_proj"),
+               dict(method="lora", dtype="bf16", batch_size=4, seq_len=256, grad_checkpointing=False,
+                    chunked_loss=True, lora_targets="down_proj", lora_layers=2),
+               dict(method="full", dtype="fp32", batch_size=4, seq_len=256, grad_checkpointing=False,
                     chunked_loss=True)],
     "smollm2-135m": [
         dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=True, chunked_loss=True),
@@ -173,8 +181,18 @@ MLX_CASES = {
         # quantized layout at a few minutes.
         dict(method="lora", quant="4", dtype="bf16", batch_size=1, seq_len=64, grad_checkpointing=False,
              chunked_loss=True),
+        # The seeds' --lora-layers 16 (../shared/seeds/001): adapters in the last 16 of the 30 layers.
+        dict(method="lora", dtype="bf16", batch_size=1, seq_len=256, grad_checkpointing=False, chunked_loss=True,
+             lora_layers=16),
     ],
 }
+
+
+def _method_label(case: dict) -> str:
+    """The method, with the adapters where they are not every linear of every layer."""
+    where = [case["lora_targets"]] if case.get("lora_targets", "all-linear") != "all-linear" else []
+    where += [f"last {case['lora_layers']} layers"] if case.get("lora_layers") else []
+    return case["method"] + (f" ({'; '.join(where)})" if where else "")
 
 
 def _loss_label(hf_config, case: dict) -> str:
@@ -275,7 +293,7 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
     ]
     for row in rows:
         case = row["case"]
-        lines.append(f"| {row['model']} | {case['method']} | {case.get('quant', 'none')} | {case['dtype']} | "
+        lines.append(f"| {row['model']} | {_method_label(case)} | {case.get('quant', 'none')} | {case['dtype']} | "
                      f"{case['batch_size']} × {case['seq_len']} | {'on' if case['grad_checkpointing'] else 'off'} | "
                      f"{row['loss']} | {row['estimate'] / MB:,.1f} | "
                      f"{row['measured'] / MB:,.1f} | {row['phase']} | {row['error']:+.1f}% | "

@@ -69,11 +69,12 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # and the rest of them, without and with checkpointing; the compute-dtype logits a bf16/fp16 step upcasts; per
 # decoder layer the hidden-width values, the MLP-width values and the attention scores, and for a bf16/fp16 step a
 # 4-byte term of the scores' size (all layers' without checkpointing); with mlx-lm's checkpointing
-# the layer inputs it stores (all layers) and one layer's values as its backward recomputes them.
+# the layer inputs it stores (all layers) and one layer's values as its backward recomputes them; for a bf16/fp16
+# step with adapters, the fp32 values of the widest adapted linear (`lora_cast`: term_bytes says why).
 TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
          "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention", "attention_cast",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed",
-         "attention_cast_checkpointed")
+         "attention_cast_checkpointed", "lora_cast")
 HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
               "head_chunked_rest_checkpointed", "head_cast")  # the breakdown's `logits`
 RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed", "attention_cast_checkpointed")
@@ -191,34 +192,138 @@ class Shape:
                    info.num_layers)
 
 
+# Where each adaptable linear of a decoder layer sits, by its name: what an adapter there keeps for its gradient
+# follows from it (`layer_saves`).
+ROLES = {"q_proj": "attention_in", "k_proj": "attention_in", "v_proj": "attention_in", "qkv_proj": "attention_in",
+         "o_proj": "attention_out", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
+         "down_proj": "mlp_out"}
+ALL_ROLES = frozenset(ROLES.values())
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """How many decoder layers' worth of each per-layer term a step holds (`layer_counts`): `hidden`, `mlp` and
+    `attention` summed over the layers (without checkpointing), `recompute_*` the largest one layer holds (with it),
+    `stored` the layer inputs checkpointing keeps."""
+
+    hidden: float
+    mlp: float
+    attention: float
+    recompute_hidden: float
+    recompute_mlp: float
+    recompute_attention: float
+    stored: int
+
+    @classmethod
+    def every_layer(cls, shape: Shape) -> LayerCounts:
+        """LoRA on every linear of every layer: what benchmarks/derive_mlx_constants.py runs."""
+        return layer_counts(shape.layers, [ALL_ROLES] * shape.layers, False, shape.hidden, shape.kv)
+
+
+def layer_saves(roles: frozenset[str], below: bool, hidden: int, kv: int) -> tuple[float, float, float]:
+    """(h-wide values, i-wide values, attention scores) one decoder layer keeps for the backward pass, each as a
+    share of what it keeps with every linear adapted and something trained below it (the form's unit: T x (6h + 2kv)
+    h-wide values, 3 x T x i MLP values, the scores). A layer keeps what its adapters' gradients read and what carries
+    the gradient down to the lowest of them, or to the layer's input when something below it trains (`below`):
+    x -> norm -> q, k, v -> attention -> o -> + x = r -> norm -> gate, up -> silu(gate) * up = a -> down -> + r.
+    An adapter reads its linear's input (the first norm's output for q, k, v; the attention's output for o; the
+    second norm's for gate and up; a for down); the attention's backward reads q, k, v and the scores; the MLP's,
+    gate and up; a norm's, its input (x, r). MLX's value_and_grad computes only the cotangents a trained parameter
+    needs, so a layer below every adapter keeps nothing: measured with memfit.mlx.measure (tiny shapes, 8 x 128,
+    fp32, no checkpointing, full logits, 2026-12-06), a 3-layer model adapting its last layer held 39.71 MB of
+    activations, its 1-layer cut 39.71; adapting only q_proj and v_proj it held 8.49 MB less than with every linear,
+    only down_proj 14.51 MB less."""
+    attention_in = "attention_in" in roles
+    through_attention = below or attention_in  # the attention's backward runs
+    through_mlp = through_attention or "attention_out" in roles or "mlp_in" in roles  # gate and up's backward runs
+    values = (hidden * (below + attention_in + ("attention_out" in roles) + ("mlp_in" in roles)
+                        + (through_attention or "attention_out" in roles))  # x, norm 1, attention out, norm 2, r
+              + (hidden + 2 * kv) * through_attention)  # q, k, v
+    mlp = 2 * through_mlp + ("mlp_out" in roles)
+    return values / (6 * hidden + 2 * kv), mlp / 3, float(through_attention)
+
+
+def layer_counts(layers: int, roles: list[frozenset[str]], trained_below_first: bool, hidden: int,
+                 kv: int) -> LayerCounts:
+    """The per-layer terms' counts for `layers` decoder layers whose adapted (or trained) linears have `roles`, the
+    first layer's with something trained below it (`trained_below_first`: a full fine-tune's embeddings). Layers
+    below the lowest trained one keep nothing and store no input."""
+    first = next((index for index, layer in enumerate(roles) if layer), layers)
+    saves = [layer_saves(roles[index], index > first or trained_below_first, hidden, kv)
+             for index in range(first, layers)]
+    if not saves:
+        return LayerCounts(0, 0, 0, 0, 0, 0, 0)
+    return LayerCounts(*(sum(save[part] for save in saves) for part in range(3)),
+                       *(max(save[part] for save in saves) for part in range(3)), stored=layers - first)
+
+
+def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
+    """`layer_counts` for this model and config: the adapters' targets in the last --lora-layers layers (default
+    all), or a full fine-tune's layers (every linear, and with every layer trained the embeddings below them). A
+    linear whose role is not in ROLES counts as adapting every role of its layer (an estimate over, not under)."""
+    layers = info.num_layers
+    trained = min(config.lora_layers or layers, layers)
+    roles: list[frozenset[str]] = [frozenset()] * layers
+    if config.uses_adapters:
+        for linear in info.lora_targets(config.lora_targets, config.lora_layers):
+            role = ROLES.get(linear.short_name)
+            roles[linear.layer] = roles[linear.layer] | ({role} if role else ALL_ROLES)
+    else:
+        roles[layers - trained:] = [ALL_ROLES] * trained
+    below = not config.uses_adapters and trained == layers
+    return layer_counts(layers, roles, below, info.hidden_size, info.kv_width)
+
+
+def lora_width(info: ArchInfo, config: TrainConfig) -> int:
+    """The widest input or output among the adapted linears (0 without adapters): `lora_cast`'s width."""
+    if not config.uses_adapters:
+        return 0
+    return max((max(linear.in_features, linear.out_features)
+                for linear in info.lora_targets(config.lora_targets, config.lora_layers)), default=0)
+
+
+def config_terms(info: ArchInfo, config: TrainConfig, batch: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
+    """`term_bytes` for this model and config at `batch` rows: its layers' counts and adapters' width."""
+    return term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked,
+                      config_counts(info, config), lora_width(info, config))
+
+
 def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4,
-               chunked: bool = False) -> dict[str, float]:
+               chunked: bool = False, counts: LayerCounts | None = None, adapted_width: int = 0) -> dict[str, float]:
     """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens (T), before its fitted
     coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's logits
     (`_head_terms`); per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer
     makes them), T x i MLP values and b x H x s^2 attention scores. Without checkpointing those are summed over the
     layers (all are kept for the backward pass); with it, the stored layer inputs (T x h per layer) are, and the
     three value terms count one layer (what the backward pass recomputes at a time; `peak_parts` says how they
-    combine with the head's). The layer values and the attention scores count in the compute dtype (the gradient
-    of mx.fast.scaled_dot_product_attention over 1 x 4 x 1024 x 32 peaked at 28.5 MB in bf16, 56.0 in fp32), the
-    head at 4 bytes (memfit's loss upcasts the logits). A bf16/fp16 step held more at long sequences than its
-    scores in the compute dtype account for; a second term of the scores' size at 4 bytes (`attention_cast`) takes
-    that up, what holds it not identified. Fits of the same 84 runs (`python benchmarks/derive_mlx_constants.py
-    --refit`), worst error on them / on the 12 cases of `benchmarks/estimate_accuracy.py --engine mlx` (measured
-    peaks of 2026-12-04): scores at 4 bytes whatever the dtype (the form before) 17.6% / 11.9%; in the compute
-    dtype alone 14.3% / 14.8%; in the compute dtype with the 4-byte term 12.3% / 8.4%."""
+    combine with the head's). `counts` (`config_counts`; default every linear of every layer adapted, as the
+    fitted runs) says how many layers' worth of each a step keeps. The layer values and the attention scores count
+    in the compute dtype (the gradient of mx.fast.scaled_dot_product_attention over 1 x 4 x 1024 x 32 peaked at
+    28.5 MB in bf16, 56.0 in fp32), the head at 4 bytes (memfit's loss upcasts the logits). A bf16/fp16 step held
+    more than its values in the compute dtype account for. One reason: mlx-lm's LoRALinear keeps its A and B in
+    fp32 and computes (x @ A) @ B in fp32 before it casts the sum back, so each adapted linear makes T x out fp32
+    values in the forward pass and its backward T x in and T x out fp32 cotangents: `lora_cast`, T x the widest
+    adapted linear's input or output (`adapted_width`) x 4 bytes. With it the held-out 24-layer shape's worst error
+    went from -32.1% to -22.7%, and the 4-byte term of the scores' size (`attention_cast`, taken up before as what
+    the bf16 steps held beyond their values, what holds it not identified) fitted at a third of what it had
+    (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06)."""
     tokens = batch * seq
+    counts = counts or LayerCounts.every_layer(shape)
     terms = {name: 0.0 for name in TERMS}
     terms["fixed"] = float(2**20)
     terms.update(_head_terms(shape, tokens, dtype_bytes, chunked, checkpointing))
-    layers, suffix = (1, "_checkpointed") if checkpointing else (shape.layers, "")
     if checkpointing:
-        terms["stored_checkpointed"] = float(shape.layers * tokens * shape.hidden * dtype_bytes)
-    terms["hidden" + suffix] = float(layers * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
-    terms["mlp" + suffix] = float(layers * tokens * shape.intermediate * dtype_bytes)
-    scores = layers * batch * shape.heads * seq * seq
+        suffix, hidden, mlp, attention = ("_checkpointed", counts.recompute_hidden, counts.recompute_mlp,
+                                          counts.recompute_attention)
+        terms["stored_checkpointed"] = float(counts.stored * tokens * shape.hidden * dtype_bytes)
+    else:
+        suffix, hidden, mlp, attention = "", counts.hidden, counts.mlp, counts.attention
+    terms["hidden" + suffix] = float(hidden * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
+    terms["mlp" + suffix] = float(mlp * tokens * shape.intermediate * dtype_bytes)
+    scores = attention * batch * shape.heads * seq * seq
     terms["attention" + suffix] = float(scores * dtype_bytes)
     terms["attention_cast" + suffix] = float(scores * 4) if dtype_bytes != 4 else 0.0
+    terms["lora_cast"] = float(tokens * adapted_width * 4) if dtype_bytes != 4 else 0.0
     return terms
 
 
@@ -357,7 +462,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
         optimizer = 0  # factored second moments: a row and a column per matrix, negligible beside the weights
     tokens = batch * config.seq_len
     chunk = loss_chunk(hf_config, config, tokens)
-    terms = term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunk > 0)
+    terms = config_terms(info, config, batch, dtype_bytes, chunk > 0)
     activations, logits = peak_parts(terms, coefficients)
     if config.grad_accum > 1:
         gradients *= 2  # the running sum and the micro-batch's own gradients are both live while they are added
