@@ -113,9 +113,10 @@ def cases(name: str) -> list[dict]:
                  chunked_loss=chunked) for (batch, seq, checkpointing, dtype), chunked in chosen]
 
 
-def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float]]:
-    """A run's exact part (weights + adapters + gradients + optimizer, the estimate with every coefficient 0) and
-    its activation terms before their coefficients, for the loss the trainer runs."""
+def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float], int]:
+    """A run's exact part (weights + adapters + gradients + optimizer, the estimate with every coefficient 0), its
+    activation terms before their coefficients, for the loss the trainer runs, and its gradients' bytes (which
+    memfit.estimate.mlx_memory.step_peak counts only where they are live)."""
     from memfit.config import TrainConfig
     from memfit.estimate.memory import Hardware
     from memfit.estimate.mlx_memory import TERMS, chunked_loss, config_terms, estimate_mlx
@@ -126,7 +127,7 @@ def exact_and_terms(hf_config, case: dict) -> tuple[int, dict[str, float]]:
     exact = sum(estimate.breakdown[key] for key in ("weights", "adapters", "gradients", "optimizer"))
     terms = config_terms(arch_info(hf_config), config, config.batch_size, 4 if config.dtype == "fp32" else 2,
                          chunked_loss(hf_config, config, config.batch_size * config.seq_len))
-    return exact, terms
+    return exact, terms, estimate.breakdown["gradients"]
 
 
 def obsolete(hf_config, case: dict) -> bool:
@@ -169,13 +170,13 @@ def measure(scratch: Path, names: list[str], done: list[dict] = (), memory_limit
 
     def run(item) -> dict:
         name, model_dir, hf_config, case = item
-        exact, terms = exact_and_terms(hf_config, case)
+        exact, terms, gradients = exact_and_terms(hf_config, case)
         measured = measure_in_child(model_dir, case, steps=2, timeout_s=3600, env=one_thread if jobs > 1 else None,
                                     memory_limit_bytes=memory_limit_bytes)
         print(f"{name} {case}: peak {measured['peak_bytes'] / 2**20:.1f} MB, exact part "
               f"{exact / 2**20:.1f} MB", flush=True)
-        return dict(shape=name, case=case, exact=exact, terms=terms, peak=measured["peak_bytes"],
-                    peak_rss=measured["peak_rss_bytes"])
+        return dict(shape=name, case=case, exact=exact, terms=terms, gradients=gradients,
+                    peak=measured["peak_bytes"], peak_rss=measured["peak_rss_bytes"])
 
     with ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(run, todo))
@@ -199,10 +200,10 @@ def recorded_rows(path: Path) -> list[dict]:
         case["chunked_loss"] = run.get("chunked_loss", False)  # runs recorded before the MLX chunked loss: full logits
         if obsolete(hf_config, case):
             continue
-        exact, terms = exact_and_terms(hf_config, case)
+        exact, terms, gradients = exact_and_terms(hf_config, case)
         assert exact == run["exact_bytes"], (run, exact)  # the shapes rebuilt are the ones measured
-        rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, peak=run["peak_bytes"],
-                         peak_rss=run["peak_rss_bytes"]))
+        rows.append(dict(shape=run["shape"], case=case, exact=exact, terms=terms, gradients=gradients,
+                         peak=run["peak_bytes"], peak_rss=run["peak_rss_bytes"]))
     return rows
 
 
@@ -218,10 +219,16 @@ def held_out_rows(rows: list[dict]) -> list[dict]:
 
 def errors_with(rows: list[dict], coefficients: dict[str, float]) -> list[float]:
     """Each run's estimate error (% of its measured peak) with these coefficients."""
-    from memfit.estimate.mlx_memory import peak_parts
+    return [float((predicted_bytes(row, coefficients) - row["peak"]) / row["peak"] * 100) for row in rows]
 
-    return [float((sum(peak_parts(row["terms"], coefficients)) + row["exact"] - row["peak"]) / row["peak"] * 100)
-            for row in rows]
+
+def predicted_bytes(row: dict, coefficients: dict[str, float]) -> float:
+    """A run's estimate: its exact part less the gradients, and what memfit.estimate.mlx_memory.step_peak says is
+    live at the peak (every run here trains LoRA adapters, one micro-batch a step)."""
+    from memfit.estimate.mlx_memory import step_peak
+
+    activations, logits, gradients, _ = step_peak(row["terms"], coefficients, row["gradients"], True)
+    return row["exact"] - row["gradients"] + activations + logits + gradients
 
 
 def _nnls(x, y, weights):
@@ -246,15 +253,19 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
     share on a grid of 0.05: start from the additive fit (every term in every run), put each checkpointed run on
     the side those coefficients make larger (a full-logits run's other side's terms scaled by the share), refit,
     and repeat until no run changes side; keep the share whose fit has the least weighted squared error (the
-    objective _nnls minimises)."""
+    objective _nnls minimises). The fitted bytes are a run's peak less its exact part without the gradients, and
+    less the gradients too on the recomputation's side (memfit.estimate.mlx_memory.step_peak: where the adapters'
+    gradients are live)."""
     import numpy as np
 
-    from memfit.estimate.mlx_memory import FIXED, HEAD_TERMS, OVERLAP, RECOMPUTE_TERMS, TERMS, peak_parts
+    from memfit.estimate.mlx_memory import FIXED, HEAD_TERMS, OVERLAP, RECOMPUTE_TERMS, TERMS
 
-    y = np.array([row["peak"] - row["exact"] for row in rows], dtype=float)
+    activations = np.array([row["peak"] - row["exact"] + row["gradients"] for row in rows], dtype=float)
+    gradients = np.array([row["gradients"] for row in rows], dtype=float)
+    peaks = np.array([row["peak"] for row in rows], dtype=float)
     x = np.array([[row["terms"][name] for name in TERMS] for row in rows], dtype=float)
-    activations = y
     weights = 1.0 / activations
+    y = activations.copy()
     for name, count in FIXED.items():  # not fitted: taken off the bytes the fitted terms account for
         y = y - count * x[:, TERMS.index(name)]
         x[:, TERMS.index(name)] = 0.0
@@ -273,17 +284,17 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
             sides = at_head
             other = checkpointed[:, None] & np.where(at_head[:, None], recompute, head)  # the smaller side's terms
             design = x * np.where(other, np.where(full_logits, share, 0.0)[:, None], 1.0)
-            solution = _nnls(design, y, weights)
+            solution = _nnls(design, y - gradients * (checkpointed & ~at_head), weights)
         return solution
 
     def predicted(coefficients: dict[str, float]) -> np.ndarray:
-        return np.array([sum(peak_parts(row["terms"], coefficients)) for row in rows])
+        return np.array([predicted_bytes(row, coefficients) for row in rows])
 
     best = None
     for share in np.arange(0.0, 1.0001, 0.05):
         coefficients = {name: float(value) for name, value in zip(TERMS, fit_with(float(share)))} | FIXED
         coefficients[OVERLAP] = float(share)
-        loss = float((((predicted(coefficients) - activations) * weights) ** 2).sum())
+        loss = float((((predicted(coefficients) - peaks) * weights) ** 2).sum())
         if best is None or loss < best[0]:
             best = (loss, coefficients)
     coefficients = {name: round(value, 4) for name, value in best[1].items()}

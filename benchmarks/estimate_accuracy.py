@@ -191,7 +191,8 @@ MLX_CASES = {
 def _method_label(case: dict) -> str:
     """The method, with the adapters where they are not every linear of every layer."""
     where = [case["lora_targets"]] if case.get("lora_targets", "all-linear") != "all-linear" else []
-    where += [f"last {case['lora_layers']} layers"] if case.get("lora_layers") else []
+    layers = case.get("lora_layers")
+    where += [f"last {layers} layers" if layers > 1 else "last layer"] if layers else []
     return case["method"] + (f" ({'; '.join(where)})" if where else "")
 
 

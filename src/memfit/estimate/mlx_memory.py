@@ -346,7 +346,38 @@ def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple
     if not any(terms[name] for name in RECOMPUTE_TERMS):
         return rest, head
     share = coefficients.get(OVERLAP, 0.0) if terms["head"] else 0.0  # terms["head"]: the full logits' term
-    return (rest + recompute, share * head) if recompute > head else (rest + share * recompute, head)
+    return (rest + recompute, share * head) if at_recomputation(terms, coefficients) else (rest + share * recompute,
+                                                                                         head)
+
+
+def at_recomputation(terms: dict[str, float], coefficients: dict[str, float]) -> bool:
+    """Whether a checkpointed step peaks while a layer is recomputed (else at the head, `peak_parts`)."""
+    head = sum(coefficients[name] * terms[name] for name in HEAD_TERMS)
+    recompute = sum(coefficients[name] * terms[name] for name in RECOMPUTE_TERMS)
+    return recompute > head
+
+
+def step_peak(terms: dict[str, float], coefficients: dict[str, float], gradients: int,
+              adapters_only: bool) -> tuple[float, float, int, str]:
+    """(activations, logits, gradients, phase) at the step's peak. `gradients`: the trained parameters' gradients
+    at the end of the backward pass. An adapter's gradient is made when its layer's backward runs, so when only
+    adapters train (`adapters_only`: LoRA or DoRA, one micro-batch a step) none is made yet where the backward
+    starts, at the head, which is where a step without checkpointing peaks and a checkpointed one whose head side is
+    the larger (`peak_parts`); a recomputation's peak counts them all (the layers above have made theirs), and the
+    step's end, where the optimizer reads them, holds them without the activations, which are freed by then. A
+    full fine-tune (the embeddings' or the head's gradient is made at the head) and gradient accumulation (the
+    running sum is live through every micro-batch) count them throughout. Counted throughout, as until
+    2026-12-06, the whole smollm2-135m's estimates were +13.1% (bf16 1 x 256, checkpointing, the full logits),
+    +6.1% (fp32 2 x 128) and +8.2% (4-bit 1 x 64); counted here, +9.3%, +5.1% and +0.5% (benchmarks/
+    estimate_accuracy.py's cases, their needs of 2026-12-06; 19.5 MB of the estimates were its r16 adapters'
+    gradients)."""
+    activations, logits = peak_parts(terms, coefficients)
+    checkpointed = any(terms[name] for name in RECOMPUTE_TERMS)
+    if not adapters_only or (checkpointed and at_recomputation(terms, coefficients)):
+        return activations, logits, gradients, "backward"
+    if gradients > activations + logits:
+        return 0.0, 0.0, gradients, "optimizer"
+    return activations, logits, 0, "head"
 
 
 def _head_terms(shape: Shape, tokens: int, dtype_bytes: int, chunked: bool, checkpointing: bool) -> dict[str, float]:
@@ -463,14 +494,20 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
     tokens = batch * config.seq_len
     chunk = loss_chunk(hf_config, config, tokens)
     terms = config_terms(info, config, batch, dtype_bytes, chunk > 0)
-    activations, logits = peak_parts(terms, coefficients)
     if config.grad_accum > 1:
         gradients *= 2  # the running sum and the micro-batch's own gradients are both live while they are added
+    made_gradients = gradients
+    activations, logits, gradients, phase = step_peak(terms, coefficients, gradients,
+                                                      config.uses_adapters and config.grad_accum == 1)
     runtime = int(fitted["runtime_bytes"])
     breakdown = dict(weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations), logits=int(logits), runtime=runtime)
     unchunked = tokens if _asks_chunked_loss(hf_config, config) and not chunk else 0  # too few tokens to chunk
     notes = _notes(config, hardware, dtype, breakdown, fitted["measured_on"], chunk, unchunked)
+    if phase == "head":
+        notes.append(f"the peak is where the backward pass starts, before the adapters' gradients "
+                     f"({format_gb(made_gradients)}) are made; the step's end holds them once the activations are "
+                     "freed")
     under = worst_under(fitted, config.grad_checkpointing, chunk > 0, tokens) if shipped else None
     if under:
         notes.append(_recorded_caution(config.grad_checkpointing, chunk > 0, *under))
@@ -479,7 +516,7 @@ def estimate_mlx(hf_config, config: TrainConfig, hardware: Hardware, model_name:
                         hint="use --method lora (QLoRA on MLX) or drop --quant")
     estimate = MlxEstimate(model=model_name, config=config.model_copy(update={"batch_size": batch}),
                            hardware=hardware, precision=dtype, params=info.params, trainable_params=trainable,
-                           breakdown=breakdown, notes=notes, peak_phase="backward", active_params=info.active_params)
+                           breakdown=breakdown, notes=notes, peak_phase=phase, active_params=info.active_params)
     stored_bytes = _DTYPE_BYTES.get(stored_name, 4)
     loading = loading_bytes(info, config, dtype_bytes, stored_bytes)
     estimate.load_peak_bytes = loading + runtime if loading > sum(breakdown.values()) - runtime else 0
