@@ -50,7 +50,8 @@ from __future__ import annotations
 import json
 import math
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memfit.config import TrainConfig
@@ -74,17 +75,22 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
          "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention", "attention_cast",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed",
-         "attention_cast_checkpointed", "lora_cast")
+         "attention_cast_checkpointed", "lora_cast", "adapter_values", "adapter_values_checkpointed")
 HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
               "head_chunked_rest_checkpointed", "head_cast")  # the breakdown's `logits`
-RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed", "attention_cast_checkpointed")
+RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed", "attention_cast_checkpointed",
+                   "adapter_values_checkpointed")
 OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
 # Counts set by what the graph holds, not fitted: mx.checkpoint keeps one array per layer, the layer's input (the
 # layer before's output). Fitted, with the step's need as the target (2026-12-05), the count came out 4.2 on shapes
 # of 1-8 layers, where a per-layer term also takes up what does not grow with the depth, and the 24-layer shape held
 # out of the fit (benchmarks/derive_mlx_constants.py's HELD_OUT) was then estimated 34-37% over in its checkpointed
 # runs; at 1 its runs are within -9.4% and +13.0% but one (-32.1%), the fitted shapes' worst residual 22.5% -> 21.0%.
-FIXED = {"stored_checkpointed": 1.0}
+# Likewise each adapted linear's x @ A (T x r, fp32 as A is), which B's gradient reads: one per adapted linear of every
+# trained layer without checkpointing, of the layer recomputed with it (`adapter_values`). The fitted runs all use
+# rank 16, where it is a few % of a layer's values and cannot be told from them; at rank 512 on the tiny model (r
+# above its width of 128) the estimate without it was 23% and 32% under the need (benchmarks/mlx_adapters.py).
+FIXED = {"stored_checkpointed": 1.0, "adapter_values": 1.0, "adapter_values_checkpointed": 1.0}
 
 
 def constants() -> dict:
@@ -213,11 +219,14 @@ class LayerCounts:
     recompute_mlp: float
     recompute_attention: float
     stored: int
+    adapters: int = 0  # adapted linears in all trained layers
+    recompute_adapters: int = 0  # the most in one layer
 
     @classmethod
     def every_layer(cls, shape: Shape) -> LayerCounts:
-        """LoRA on every linear of every layer: what benchmarks/derive_mlx_constants.py runs."""
-        return layer_counts(shape.layers, [ALL_ROLES] * shape.layers, False, shape.hidden, shape.kv)
+        """LoRA on every linear of every layer (a llama's seven): what benchmarks/derive_mlx_constants.py runs."""
+        counts = layer_counts(shape.layers, [ALL_ROLES] * shape.layers, False, shape.hidden, shape.kv)
+        return replace(counts, adapters=7 * shape.layers, recompute_adapters=7)
 
 
 def layer_saves(roles: frozenset[str], below: bool, hidden: int, kv: int) -> tuple[float, float, float]:
@@ -271,7 +280,11 @@ def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
     else:
         roles[layers - trained:] = [ALL_ROLES] * trained
     below = not config.uses_adapters and trained == layers
-    return layer_counts(layers, roles, below, info.hidden_size, info.kv_width)
+    counts = layer_counts(layers, roles, below, info.hidden_size, info.kv_width)
+    if not config.uses_adapters:
+        return counts
+    per_layer = Counter(linear.layer for linear in info.lora_targets(config.lora_targets, config.lora_layers))
+    return replace(counts, adapters=sum(per_layer.values()), recompute_adapters=max(per_layer.values(), default=0))
 
 
 def lora_width(info: ArchInfo, config: TrainConfig) -> int:
@@ -283,13 +296,15 @@ def lora_width(info: ArchInfo, config: TrainConfig) -> int:
 
 
 def config_terms(info: ArchInfo, config: TrainConfig, batch: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
-    """`term_bytes` for this model and config at `batch` rows: its layers' counts and adapters' width."""
+    """`term_bytes` for this model and config at `batch` rows: its layers' counts and adapters' width and rank."""
     return term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked,
-                      config_counts(info, config), lora_width(info, config))
+                      config_counts(info, config), lora_width(info, config),
+                      config.lora_rank if config.uses_adapters else 0)
 
 
 def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4,
-               chunked: bool = False, counts: LayerCounts | None = None, adapted_width: int = 0) -> dict[str, float]:
+               chunked: bool = False, counts: LayerCounts | None = None, adapted_width: int = 0,
+               rank: int = 16) -> dict[str, float]:
     """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens (T), before its fitted
     coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's logits
     (`_head_terms`); per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer
@@ -324,6 +339,8 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     terms["attention" + suffix] = float(scores * dtype_bytes)
     terms["attention_cast" + suffix] = float(scores * 4) if dtype_bytes != 4 else 0.0
     terms["lora_cast"] = float(tokens * adapted_width * 4) if dtype_bytes != 4 else 0.0
+    adapted = counts.recompute_adapters if checkpointing else counts.adapters
+    terms["adapter_values" + suffix] = float(adapted * tokens * rank * 4)  # FIXED says why
     return terms
 
 
