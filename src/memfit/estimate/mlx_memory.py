@@ -40,7 +40,11 @@ Components (bytes, one process, unified memory):
   at once at its peak is therefore measured, not assumed: `python benchmarks/derive_mlx_constants.py` runs real
   MLX steps on small llamas of varied width, vocabulary (1k-32k), depth (1-8 layers), tokens (128-16,384), dtype and
   loss, reads `mx.get_peak_memory()`, and fits the coefficient of each term by least squares; the coefficients,
-  the fit's residuals (for each loss apart) and the command are in mlx_constants.json beside this file.
+  the fit's residuals (for each loss apart) and the command are in mlx_constants.json beside this file. Those runs
+  adapt every linear of every layer at rank 16; what a step keeps depends on where the adapters are (MLX computes
+  only the cotangents a trained parameter needs), so the per-layer terms count what each layer keeps for its
+  adapters and the layers below (`layer_saves`, `config_counts`), each adapted linear's x @ A counts at the rank
+  asked (`adapter_values`), and the adapters' gradients count where they are live (`step_peak`).
 - runtime: the process around the arrays (Python, MLX, mlx-lm, the tokenizer), measured by the same script as the
   children's peak RSS less MLX's peak; on a Mac it is ordinary memory the GPU does not wire.
 """
@@ -71,7 +75,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # decoder layer the hidden-width values, the MLP-width values and the attention scores, and for a bf16/fp16 step a
 # 4-byte term of the scores' size (all layers' without checkpointing); with mlx-lm's checkpointing
 # the layer inputs it stores (all layers) and one layer's values as its backward recomputes them; for a bf16/fp16
-# step with adapters, the fp32 values of the widest adapted linear (`lora_cast`: term_bytes says why).
+# step with adapters, the fp32 values of one layer's adapted linears (`lora_cast`: term_bytes says why).
 TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
          "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention", "attention_cast",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed",
@@ -288,11 +292,17 @@ def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
 
 
 def lora_width(info: ArchInfo, config: TrainConfig) -> int:
-    """The widest input or output among the adapted linears (0 without adapters): `lora_cast`'s width."""
+    """`lora_cast`'s width: over the adapted linears of one layer (the layer with the most), the sum of each one's
+    wider side, input or output (0 without adapters). The widest adapted linear alone, as first written, fitted at
+    3.2 such values and put a bf16 step adapting down_proj alone 16.1% over its need (benchmarks/
+    estimate_accuracy.py, 2026-12-06); the sum fits at 0.68 and puts it 4.7% under, the fit's residuals about as
+    before (20.7% / 23.4% held out, against 20.7% / 23.0%)."""
     if not config.uses_adapters:
         return 0
-    return max((max(linear.in_features, linear.out_features)
-                for linear in info.lora_targets(config.lora_targets, config.lora_layers)), default=0)
+    per_layer: Counter = Counter()
+    for linear in info.lora_targets(config.lora_targets, config.lora_layers):
+        per_layer[linear.layer] += max(linear.in_features, linear.out_features)
+    return max(per_layer.values(), default=0)
 
 
 def config_terms(info: ArchInfo, config: TrainConfig, batch: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
@@ -317,11 +327,11 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     28.5 MB in bf16, 56.0 in fp32), the head at 4 bytes (memfit's loss upcasts the logits). A bf16/fp16 step held
     more than its values in the compute dtype account for. One reason: mlx-lm's LoRALinear keeps its A and B in
     fp32 and computes (x @ A) @ B in fp32 before it casts the sum back, so each adapted linear makes T x out fp32
-    values in the forward pass and its backward T x in and T x out fp32 cotangents: `lora_cast`, T x the widest
-    adapted linear's input or output (`adapted_width`) x 4 bytes. With it the held-out 24-layer shape's worst error
-    went from -32.1% to -22.7%, and the 4-byte term of the scores' size (`attention_cast`, taken up before as what
-    the bf16 steps held beyond their values, what holds it not identified) fitted at a third of what it had
-    (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06)."""
+    values in the forward pass and its backward T x in and T x out fp32 cotangents: `lora_cast`, T x the adapted
+    linears' widths in one layer (`adapted_width`: `lora_width`) x 4 bytes. With it the held-out 24-layer shape's
+    worst error went from -32.1% to -22.7%, and the 4-byte term of the scores' size (`attention_cast`, taken up
+    before as what the bf16 steps held beyond their values, what holds it not identified) fitted at a third of what
+    it had (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06)."""
     tokens = batch * seq
     counts = counts or LayerCounts.every_layer(shape)
     terms = {name: 0.0 for name in TERMS}
