@@ -92,8 +92,10 @@ def markdown(rows: list[dict], before: list[dict] | None, command: str, preset: 
              "adapters, gradients, AdamW states); estimate = `memfit estimate --engine mlx`'s `mlx_peak_bytes`. "
              f"{BASE['batch_size']} × {BASE['seq_len']} rows, 10^6 bytes."
              + (" The earlier estimate: the same script with PYTHONPATH at an earlier checkout's src (`--json`, "
-                "read with `--before`), its error against this run's need (a case's need differed by up to 1.3% "
-                "between runs of it here)." if before else ""), "",
+                "read with `--before`), its error against this run's need. A case's need is not the same in every "
+                "run: the bf16 chunked row read 17.43, 17.12 and 15.83 MB in three runs on 2026-12-06, with other "
+                "measurements on the other core (MLX's wait under its memory limit does not order every "
+                "allocation)." if before else ""), "",
              "| adapters | dtype | grad ckpt | loss | need MB | activations MB | estimate MB | error |"
              + (" earlier estimate's error |" if before else ""),
              "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if before else "")]

@@ -259,7 +259,8 @@ def test_mlx_estimate_within_10_percent_of_mlx_peak(request, fixture, case):
     error = (estimate.mlx_peak_bytes - measured) / measured
     # Under by at most 10% (an under-estimate is a run that dies), over by at most 15% (a batch left unused): the
     # whole smollm2-135m with the full logits is over (+13.7% against its need, 2026-12-05: at 30 layers MLX's
-    # order holds less at the head than the fit's 1-8-layer shapes; docs/mlx.md).
+    # order holds less at the head than the fit's 1-8-layer shapes; docs/mlx.md), +9.2% since the adapters'
+    # gradients are not counted where the backward starts (2026-12-06).
     assert -0.10 <= error <= 0.15, (f"estimate {estimate.mlx_peak_bytes / 2**20:.1f} MB vs measured "
                                     f"{measured / 2**20:.1f} MB: {error:+.1%}")
 

@@ -295,8 +295,8 @@ def lora_width(info: ArchInfo, config: TrainConfig) -> int:
     """`lora_cast`'s width: over the adapted linears of one layer (the layer with the most), the sum of each one's
     wider side, input or output (0 without adapters). The widest adapted linear alone, as first written, fitted at
     3.2 such values and put a bf16 step adapting down_proj alone 16.1% over its need (benchmarks/
-    estimate_accuracy.py, 2026-12-06); the sum fits at 0.68 and puts it 4.7% under, the fit's residuals about as
-    before (20.7% / 23.4% held out, against 20.7% / 23.0%)."""
+    estimate_accuracy.py, 2026-12-06: 16.7 MB); the sum fits at 0.68 and puts it 8.7% under (17.4 MB in the next
+    run), the fit's residuals about as before (20.7% / 23.4% held out, against 20.7% / 23.0%)."""
     if not config.uses_adapters:
         return 0
     per_layer: Counter = Counter()
@@ -394,10 +394,9 @@ def step_peak(terms: dict[str, float], coefficients: dict[str, float], gradients
     step's end, where the optimizer reads them, holds them without the activations, which are freed by then. A
     full fine-tune (the embeddings' or the head's gradient is made at the head) and gradient accumulation (the
     running sum is live through every micro-batch) count them throughout. Counted throughout, as until
-    2026-12-06, the whole smollm2-135m's estimates were +13.1% (bf16 1 x 256, checkpointing, the full logits),
-    +6.1% (fp32 2 x 128) and +8.2% (4-bit 1 x 64); counted here, +9.3%, +5.1% and +0.5% (benchmarks/
-    estimate_accuracy.py's cases, their needs of 2026-12-06; 19.5 MB of the estimates were its r16 adapters'
-    gradients)."""
+    2026-12-06, the whole smollm2-135m's estimates were +13.1% (bf16 1 x 256, checkpointing, the full logits) and
+    +6.1% (fp32 2 x 128); counted here (with this change's other terms), +9.2% and +4.5%
+    (benchmarks/estimate_accuracy.py --engine mlx; 19.5 MB of the estimates were its r16 adapters' gradients)."""
     activations, logits = peak_parts(terms, coefficients)
     checkpointed = any(terms[name] for name in RECOMPUTE_TERMS)
     if not adapters_only or (checkpointed and at_recomputation(terms, coefficients)):
