@@ -277,18 +277,16 @@ def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
     layers = info.num_layers
     trained = min(config.lora_layers or layers, layers)
     roles: list[frozenset[str]] = [frozenset()] * layers
-    if config.uses_adapters:
-        for linear in info.lora_targets(config.lora_targets, config.lora_layers):
-            role = ROLES.get(linear.short_name)
-            roles[linear.layer] = roles[linear.layer] | ({role} if role else ALL_ROLES)
-    else:
-        roles[layers - trained:] = [ALL_ROLES] * trained
-    below = not config.uses_adapters and trained == layers
-    counts = layer_counts(layers, roles, below, info.hidden_size, info.kv_width)
     if not config.uses_adapters:
-        return counts
-    per_layer = Counter(linear.layer for linear in info.lora_targets(config.lora_targets, config.lora_layers))
-    return replace(counts, adapters=sum(per_layer.values()), recompute_adapters=max(per_layer.values(), default=0))
+        roles[layers - trained:] = [ALL_ROLES] * trained
+        return layer_counts(layers, roles, trained == layers, info.hidden_size, info.kv_width)
+    adapted = info.lora_targets(config.lora_targets, config.lora_layers)
+    for linear in adapted:
+        role = ROLES.get(linear.short_name)
+        roles[linear.layer] = roles[linear.layer] | ({role} if role else ALL_ROLES)
+    per_layer = Counter(linear.layer for linear in adapted)
+    return replace(layer_counts(layers, roles, False, info.hidden_size, info.kv_width),
+                   adapters=len(adapted), recompute_adapters=max(per_layer.values(), default=0))
 
 
 def lora_width(info: ArchInfo, config: TrainConfig) -> int:
@@ -367,20 +365,23 @@ def peak_parts(terms: dict[str, float], coefficients: dict[str, float]) -> tuple
     the two sides are about equal) -19.8%; the additive form before (every term at once) estimated the tiny
     checkpointed chunked cases 29-32% over. Without checkpointing every layer's values are still held at the
     head: the sum."""
-    head = sum(coefficients[name] * terms[name] for name in HEAD_TERMS)
-    recompute = sum(coefficients[name] * terms[name] for name in RECOMPUTE_TERMS)
+    head, recompute = _sides(terms, coefficients)
     rest = sum(coefficients[name] * terms[name] for name in TERMS if name not in HEAD_TERMS + RECOMPUTE_TERMS)
     if not any(terms[name] for name in RECOMPUTE_TERMS):
         return rest, head
     share = coefficients.get(OVERLAP, 0.0) if terms["head"] else 0.0  # terms["head"]: the full logits' term
-    return (rest + recompute, share * head) if at_recomputation(terms, coefficients) else (rest + share * recompute,
-                                                                                         head)
+    return (rest + recompute, share * head) if recompute > head else (rest + share * recompute, head)
+
+
+def _sides(terms: dict[str, float], coefficients: dict[str, float]) -> tuple[float, float]:
+    """(the head's bytes, a layer's recomputation's bytes) with these coefficients."""
+    return (sum(coefficients[name] * terms[name] for name in HEAD_TERMS),
+            sum(coefficients[name] * terms[name] for name in RECOMPUTE_TERMS))
 
 
 def at_recomputation(terms: dict[str, float], coefficients: dict[str, float]) -> bool:
     """Whether a checkpointed step peaks while a layer is recomputed (else at the head, `peak_parts`)."""
-    head = sum(coefficients[name] * terms[name] for name in HEAD_TERMS)
-    recompute = sum(coefficients[name] * terms[name] for name in RECOMPUTE_TERMS)
+    head, recompute = _sides(terms, coefficients)
     return recompute > head
 
 
