@@ -2,7 +2,7 @@
 estimator reads them (src/memfit/estimate/mlx_constants.json).
 
     python benchmarks/derive_mlx_constants.py [--out src/memfit/estimate/mlx_constants.json] [--dry-run]
-        [--need] [--jobs N] [--refit | --shapes g | --missing | --chunked [--shapes g]]
+        [--need] [--jobs N] [--refit | --shapes g | --missing | --chunked/--checkpointed [--shapes g]]
 
 The shipped constants: `--need --jobs 2` (every run under a 1-byte MLX memory limit, so each peak is the step's
 need: memfit.mlx.measure.run_steps; memfit.estimate.mlx_memory says why the estimate predicts it), then `--refit`.
@@ -303,15 +303,17 @@ def fit(rows: list[dict]) -> tuple[dict[str, float], list[float]]:
 
 def recorded(args, key: str):
     """--refit keeps where, when and how long the runs were measured; --missing and --shapes add to them."""
-    if not (args.refit or args.missing or args.shapes or args.chunked):
+    if not (args.refit or args.missing or args.shapes or args.chunked or args.checkpointed):
         return None
     return json.loads(Path(args.out).read_text()).get(key)
 
 
 def _added(measured_on: str | None, args) -> str | None:
     """Where and when: the recorded runs', with the day the --missing ones were added."""
-    if measured_on and args.chunked:
-        return f"{measured_on}; chunked-loss runs{' of ' + args.shapes if args.shapes else ''} measured again " \
+    if measured_on and (args.chunked or args.checkpointed):
+        kinds = " and ".join(kind for kind, asked in (("chunked-loss", args.chunked),
+                                                      ("checkpointed", args.checkpointed)) if asked)
+        return f"{measured_on}; {kinds} runs{' of ' + args.shapes if args.shapes else ''} measured again " \
                f"{time.strftime('%Y-%m-%d')}"
     if measured_on and args.missing:
         return f"{measured_on}; runs added {time.strftime('%Y-%m-%d')}"
@@ -337,26 +339,32 @@ def main() -> None:
     parser.add_argument("--chunked", action="store_true",
                         help="measure the chunked-loss runs again (of --shapes, or all), keep the full-logits ones "
                         "(after a change of the chunked loss)")
+    parser.add_argument("--checkpointed", action="store_true",
+                        help="measure the checkpointed runs again (of --shapes, or all), keep the others (after a "
+                        "change of the checkpoint)")
     args = parser.parse_args()
     import mlx.core as mx
 
     from memfit.mlx.memory import EVAL_WIDTH, EVAL_WIDTH_VARIABLE  # the children's order (run_steps sets it)
 
     started = time.time()
-    # What the runs' peaks are: a --refit, --missing, --shapes or --chunked keeps the recorded runs' kind
+    # What the runs' peaks are: a --refit, --missing, --shapes, --chunked or --checkpointed keeps the recorded runs'
+    # kind
     need = args.need or recorded(args, "peak") == "need"
     if args.refit:
         rows = recorded_rows(Path(args.out))
     else:
         with tempfile.TemporaryDirectory() as scratch:
             names = args.shapes.split(",") if args.shapes else list(SHAPES)
-            recorded_before = recorded_rows(Path(args.out)) if args.shapes or args.missing or args.chunked else []
-            if args.chunked:
-                kept = [row for row in recorded_before
-                        if not (row["case"]["chunked_loss"] and row["shape"] in names)]
+            again = args.chunked or args.checkpointed
+            recorded_before = recorded_rows(Path(args.out)) if args.shapes or args.missing or again else []
+            if again:
+                kept = [row for row in recorded_before if row["shape"] not in names
+                        or not (args.chunked and row["case"]["chunked_loss"]
+                                or args.checkpointed and row["case"]["grad_checkpointing"])]
             else:
                 kept = [row for row in recorded_before if args.missing or row["shape"] not in names]
-            rows = kept + measure(Path(scratch), names, kept if args.missing or args.chunked else [],
+            rows = kept + measure(Path(scratch), names, kept if args.missing or again else [],
                                   1 if need else 0, args.jobs)
     fitted = fitted_rows(rows)
     coefficients, errors = fit(fitted)  # both losses in one fit: they share every term but the head's
@@ -382,7 +390,7 @@ def main() -> None:
                        f"{time.strftime('%Y-%m-%d')}, {EVAL_WIDTH_VARIABLE}="
                        f"{os.environ.get(EVAL_WIDTH_VARIABLE) or EVAL_WIDTH}",
         "command": "python benchmarks/derive_mlx_constants.py" + (" --need" if need else "")
-                   + (" --chunked" if args.chunked else "")
+                   + (" --chunked" if args.chunked else "") + (" --checkpointed" if args.checkpointed else "")
                    + (f" --shapes {args.shapes}" if args.shapes else "") + (" --missing" if args.missing else "")
                    + (" --refit" if args.refit else ""),
         "shapes": SHAPES,

@@ -23,7 +23,8 @@ def test_each_width_runs_the_same_step(tiny_model_dir):
     assert list(found["need"]) == list(found["free"]) == ["1", "20"]  # sorted, one run each
     assert all(len(runs) == 1 for runs in found["free"].values())
     # What MLX_BFS_MAX_WIDTH=1 (the opt-in) does: the tiny model's checkpointed step needs less than in MLX's default
-    # order (28.7 against 40.4 MB when measured: docs/benchmarks.md). Fresh children: MLX reads it once a process.
-    assert found["need"]["1"]["train_peak_bytes"] < 0.85 * found["need"]["20"]["train_peak_bytes"]
+    # order (28.7 against 40.4 MB with mlx-lm's checkpoint; 27.4 against 32.5 MiB since the backward pass is ordered,
+    # memfit.mlx.model.ordered_checkpoint). Fresh children: MLX reads it once a process.
+    assert found["need"]["1"]["train_peak_bytes"] < 0.93 * found["need"]["20"]["train_peak_bytes"]
     losses = [run["loss"] for run in found["need"].values()] + [runs[0]["loss"] for runs in found["free"].values()]
     assert max(losses) == pytest.approx(min(losses), rel=1e-5)

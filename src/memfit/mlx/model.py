@@ -1,6 +1,6 @@
 """Load a model for MLX training: mlx_lm.utils.load_model, the compute dtype, MLX quantization of the base
-(`--quant 4|8`), the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and mlx-lm's gradient
-checkpointing.
+(`--quant 4|8`), the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and gradient
+checkpointing (mlx-lm's, with its backward pass ordered: ordered_checkpoint).
 
 memfit's adapter settings map onto mlx-lm's as follows: rank -> `rank`; alpha -> `scale = alpha / rank` (PEFT's
 scaling; mlx-lm's `scale` multiplies the low-rank product directly, its default 20 is alpha = 20 x rank); dropout ->
@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from memfit.config import TrainConfig
 from memfit.errors import UserError
@@ -117,14 +117,52 @@ _CHECKPOINTED = "_memfit_grad_checkpoint"
 
 
 def grad_checkpoint(layer) -> None:
-    """mlx-lm's gradient checkpointing (it patches the layer's class, so every instance of it recomputes in
-    backward); once per class in a process."""
-    from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
-
+    """Gradient checkpointing for every instance of the layer's class (patched once per class in a process, as
+    mlx-lm's `grad_checkpoint` does), through `ordered_checkpoint`."""
     cls = type(layer)
     if not getattr(cls, _CHECKPOINTED, False):
-        mlx_lm_grad_checkpoint(layer)
+        cls.__call__ = ordered_checkpoint(cls.__call__)
         setattr(cls, _CHECKPOINTED, True)
+
+
+def ordered_checkpoint(call):
+    """`call(layer, x, ...)` with its intermediate values recomputed in the backward pass, as `mx.checkpoint` does
+    (mlx-lm's `grad_checkpoint`), and the backward pass held to one layer at a time.
+
+    MLX evaluates a step's graph as a whole, breadth first, and nothing in `mx.checkpoint` orders one layer's
+    backward against the next: the recomputations of several layers ran while the weight gradients that read their
+    values waited to the end of the step. So the backward pass here (1) recomputes the layer only once the gradient
+    from above has arrived and (2) hands the gradient below only once this layer's weight gradients exist
+    (`mx.depends`). Same loss; on derive_mlx_constants.py's shape m cut to 6 layers, bf16 64 x 256, the step's need
+    went from 385.8 to 245.5 MiB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md)."""
+
+    def checkpointed(layer, x, *args, **kwargs):
+        names, values = zip(*tree_flatten(layer.trainable_parameters())) or ((), ())
+        count = len(values)
+
+        def forward(parameters, hidden):
+            layer.update(tree_unflatten(list(zip(names, parameters))))
+            return call(layer, hidden, *args, **kwargs)
+
+        @mx.custom_function
+        def run(parameters, hidden):
+            return forward(parameters, hidden)
+
+        @run.vjp
+        def run_vjp(primals, cotangent, output):
+            parameters, hidden = primals
+            cotangents = [value for _, value in tree_flatten(cotangent)]
+            inputs = mx.depends([*parameters, hidden], [value for _, value in tree_flatten(output)] + cotangents)
+            _, grads = mx.vjp(lambda *a: [value for _, value in tree_flatten(forward(list(a[:count]), a[count]))],
+                              inputs, cotangents)
+            parameter_grads, hidden_grad = list(grads[:count]), grads[count]
+            if parameter_grads:
+                hidden_grad = mx.depends([hidden_grad], parameter_grads)[0]
+            return parameter_grads, hidden_grad
+
+        return run(list(values), x)
+
+    return checkpointed
 
 
 def load_base(model_dir: Path, config: TrainConfig, *, group_size: int = DEFAULT_GROUP_SIZE,
