@@ -39,10 +39,12 @@ class CheckpointedBlock(Block):
 CheckpointedBlock.__call__ = ordered_checkpoint(Block.__call__)
 
 
-def _gradients(block_type, weights, x, mask):
+def _gradients(block_type, weights, x, mask, frozen_below: int = 0):
     blocks = [block_type(16) for _ in range(3)]
     for block, block_weights in zip(blocks, weights):
         block.update(block_weights)
+    for block in blocks[:frozen_below]:  # below every adapter (--lora-layers): nothing trained
+        block.freeze()
 
     class Stack(nn.Module):
         def __init__(self):
@@ -60,14 +62,16 @@ def _gradients(block_type, weights, x, mask):
     return loss, dict(tree_flatten(grads))
 
 
-def test_ordered_checkpoint_gives_the_plain_layers_gradients():
+@pytest.mark.parametrize("frozen_below", [0, 1])
+def test_ordered_checkpoint_gives_the_plain_layers_gradients(frozen_below):
     mx.random.seed(0)
     weights = [Block(16).parameters() for _ in range(3)]
     x = mx.random.normal((2, 5, 16))
     mask = mx.random.uniform(shape=(5, 16))
-    plain_loss, plain = _gradients(Block, weights, x, mask)
-    loss, checkpointed = _gradients(CheckpointedBlock, weights, x, mask)
+    plain_loss, plain = _gradients(Block, weights, x, mask, frozen_below)
+    loss, checkpointed = _gradients(CheckpointedBlock, weights, x, mask, frozen_below)
     assert set(checkpointed) == set(plain) and all("trained" in name for name in plain)  # frozen: no gradient
+    assert len(plain) == 2 * (3 - frozen_below)
     assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
     for name, grad in plain.items():
         assert mx.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-6).item(), name
