@@ -92,10 +92,10 @@ def test_the_full_loss_is_the_fallback(tiny_model_dir):
     assert make_loss(model, chunked=True) is weighted_ce
 
 
-def test_fewer_chunks_than_mlx_min_chunks_take_the_plain_head(tiny_model_dir):
-    """1 x 128 tokens, four chunks of 32, fewer than MLX_MIN_CHUNKS: the chunked loss computes the head as the
-    full-logits loss does, so the step's peak is the full-logits step's (a checkpointed single chunk held more), and
-    the loss and gradients are the same."""
+def test_fewer_chunks_than_mlx_min_chunks_take_one_fused_chunk(tiny_model_dir):
+    """1 x 128 tokens, four chunks of 32, fewer than MLX_MIN_CHUNKS: the chunked loss computes the head over all the
+    tokens at once, fused (the loss and the hidden states' gradient in the forward pass), so the step holds no more
+    than the full-logits step (a checkpointed single chunk held more), and the loss and gradients are the same."""
     model = _lora_model(tiny_model_dir)
     width = 128
     assert MLX_MIN_CHUNKS > 4 and not mlx_chunks(width, model.args.vocab_size, model.args.hidden_size)

@@ -67,9 +67,14 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         rows, width = inputs.shape
         tokens = rows * width
         step = mlx_chunks(tokens, model.args.vocab_size, model.args.hidden_size)
-        if not step:  # too few chunks to save memory (MLX_MIN_CHUNKS): the full-logits loss, mlx-lm's arrays (the
-            # head on the reshaped hidden states held 0.85 MB more on smollm2-135m at 1 x 127: the reshape's copies)
+        if not step and not fused:  # too few chunks to save memory (MLX_MIN_CHUNKS), a trained head: the full-logits
+            # loss, mlx-lm's arrays (a checkpointed single chunk held 0.85 MB more on smollm2-135m at 1 x 127)
             return weighted_ce(model, inputs, targets, weights)
+        # Too few chunks and a frozen head: one fused chunk of all the tokens. Its logits are gone once the forward pass
+        # has made the loss and the hidden states' gradient; through the full-logits loss MLX held one more logits-
+        # sized array across the checkpointed backward pass (the whole smollm2-135m, 1 x 128 bf16, need: 401.1 MiB
+        # with the full logits, 377.4 with one fused chunk, 378.8 for mlx-lm's checkpoint and the full logits).
+        step = step or tokens
         hidden = model.model(inputs)
         hidden = hidden.reshape(tokens, hidden.shape[-1])
         targets, weights = targets.reshape(-1), weights.reshape(-1)
@@ -102,7 +107,7 @@ def _fused_chunk(module: nn.Module, apply) -> Callable[[mx.array, mx.array, mx.a
 
     @loss_and_grad.vjp
     def loss_and_grad_vjp(primals, cotangents, outputs):
-        hidden_grad = cotangents[0] * outputs[1]
+        hidden_grad = (cotangents[0] * outputs[1]).astype(primals[0].dtype)  # the fp32 loss's cotangent would promote it
         return hidden_grad, mx.zeros_like(primals[1]), mx.zeros_like(primals[2])  # token ids and weights: none
 
     return loss_and_grad

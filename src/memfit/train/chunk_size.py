@@ -64,6 +64,6 @@ def mlx_chunk_tokens(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
 
 def mlx_chunks(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     """The chunk the MLX engine's loss runs its head in for `num_tokens` tokens (mlx_chunk_tokens), or 0 where it
-    runs the plain head: fewer than MLX_MIN_CHUNKS chunks."""
+    runs the head over all the tokens at once (fewer than MLX_MIN_CHUNKS chunks: memfit.mlx.loss says how)."""
     chunk = mlx_chunk_tokens(num_tokens, vocab_size, hidden_size)
     return chunk if math.ceil(num_tokens / chunk) >= MLX_MIN_CHUNKS else 0
