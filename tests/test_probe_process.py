@@ -78,8 +78,8 @@ def test_probe_picks_the_largest_batch_under_the_limit_and_train_uses_it(tiny_mo
     # Since the CPU baseline is derived (benchmarks/derive_constants.py) it is a measurement child's, which lacks
     # the training loop's own memory (data, tokenizer, guard): the tiny model's first guess lands off and the
     # search took 7, 8 and 9 trials in full-suite runs (4 to 6 with the hand-fitted constants). What holds is the
-    # search's own bound once a trial has failed (memfit.probe.search.largest_usable; here the first guess, between
-    # the estimates of 24 and 48, brackets the answer at once): the first guess, then per halving of the bracket one
+    # search's own bound once a trial has failed (memfit.probe.search.largest_usable; before that, each usable
+    # guided trial raises the floor): the first guess, then per halving of the bracket one
     # bisection and at most two guided trials before it that did not halve it (1 + 3 x 6 for 1..64; the bound of
     # 1 + 7 written here before was a plain bisection's, which the guided trials do not promise). Known regression,
     # to be mended by deriving the baseline from a real `memfit train` child (issue 20).
