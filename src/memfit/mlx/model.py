@@ -1,6 +1,6 @@
 """Load a model for MLX training: mlx_lm.utils.load_model, the compute dtype, MLX quantization of the base
 (`--quant 4|8`), the adapters (`linear_to_lora_layers`: LoRA or DoRA) or a full fine-tune, and gradient
-checkpointing (mlx-lm's, with its backward pass ordered: ordered_checkpoint).
+checkpointing (as mlx-lm's, with the backward pass ordered: ordered_checkpoint).
 
 memfit's adapter settings map onto mlx-lm's as follows: rank -> `rank`; alpha -> `scale = alpha / rank` (PEFT's
 scaling; mlx-lm's `scale` multiplies the low-rank product directly, its default 20 is alpha = 20 x rank); dropout ->
@@ -134,7 +134,8 @@ def ordered_checkpoint(call):
     values waited to the end of the step. So the backward pass here (1) recomputes the layer only once the gradient
     from above has arrived and (2) hands the gradient below only once this layer's weight gradients exist
     (`mx.depends`). Same loss; on derive_mlx_constants.py's shape m cut to 6 layers, bf16 64 x 256, the step's need
-    went from 385.8 to 245.5 MiB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md)."""
+    went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md). A LoRA dropout draws its
+    mask again in the recomputation, as under mx.checkpoint."""
 
     def checkpointed(layer, x, *args, **kwargs):
         trained = tree_flatten(layer.trainable_parameters())  # none below every adapter (--lora-layers)
