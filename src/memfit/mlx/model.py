@@ -134,8 +134,7 @@ def ordered_checkpoint(call):
     values waited to the end of the step. So the backward pass here (1) recomputes the layer only once the gradient
     from above has arrived and (2) hands the gradient below only once this layer's weight gradients exist
     (`mx.depends`). Same loss; on derive_mlx_constants.py's shape m cut to 6 layers, bf16 64 x 256, the step's need
-    went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md). A LoRA dropout draws its
-    mask again in the recomputation, as under mx.checkpoint."""
+    went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md)."""
 
     def checkpointed(layer, x, *args, **kwargs):
         trained = tree_flatten(layer.trainable_parameters())  # none below every adapter (--lora-layers)
