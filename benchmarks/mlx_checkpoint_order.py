@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DOCS = HERE.parent / "docs" / "benchmarks.md"
 sys.path.insert(0, str(HERE))
 
-from mlx_memory_limit import step_config, step_parser  # noqa: E402  (the same model and step flags)
+from mlx_memory_limit import report, step_config, step_parser  # noqa: E402  (the same model and step flags)
 
 CONTENDERS = ("mlx-lm", "memfit")
 
@@ -105,16 +104,7 @@ def main() -> int:
     args = parser.parse_args()
     config_values = step_config(args) | {"grad_checkpointing": True}
     found = measure(args.model_dir, config_values, args.steps, args.repeats)
-    if not args.write:
-        print(json.dumps(found))
-        return 0
-    from estimate_accuracy import write_section
-    from mlx_chunk_floor import command_line
-
-    write_section(DOCS, args.write, markdown(found, config_values, args.model_dir,
-                                              command_line("mlx_checkpoint_order.py", args.model_dir)))
-    print(f"wrote {DOCS} ({args.write})")
-    return 0
+    return report(found, args, config_values, "mlx_checkpoint_order.py", markdown)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DOCS = HERE.parent / "docs" / "benchmarks.md"
 sys.path.insert(0, str(HERE))
 
-from mlx_memory_limit import run, step_config, step_parser  # noqa: E402  (the same child run and flags)
+from mlx_memory_limit import report, run, step_config, step_parser  # noqa: E402  (the same child run and flags)
 
 
 def measure(model_dir: str, config_values: dict, widths: list[int], steps: int, repeats: int) -> dict:
@@ -80,16 +79,7 @@ def main() -> int:
     config_values = step_config(args)
     widths = sorted(int(width) for width in args.widths.split(",") if width)
     found = measure(args.model_dir, config_values, widths, args.steps, args.repeats)
-    if not args.write:
-        print(json.dumps(found))
-        return 0
-    from estimate_accuracy import write_section
-    from mlx_chunk_floor import command_line
-
-    write_section(DOCS, args.write, markdown(found, config_values, args.model_dir,
-                                              command_line("mlx_eval_order.py", args.model_dir)))
-    print(f"wrote {DOCS} ({args.write})")
-    return 0
+    return report(found, args, config_values, "mlx_eval_order.py", markdown)
 
 
 if __name__ == "__main__":

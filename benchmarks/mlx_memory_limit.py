@@ -106,6 +106,22 @@ def step_config(args) -> dict:
             "grad_checkpointing": not args.no_grad_checkpointing, "chunked_loss": not args.no_chunked_loss}
 
 
+def report(found, args, config_values: dict, script: str, markdown) -> int:
+    """What a `step_parser` script found: JSON on stdout, or with `--write MARKER` the table `markdown(found,
+    config_values, model_dir, command)` makes, in docs/benchmarks.md between the markers."""
+    if not args.write:
+        print(json.dumps(found))
+        return 0
+    sys.path.insert(0, str(HERE))
+    from estimate_accuracy import write_section
+    from mlx_chunk_floor import command_line
+
+    write_section(DOCS, args.write, markdown(found, config_values, args.model_dir,
+                                              command_line(script, args.model_dir)))
+    print(f"wrote {DOCS} ({args.write})")
+    return 0
+
+
 def main() -> int:
     parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--headroom", default="0.05,0.25", help="limits at need x (1 + h), comma-separated")
@@ -113,17 +129,7 @@ def main() -> int:
     config_values = step_config(args)
     headrooms = [float(h) for h in args.headroom.split(",") if h]
     runs = measure(args.model_dir, config_values, headrooms, args.steps, args.repeats)
-    if not args.write:
-        print(json.dumps(runs))
-        return 0
-    sys.path.insert(0, str(HERE))
-    from estimate_accuracy import write_section
-    from mlx_chunk_floor import command_line
-
-    write_section(DOCS, args.write, markdown(runs, config_values, args.model_dir,
-                                              command_line("mlx_memory_limit.py", args.model_dir)))
-    print(f"wrote {DOCS} ({args.write})")
-    return 0
+    return report(runs, args, config_values, "mlx_memory_limit.py", markdown)
 
 
 if __name__ == "__main__":
