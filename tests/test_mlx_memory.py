@@ -192,3 +192,19 @@ def test_eval_width_is_memfits_unless_the_environment_sets_one(monkeypatch):
     assert mlx_memory.set_eval_width() == "20" == os.environ["MLX_BFS_MAX_WIDTH"]
     monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "1")
     assert mlx_memory.set_eval_width() == "1"
+
+
+def test_run_ahead_is_bounded_by_the_estimated_need_below_the_threshold(restore_limits):
+    """With the step's estimated need, MLX's limit comes down to RUN_AHEAD_HEADROOM times it (MLX waits for running
+    ops past it instead of allocating ahead); a need whose bound is above the threshold's share leaves the share."""
+    GB = 1024**3
+    small = mlx_memory.apply_limits(3 * GB, threshold=0.8, need_bytes=100 * MB)
+    assert small.bounded and small.need_bytes == 100 * MB
+    assert mlx_memory.memory_limit_bytes() == small.memory_limit_bytes == int(100 * MB * mlx_memory.RUN_AHEAD_HEADROOM)
+    assert "1.25x the step's estimated need" in small.describe()
+    mlx_memory.restore_limits(small)
+    large = mlx_memory.apply_limits(3 * GB, threshold=0.8, need_bytes=3 * GB)
+    outside = 0 if mlx_memory.metal() else large.outside_bytes
+    assert not large.bounded and large.memory_limit_bytes == int(3 * GB * 0.8) - outside
+    assert "80% of the 3.00 GB limit" in large.describe()
+    mlx_memory.restore_limits(large)

@@ -123,9 +123,12 @@ def test_guard_stops_at_the_limit_with_a_checkpoint(tiny_model_dir, tmp_path, mo
     assert "--engine mlx --resume" in result.resume_command
     limits = json.loads((tmp_path / "run" / "run.json").read_text())["mlx_limits"]
     assert limits["guard_limit_bytes"] == int(limit_gb * 1024**3)
-    # MLX's limit: the arrays' share of the warning threshold (mlx_memory.arrays_limit_bytes), set and read back
-    assert limits["memory_limit_bytes"] == limits["read_back_bytes"] == max(
-        1, int(limits["guard_limit_bytes"] * limits["threshold"]) - limits["outside_bytes"])
+    # MLX's limit: the arrays' share of the warning threshold (mlx_memory.arrays_limit_bytes), or below it the bound
+    # on MLX's run-ahead from the estimated need (mlx_memory.run_ahead_bound_bytes), set and read back
+    share = max(1, int(limits["guard_limit_bytes"] * limits["threshold"]) - limits["outside_bytes"])
+    assert limits["need_bytes"] and limits["bounded"]  # the tiny model's step needs far less than the limit
+    assert limits["memory_limit_bytes"] == limits["read_back_bytes"] \
+        == mlx_memory.run_ahead_bound_bytes(limits["need_bytes"]) < share
     assert limits["outside_bytes"] > 50 * 1024**2  # the interpreter, torch-free MLX and mlx-lm: the RSS beside MLX
     assert mlx_memory.memory_limit_bytes() == limits["previous_memory_limit_bytes"]  # put back after the run
     assert any(type(event).__name__ == "GuardNotice" for event in events)

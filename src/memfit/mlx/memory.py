@@ -25,6 +25,16 @@ limit above the warning threshold, so freed buffers MLX keeps can never by thems
 own when that is lower (its CPU build's 32 MB); on Metal the wired limit to the limit, at most the device's recommended working-set size (what mlx-lm's
 trainer sets). Each setter returns the previous value, and the returned `MlxLimits` says what was set and what it
 was before.
+
+Bounded run-ahead (`need_bytes`): below the guard's threshold, MLX's own run-ahead is still free to add what it
+likes (smollm2-135m, LoRA, 1 x 128 bf16 checkpointed: a need of about 0.4 GB, a peak of 0.71 GB with no limit,
+mlx-lm's 0.67). The trainer passes the estimate's step need (memfit.estimate.mlx_memory's `mlx_peak_bytes`), and
+MLX's limit is lowered to RUN_AHEAD_HEADROOM times it where that is below the threshold's share: MLX then waits for
+running ops once the arrays pass it. RUN_AHEAD_HEADROOM is 1.25: the need is at most 1.20x the estimate in every run
+benchmarks/derive_mlx_constants.py records (its fit's worst under-estimate, 16.4% of the need), and below the need
+MLX would wait before every op (1.3-1.9x the step's time, benchmarks/mlx_memory_limit.py's 1-byte row); at +25% of
+the need that benchmark's step ran at the unconstrained speed (0.95-1.18x per round, 16-21 s steps, on a CPU;
+unmeasured on Metal).
 """
 
 from __future__ import annotations
@@ -128,14 +138,19 @@ class MlxLimits:
     guard_limit_bytes: int = 0  # the guard's limit the others come from
     threshold: float = 0.8
     outside_bytes: int = 0  # what the guard's figure held beside MLX's arrays when they were set
+    need_bytes: int | None = None  # the estimated need the run-ahead bound came from (None: not bounded)
+    bounded: bool = False  # the memory limit is RUN_AHEAD_HEADROOM x need_bytes, below the threshold's share
 
     def describe(self) -> str:
+        if self.bounded:
+            why = (f"{RUN_AHEAD_HEADROOM:g}x the step's estimated need of {format_gb(self.need_bytes or 0)}, below "
+                   f"{self.threshold:.0%} of the {format_gb(self.guard_limit_bytes)} limit")
+        else:
+            why = (f"{self.threshold:.0%} of the {format_gb(self.guard_limit_bytes)} limit"
+                   + (f" less {format_gb(self.outside_bytes)} outside MLX's arrays" if self.outside_bytes else ""))
         text = (f"Set MLX memory limit to {format_gb(self.memory_limit_bytes)} (was "
-                f"{format_gb(self.previous_memory_limit_bytes)}): {self.threshold:.0%} of the "
-                f"{format_gb(self.guard_limit_bytes)} limit"
-                + (f" less {format_gb(self.outside_bytes)} outside MLX's arrays" if self.outside_bytes else "")
-                + f", above which MLX waits for running ops instead of allocating ahead; "
-                f"cache limit {format_gb(self.cache_limit_bytes)}")
+                f"{format_gb(self.previous_memory_limit_bytes)}): {why}, above which MLX waits for running ops "
+                f"instead of allocating ahead; cache limit {format_gb(self.cache_limit_bytes)}")
         if self.wired_limit_bytes is not None:
             text += f"; wired limit {format_gb(self.wired_limit_bytes)}"
         return text
@@ -177,12 +192,24 @@ def outside_arrays_bytes() -> int:
     return max(0, sample.rss_bytes - sample.mlx_bytes)
 
 
-def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
-    """Set MLX's memory, cache and (Metal) wired limits from the guard's limit; returns what was set."""
+RUN_AHEAD_HEADROOM = 1.25  # the module's docstring, "Bounded run-ahead", says where 1.25 comes from
+
+
+def run_ahead_bound_bytes(need_bytes: int) -> int:
+    """MLX's memory limit that bounds its run-ahead for a step estimated to need `need_bytes` of MLX arrays."""
+    return int(need_bytes * RUN_AHEAD_HEADROOM)
+
+
+def apply_limits(limit_bytes: int, threshold: float = 0.8, need_bytes: int | None = None) -> MlxLimits:
+    """Set MLX's memory, cache and (Metal) wired limits from the guard's limit, and with `need_bytes` (the
+    estimated need of the run's step) bound MLX's run-ahead below it; returns what was set."""
     set_memory, set_cache = _setter("set_memory_limit"), _setter("set_cache_limit")
     limit_bytes = int(limit_bytes)
     outside = outside_arrays_bytes()
     arrays_limit = arrays_limit_bytes(limit_bytes, threshold, outside)
+    bounded = bool(need_bytes) and run_ahead_bound_bytes(need_bytes) < arrays_limit
+    if bounded:
+        arrays_limit = run_ahead_bound_bytes(need_bytes)
     previous_memory = int(set_memory(arrays_limit))
     # Lower the cache limit to the part of the limit above the threshold, never raise it: MLX's CPU build keeps up
     # to 32 MB of freed buffers by default and gives none back under pressure (mlx/backend/no_gpu/allocator.cpp has
@@ -199,7 +226,7 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8) -> MlxLimits:
         wired = min(limit_bytes, working_set)
         previous_wired = int(set_wired(wired))
     return MlxLimits(arrays_limit, previous_memory, cache_bytes, previous_cache, wired, previous_wired,
-                     memory_limit_bytes(), limit_bytes, threshold, outside)
+                     memory_limit_bytes(), limit_bytes, threshold, outside, need_bytes, bounded)
 
 
 # MLX's evaluation order: mlx/transforms.cpp builds the order it runs a graph in breadth first from the outputs, up

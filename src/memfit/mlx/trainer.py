@@ -190,6 +190,19 @@ class MlxTrainer:
         rows = len(self.dataset.rows)
         self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * rows / self.effective_batch))
 
+    def _estimate(self):
+        """memfit's MLX estimate of this run (its step's need bounds MLX's run-ahead: memfit.mlx.memory); None
+        where the estimator cannot say (a mixture of experts, an architecture it cannot read): MLX then runs ahead
+        up to the guard's threshold, as before."""
+        from memfit.estimate.memory import Hardware
+        from memfit.estimate.mlx_memory import estimate_mlx
+
+        try:
+            hardware = Hardware("mps" if mlx_memory.metal() else "cpu", self.limit.limit_bytes)
+            return estimate_mlx(self.resolved.config, self.config, hardware, self.resolved.name)
+        except Exception:  # noqa: BLE001 - training does not depend on it
+            return None
+
     def _start_guard(self) -> None:
         from memfit.guard import Guard, choose_limit
 
@@ -202,7 +215,9 @@ class MlxTrainer:
         self.allocator = configure_allocator()
         if self.allocator.policy != DEFAULT_ALLOCATOR_POLICY:
             self.emit(Notice(self.allocator.describe()))
-        self.mlx_limits = mlx_memory.apply_limits(self.limit.limit_bytes, self.config.memory_threshold)
+        self.estimate = self._estimate()
+        need = self.estimate.mlx_peak_bytes if self.estimate is not None else None
+        self.mlx_limits = mlx_memory.apply_limits(self.limit.limit_bytes, self.config.memory_threshold, need)
         self.emit(Notice(self.mlx_limits.describe()))
         width = mlx_memory.set_eval_width()
         if width != str(mlx_memory.EVAL_WIDTH):  # the user's order: the estimate was fitted in MLX's default
@@ -295,7 +310,8 @@ class MlxTrainer:
                 "versions": {**versions(), **_mlx_versions()},
                 "limit": {"bytes": self.limit.limit_bytes, "auto": self.limit.auto,
                           "available_bytes": self.limit.available_bytes},
-                "mlx_limits": vars(self.mlx_limits), "estimate_bytes": None, "total_steps": self.total_steps,
+                "mlx_limits": vars(self.mlx_limits), "total_steps": self.total_steps,
+                "estimate_bytes": self.estimate.total_bytes if self.estimate is not None else None,
                 "trainable_params": trainable, "total_params": total,
                 "adapter": self.loaded.adapter_config, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "world_size": 1, "distributed": None,
@@ -482,7 +498,8 @@ class MlxTrainer:
         config = self.config
         trainable, total = self.loaded.counts()
         self.emit(RunStarted(self.job.output_dir, self.step, self.total_steps, self.resolved.name, self.device,
-                             self.loaded.dtype, trainable, total, self.limit.limit_bytes, None))
+                             self.loaded.dtype, trainable, total, self.limit.limit_bytes,
+                             self.estimate.total_bytes if self.estimate is not None else None))
         self.last_checkpoint = None
         sample, events = self.guard.end_step(self.step)
         self._emit_guard(events)
