@@ -13,7 +13,7 @@ pytest.importorskip("mlx_lm")
 nn = pytest.importorskip("mlx.nn")
 from mlx.utils import tree_flatten  # noqa: E402
 
-from memfit.mlx.model import ordered_checkpoint  # noqa: E402
+from memfit.mlx.model import ReplayableDropout, draw_key, masks_from, ordered_checkpoint  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mlx_checkpoint_order.py"
 
@@ -39,6 +39,26 @@ class CheckpointedBlock(Block):
 CheckpointedBlock.__call__ = ordered_checkpoint(Block.__call__)
 
 
+class DropoutBlock(Block):
+    """With dropout on the trained linear's input, as mlx-lm's LoRALinear has on the adapter's (--lora-dropout; the
+    MLX engine swaps its nn.Dropout for ReplayableDropout when it checkpoints)."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.dropout = ReplayableDropout(0.5)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = self.trained(self.dropout(nn.silu(self.frozen(x))))
+        return x + (h if mask is None else h * mask)
+
+
+class CheckpointedDropoutBlock(DropoutBlock):
+    pass
+
+
+CheckpointedDropoutBlock.__call__ = ordered_checkpoint(DropoutBlock.__call__)
+
+
 def _gradients(block_type, weights, x, mask, frozen_below: int = 0):
     blocks = [block_type(16) for _ in range(3)]
     for block, block_weights in zip(blocks, weights):
@@ -53,7 +73,11 @@ def _gradients(block_type, weights, x, mask, frozen_below: int = 0):
 
         def __call__(self, x):
             for block in self.blocks:
-                x = block(x, mask, cache=None)
+                if block_type is DropoutBlock:  # the masks a checkpointed call draws, drawn the same way
+                    with masks_from(draw_key(block)):
+                        x = block(x, mask, cache=None)
+                else:
+                    x = block(x, mask, cache=None)
             return (x * x).sum()
 
     stack = Stack()
@@ -75,6 +99,37 @@ def test_ordered_checkpoint_gives_the_plain_layers_gradients(frozen_below):
     assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
     for name, grad in plain.items():
         assert mx.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-6).item(), name
+
+
+def test_recomputation_draws_the_forward_pass_dropout_masks():
+    """The recomputation in the backward pass must draw the dropout masks the forward pass drew (as torch's checkpoint
+    restores the RNG state): else the gradients are those of another sample than the loss's."""
+    mx.random.seed(0)
+    weights = [DropoutBlock(16).parameters() for _ in range(3)]
+    x = mx.random.normal((2, 5, 16))
+    mask = mx.random.uniform(shape=(5, 16))
+    mx.random.seed(7)
+    plain_loss, plain = _gradients(DropoutBlock, weights, x, mask)
+    mx.random.seed(7)
+    loss, checkpointed = _gradients(CheckpointedDropoutBlock, weights, x, mask)
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    for name, grad in plain.items():
+        assert mx.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-6).item(), name
+    mx.random.seed(8)
+    other_loss, _ = _gradients(DropoutBlock, weights, x, mask)
+    assert other_loss.item() != pytest.approx(plain_loss.item(), rel=1e-6)  # the masks do matter here
+
+
+def test_the_engine_swaps_the_adapters_dropout_when_it_checkpoints(tiny_model_dir):
+    from memfit.config import TrainConfig
+    from memfit.mlx.model import load_for_training
+
+    def dropouts(config):
+        model = load_for_training(Path(tiny_model_dir), config).model
+        return {type(module.dropout).__name__ for _, module in model.named_modules() if hasattr(module, "dropout")}
+
+    assert dropouts(TrainConfig(method="lora", lora_dropout=0.1, grad_checkpointing=True)) == {"ReplayableDropout"}
+    assert dropouts(TrainConfig(method="lora", lora_dropout=0.1, grad_checkpointing=False)) == {"Dropout"}
 
 
 def test_ordered_checkpoint_step_needs_less_than_mlx_lms(tiny_model_dir):

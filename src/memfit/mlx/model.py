@@ -11,6 +11,7 @@ layer of the decoder layers, as PEFT's all-linear does (the lm_head and embeddin
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,56 @@ def grad_checkpoint(layer) -> None:
         setattr(cls, _CHECKPOINTED, True)
 
 
+_replay_keys: list = []  # the key of the checkpointed layer call whose forward pass is being built, innermost last
+
+
+class ReplayableDropout(nn.Dropout):
+    """nn.Dropout whose masks a checkpointed layer's recomputation draws again: inside `ordered_checkpoint`'s forward
+    pass they come from the layer call's key, not from MLX's global random state (which has moved on by the time
+    the backward pass recomputes the layer). Elsewhere it is nn.Dropout."""
+
+    def __call__(self, x):
+        if self._p_1 == 1 or not self.training or not _replay_keys:
+            return super().__call__(x)
+        _replay_keys[-1], key = mx.random.split(_replay_keys[-1])
+        mask = mx.random.bernoulli(self._p_1, x.shape, key=key)
+        return (mask * x) * (1 / self._p_1)
+
+
+def draw_key(layer):
+    """A key of this layer call's own for its ReplayableDropout masks, drawn from MLX's global state; None where the
+    layer draws no mask (the global state is then left as it is)."""
+    if not any(isinstance(module, ReplayableDropout) and module.training and module._p_1 < 1
+               for module in layer.modules()):
+        return None
+    return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+
+
+@contextmanager
+def masks_from(key):
+    """ReplayableDropout inside draws its masks from `key` (None: from MLX's global state, as nn.Dropout)."""
+    if key is None:
+        yield
+        return
+    _replay_keys.append(key)
+    try:
+        yield
+    finally:
+        _replay_keys.pop()
+
+
+def replayable_dropout(model) -> int:
+    """Swap the adapters' nn.Dropout (mlx-lm's LoRALinear and DoRALinear: `self.dropout`) for ReplayableDropout of
+    the same rate; returns how many were swapped."""
+    swapped = 0
+    for _, module in model.named_modules():
+        dropout = getattr(module, "dropout", None)
+        if type(dropout) is nn.Dropout and dropout._p_1 < 1:
+            module.dropout = ReplayableDropout(1 - dropout._p_1)
+            swapped += 1
+    return swapped
+
+
 def ordered_checkpoint(call):
     """`call(layer, x, ...)` with its intermediate values recomputed in the backward pass, as `mx.checkpoint` does
     (mlx-lm's `grad_checkpoint`), and the backward pass held to one layer at a time.
@@ -134,16 +185,23 @@ def ordered_checkpoint(call):
     values waited to the end of the step. So the backward pass here (1) recomputes the layer only once the gradient
     from above has arrived and (2) hands the gradient below only once this layer's weight gradients exist
     (`mx.depends`). Same loss; on derive_mlx_constants.py's shape m cut to 6 layers, bf16 64 x 256, the step's need
-    went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md)."""
+    went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md).
+
+    The recomputation draws the forward pass's dropout masks again (as torch's checkpoint restores its RNG state):
+    each call draws a key of its own, and the adapters' ReplayableDropout takes its masks from it, so --lora-dropout's
+    gradients are the loss's own; with `mx.checkpoint` they were another sample's, drawn from MLX's global state
+    where the backward pass found it (tests/test_mlx_checkpoint.py)."""
 
     def checkpointed(layer, x, *args, **kwargs):
         trained = tree_flatten(layer.trainable_parameters())  # none below every adapter (--lora-layers)
         names, values = [name for name, _ in trained], [value for _, value in trained]
         count = len(values)
+        key = draw_key(layer)  # the recomputation starts from it again
 
         def forward(parameters, hidden):
             layer.update(tree_unflatten(list(zip(names, parameters))))
-            return call(layer, hidden, *args, **kwargs)
+            with masks_from(key):
+                return call(layer, hidden, *args, **kwargs)
 
         @mx.custom_function
         def run(parameters, hidden):
@@ -243,6 +301,7 @@ def load_for_training(model_dir: Path, config: TrainConfig, *, group_size: int =
             for layer in model.layers[-config.lora_layers:]:
                 layer.unfreeze()
     if config.grad_checkpointing:
+        replayable_dropout(model)
         grad_checkpoint(model.layers[0])
     evaluate_by_module(model)
     loaded = LoadedModel(model, model_config, str(dtype).rsplit(".", 1)[-1], adapter_config, notes)
