@@ -16,7 +16,8 @@ error over a smaller figure: it is what the constants cannot hide. smollm2-135m 
 Without --write the table is printed, not written.
 
 With `--engine mlx`: memfit's MLX engine (mlx[cpu] here). Each case runs 3 steps of the MLX trainer's own compiled
-step in two fresh children at once (memfit.mlx.measure), one under a 1-byte MLX memory limit and one without a limit,
+step in two fresh children at once (memfit.mlx.measure), each pinned to a core of its own (`_cores`), one under a
+1-byte MLX memory limit and one without a limit,
 and reads `mx.get_peak_memory()` in each: the first is the step's need (nothing run ahead), what the estimate
 (memfit.estimate.mlx_memory's `mlx_peak_bytes`, the total less the process runtime) predicts and is compared with;
 the second is what MLX holds when it may run ahead of the ops running (memfit.mlx.measure.run_steps says how). Its
@@ -26,6 +27,7 @@ own section in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -243,9 +245,9 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str], timeout_s: f
                 started = time.time()
                 try:  # the need and the unconstrained peak side by side, one core each
                     with ThreadPoolExecutor(2) as pool:
-                        need, free = pool.map(lambda limit: measure_in_child(
+                        need, free = pool.map(lambda limit, cpu: measure_in_child(
                             model_dir, case, steps=3, timeout_s=timeout_s, env=one_thread,
-                            memory_limit_bytes=limit), (1, 0))
+                            memory_limit_bytes=limit, cpu=cpu), (1, 0), _cores())
                 except subprocess.TimeoutExpired as timeout:
                     timed_out.append(f"{preset} {case} (timed out after {timeout.timeout:.0f} s)")
                     print(timed_out[-1], flush=True)
@@ -263,6 +265,14 @@ def run_mlx(selection: dict[str, list[dict]], timed_out: list[str], timeout_s: f
     return rows
 
 
+def _cores() -> tuple[int | None, int | None]:
+    """Each child's own core: unpinned, the need's child was preempted by the other's threads and read more (tiny,
+    bf16, down_proj in the last 2 layers, 4 x 256: 17.4 MiB beside the other child, 16.5 MiB in each of three runs
+    alone on a core)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
+
+
 def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
     import mlx.core as mx
 
@@ -278,7 +288,8 @@ def markdown_mlx(rows: list[dict], command: str, left_out: list[str]) -> str:
         f"{platform.system()}, {_cpu_name()}, Python {platform.python_version()}, MLX {mx.__version__} "
         f"({'Metal' if mx.metal.is_available() else 'CPU, mlx[cpu]'}), mlx-lm {metadata.version('mlx-lm')}. Each "
         "case: 3 steps of memfit's MLX trainer (its own load, quantization, adapters, AdamW and compiled step: "
-        "memfit.mlx.measure) on random full-length rows in two fresh children at once, one core each: need = "
+        "memfit.mlx.measure) on random full-length rows in two fresh children at once, each pinned to a core of "
+        "its own: need = "
         "`mx.get_peak_memory()` (the arrays' high-water mark) under a 1-byte MLX memory limit, where MLX waits for "
         "the running ops before each allocation, so nothing is run ahead; no limit = the same without a limit, "
         "where MLX allocates up to 10 ops ahead of those running (mlx/transforms.cpp, MAX_ACTIVE_TASKS) and how "

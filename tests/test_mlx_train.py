@@ -203,3 +203,29 @@ def test_clipping_does_not_keep_a_deep_models_backward_pass_alive(tmp_path):
     clipped = measure_in_child(model_dir, {**case, "max_grad_norm": 1.0}, steps=1)
     unclipped = measure_in_child(model_dir, {**case, "max_grad_norm": 0.0}, steps=1)
     assert clipped["train_peak_bytes"] < unclipped["train_peak_bytes"] * 1.15, (clipped, unclipped)
+
+
+def test_an_estimate_below_the_need_is_corrected_after_the_first_step(tiny_model_dir, tmp_path, monkeypatch):
+    """The run-ahead bound comes from the estimate; where the estimate is far below the step's need (here made so),
+    the first step's peak passes it and the bound is set again from that peak, with a warning."""
+    from memfit.mlx import memory as mlx_memory
+    from memfit.mlx.trainer import MlxTrainer
+
+    real = MlxTrainer._estimate
+
+    def low(self):
+        estimate = real(self)
+        estimate.mlx_peak_bytes //= 4
+        return estimate
+
+    monkeypatch.setattr(MlxTrainer, "_estimate", low)
+    events = []
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"),
+                       _config(max_steps=2, grad_accum=1), on_event=events.append)
+    assert result.exit_code == EXIT_OK
+    notices = [event.message for event in events if type(event).__name__ == "Notice"]
+    started = json.loads((tmp_path / "run" / "run.json").read_text())["mlx_limits"]
+    assert started["bounded"] and not started["need_seen"]
+    warning = [text for text in notices if "the estimate was below this step's need" in text]
+    assert len(warning) == 1 and "the first step's peak" in warning[0]
+    assert mlx_memory.memory_limit_bytes() == started["previous_memory_limit_bytes"]  # put back after the run

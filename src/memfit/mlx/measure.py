@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -74,10 +75,11 @@ def run_steps(model_dir: str, config_values: dict, steps: int, memory_limit_byte
 
 
 def measure_in_child(model_dir: str | Path, config_values: dict, steps: int = 3, timeout_s: float = 900,
-                     env: dict | None = None, memory_limit_bytes: int = 0) -> dict:
-    """`run_steps` in a fresh interpreter: MLX's peak counter then holds this configuration's arrays alone."""
+                     env: dict | None = None, memory_limit_bytes: int = 0, cpu: int | None = None) -> dict:
+    """`run_steps` in a fresh interpreter: MLX's peak counter then holds this configuration's arrays alone. `cpu`:
+    the one core the child (and MLX's threads in it) may run on."""
     args = [str(model_dir), json.dumps(config_values), "--steps", str(steps),
-            "--memory-limit", str(memory_limit_bytes)]
+            "--memory-limit", str(memory_limit_bytes)] + (["--cpu", str(cpu)] if cpu is not None else [])
     return run_python_json(["-m", "memfit.mlx.measure", *args], timeout_s, env)
 
 
@@ -88,7 +90,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--memory-limit", type=int, default=0,
                         help="MLX's memory limit for the steps, bytes (1: the step's need; run_steps says why)")
+    parser.add_argument("--cpu", type=int, default=None,
+                        help="run on this core alone (set before MLX starts its threads, which inherit it)")
     args = parser.parse_args()
+    if args.cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.cpu})
     print(json.dumps(run_steps(args.model_dir, json.loads(args.config_json), args.steps, args.memory_limit)))
 
 

@@ -519,6 +519,8 @@ class MlxTrainer:
             elapsed = time.perf_counter() - started
             self.guard.note_step_time(elapsed)
             sample, events = self.guard.end_step(self.step)
+            if self.step == self.start_step + 1:
+                self._check_run_ahead_bound(sample)
             self._step_done(outcome, elapsed, sample)
             self._emit_guard(events)
             if self.val_dataset and config.eval_every and self.step % config.eval_every == 0:
@@ -536,6 +538,13 @@ class MlxTrainer:
         elif status not in ("oom", "reload") and self.guard.stop_requested:
             status = "guard_stop"
         return self._finish(status)
+
+    def _check_run_ahead_bound(self, sample) -> None:
+        rebound = mlx_memory.rebound_if_missed(self.mlx_limits, sample.mlx_peak_bytes or 0)
+        if rebound is not None:
+            self.mlx_limits = rebound
+            self.emit(Notice(f"the estimate was below this step's need (MLX waited before every op past its limit): "
+                             f"{rebound.describe()}", "warning"))
 
     def _step_done(self, stats: dict[str, Any], elapsed: float, sample) -> None:
         self.step_times = (self.step_times + [elapsed])[-20:]
