@@ -1,6 +1,7 @@
 """What the order of a checkpointed backward pass does to an MLX training step: memfit's ordered checkpoint
 (memfit.mlx.model.ordered_checkpoint) against mlx-lm's `grad_checkpoint` (plain `mx.checkpoint`), the rest of the
-step memfit's own.
+step memfit's own. A third contender, "ordered", is memfit's checkpoint with the order at every step size (memfit
+leaves it out below memfit.mlx.model.ORDERED_FROM_TOKENS tokens a step).
 
     python benchmarks/mlx_checkpoint_order.py MODEL_DIR [--batch-size 1] [--seq-len 256] [--dtype bf16]
         [--no-chunked-loss] [--steps 3] [--repeats 2] [--write MARKER]
@@ -27,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from mlx_memory_limit import report, step_config, step_parser  # noqa: E402  (the same model and step flags)
 
-CONTENDERS = ("mlx-lm", "memfit")
+CONTENDERS = ("mlx-lm", "memfit", "ordered")
 
 
 def child(contender: str, model_dir: str, config_values: dict, steps: int, limit: int) -> dict:
@@ -39,6 +40,8 @@ def child(contender: str, model_dir: str, config_values: dict, steps: int, limit
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         mlx_model.grad_checkpoint = grad_checkpoint  # what load_for_training calls on the first layer
+    elif contender == "ordered":
+        mlx_model.ORDERED_FROM_TOKENS = 0  # read by ordered_checkpoint at each call
     found = run_steps(model_dir, config_values, steps, limit)
     return {"contender": contender, "limit_bytes": limit, "train_peak_bytes": found["train_peak_bytes"],
             "seconds": statistics.median(found["step_seconds"][1:] or found["step_seconds"]), "loss": found["loss"]}
@@ -83,7 +86,8 @@ def markdown(found: dict, config_values: dict, model_dir: str, command: str) -> 
              "| checkpoint | need MB | ÷ mlx-lm | peak with no limit MB (runs) | s/step (runs) | ÷ mlx-lm, s/step | "
              "loss |", "|---|---:|---:|---|---|---|---|"]
     labels = {"mlx-lm": "mlx-lm's `grad_checkpoint` (`mx.checkpoint`)",
-              "memfit": "memfit's `ordered_checkpoint`"}
+              "memfit": "memfit's `ordered_checkpoint`",
+              "ordered": "memfit's, ordered at every step size"}
     for contender in CONTENDERS:
         runs, need = found["free"][contender], found["need"][contender]
         peaks = ", ".join(f"{r['train_peak_bytes'] / 1e6:,.1f}" for r in runs)

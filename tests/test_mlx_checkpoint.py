@@ -86,8 +86,17 @@ def _gradients(block_type, weights, x, mask, frozen_below: int = 0):
     return loss, dict(tree_flatten(grads))
 
 
+@pytest.fixture(params=["ordered", "unordered"])
+def order(request, monkeypatch):
+    """Both forms of the checkpoint: ordered (steps of ORDERED_FROM_TOKENS tokens or more) and without the order."""
+    import memfit.mlx.model as mlx_model
+
+    monkeypatch.setattr(mlx_model, "ORDERED_FROM_TOKENS", 0 if request.param == "ordered" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("frozen_below", [0, 1])
-def test_ordered_checkpoint_gives_the_plain_layers_gradients(frozen_below):
+def test_ordered_checkpoint_gives_the_plain_layers_gradients(frozen_below, order):
     mx.random.seed(0)
     weights = [Block(16).parameters() for _ in range(3)]
     x = mx.random.normal((2, 5, 16))
@@ -101,7 +110,7 @@ def test_ordered_checkpoint_gives_the_plain_layers_gradients(frozen_below):
         assert mx.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-6).item(), name
 
 
-def test_recomputation_draws_the_forward_pass_dropout_masks():
+def test_recomputation_draws_the_forward_pass_dropout_masks(order):
     """The recomputation in the backward pass must draw the dropout masks the forward pass drew (as torch's checkpoint
     restores the RNG state): else the gradients are those of another sample than the loss's."""
     mx.random.seed(0)

@@ -67,14 +67,12 @@ def make_loss(model, chunked: bool) -> Callable[..., mx.array]:
         rows, width = inputs.shape
         tokens = rows * width
         step = mlx_chunks(tokens, model.args.vocab_size, model.args.hidden_size)
-        if not step and not fused:  # too few chunks to save memory (MLX_MIN_CHUNKS), a trained head: the full-logits
-            # loss, mlx-lm's arrays (a checkpointed single chunk held 0.85 MB more on smollm2-135m at 1 x 127)
+        if not step:  # too few chunks to save memory (MLX_MIN_CHUNKS): the full-logits loss, mlx-lm's arrays. A
+            # checkpointed single chunk held 0.85 MB more on smollm2-135m at 1 x 127; one fused chunk needed as much
+            # as the full logits do beside mx.checkpoint's recomputation (1 x 128 bf16: 377.4 against 378.8 MiB),
+            # which these steps use (memfit.mlx.model.ORDERED_FROM_TOKENS), and MLX ran further ahead with it
+            # (464.4 against 406.6 MB held with no memory limit).
             return weighted_ce(model, inputs, targets, weights)
-        # Too few chunks and a frozen head: one fused chunk of all the tokens. Its logits are gone once the forward pass
-        # has made the loss and the hidden states' gradient; through the full-logits loss MLX held one more logits-
-        # sized array across the checkpointed backward pass (the whole smollm2-135m, 1 x 128 bf16, need: 401.1 MiB
-        # with the full logits, 377.4 with one fused chunk, 378.8 for mlx-lm's checkpoint and the full logits).
-        step = step or tokens
         hidden = model.model(inputs)
         hidden = hidden.reshape(tokens, hidden.shape[-1])
         targets, weights = targets.reshape(-1), weights.reshape(-1)

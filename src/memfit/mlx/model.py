@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from memfit.config import TrainConfig
+from memfit.train.chunk_size import MLX_MIN_CHUNK_TOKENS, MLX_MIN_CHUNKS
 from memfit.errors import UserError
 
 DEFAULT_GROUP_SIZE = 64  # MLX's (and mlx_lm.convert's) default quantization group
@@ -176,6 +177,13 @@ def replayable_dropout(model) -> int:
     return swapped
 
 
+# Steps of fewer tokens than this recompute without the order (ordered_checkpoint): 8 chunks of MLX's 32-token floor,
+# below which the MLX loss runs the plain head too (memfit.train.chunk_size.mlx_chunks). Measured with
+# `python benchmarks/mlx_checkpoint_order.py MODEL_DIR --batch-size 1 --seq-len 128 --dtype fp32` on the whole
+# smollm2-135m (docs/benchmarks.md, "mlx-checkpoint-order-smollm2-135m-1x128").
+ORDERED_FROM_TOKENS = MLX_MIN_CHUNKS * MLX_MIN_CHUNK_TOKENS
+
+
 def ordered_checkpoint(call):
     """`call(layer, x, ...)` with its intermediate values recomputed in the backward pass, as `mx.checkpoint` does
     (mlx-lm's `grad_checkpoint`), and the backward pass held to one layer at a time.
@@ -186,6 +194,10 @@ def ordered_checkpoint(call):
     from above has arrived and (2) hands the gradient below only once this layer's weight gradients exist
     (`mx.depends`). Same loss; on derive_mlx_constants.py's shape m cut to 6 layers, bf16 64 x 256, the step's need
     went from 404.5 to 257.4 MB (benchmarks/mlx_checkpoint_order.py, docs/benchmarks.md).
+
+    Below ORDERED_FROM_TOKENS tokens a step the two edges are left out (then this is `mx.checkpoint`'s recomputation):
+    there the activations are small, the need the same either way, and with the edges MLX ran further ahead of
+    the ops running (the whole smollm2-135m, 1 x 128 fp32: ORDERED_FROM_TOKENS's comment).
 
     The recomputation draws the forward pass's dropout masks again (as torch's checkpoint restores its RNG state):
     each call draws a key of its own, and the adapters' ReplayableDropout takes its masks from it, so --lora-dropout's
@@ -207,15 +219,18 @@ def ordered_checkpoint(call):
         def run(parameters, hidden):
             return forward(parameters, hidden)
 
+        ordered = x.size // x.shape[-1] >= ORDERED_FROM_TOKENS
+
         @run.vjp
         def run_vjp(primals, cotangent, output):
             parameters, hidden = primals
             cotangents = [value for _, value in tree_flatten(cotangent)]
-            inputs = mx.depends([*parameters, hidden], [value for _, value in tree_flatten(output)] + cotangents)
+            after = [value for _, value in tree_flatten(output)] + (cotangents if ordered else [])
+            inputs = mx.depends([*parameters, hidden], after)
             _, grads = mx.vjp(lambda *a: [value for _, value in tree_flatten(forward(list(a[:count]), a[count]))],
                               inputs, cotangents)
             parameter_grads, hidden_grad = list(grads[:count]), grads[count]
-            if parameter_grads:
+            if parameter_grads and ordered:
                 hidden_grad = mx.depends([hidden_grad], parameter_grads)[0]
             return parameter_grads, hidden_grad
 
