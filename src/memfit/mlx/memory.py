@@ -27,8 +27,8 @@ trainer sets). Each setter returns the previous value, and the returned `MlxLimi
 was before.
 
 Bounded run-ahead (`need_bytes`): below the guard's threshold, MLX's own run-ahead is still free to add what it
-likes (smollm2-135m, LoRA, 1 x 128 bf16 checkpointed: a need of about 0.4 GB, a peak of 0.71 GB with no limit,
-mlx-lm's 0.67). The trainer passes the estimate's step need (memfit.estimate.mlx_memory's `mlx_peak_bytes`), and
+likes (the tiny model, LoRA, 4 x 256 fp32 checkpointed: a need of 33.6 MB, 51.7 MB held with no limit; with a 70 GB
+limit it may run 56 GB ahead). The trainer passes the estimate's step need (memfit.estimate.mlx_memory's `mlx_peak_bytes`), and
 MLX's limit is lowered to RUN_AHEAD_HEADROOM times it where that is below the threshold's share: MLX then waits for
 running ops once the arrays pass it. RUN_AHEAD_HEADROOM is 1.25: the need is at most 1.20x the estimate in every run
 benchmarks/derive_mlx_constants.py records (its fit's worst under-estimate, 16.4% of the need), and below the need

@@ -21,8 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from memfit.config import TrainConfig
-from memfit.train.chunk_size import MLX_MIN_CHUNK_TOKENS, MLX_MIN_CHUNKS
 from memfit.errors import UserError
+from memfit.train.chunk_size import MLX_MIN_CHUNK_TOKENS, MLX_MIN_CHUNKS
 
 DEFAULT_GROUP_SIZE = 64  # MLX's (and mlx_lm.convert's) default quantization group
 
