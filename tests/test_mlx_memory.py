@@ -212,10 +212,11 @@ def test_run_ahead_is_bounded_by_the_estimated_need_below_the_threshold(restore_
 
 def test_a_bound_the_first_step_passed_is_set_again_from_its_peak(restore_limits):
     """An estimate below the need leaves MLX waiting before every op past the bound: after the first step the bound
-    comes from the step's peak instead; a peak just past the bound (the op MLX was allocating) leaves it."""
+    comes from the step's peak instead; a peak past the bound by what MLX had in flight (up to +16% measured) leaves
+    it."""
     GB = 1024**3
     limits = mlx_memory.apply_limits(3 * GB, threshold=0.8, need_bytes=100 * MB)
-    assert mlx_memory.rebound_if_missed(limits, int(limits.memory_limit_bytes * 1.03)) is None
+    assert mlx_memory.rebound_if_missed(limits, int(limits.memory_limit_bytes * 1.2)) is None
     rebound = mlx_memory.rebound_if_missed(limits, 200 * MB)
     assert rebound is not None and rebound.bounded and rebound.need_seen
     assert mlx_memory.memory_limit_bytes() == rebound.memory_limit_bytes == int(200 * MB * 1.25)
