@@ -369,7 +369,7 @@ def test_largest_batch_is_the_last_that_fits(tiny_model_dir):
 
 
 def test_largest_batch_when_batch_two_estimates_below_batch_one(monkeypatch):
-    """At 1 x 128 the step is one fused chunk (too few tokens to chunk), at 2 x 128 the chunked loss: batch 2's
+    """At 1 x 128 the step runs the plain head (too few tokens to chunk), at 2 x 128 the chunked loss: batch 2's
     estimate is below batch 1's. The search must not take that for a flat curve and walk from the limit down (it
     did: 63,724 estimates, 40 s for smollm2-135m); it settles in a few dozen and lands on the last batch that fits."""
     from memfit.models import ARCHITECTURES
