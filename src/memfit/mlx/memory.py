@@ -235,8 +235,10 @@ def apply_limits(limit_bytes: int, threshold: float = 0.8, need_bytes: int | Non
 
 # A first step's peak above the bound by more than this share says the estimate missed the need. At or above the need
 # MLX passes the bound by what it had in flight when it crossed it (up to 10 ops' outputs: the tiny model at 4 x 256
-# fp32, a 44.5 MB bound, 51.7 MB, +16%; the whole smollm2-135m at 1 x 128 fp32, a 680 MB limit, 688.3 MB, +1.2%);
-# below the need, by all that the step needs beyond it.
+# fp32, a 44.5 MB bound, 51.7 MB, +16%: run.json's `peak_mlx_bytes` and `mlx_limits` of `memfit train --engine mlx
+# --model tiny --data ROWS -o run --max-steps 4 --lora-rank 16 --lora-alpha 32 --batch-size 4 --seq-len 256
+# --no-packing --max-grad-norm 0` on benchmarks/mlx_vs_mlx_lm.py's full rows, at 524e975); below the need, by all
+# that the step needs beyond it.
 MISSED_BY = RUN_AHEAD_HEADROOM - 1
 
 
