@@ -75,15 +75,18 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # decoder layer the hidden-width values, the MLP-width values and the attention scores, and for a bf16/fp16 step a
 # 4-byte term of the scores' size (all layers' without checkpointing); with mlx-lm's checkpointing
 # the layer inputs it stores (all layers) and one layer's values as its backward recomputes them; for a bf16/fp16
-# step with adapters, the fp32 values of one layer's adapted linears (`lora_cast`: term_bytes says why).
+# step with adapters, the fp32 copies of the adapted linears' inputs beyond their compute-dtype bytes (all trained
+# layers' without checkpointing, the recomputed layer's with it: term_bytes says why); without checkpointing, one
+# layer's hidden-width values more, as the backward pass enters the top layer (`hidden_backward`).
 TERMS = ("fixed", "head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
          "head_chunked_rest_checkpointed", "head_cast", "hidden", "mlp", "attention", "attention_cast",
          "stored_checkpointed", "hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed",
-         "attention_cast_checkpointed", "lora_cast", "adapter_values", "adapter_values_checkpointed")
+         "attention_cast_checkpointed", "adapter_values", "adapter_values_checkpointed", "adapter_inputs_cast",
+         "adapter_inputs_cast_checkpointed", "hidden_backward")
 HEAD_TERMS = ("head", "head_chunked", "head_chunked_rest", "head_chunked_checkpointed",
               "head_chunked_rest_checkpointed", "head_cast")  # the breakdown's `logits`
 RECOMPUTE_TERMS = ("hidden_checkpointed", "mlp_checkpointed", "attention_checkpointed", "attention_cast_checkpointed",
-                   "adapter_values_checkpointed")
+                   "adapter_values_checkpointed", "adapter_inputs_cast_checkpointed")
 OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of the smaller side also live (peak_parts)
 # Counts set by what the graph holds, not fitted: mx.checkpoint keeps one array per layer, the layer's input (the
 # layer before's output). Fitted, with the step's need as the target (2026-12-05), the count came out 4.2 on shapes
@@ -94,7 +97,11 @@ OVERLAP = "checkpointed_overlap"  # full logits + checkpointing: the share of th
 # trained layer without checkpointing, of the layer recomputed with it (`adapter_values`). The fitted runs all use
 # rank 16, where it is a few % of a layer's values and cannot be told from them; at rank 512 on the tiny model (r
 # above its width of 128) the estimate without it was 23% and 32% under the need (benchmarks/mlx_adapters.py).
-FIXED = {"stored_checkpointed": 1.0, "adapter_values": 1.0, "adapter_values_checkpointed": 1.0}
+# And without checkpointing, one fp32 copy of each adapted linear's input (`input_widths`) in every trained layer:
+# fitted, the count came out 1.3. With checkpointing the recomputed layer's count is fitted (1.85 on 2026-12-06):
+# its backward also makes each input's fp32 cotangent (dz @ A.T) before it casts it back.
+FIXED = {"stored_checkpointed": 1.0, "adapter_values": 1.0, "adapter_values_checkpointed": 1.0,
+         "adapter_inputs_cast": 1.0}
 
 
 def constants() -> dict:
@@ -225,12 +232,16 @@ class LayerCounts:
     stored: int
     adapters: int = 0  # adapted linears in all trained layers
     recompute_adapters: int = 0  # the most in one layer
+    adapter_inputs: int = 0  # the adapted linears' distinct inputs' widths, summed over the layers (`input_widths`)
+    recompute_adapter_inputs: int = 0  # the most in one layer
 
     @classmethod
     def every_layer(cls, shape: Shape) -> LayerCounts:
         """LoRA on every linear of every layer (a llama's seven): what benchmarks/derive_mlx_constants.py runs."""
         counts = layer_counts(shape.layers, [ALL_ROLES] * shape.layers, False, shape.hidden, shape.kv)
-        return replace(counts, adapters=7 * shape.layers, recompute_adapters=7)
+        inputs = 3 * shape.hidden + shape.intermediate  # q/k/v's, o's, gate/up's and down's (o's: heads x head_dim = h)
+        return replace(counts, adapters=7 * shape.layers, recompute_adapters=7, adapter_inputs=inputs * shape.layers,
+                       recompute_adapter_inputs=inputs)
 
 
 def layer_saves(roles: frozenset[str], below: bool, hidden: int, kv: int) -> tuple[float, float, float]:
@@ -285,34 +296,39 @@ def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
         role = ROLES.get(linear.short_name)
         roles[linear.layer] = roles[linear.layer] | ({role} if role else ALL_ROLES)
     per_layer = Counter(linear.layer for linear in adapted)
+    inputs = input_widths(adapted)
     return replace(layer_counts(layers, roles, False, info.hidden_size, info.kv_width),
-                   adapters=len(adapted), recompute_adapters=max(per_layer.values(), default=0))
+                   adapters=len(adapted), recompute_adapters=max(per_layer.values(), default=0),
+                   adapter_inputs=sum(inputs.values()), recompute_adapter_inputs=max(inputs.values(), default=0))
 
 
-def lora_width(info: ArchInfo, config: TrainConfig) -> int:
-    """`lora_cast`'s width: over the adapted linears of one layer (the layer with the most), the sum of each one's
-    wider side, input or output (0 without adapters). The widest adapted linear alone, as first written, fitted at
-    3.2 such values and put a bf16 step adapting down_proj alone 16.1% over its need (benchmarks/
-    estimate_accuracy.py, 2026-12-06: 16.7 MB); the sum fits at 0.68 and puts it 8.7% under (17.4 MB in the next
-    run), the fit's residuals about as before (20.7% / 23.4% held out, against 20.7% / 23.0%)."""
-    if not config.uses_adapters:
-        return 0
+def input_widths(adapted) -> Counter:
+    """Per decoder layer, the widths of the distinct inputs its adapted linears read. mlx-lm's LoRALinear computes
+    x @ A with A in fp32, so MLX promotes x to fp32, and A's gradient reads that fp32 copy: the backward pass keeps
+    it, one per input (mx.compile merges the casts of one input: adapting q, k and v held 0.14 MB a layer more than
+    q alone in bf16 at 1 x 512 on the tiny model, 0.05 in fp32, where three casts would be 0.52 more), and since the
+    base's weights are frozen their own backward does not read x, so in a bf16 step the bf16 x is not kept for them.
+    q, k and v (or a fused qkv) read the first norm's output, gate and up the second's; o and down their own."""
+    shared = {"attention_in", "mlp_in"}
     per_layer: Counter = Counter()
-    for linear in info.lora_targets(config.lora_targets, config.lora_layers):
-        per_layer[linear.layer] += max(linear.in_features, linear.out_features)
-    return max(per_layer.values(), default=0)
+    seen: set = set()
+    for linear in adapted:
+        role = ROLES.get(linear.short_name)
+        key = (linear.layer, role if role in shared else linear.short_name)
+        if key not in seen:
+            seen.add(key)
+            per_layer[linear.layer] += linear.in_features
+    return per_layer
 
 
 def config_terms(info: ArchInfo, config: TrainConfig, batch: int, dtype_bytes: int, chunked: bool) -> dict[str, float]:
-    """`term_bytes` for this model and config at `batch` rows: its layers' counts and adapters' width and rank."""
+    """`term_bytes` for this model and config at `batch` rows: its layers' counts and its adapters' rank."""
     return term_bytes(Shape.of(info), batch, config.seq_len, config.grad_checkpointing, dtype_bytes, chunked,
-                      config_counts(info, config), lora_width(info, config),
-                      config.lora_rank if config.uses_adapters else 0)
+                      config_counts(info, config), config.lora_rank if config.uses_adapters else 0)
 
 
 def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_bytes: int = 4,
-               chunked: bool = False, counts: LayerCounts | None = None, adapted_width: int = 0,
-               rank: int = 16) -> dict[str, float]:
+               chunked: bool = False, counts: LayerCounts | None = None, rank: int = 16) -> dict[str, float]:
     """Each activation term's bytes for one micro-batch of `batch` rows of `seq` tokens (T), before its fitted
     coefficient (how many such arrays are live at the peak): 1 MiB for the fixed part; the head's logits
     (`_head_terms`); per layer T x (6h + 2kv)/6 values (the h-wide values and k and v, in the proportion the layer
@@ -322,14 +338,22 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     combine with the head's). `counts` (`config_counts`; default every linear of every layer adapted, as the
     fitted runs) says how many layers' worth of each a step keeps. The layer values and the attention scores count
     in the compute dtype (the gradient of mx.fast.scaled_dot_product_attention over 1 x 4 x 1024 x 32 peaked at
-    28.5 MB in bf16, 56.0 in fp32), the head at 4 bytes (memfit's loss upcasts the logits). A bf16/fp16 step held
-    more than its values in the compute dtype account for. One reason: mlx-lm's LoRALinear keeps its A and B in
-    fp32 and computes (x @ A) @ B in fp32 before it casts the sum back, so each adapted linear makes T x out fp32
-    values in the forward pass and its backward T x in and T x out fp32 cotangents: `lora_cast`, T x the adapted
-    linears' widths in one layer (`adapted_width`: `lora_width`) x 4 bytes. With it the held-out 24-layer shape's
-    worst error went from -32.1% to -22.7%, and the 4-byte term of the scores' size (`attention_cast`, taken up
-    before as what the bf16 steps held beyond their values, what holds it not identified) fitted at a third of what
-    it had (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06)."""
+    28.5 MB in bf16, 56.0 in fp32), the head at 4 bytes (memfit's loss upcasts the logits), except the adapted
+    linears' inputs: mlx-lm's LoRALinear keeps A and B in fp32, so a bf16/fp16 step keeps an fp32 copy of each input
+    (`input_widths`), counted as `adapter_inputs_cast`, the bytes beyond the compute dtype's (T x the widths x (4 -
+    dtype bytes): none in fp32). Measured on the tiny model with memfit.mlx.measure (1 x 512, no checkpointing, full
+    logits, every linear adapted, the need, 2026-12-06): a decoder layer held 10.97 MB in fp32 and 6.97 in bf16
+    (0.64x, where the compute dtype alone would make it 0.5x); the form before, whose terms all scaled with the
+    compute dtype (bar a fitted one-layer `lora_cast` of T x the adapted linears' widths x 4), put a layer at 12.4
+    and 6.8 MB, so it estimated the fp32 steps without checkpointing over (the whole 24-layer held-out shape by
+    14-18%) and the bf16 ones under; this form puts it at 11.0 and 6.5 MB. `hidden_backward`, one layer's
+    hidden-width values without checkpointing, takes up what does not grow with the depth (the backward entering
+    the top layer); with it the fit puts the per-layer hidden-width values (`hidden`) at 0 and the MLP-width ones
+    take what a layer keeps (every fitted shape's MLP is 1.3-3.5x its width), so a model far outside those
+    proportions is extrapolated. Refitted with both
+    (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06): the fitted runs' worst error 16.4% ->
+    12.2% (rms 5.2 -> 4.2), the held-out 24-layer shape's 18.2% -> 7.0% (rms 8.3 -> 3.9); `lora_cast` fitted at 0
+    and was dropped."""
     tokens = batch * seq
     counts = counts or LayerCounts.every_layer(shape)
     terms = {name: 0.0 for name in TERMS}
@@ -341,14 +365,18 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
         terms["stored_checkpointed"] = float(counts.stored * tokens * shape.hidden * dtype_bytes)
     else:
         suffix, hidden, mlp, attention = "", counts.hidden, counts.mlp, counts.attention
+    if not checkpointing:
+        terms["hidden_backward"] = float(counts.recompute_hidden * tokens * (6 * shape.hidden + 2 * shape.kv) / 6
+                                         * dtype_bytes)
     terms["hidden" + suffix] = float(hidden * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
     terms["mlp" + suffix] = float(mlp * tokens * shape.intermediate * dtype_bytes)
     scores = attention * batch * shape.heads * seq * seq
     terms["attention" + suffix] = float(scores * dtype_bytes)
     terms["attention_cast" + suffix] = float(scores * 4) if dtype_bytes != 4 else 0.0
-    terms["lora_cast"] = float(tokens * adapted_width * 4) if dtype_bytes != 4 else 0.0
     adapted = counts.recompute_adapters if checkpointing else counts.adapters
     terms["adapter_values" + suffix] = float(adapted * tokens * rank * 4)  # FIXED says why
+    inputs = counts.recompute_adapter_inputs if checkpointing else counts.adapter_inputs
+    terms["adapter_inputs_cast" + suffix] = float(inputs * tokens * (4 - dtype_bytes))
     return terms
 
 
@@ -575,10 +603,9 @@ def recorded_errors(fitted: dict) -> list[tuple[dict, float]]:
 def worst_under(fitted: dict, checkpointed: bool, chunked: bool, tokens: int) -> tuple[float, int] | None:
     """(the most a recorded run held above its estimate, a negative %, and that run's tokens) among the runs of this
     checkpointing and loss at a similar batch: within a factor of 2 of `tokens`, else at the nearest token count
-    recorded. Against the step's need (mlx_constants.json, 2026-12-06, the checkpointed runs measured with the
-    ordered checkpoint) the chunked runs go to -10.5% (checkpointed) and -10.6% (not) at 16,384 tokens and -16.4% at
-    2,048 without checkpointing; the full-logits runs to -8.2%. None when none of those runs needed more than its
-    estimate."""
+    recorded. Against the step's need (mlx_constants.json, refitted 2026-12-06 with the adapters' fp32 inputs) the
+    chunked runs go to -10.1% (checkpointed) and -8.2% (not) at 16,384 tokens and -11.9% at 2,048 without
+    checkpointing; the full-logits runs to -8.3%. None when none of those runs needed more than its estimate."""
     same = [(run, error) for run, error in recorded_errors(fitted)
             if run["grad_checkpointing"] == checkpointed and run.get("chunked_loss", False) == chunked]
     if not same:
