@@ -61,7 +61,7 @@ from pathlib import Path
 from memfit.config import TrainConfig
 from memfit.errors import UserError
 from memfit.estimate.memory import Estimate, Hardware
-from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, arch_info
+from memfit.models.arch import MLX_PLAIN_HEAD_TYPES, ArchInfo, LinearInfo, arch_info
 from memfit.train.chunk_size import MLX_MIN_CHUNKS, mlx_chunk_tokens, mlx_chunks
 from memfit.units import GB, format_gb
 
@@ -302,7 +302,7 @@ def config_counts(info: ArchInfo, config: TrainConfig) -> LayerCounts:
                    adapter_inputs=sum(inputs.values()), recompute_adapter_inputs=max(inputs.values(), default=0))
 
 
-def input_widths(adapted) -> Counter:
+def input_widths(adapted: list[LinearInfo]) -> Counter:
     """Per decoder layer, the widths of the distinct inputs its adapted linears read. mlx-lm's LoRALinear computes
     x @ A with A in fp32, so MLX promotes x to fp32, and A's gradient reads that fp32 copy: the backward pass keeps
     it, one per input (mx.compile merges the casts of one input: adapting q, k and v held 0.14 MB a layer more than
@@ -350,10 +350,14 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     hidden-width values without checkpointing, takes up what does not grow with the depth (the backward entering
     the top layer); with it the fit puts the per-layer hidden-width values (`hidden`) at 0 and the MLP-width ones
     take what a layer keeps (every fitted shape's MLP is 1.3-3.5x its width), so a model far outside those
-    proportions is extrapolated. Refitted with both
-    (`python benchmarks/derive_mlx_constants.py --need --refit`, 2026-12-06): the fitted runs' worst error 16.4% ->
-    12.2% (rms 5.2 -> 4.2), the held-out 24-layer shape's 18.2% -> 7.0% (rms 8.3 -> 3.9); `lora_cast` fitted at 0
-    and was dropped."""
+    proportions is extrapolated. Measured by depth (the held-out 24-layer shape cut to 1, 6 and 12 layers, 2 x 512,
+    the full logits, memfit.mlx.measure's need, 2026-12-06): a layer held 17.0 MB in fp32 and 11.0 in bf16 at every
+    depth (this form: 16.6 and 10.2), and the 1-layer cut about 3 MB beside its head and its layer, where
+    `hidden_backward` counts 8.9 (fp32): the fitted shapes' steps hold more beside their layers than that one's.
+    Where the layers are few, it shows: a 3-layer tiny model training its last layer or two is estimated 13-14% over
+    (3-8% before; benchmarks/mlx_adapters.py); for Llama-3.1-8B at 1 x 2,048 bf16 the term is 0.27 GB. Refitted with both (`python benchmarks/derive_mlx_constants.py --need --refit`,
+    2026-12-06): the fitted runs' worst error 16.4% -> 12.2% (rms 5.2 -> 4.2), the held-out 24-layer shape's 18.2%
+    -> 7.0% (rms 8.3 -> 3.9); `lora_cast` fitted at 0 and was dropped."""
     tokens = batch * seq
     counts = counts or LayerCounts.every_layer(shape)
     terms = {name: 0.0 for name in TERMS}

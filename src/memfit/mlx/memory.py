@@ -30,8 +30,9 @@ Bounded run-ahead (`need_bytes`): below the guard's threshold, MLX's own run-ahe
 likes (the tiny model, LoRA, 4 x 256 fp32 checkpointed: a need of 33.6 MB, 51.7 MB held with no limit; with a 70 GB
 limit it may run 56 GB ahead). The trainer passes the estimate's step need (memfit.estimate.mlx_memory's `mlx_peak_bytes`), and
 MLX's limit is lowered to RUN_AHEAD_HEADROOM times it where that is below the threshold's share: MLX then waits for
-running ops once the arrays pass it. RUN_AHEAD_HEADROOM is 1.25: the need is at most 1.20x the estimate in every run
-benchmarks/derive_mlx_constants.py records (its fit's worst under-estimate, 16.4% of the need), and below the need
+running ops once the arrays pass it. RUN_AHEAD_HEADROOM is 1.25: the need is at most 1.14x the estimate in every run
+benchmarks/derive_mlx_constants.py records (its worst under-estimate, 11.9% of the need, since the refit of
+2026-12-06 that counts the adapters' fp32 inputs; 1.20x before), and below the need
 MLX would wait before every op (1.3-1.9x the step's time, benchmarks/mlx_memory_limit.py's 1-byte row); at +25% of
 the need that benchmark's step ran at the unconstrained speed (0.95-1.18x per round, 16-21 s steps, on a CPU;
 unmeasured on Metal).
