@@ -332,10 +332,10 @@ def test_adapted_inputs_count_in_fp32_in_a_bf16_step(tiny_model_dir, tiny_cuts):
     """mlx-lm's LoRALinear keeps A in fp32, so a bf16 step's x @ A promotes x and A's gradient keeps the fp32 copy
     (memfit.estimate.mlx_memory.input_widths). A real MLX step's need (fresh children, 1-byte limit, 1 x 512, no
     checkpointing, the full logits, every linear adapted) on the tiny model and its 1-layer cut: three layers more
-    hold well over half in bf16 of what they hold in fp32 (10.97 and 6.97 MB a layer from 4 to 8 layers, by
-    hand, 2026-12-06: 0.64x),
-    and the estimate's three layers are within 10% of the measured ones in both dtypes. With every term in the
-    compute dtype (the form before `adapter_inputs_cast` and `hidden_backward`) the fp32 layers were 13% over."""
+    hold well over half in bf16 of what they hold in fp32 (10.97 and 6.97 MB a layer from 4 to 8 layers, by hand,
+    2026-12-06: 0.64x), and the estimate's three layers are within 10% of the measured ones in both dtypes. With
+    every term in the compute dtype (the form before `adapter_inputs_cast` and `hidden_backward`) the fp32 layers
+    were 17% over (5.4 MB of 31.3, run at 847379a)."""
     from memfit.estimate.mlx_memory import TERMS
     from memfit.mlx.measure import measure_in_child
 
