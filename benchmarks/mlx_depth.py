@@ -61,19 +61,26 @@ def estimated(hf_config, case: dict) -> dict:
 
 
 def measure(names: list[str], jobs: int) -> list[dict]:
+    """Each shape at its depths (`depths`), both CASES, in a scratch directory of models."""
+    from memfit.models import init_model
+
+    with tempfile.TemporaryDirectory(prefix="mlx-depth-") as scratch:
+        todo = []
+        for name in names:
+            values = dict(SHAPES[name])
+            full = values.pop("num_hidden_layers")
+            for layers in depths(full):
+                model_dir = init_model("tiny", Path(scratch) / f"{name}-{layers}", num_layers=layers, overrides=values)
+                todo += [(name, layers, model_dir, case) for case in CASES]
+        return run_all(todo, jobs)
+
+
+def run_all(todo: list[tuple], jobs: int) -> list[dict]:
+    """Each (shape, layers, model dir, case): `jobs` children at a time, each on a core no other child is on."""
     from transformers import AutoConfig
 
     from memfit.mlx.measure import measure_in_child
-    from memfit.models import init_model
 
-    todo = []
-    scratch = Path(tempfile.mkdtemp(prefix="mlx-depth-"))
-    for name in names:
-        values = dict(SHAPES[name])
-        full = values.pop("num_hidden_layers")
-        for layers in depths(full):
-            model_dir = init_model("tiny", scratch / f"{name}-{layers}", num_layers=layers, overrides=values)
-            todo += [(name, layers, model_dir, case) for case in CASES]
     one_thread = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     free_cores: queue.Queue = queue.Queue()
     for core in range(jobs):
