@@ -2,6 +2,7 @@
 it refuses what MLX cannot do in one line."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -30,6 +31,34 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_run_ahead_check_reads_the_first_steps_own_peak(tiny_model_dir, tmp_path):
+    """MLX's peak counter is the process's: an earlier run in the same process (here, a 64 MB array) left it far
+    above this step's bound. The check after the first step reads the step's own peak, so nothing is corrected (the
+    first CI run of 2026-12-06 saw the warning here, after another test's run in the same pytest worker)."""
+    import mlx.core as mx
+
+    earlier = mx.zeros((16 * 1024 * 1024,), dtype=mx.float32)
+    mx.eval(earlier)
+    del earlier
+    events = []
+    result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"),
+                       _config(max_steps=2, grad_accum=1), on_event=events.append)
+    assert result.status == "done"
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["mlx_limits"]["bounded"] and run["mlx_limits"]["memory_limit_bytes"] < 16 * 1024 * 1024
+    # Read as the process's peak, the check moved the bound to 1.25 x 64 MB (0.08 GB). A first step of this tiny
+    # model can pass its bound by what MLX had in flight, under a loaded machine (a correction from its own peak:
+    # about 0.01-0.02 GB), so a correction is allowed here, but not one from the earlier array.
+    assert all(bound < 0.05 for bound in _corrected_bounds_gb(events)), _corrected_bounds_gb(events)
+
+
+def _corrected_bounds_gb(events) -> list[float]:
+    """The MLX limits (GB) the run-ahead check set after the first step (none when it held)."""
+    messages = [getattr(event, "message", "") for event in events]
+    return [float(re.search(r"Set MLX memory limit to ([0-9.]+) GB", message).group(1))
+            for message in messages if "the estimate was below" in message]
+
+
 def test_loss_decreases_and_run_dir_is_written(tiny_model_dir, tmp_path):
     events = []
     result = train_mlx(TrainJob(model=str(tiny_model_dir), data=DATA, output_dir=tmp_path / "run"),
@@ -37,8 +66,9 @@ def test_loss_decreases_and_run_dir_is_written(tiny_model_dir, tmp_path):
     assert result.status == "done" and result.exit_code == EXIT_OK
     losses = _losses(tmp_path / "run")
     assert len(losses) == 8
-    # The run-ahead bound from the estimate held: no correction after the first step
-    assert not any("the estimate was below" in getattr(event, "message", "") for event in events)
+    # The run-ahead bound from the estimate held, or was corrected from this step's own peak (what MLX had in flight
+    # can pass a step this small's bound by more than 25% on a loaded machine: CI, 2026-12-06)
+    assert all(bound < 0.05 for bound in _corrected_bounds_gb(events)), _corrected_bounds_gb(events)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["engine"] == "mlx" and run["status"] == "done" and run["step"] == 8

@@ -501,6 +501,10 @@ class MlxTrainer:
                              self.loaded.dtype, trainable, total, self.limit.limit_bytes,
                              self.estimate.total_bytes if self.estimate is not None else None))
         self.last_checkpoint = None
+        # The first step's MLX peak is checked against the run-ahead bound (_check_run_ahead_bound): from here MLX's
+        # counter holds the steps' own peak, not the load's or an earlier run's in this process (a library caller's,
+        # a test's). run.json has kept the load's: setup wrote it (peak_mlx_bytes).
+        mlx_memory.reset_peak()
         sample, events = self.guard.end_step(self.step)
         self._emit_guard(events)
         status = "done"
