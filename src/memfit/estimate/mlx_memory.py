@@ -363,16 +363,15 @@ def term_bytes(shape: Shape, batch: int, seq: int, checkpointing: bool, dtype_by
     terms = {name: 0.0 for name in TERMS}
     terms["fixed"] = float(2**20)
     terms.update(_head_terms(shape, tokens, dtype_bytes, chunked, checkpointing))
+    hidden_values = tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes  # the unit the counts scale
     if checkpointing:
         suffix, hidden, mlp, attention = ("_checkpointed", counts.recompute_hidden, counts.recompute_mlp,
                                           counts.recompute_attention)
         terms["stored_checkpointed"] = float(counts.stored * tokens * shape.hidden * dtype_bytes)
     else:
         suffix, hidden, mlp, attention = "", counts.hidden, counts.mlp, counts.attention
-    if not checkpointing:
-        terms["hidden_backward"] = float(counts.recompute_hidden * tokens * (6 * shape.hidden + 2 * shape.kv) / 6
-                                         * dtype_bytes)
-    terms["hidden" + suffix] = float(hidden * tokens * (6 * shape.hidden + 2 * shape.kv) / 6 * dtype_bytes)
+        terms["hidden_backward"] = float(counts.recompute_hidden * hidden_values)
+    terms["hidden" + suffix] = float(hidden * hidden_values)
     terms["mlp" + suffix] = float(mlp * tokens * shape.intermediate * dtype_bytes)
     scores = attention * batch * shape.heads * seq * seq
     terms["attention" + suffix] = float(scores * dtype_bytes)
